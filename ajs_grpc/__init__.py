@@ -1,0 +1,45 @@
+"""ajs-grpc: a job server with a gRPC front.
+
+Clients submit typed requests through ``ajs.v1.JobService``; the server queues
+them in a connector, runs them through an ordered chain of request handlers,
+and streams each job's Responses live to anyone who watches.
+"""
+
+from ajs_grpc.errors import (
+    AjsError,
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from ajs_grpc.jobs import JobCancelled, JobContext, JobPlugin, Result, SyncJobContext, job
+from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
+
+__all__ = [
+    "AjsError",
+    "AlreadyExists",
+    "Code",
+    "ErrorStatus",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "Job",
+    "JobCancelled",
+    "JobContext",
+    "JobPlugin",
+    "NotFound",
+    "Progress",
+    "Request",
+    "RequestState",
+    "ResourceExhausted",
+    "Response",
+    "Result",
+    "SyncJobContext",
+    "Unavailable",
+    "__version__",
+    "job",
+]
+
+__version__ = "0.1.0"

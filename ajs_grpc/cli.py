@@ -1,0 +1,266 @@
+"""The ``ajs`` command: run a server, submit and follow jobs.
+
+Exit codes: 0 success (a watched job FINISHED); 1 the job FAILED; 2 usage
+error; 3 the job was CANCELLED; 4 the server is unreachable or not serving;
+5 the server refused the call (bad input, no such job, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ajs_grpc import __version__
+from ajs_grpc.client import DEFAULT_TARGET, AsyncClient
+from ajs_grpc.errors import AjsError, Code
+from ajs_grpc.model import Job, RequestState, Response
+from ajs_grpc.plugins import HandlerSpec
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 3
+EXIT_UNREACHABLE = 4
+EXIT_REFUSED = 5
+
+_EXIT_FOR_STATE = {
+    RequestState.FINISHED: EXIT_OK,
+    RequestState.FAILED: EXIT_FAILED,
+    RequestState.CANCELLED: EXIT_CANCELLED,
+}
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _handler_spec(text: str) -> HandlerSpec:
+    name, _, types = text.partition("=")
+    return HandlerSpec(name, tuple(t for t in types.split(",") if t))
+
+
+def _state(text: str) -> RequestState:
+    try:
+        return RequestState[text.upper()]
+    except KeyError:
+        names = ", ".join(s.name.lower() for s in RequestState if s is not RequestState.UNSPECIFIED)
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}; one of {names}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ajs", description="ajs-grpc: a job server with a gRPC front.")
+    parser.add_argument("--version", action="version", version=f"ajs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a server until SIGTERM or Ctrl+C")
+    serve.add_argument("--address", default=DEFAULT_TARGET, help="HOST:PORT to listen on (default %(default)s)")
+    serve.add_argument("--connector", default="memory", help="connector plugin (default %(default)s)")
+    serve.add_argument("--max-jobs", type=int, default=8, help="jobs running at once (default %(default)s)")
+    serve.add_argument(
+        "--handler",
+        dest="handlers",
+        action="append",
+        type=_handler_spec,
+        metavar="NAME=TYPE,...",
+        help="a handler and the job types it runs, in chain order (repeat; default: 'internal' runs every job)",
+    )
+    serve.add_argument("--cancel-grace", type=float, default=10.0, help="seconds a cancelled job has to stop")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running jobs get on shutdown")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
+        command.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)")
+        return command
+
+    submit = client_command("submit", "submit a request")
+    submit.add_argument("type", help="the job type")
+    submit.add_argument("--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
+    submit.add_argument("--id", default="", help="request id (default: assigned by the server)")
+    submit.add_argument("--parent", default="", help="id of the parent request")
+    submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+
+    watch = client_command("watch", "follow a job until it ends")
+    watch.add_argument("request_id")
+    watch.add_argument("--after", type=int, default=0, help="skip Responses up to this sequence")
+
+    get = client_command("get", "show a job as JSON")
+    get.add_argument("request_id")
+
+    listing = client_command("list", "list jobs")
+    listing.add_argument("--state", dest="states", action="append", type=_state, default=[])
+    listing.add_argument("--type", dest="types", action="append", default=[])
+    listing.add_argument("--parent", default="")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many jobs (default %(default)s)")
+
+    cancel = client_command("cancel", "cancel a job")
+    cancel.add_argument("request_id")
+
+    client_command("health", "check that the server is serving")
+    return parser
+
+
+def _job_dict(job: Job) -> dict[str, object]:
+    last = job.last_response
+    return {
+        "id": job.request.id,
+        "type": job.request.type,
+        "state": job.state.name,
+        "attempt": job.attempt,
+        "parent_id": job.request.parent_id,
+        "creator": job.request.creator,
+        "create_time": job.request.create_time.isoformat() if job.request.create_time else None,
+        "update_time": job.update_time.isoformat(),
+        "cancel_requested": job.cancel_requested,
+        "data": dict(job.request.data),
+        "last_response": {
+            "sequence": last.sequence,
+            "state": last.state.name,
+            "is_final": last.is_final,
+            "data": dict(last.data),
+            "progress": {"fraction": last.progress.fraction, "message": last.progress.message}
+            if last.progress
+            else None,
+            "error": {"code": last.error.code.name, "message": last.error.message} if last.error else None,
+        },
+    }
+
+
+def _describe_end(response: Response) -> str:
+    text = response.state.name
+    if response.error is not None:
+        text += f": {response.error.message}"
+    if response.data:
+        text += " " + json.dumps(dict(response.data), sort_keys=True)
+    return text
+
+
+async def _follow(client: AsyncClient, request_id: str, after: int) -> int:
+    last: Response | None = None
+    columns = (
+        TextColumn("[bold]{task.fields[state]:<8}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("", total=1.0, state="WATCHING")
+        async for response in client.watch(request_id, after):
+            last = response
+            fraction = response.progress.fraction if response.progress else None
+            note = response.progress.message if response.progress else ""
+            bar.update(task, completed=fraction, description=note, state=response.state.name)
+            if response.state is RequestState.FINISHED:
+                bar.update(task, completed=1.0)
+    if last is None:  # already seen up to the end
+        job = await client.get(request_id)
+        last = job.last_response
+    out.print(f"{request_id} {_describe_end(last)}")
+    return _EXIT_FOR_STATE.get(last.state, EXIT_FAILED)
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.target, timeout=args.timeout) as client:
+        if args.command == "submit":
+            submitted = await client.submit(args.type, dict(args.data), id=args.id, parent_id=args.parent)
+            request_id = submitted.job.request.id
+            note = "" if submitted.created else " (already submitted)"
+            err.print(f"submitted {request_id}{note}")
+            if not args.watch:
+                out.print(request_id)
+                return EXIT_OK
+            return await _follow(client, request_id, 0)
+        if args.command == "watch":
+            return await _follow(client, args.request_id, args.after)
+        if args.command == "get":
+            out.print_json(json.dumps(_job_dict(await client.get(args.request_id))))
+            return EXIT_OK
+        if args.command == "list":
+            return await _list(client, args)
+        if args.command == "cancel":
+            job = await client.cancel(args.request_id)
+            pending = " (cancellation requested; the job is stopping)" if job.cancel_requested else ""
+            out.print(f"{job.request.id} {job.state.name}{pending}")
+            return EXIT_OK
+    raise AssertionError(args.command)
+
+
+async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
+    table = Table("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED", box=None)
+    count = 0
+    async for job in client.list(states=args.states, types=args.types, parent_id=args.parent):
+        table.add_row(job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat())
+        count += 1
+        if count >= args.limit:
+            break
+    out.print(table)
+    return EXIT_OK
+
+
+async def _health(args: argparse.Namespace) -> int:
+    async with AsyncClient(args.target, timeout=args.timeout) as client:
+        status = await client.health()
+    out.print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ajs_grpc.server import ServerConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = ServerConfig(
+        address=args.address,
+        connector=args.connector,
+        handlers=args.handlers,
+        max_concurrent_jobs=args.max_jobs,
+        cancel_grace=args.cancel_grace,
+        shutdown_grace=args.shutdown_grace,
+    )
+    asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``ajs`` command; returns its exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "health":
+            return asyncio.run(_health(args))
+        return asyncio.run(_client_command(args))
+    except AjsError as error:
+        err.print(f"ajs: {error.code.name}: {error.message}")
+        unreachable = error.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
+        return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
+    except (OSError, ValueError) as error:
+        err.print(f"ajs: {error}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The Python client of JobService, for asyncio (:class:`AsyncClient`) and plain code (:class:`Client`).
+
+Both speak the core model: they return :class:`~ajs_grpc.model.Job` and
+:class:`~ajs_grpc.model.Response` objects and raise the project's exceptions
+(:class:`~ajs_grpc.errors.NotFound`, :class:`~ajs_grpc.errors.Unavailable`, ...)
+instead of ``grpc.RpcError``. :meth:`AsyncClient.watch` survives dropped streams:
+it reconnects and resumes after the last sequence it saw, so the caller sees
+every Response exactly once.
+
+Example::
+
+    with Client("127.0.0.1:50051") as client:
+        job, _ = client.submit("countdown", {"steps": "3"})
+        for response in client.watch(job.request.id):
+            print(response.sequence, response.state.name)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Mapping
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from ajs_grpc import convert, errors
+from ajs_grpc.model import Job, RequestState, Response
+from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
+from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
+
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "Submitted"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+T = TypeVar("T")
+
+_ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+}
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.AjsError:
+    """The project exception for a failed call, with the server's reason and details."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    reason, metadata = "", {}
+    violations: list[errors.FieldViolation] = []
+    if status is not None:
+        model_status = convert.status_from_proto(status)
+        reason, metadata = model_status.reason, dict(model_status.metadata)
+        violations = convert.field_violations(status)
+    message = error.details() or error.code().name
+    cls = _ERRORS.get(error.code(), errors.AjsError)
+    if cls is errors.InvalidArgument:
+        return errors.InvalidArgument(message, violations, reason=reason, metadata=metadata)
+    exc = cls(message, reason=reason, metadata=metadata)
+    if cls is errors.AjsError:
+        exc.code = errors.Code(error.code().value[0])
+    return exc
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    """The answer to a submit: the job, and whether this call created it."""
+
+    job: Job
+    created: bool
+
+
+class AsyncClient:
+    """An asyncio client of JobService.
+
+    Args:
+        target: a gRPC target, e.g. ``127.0.0.1:50051``.
+        timeout: seconds for each unary call; None waits forever.
+        resume_for: seconds :meth:`watch` keeps reconnecting a dropped stream.
+        channel: use this channel instead of opening one (it is not closed).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        resume_for: float = 30.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.resume_for = resume_for
+        self._own_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.JobServiceStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel (if the client opened it)."""
+        if self._own_channel:
+            await self._channel.close()
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error) from None
+
+    async def submit(
+        self,
+        type: str,  # noqa: A002 - the contract's name
+        data: Mapping[str, str] | None = None,
+        *,
+        id: str = "",  # noqa: A002 - the contract's name
+        parent_id: str = "",
+        input: Message | None = None,  # noqa: A002 - the contract's name
+    ) -> Submitted:
+        """Submits a request; idempotent on ``id`` (empty: the server assigns one).
+
+        Args:
+            type: the job type.
+            data: string parameters.
+            id: the request id.
+            parent_id: the request that created this one.
+            input: a typed payload (packed into ``Any`` unless it is one).
+        """
+        request = pb.Request(id=id, parent_id=parent_id, type=type, data=data or {})
+        if input is not None:
+            if isinstance(input, any_pb2.Any):
+                request.input.CopyFrom(input)
+            else:
+                request.input.Pack(input)
+        reply = await self._call(
+            self._stub.SubmitRequest(pb.SubmitRequestRequest(request=request), timeout=self.timeout)
+        )
+        return Submitted(convert.job_from_proto(reply.job), reply.created)
+
+    async def get(self, request_id: str) -> Job:
+        """Returns the job of ``request_id``."""
+        reply = await self._call(self._stub.GetJob(pb.GetJobRequest(request_id=request_id), timeout=self.timeout))
+        return convert.job_from_proto(reply.job)
+
+    async def cancel(self, request_id: str) -> Job:
+        """Cancels a job; returns it as the server left it."""
+        reply = await self._call(self._stub.CancelJob(pb.CancelJobRequest(request_id=request_id), timeout=self.timeout))
+        return convert.job_from_proto(reply.job)
+
+    async def health(self, service: str = "") -> str:
+        """The server's ``grpc.health.v1`` status (SERVING, NOT_SERVING, ...) for ``service``."""
+        check = self._channel.unary_unary(
+            HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        reply = await self._call(check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def list_page(
+        self,
+        *,
+        states: Collection[RequestState] = (),
+        types: Collection[str] = (),
+        parent_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Job], str]:
+        """Returns one page of jobs and the token of the next ("" on the last)."""
+        message = pb.ListJobsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            states=[int(s) for s in states],  # type: ignore[misc]
+            types=list(types),
+            parent_id=parent_id,
+        )
+        reply = await self._call(self._stub.ListJobs(message, timeout=self.timeout))
+        return [convert.job_from_proto(job) for job in reply.jobs], reply.next_page_token
+
+    async def list(
+        self,
+        *,
+        states: Collection[RequestState] = (),
+        types: Collection[str] = (),
+        parent_id: str = "",
+        page_size: int = 0,
+    ) -> AsyncIterator[Job]:
+        """Yields every matching job in submit order, fetching page after page."""
+        token = ""
+        while True:
+            jobs, token = await self.list_page(
+                states=states, types=types, parent_id=parent_id, page_size=page_size, page_token=token
+            )
+            for job in jobs:
+                yield job
+            if not token:
+                return
+
+    async def watch(self, request_id: str, after_sequence: int = 0) -> AsyncIterator[Response]:
+        """Yields the job's Responses after ``after_sequence`` until the final one.
+
+        A stream that drops (UNAVAILABLE) is reopened after the last sequence
+        seen, for up to ``resume_for`` seconds without progress.
+        """
+        seen = after_sequence
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        give_up_at: float | None = None
+        while True:
+            call = self._stub.WatchJob(pb.WatchJobRequest(request_id=request_id, after_sequence=seen))
+            try:
+                async for message in call:
+                    response = convert.response_from_proto(message.response)
+                    seen = response.sequence
+                    give_up_at, delay = None, 0.05
+                    yield response
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(error) from None
+                give_up_at = give_up_at or loop.time() + self.resume_for
+                if loop.time() >= give_up_at:
+                    raise error_from_rpc(error) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class Client:
+    """A blocking client of JobService with the methods of :class:`AsyncClient`.
+
+    It runs an :class:`AsyncClient` on a private event loop in a background
+    thread. Use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0, resume_for: float = 30.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ajs-client", daemon=True)
+        self._thread.start()
+
+        async def connect() -> AsyncClient:
+            return AsyncClient(target, timeout=timeout, resume_for=resume_for)
+
+        self._client = self._run(connect())
+
+    def _run(self, coroutine: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()  # type: ignore[arg-type]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel and stops the background loop."""
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def submit(
+        self,
+        type: str,  # noqa: A002
+        data: Mapping[str, str] | None = None,
+        *,
+        id: str = "",  # noqa: A002
+        parent_id: str = "",
+        input: Message | None = None,  # noqa: A002
+    ) -> Submitted:
+        """See :meth:`AsyncClient.submit`."""
+        return self._run(self._client.submit(type, data, id=id, parent_id=parent_id, input=input))
+
+    def get(self, request_id: str) -> Job:
+        """See :meth:`AsyncClient.get`."""
+        return self._run(self._client.get(request_id))
+
+    def cancel(self, request_id: str) -> Job:
+        """See :meth:`AsyncClient.cancel`."""
+        return self._run(self._client.cancel(request_id))
+
+    def health(self, service: str = "") -> str:
+        """See :meth:`AsyncClient.health`."""
+        return self._run(self._client.health(service))
+
+    def list_page(self, **kwargs: object) -> tuple[list[Job], str]:
+        """See :meth:`AsyncClient.list_page`."""
+        return self._run(self._client.list_page(**kwargs))  # type: ignore[arg-type]
+
+    def list(self, **kwargs: object) -> Iterator[Job]:
+        """See :meth:`AsyncClient.list`."""
+        return self._iterate(self._client.list(**kwargs))  # type: ignore[arg-type]
+
+    def watch(self, request_id: str, after_sequence: int = 0) -> Iterator[Response]:
+        """See :meth:`AsyncClient.watch`."""
+        return self._iterate(self._client.watch(request_id, after_sequence))
+
+    def _iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> tuple[bool, T | None]:
+            try:
+                return True, await anext(iterator)
+            except StopAsyncIteration:
+                return False, None
+
+        try:
+            while True:
+                more, item = self._run(step())
+                if not more:
+                    return
+                yield item  # type: ignore[misc]
+        finally:
+            close = getattr(iterator, "aclose", None)
+            if close is not None and not self._loop.is_closed():
+                self._run(close())

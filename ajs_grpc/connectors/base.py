@@ -1,0 +1,242 @@
+"""The Connector contract: the queue of requests and the store of their Responses.
+
+The seed's connector had two calls, GetNextRequest and Respond. Grown up, a
+connector enqueues requests (idempotently), lets a dispatcher claim the next one
+under a lease, stores every Response the job produces, and answers get, list,
+cancel and watch. Every connector passes the same contract test suite
+(``tests/contract``); the in-memory connector is a full connector, not a mock.
+
+State rules are not a connector's business: it stores what
+:meth:`ajs_grpc.model.Job.advance` returns, atomically with its checks.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Collection
+from typing import ClassVar, Protocol
+
+from ajs_grpc.errors import FailedPrecondition
+from ajs_grpc.model import Job, Request, RequestState, Response, Update
+
+__all__ = ["Claim", "Connector", "ConnectorListener", "JobFilter", "Page"]
+
+# Responses read from storage per round trip of a watch; bounds a watcher's memory.
+WATCH_BATCH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A job claimed to run: the job (now PENDING) and the lease that proves it.
+
+    Only the holder of the current lease may report Responses for the job.
+    """
+
+    job: Job
+    lease_token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class JobFilter:
+    """Which jobs :meth:`Connector.list_jobs` returns; an empty field matches anything."""
+
+    states: frozenset[RequestState] = frozenset()
+    types: frozenset[str] = frozenset()
+    parent_id: str = ""
+
+    def matches(self, job: Job) -> bool:
+        """True when ``job`` passes the filter."""
+        return (
+            (not self.states or job.state in self.states)
+            and (not self.types or job.request.type in self.types)
+            and (not self.parent_id or job.request.parent_id == self.parent_id)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One page of :meth:`Connector.list_jobs`.
+
+    Attributes:
+        jobs: the jobs, in submit order.
+        next_cursor: pass as ``after`` for the next page; None on the last page.
+    """
+
+    jobs: list[Job]
+    next_cursor: int | None
+
+
+class ConnectorListener(Protocol):
+    """What a dispatcher hears from its connector. Called on the event loop."""
+
+    def work_available(self) -> None:
+        """A request may be ready to claim."""
+
+    def cancel_requested(self, request_id: str) -> None:
+        """A client asked to cancel a running request."""
+
+
+class Connector(abc.ABC):
+    """The queue and Response store. Methods are called on one event loop.
+
+    Subclasses implement storage; this base class implements :meth:`watch` and
+    the wake-ups on top of it, so every connector streams the same way.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._listeners: list[ConnectorListener] = []
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Prepares storage. Called once before anything else."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases storage. Nothing is called after it."""
+
+    # -- the queue -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue(self, request: Request) -> tuple[Job, bool]:
+        """Stores a new request (state CREATED, Response #1) unless it exists.
+
+        Returns:
+            The job, and True if it was created; ``(existing job, False)`` when a
+            request with the same id and content is already stored.
+
+        Raises:
+            AlreadyExists: the id is taken by a request with different content.
+            NotFound: ``request.parent_id`` names no stored request.
+        """
+
+    @abc.abstractmethod
+    async def claim(self, worker: str, types: Collection[str] | None = None) -> Claim | None:
+        """Claims the oldest queued request (CREATED -> PENDING), or returns None.
+
+        Args:
+            worker: who claims, for diagnostics.
+            types: only requests of these types; None for any type.
+        """
+
+    @abc.abstractmethod
+    async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
+        """Appends the Response ``update`` makes for a claimed request.
+
+        Raises:
+            NotFound: no such request.
+            FailedPrecondition: the lease is not the current one, the request
+                already ended, or the state may not follow.
+        """
+
+    @abc.abstractmethod
+    async def cancel(self, request_id: str) -> Job:
+        """Cancels a request.
+
+        A CREATED request ends CANCELLED at once; a PENDING one is marked
+        ``cancel_requested`` and its dispatcher is told.
+
+        Raises:
+            NotFound: no such request.
+            FailedPrecondition: the request already ended.
+        """
+
+    # -- reading -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get(self, request_id: str) -> Job:
+        """Returns the job of ``request_id``.
+
+        Raises:
+            NotFound: no such request.
+        """
+
+    @abc.abstractmethod
+    async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
+        """Returns up to ``page_size`` matching jobs submitted after cursor ``after``."""
+
+    @abc.abstractmethod
+    async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:
+        """Returns up to ``limit`` stored Responses with ``sequence > after_sequence``.
+
+        Raises:
+            NotFound: no such request.
+        """
+
+    async def watch(self, request_id: str, after_sequence: int = 0) -> AsyncIterator[Response]:
+        """Yields the stored Responses after ``after_sequence``, then the live ones.
+
+        Ends after the final Response (at once if the job already ended and the
+        caller has seen it). Each Response is yielded once, in sequence order.
+
+        Raises:
+            NotFound: no such request.
+        """
+        changed = asyncio.Event()
+        self._watchers.setdefault(request_id, set()).add(changed)
+        try:
+            seen = after_sequence
+            while True:
+                # Cleared before reading: a Response stored while we read or while
+                # the caller holds a yielded one sets it again, so none is missed.
+                changed.clear()
+                batch = await self.responses(request_id, seen, WATCH_BATCH)
+                for response in batch:
+                    yield response
+                    seen = response.sequence
+                    if response.is_final:
+                        return
+                if not batch:
+                    last = (await self.get(request_id)).last_response
+                    if last.is_final and last.sequence <= seen:
+                        return
+                    await changed.wait()
+        finally:
+            waiting = self._watchers.get(request_id)
+            if waiting is not None:
+                waiting.discard(changed)
+                if not waiting:
+                    del self._watchers[request_id]
+
+    @property
+    def watcher_count(self) -> int:
+        """How many watches are open (for tests and metrics)."""
+        return sum(len(events) for events in self._watchers.values())
+
+    # -- notifications -------------------------------------------------------
+
+    def add_listener(self, listener: ConnectorListener) -> None:
+        """Registers a dispatcher to be told of new work and cancellations."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ConnectorListener) -> None:
+        """Unregisters a listener added with :meth:`add_listener`."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify_response(self, request_id: str) -> None:
+        """Wakes the watchers of ``request_id``; call after a Response is stored."""
+        for event in self._watchers.get(request_id, ()):
+            event.set()
+
+    def _notify_work(self) -> None:
+        """Tells listeners a request may be ready; call after one is queued."""
+        for listener in list(self._listeners):
+            listener.work_available()
+
+    def _notify_cancel(self, request_id: str) -> None:
+        """Tells listeners a running request is to be cancelled."""
+        for listener in list(self._listeners):
+            listener.cancel_requested(request_id)
+
+    @staticmethod
+    def _check_lease(request_id: str, held: str | None, given: str) -> None:
+        """Raises unless ``given`` is the lease currently held on ``request_id``."""
+        if held is None or held != given:
+            raise FailedPrecondition(
+                f"the lease on request {request_id!r} is not held by the caller",
+                reason="LEASE_NOT_HELD",
+                metadata={"request_id": request_id},
+            )

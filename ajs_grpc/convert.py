@@ -1,0 +1,201 @@
+"""The one place that maps the contract's messages to the core model and back.
+
+Nothing else in the project reads or builds ``ajs.v1`` messages field by field.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from ajs_grpc.errors import AjsError, Code, FieldViolation, InvalidArgument
+from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
+from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "error_to_status",
+    "field_violations",
+    "job_from_proto",
+    "job_to_proto",
+    "request_from_proto",
+    "request_to_proto",
+    "response_from_proto",
+    "response_to_proto",
+    "state_from_proto",
+    "status_from_proto",
+    "status_to_proto",
+]
+
+# google.rpc.ErrorInfo.domain of every error the service returns.
+ERROR_DOMAIN = "ajs.v1"
+
+
+def _timestamp(at: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if at is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def _datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def state_from_proto(value: int, field: str = "state") -> RequestState:
+    """The model state for a wire value.
+
+    Raises:
+        InvalidArgument: ``value`` is no known state (proto3 enums are open).
+    """
+    try:
+        return RequestState(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown request state {value}", [FieldViolation(field, f"unknown request state {value}")]
+        ) from None
+
+
+def request_from_proto(message: pb.Request) -> Request:
+    """A model Request from the wire; server-set fields are kept as sent."""
+    return Request(
+        id=message.id,
+        type=message.type,
+        data=dict(message.data),
+        input=_copy_any(message.input) if message.HasField("input") else None,
+        parent_id=message.parent_id,
+        creator=message.creator,
+        create_time=_datetime(message.create_time) if message.HasField("create_time") else None,
+    )
+
+
+def request_to_proto(request: Request) -> pb.Request:
+    """The wire form of a Request."""
+    return pb.Request(
+        id=request.id,
+        parent_id=request.parent_id,
+        creator=request.creator,
+        create_time=_timestamp(request.create_time),
+        type=request.type,
+        data=request.data,
+        input=request.input,
+    )
+
+
+def _copy_any(message: any_pb2.Any) -> any_pb2.Any:
+    copy = any_pb2.Any()
+    copy.CopyFrom(message)
+    return copy
+
+
+def status_to_proto(error: ErrorStatus) -> status_pb2.Status:
+    """A ``google.rpc.Status`` with an ``ErrorInfo`` detail for a model error."""
+    status = status_pb2.Status(code=int(error.code), message=error.message)
+    if error.reason:
+        status.details.add().Pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+        )
+    return status
+
+
+def status_from_proto(status: status_pb2.Status) -> ErrorStatus:
+    """The model error of a ``google.rpc.Status`` (its ErrorInfo, if any, included)."""
+    reason, metadata = "", {}
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+            break
+    try:
+        code = Code(status.code)
+    except ValueError:
+        code = Code.UNKNOWN
+    return ErrorStatus(code, status.message, reason=reason, metadata=metadata)
+
+
+def field_violations(status: status_pb2.Status) -> list[FieldViolation]:
+    """The field violations in a status's ``BadRequest`` detail, if any."""
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            return [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+    return []
+
+
+def response_to_proto(response: Response) -> pb.Response:
+    """The wire form of a Response."""
+    message = pb.Response(
+        request_id=response.request_id,
+        sequence=response.sequence,
+        create_time=_timestamp(response.create_time),
+        state=int(response.state),  # type: ignore[arg-type]
+        is_final=response.is_final,
+        data=response.data,
+        output=response.output,
+    )
+    if response.progress is not None:
+        message.progress.fraction = response.progress.fraction
+        message.progress.message = response.progress.message
+    if response.error is not None:
+        message.error.CopyFrom(status_to_proto(response.error))
+    return message
+
+
+def response_from_proto(message: pb.Response) -> Response:
+    """A model Response from the wire."""
+    return Response(
+        request_id=message.request_id,
+        sequence=message.sequence,
+        create_time=_datetime(message.create_time),
+        state=RequestState(message.state),
+        is_final=message.is_final,
+        data=dict(message.data),
+        output=_copy_any(message.output) if message.HasField("output") else None,
+        progress=Progress(message.progress.fraction, message.progress.message)
+        if message.HasField("progress")
+        else None,
+        error=status_from_proto(message.error) if message.HasField("error") else None,
+    )
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    """The wire form of a Job."""
+    return pb.Job(
+        request=request_to_proto(job.request),
+        state=int(job.state),  # type: ignore[arg-type]
+        attempt=job.attempt,
+        last_response=response_to_proto(job.last_response),
+        update_time=_timestamp(job.update_time),
+        cancel_requested=job.cancel_requested,
+    )
+
+
+def job_from_proto(message: pb.Job) -> Job:
+    """A model Job from the wire."""
+    return Job(
+        request=request_from_proto(message.request),
+        state=RequestState(message.state),
+        attempt=message.attempt,
+        last_response=response_from_proto(message.last_response),
+        update_time=_datetime(message.update_time),
+        cancel_requested=message.cancel_requested,
+    )
+
+
+def error_to_status(error: AjsError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` the service answers ``error`` with.
+
+    It carries an ``ErrorInfo`` (reason, domain, metadata) when the error has a
+    reason, and a ``BadRequest`` listing the field violations of an
+    :class:`~ajs_grpc.errors.InvalidArgument`.
+    """
+    status = status_to_proto(ErrorStatus(error.code, error.message, error.reason, error.metadata))
+    if isinstance(error, InvalidArgument) and error.violations:
+        bad_request = error_details_pb2.BadRequest()
+        for violation in error.violations:
+            bad_request.field_violations.add(field=violation.field, description=violation.description)
+        status.details.add().Pack(bad_request)
+    return status

@@ -1,0 +1,87 @@
+"""The RequestHandler contract and the handler chain (the seed's first-match policy).
+
+A handler runs the job plugins registered with it. The chain tries handlers in
+their configured order and gives a request to the first that can handle its
+type; the reject handler, always last, answers every other type with a final
+FAILED "not supported" Response.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+from ajs_grpc.errors import AjsError, Code
+from ajs_grpc.jobs import JobContext, JobPlugin, JobReturn
+
+__all__ = ["HandlerChain", "NotSupported", "RequestHandler"]
+
+
+class NotSupported(AjsError):
+    """No handler runs the request's type."""
+
+    code = Code.UNIMPLEMENTED
+
+
+class RequestHandler(abc.ABC):
+    """Runs requests of the types whose job plugins are registered with it."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobPlugin] = {}
+
+    def register(self, plugin: JobPlugin) -> None:
+        """Makes this handler run requests of ``plugin.type``."""
+        self._jobs[plugin.type] = plugin
+
+    @property
+    def types(self) -> list[str]:
+        """The types this handler runs, sorted."""
+        return sorted(self._jobs)
+
+    def can_handle(self, request_type: str) -> bool:
+        """True when this handler runs ``request_type``."""
+        return request_type in self._jobs
+
+    @abc.abstractmethod
+    async def handle(self, ctx: JobContext) -> JobReturn:
+        """Runs ``ctx.request`` and returns what its job returned.
+
+        Raises:
+            Exception: whatever the job raised; the dispatcher makes it the
+                final FAILED (or CANCELLED) Response.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases the handler's resources (pools, processes)."""
+
+
+class HandlerChain:
+    """Handlers in order, ending with one that rejects every type."""
+
+    def __init__(self, handlers: Sequence[RequestHandler], last: RequestHandler) -> None:
+        self.handlers = [*handlers, last]
+
+    def handler_for(self, request_type: str) -> RequestHandler:
+        """The first handler that can run ``request_type`` (the last one at worst)."""
+        for handler in self.handlers:
+            if handler.can_handle(request_type):
+                return handler
+        return self.handlers[-1]
+
+    @property
+    def types(self) -> Iterable[tuple[str, RequestHandler]]:
+        """Each runnable type with the handler that runs it, first match only."""
+        seen: set[str] = set()
+        for handler in self.handlers:
+            for request_type in handler.types:
+                if request_type not in seen:
+                    seen.add(request_type)
+                    yield request_type, handler
+
+    async def close(self) -> None:
+        """Closes every handler."""
+        for handler in self.handlers:
+            await handler.close()

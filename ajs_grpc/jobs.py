@@ -1,0 +1,239 @@
+"""The job plugin API: what a job is, what it gets while it runs, what it returns.
+
+A job is a function of a request and a context, declared with :func:`job`::
+
+    from ajs_grpc.jobs import JobContext, job
+
+    @job("countdown", description="Counts down, one progress Response per step.")
+    async def countdown(request, ctx: JobContext):
+        for step in range(3):
+            ctx.raise_if_cancelled()
+            await ctx.progress((step + 1) / 3, f"step {step + 1}")
+        return {"done": "yes"}
+
+``async def`` jobs run as asyncio tasks and get a :class:`JobContext`; plain
+functions run in a thread pool and get a :class:`SyncJobContext`, whose calls
+block instead of being awaited. Returning ends the job FINISHED (a mapping of
+strings becomes the Response's ``data``, a protobuf message its ``output``,
+:class:`Result` gives both); raising ends it FAILED with the error's message.
+
+Plugins register through the entry-point group ``ajs_grpc.jobs``, each entry
+naming a :class:`JobPlugin` (what :func:`job` returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeAlias
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from ajs_grpc.errors import Code
+from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Update
+
+__all__ = [
+    "CancelSignal",
+    "JobCancelled",
+    "JobContext",
+    "JobPlugin",
+    "JobReturn",
+    "Result",
+    "SyncJobContext",
+    "failure",
+    "job",
+    "to_update",
+]
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`JobContext.raise_if_cancelled` once cancellation was asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a job may return: ``data`` (strings) and/or a typed ``output``."""
+
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    output: Message | None = None
+
+
+JobReturn: TypeAlias = Result | Mapping[str, str] | Message | None
+Reporter: TypeAlias = Callable[[Update], Coroutine[Any, Any, None]]
+
+
+class CancelSignal:
+    """Set once when the job is to stop: polled from any thread, awaited on the loop."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        """Asks the job to stop. Call on the event loop."""
+        self._flag.set()
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """True once :meth:`set` was called."""
+        return self._flag.is_set()
+
+    async def wait(self) -> None:
+        """Returns once :meth:`set` was called."""
+        await self._event.wait()
+
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """Blocks a thread until set or ``timeout``; returns whether it was set."""
+        return self._flag.wait(timeout)
+
+
+class _BaseContext:
+    """What every job context holds."""
+
+    def __init__(self, request: Request, attempt: int, report: Reporter, cancel: CancelSignal) -> None:
+        self.request = request
+        """The request being run."""
+        self.attempt = attempt
+        """1 on the first run; higher when the job runs again."""
+        self._report = report
+        self._cancel = cancel
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation was asked for; a long job should then stop."""
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raises :class:`JobCancelled` if cancellation was asked for."""
+        if self._cancel.is_set():
+            raise JobCancelled(f"request {self.request.id!r} was cancelled")
+
+
+def _progress_update(fraction: float, message: str, data: Mapping[str, str] | None) -> Update:
+    return Update(RequestState.PENDING, data=_check_data(data or {}), progress=Progress(fraction, message))
+
+
+class JobContext(_BaseContext):
+    """The context of an ``async def`` job."""
+
+    async def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
+        """Reports progress as an intermediate Response; returns once it is stored.
+
+        Args:
+            fraction: how much is done, from 0 to 1.
+            message: a human-readable note.
+            data: extra strings for the Response.
+        """
+        await self._report(_progress_update(fraction, message, data))
+
+    async def wait_cancelled(self) -> None:
+        """Returns once cancellation was asked for (use with ``asyncio.wait``)."""
+        await self._cancel.wait()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or raises :class:`JobCancelled` as soon as the job is cancelled."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cancel.wait(), seconds)
+        self.raise_if_cancelled()
+
+
+class SyncJobContext(_BaseContext):
+    """The context of a plain-function job, which runs in a worker thread."""
+
+    def __init__(self, context: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(context.request, context.attempt, context._report, context._cancel)
+        self._loop = loop
+
+    def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
+        """Reports progress; blocks until the Response is stored. See :meth:`JobContext.progress`."""
+        update = _progress_update(fraction, message, data)
+        asyncio.run_coroutine_threadsafe(self._report(update), self._loop).result()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleeps until cancellation is asked for or ``timeout`` passes; True if cancelled."""
+        return self._cancel.wait_blocking(timeout)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or raises :class:`JobCancelled` as soon as the job is cancelled."""
+        self._cancel.wait_blocking(seconds)
+        self.raise_if_cancelled()
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlugin:
+    """A job type and the function that runs it (the seed's Job plugin).
+
+    Attributes:
+        type: the request type this job runs.
+        function: ``async def f(request, ctx: JobContext)`` or
+            ``def f(request, ctx: SyncJobContext)``.
+        description: one line for humans.
+    """
+
+    type: str
+    function: Callable[..., Any]
+    description: str = ""
+
+    @property
+    def is_async(self) -> bool:
+        """True for ``async def`` jobs."""
+        return inspect.iscoroutinefunction(self.function)
+
+
+def job(type: str, *, description: str = "") -> Callable[[Callable[..., Any]], JobPlugin]:  # noqa: A002
+    """Declares a function as the job plugin for ``type``.
+
+    Args:
+        type: the request type it runs.
+        description: one line for humans; defaults to the docstring's first line.
+    """
+
+    def declare(function: Callable[..., Any]) -> JobPlugin:
+        doc = (inspect.getdoc(function) or "").splitlines()
+        return JobPlugin(type, function, description or (doc[0] if doc else ""))
+
+    return declare
+
+
+def _check_data(data: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"job data must be a mapping of strings, not {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"job data must map str to str; got {key!r}: {type(value).__name__}")
+    return dict(data)
+
+
+def _pack(output: Message) -> any_pb2.Any:
+    if isinstance(output, any_pb2.Any):
+        return output
+    packed = any_pb2.Any()
+    packed.Pack(output)
+    return packed
+
+
+def to_update(returned: JobReturn) -> Update:
+    """The final FINISHED Update for what a job returned.
+
+    Raises:
+        TypeError: the job returned something that is not a :data:`JobReturn`.
+    """
+    if returned is None:
+        return Update(RequestState.FINISHED)
+    if isinstance(returned, Result):
+        output = _pack(returned.output) if returned.output is not None else None
+        return Update(RequestState.FINISHED, data=_check_data(returned.data), output=output)
+    if isinstance(returned, Message):
+        return Update(RequestState.FINISHED, output=_pack(returned))
+    return Update(RequestState.FINISHED, data=_check_data(returned))
+
+
+def failure(error: BaseException) -> ErrorStatus:
+    """The error of a job that raised ``error``."""
+    message = str(error) or type(error).__name__
+    return ErrorStatus(Code.UNKNOWN, message, reason="JOB_FAILED", metadata={"exception": type(error).__name__})

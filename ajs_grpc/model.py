@@ -1,0 +1,277 @@
+"""The core model: Request, Response, RequestState, Job, and the rules between them.
+
+Every state rule of the project lives here, in :meth:`Job.advance`: Responses of a
+request are numbered 1, 2, 3 ... without gaps, a request has exactly one final
+Response, and nothing is appended after it. Connectors store what ``advance``
+returns; they never decide a state themselves.
+
+This module knows nothing of gRPC. ``google.protobuf.Any`` is the only protobuf
+type it carries, for typed payloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+from google.protobuf import any_pb2
+
+from ajs_grpc.errors import Code, FailedPrecondition
+
+__all__ = [
+    "ErrorStatus",
+    "Job",
+    "Progress",
+    "Request",
+    "RequestState",
+    "Response",
+    "Update",
+    "now",
+]
+
+
+def now() -> datetime:
+    """The current time, timezone-aware UTC (the only kind of time the model holds)."""
+    return datetime.now(UTC)
+
+
+class RequestState(enum.IntEnum):
+    """The state of a request; the numbers are those of ``ajs.v1.RequestState``."""
+
+    UNSPECIFIED = 0
+    CREATED = 1
+    PENDING = 2
+    FINISHED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def is_final(self) -> bool:
+        """True for FINISHED, FAILED and CANCELLED: nothing follows them."""
+        return self in _FINAL_STATES
+
+
+_FINAL_STATES = frozenset({RequestState.FINISHED, RequestState.FAILED, RequestState.CANCELLED})
+
+# Which state may follow which. PENDING -> PENDING is a progress report;
+# PENDING -> CREATED hands a claimed job back to the queue (retry, shutdown).
+_NEXT_STATES: Mapping[RequestState, frozenset[RequestState]] = {
+    RequestState.CREATED: frozenset({RequestState.PENDING, RequestState.CANCELLED}),
+    RequestState.PENDING: frozenset(
+        {
+            RequestState.PENDING,
+            RequestState.CREATED,
+            RequestState.FINISHED,
+            RequestState.FAILED,
+            RequestState.CANCELLED,
+        }
+    ),
+}
+
+
+def _frozen(data: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(data or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """How far a running job has come: ``fraction`` in [0, 1] and a note."""
+
+    fraction: float
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"progress fraction must be between 0 and 1, got {self.fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorStatus:
+    """Why a job FAILED or was CANCELLED (a ``google.rpc.Status`` at the edge).
+
+    Attributes:
+        code: the canonical status code.
+        message: a human-readable explanation.
+        reason: an UPPER_SNAKE_CASE reason for ``google.rpc.ErrorInfo``.
+        metadata: extra facts for ``ErrorInfo.metadata``.
+    """
+
+    code: Code
+    message: str
+    reason: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A request for work, as submitted (the seed's Request).
+
+    Attributes:
+        id: unique id; the key of idempotent submits.
+        type: the job type, matched against job plugins.
+        data: untyped parameters.
+        input: a typed payload, or None.
+        parent_id: the id of the request that created this one, or "".
+        creator: who submitted it (set by the server).
+        create_time: when the server accepted it (set by the server).
+    """
+
+    id: str
+    type: str
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    input: any_pb2.Any | None = None
+    parent_id: str = ""
+    creator: str = ""
+    create_time: datetime | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _frozen(self.data))
+
+    def same_content(self, other: Request) -> bool:
+        """True when ``other`` asks for the same work (server-set fields aside)."""
+        return (
+            self.id == other.id
+            and self.type == other.type
+            and self.parent_id == other.parent_id
+            and dict(self.data) == dict(other.data)
+            and (self.input or any_pb2.Any()) == (other.input or any_pb2.Any())
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """What a handler or the dispatcher reports; :meth:`Job.advance` makes it a Response."""
+
+    state: RequestState
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    output: any_pb2.Any | None = None
+    progress: Progress | None = None
+    error: ErrorStatus | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _frozen(self.data))
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """One step in the life of a request (the seed's Response).
+
+    Attributes:
+        request_id: the request it belongs to.
+        sequence: 1, 2, 3 ... without gaps within a request.
+        create_time: when it was stored.
+        state: the request's state after it.
+        is_final: True on the one final Response.
+        data, output, progress, error: see :class:`Update`.
+    """
+
+    request_id: str
+    sequence: int
+    create_time: datetime
+    state: RequestState
+    is_final: bool = False
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    output: any_pb2.Any | None = None
+    progress: Progress | None = None
+    error: ErrorStatus | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _frozen(self.data))
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A request with its current state: what connectors store and return.
+
+    Attributes:
+        request: the request.
+        state: its current state.
+        attempt: how many times it was claimed to run.
+        last_response: the newest Response (every stored job has one).
+        update_time: when it last changed.
+        cancel_requested: cancellation was asked for while it ran.
+    """
+
+    request: Request
+    state: RequestState
+    attempt: int
+    last_response: Response
+    update_time: datetime
+    cancel_requested: bool = False
+
+    @classmethod
+    def create(cls, request: Request, at: datetime | None = None) -> tuple[Job, Response]:
+        """A new queued job and its first Response (sequence 1, CREATED)."""
+        at = at or now()
+        request = dataclasses.replace(request, create_time=at)
+        first = Response(request.id, 1, at, RequestState.CREATED)
+        return cls(request, RequestState.CREATED, 0, first, at), first
+
+    @property
+    def is_final(self) -> bool:
+        """True once the job ended."""
+        return self.state.is_final
+
+    def advance(self, update: Update, at: datetime | None = None) -> tuple[Job, Response]:
+        """Applies ``update``: the next Response and the job after it.
+
+        Raises:
+            FailedPrecondition: the job already ended, or the state may not follow.
+        """
+        self._check_not_final()
+        if update.state not in _NEXT_STATES.get(self.state, frozenset()):
+            raise FailedPrecondition(
+                f"request {self.request.id!r} cannot go from {self.state.name} to {update.state.name}",
+                reason="INVALID_TRANSITION",
+                metadata={"request_id": self.request.id, "state": self.state.name},
+            )
+        at = at or now()
+        response = Response(
+            request_id=self.request.id,
+            sequence=self.last_response.sequence + 1,
+            create_time=at,
+            state=update.state,
+            is_final=update.state.is_final,
+            data=update.data,
+            output=update.output,
+            progress=update.progress,
+            error=update.error,
+        )
+        claimed = self.state is RequestState.CREATED and update.state is RequestState.PENDING
+        attempt = self.attempt + 1 if claimed else self.attempt
+        job = dataclasses.replace(
+            self,
+            state=update.state,
+            attempt=attempt,
+            last_response=response,
+            update_time=at,
+        )
+        return job, response
+
+    def cancel(self, at: datetime | None = None) -> tuple[Job, Response | None]:
+        """Applies a client's cancellation.
+
+        Returns:
+            A queued job: the job ended CANCELLED and its final Response. A running
+            job: the job marked ``cancel_requested`` and None (its dispatcher stops
+            it and reports the final Response).
+
+        Raises:
+            FailedPrecondition: the job already ended.
+        """
+        self._check_not_final()
+        if self.state is RequestState.CREATED:
+            error = ErrorStatus(Code.CANCELLED, "cancelled while queued", reason="CANCELLED_BY_CLIENT")
+            return self.advance(Update(RequestState.CANCELLED, error=error), at)
+        return dataclasses.replace(self, cancel_requested=True), None
+
+    def _check_not_final(self) -> None:
+        if self.is_final:
+            raise FailedPrecondition(
+                f"request {self.request.id!r} already ended {self.state.name}",
+                reason="REQUEST_ALREADY_FINAL",
+                metadata={"request_id": self.request.id, "state": self.state.name},
+            )

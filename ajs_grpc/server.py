@@ -1,0 +1,148 @@
+"""Assembles and runs the server: connector, handler chain, dispatcher, gRPC services.
+
+Besides JobService it serves ``grpc.health.v1`` (overall and per service) and
+server reflection. :meth:`AjsServer.stop` drains gracefully: health turns
+NOT_SERVING, new submits are refused with UNAVAILABLE, the dispatcher stops
+claiming and gives running jobs their grace period, then the gRPC server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ajs_grpc.connectors.base import Connector
+from ajs_grpc.dispatcher import Dispatcher
+from ajs_grpc.handlers.base import HandlerChain
+from ajs_grpc.plugins import HandlerSpec, build_chain, load_connector
+from ajs_grpc.service import SERVICE_NAME, JobService
+
+__all__ = ["AjsServer", "ServerConfig", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """What ``ajs serve`` runs.
+
+    Attributes:
+        address: HOST:PORT to listen on; port 0 picks a free one.
+        connector: the connector's plugin name.
+        handlers: handler names in chain order with the job types each runs;
+            None runs every job found on one internal handler.
+        max_concurrent_jobs: jobs running at once.
+        cancel_grace: seconds a cancelled job has to stop before it is forced.
+        shutdown_grace: seconds running jobs have to finish when the server stops.
+        rpc_grace: seconds open calls (watches) get when the server stops.
+    """
+
+    address: str = "127.0.0.1:50051"
+    connector: str = "memory"
+    handlers: list[HandlerSpec] | None = None
+    max_concurrent_jobs: int = 8
+    cancel_grace: float = 10.0
+    shutdown_grace: float = 30.0
+    rpc_grace: float = 5.0
+
+
+class AjsServer:
+    """A running ajs-grpc server.
+
+    Args:
+        config: what to run.
+        connector: a connector to use instead of the one ``config`` names.
+        chain: a handler chain to use instead of the one ``config`` describes.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        connector: Connector | None = None,
+        chain: HandlerChain | None = None,
+    ) -> None:
+        self.config = config
+        self.connector = connector or load_connector(config.connector)()
+        self.chain = chain or build_chain(config.handlers)
+        self.dispatcher = Dispatcher(
+            self.connector,
+            self.chain,
+            max_concurrent_jobs=config.max_concurrent_jobs,
+            cancel_grace=config.cancel_grace,
+            shutdown_grace=config.shutdown_grace,
+        )
+        self.service = JobService(self.connector)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Opens the connector, starts claiming and serving; returns the bound port."""
+        await self.connector.open()
+        self._server = server = grpc.aio.server()
+        server.add_generic_rpc_handlers((self.service.rpc_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.address}")
+        await server.start()
+        await self.dispatcher.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving on %s (connector %s, up to %d jobs at once, types: %s)",
+            self.address,
+            self.connector.name,
+            self.config.max_concurrent_jobs,
+            ", ".join(t for t, _ in self.chain.types) or "none",
+        )
+        return self.port
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT the server listens on."""
+        host = self.config.address.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Drains and stops; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("draining: health NOT_SERVING, no new submits or claims")
+        await self.health.enter_graceful_shutdown()
+        self.service.accepting = False
+        await self.dispatcher.stop()
+        if self._server is not None:
+            await self._server.stop(self.config.rpc_grace)
+        await self.chain.close()
+        await self.connector.close()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        """Returns once :meth:`stop` began."""
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains it and returns."""
+    server = AjsServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await stop_requested.wait()
+        log.info("signal received")
+    finally:
+        await server.stop()

@@ -1,0 +1,1 @@
+"""Example job plugins for ajs-grpc, installed as their own distribution."""
