@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -238,7 +240,26 @@ def _serve(args: argparse.Namespace) -> int:
         cancel_grace=args.cancel_grace,
         shutdown_grace=args.shutdown_grace,
     )
-    asyncio.run(serve(config))
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve(config))
+    finally:
+        # Jobs that ignored cancellation were abandoned (their final Response is
+        # written); give them one more chance to end, but never wait forever.
+        stragglers = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in stragglers:
+            task.cancel()
+        if stragglers:
+            loop.run_until_complete(asyncio.wait(stragglers, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if threads:
+        logging.getLogger(__name__).warning(
+            "%d abandoned job thread(s) still running; exiting without them", len(threads)
+        )
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -18,7 +18,6 @@ back to the queue (PENDING -> CREATED), to run again on the next start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -96,6 +95,8 @@ class Dispatcher:
         self.shutdown_grace = shutdown_grace
         self.worker_id = worker_id or default_worker_id()
         self._running: dict[str, _Execution] = {}
+        self.abandoned: set[asyncio.Task[JobReturn]] = set()
+        """Tasks of jobs that ignored cancellation and were given up on; they may still run."""
         self._runners: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -185,7 +186,8 @@ class Dispatcher:
                 update = self._final_update(execution, task)
             else:
                 log.warning("request %s did not stop when cancelled; abandoning it", execution.request_id)
-                task.add_done_callback(_drain)
+                self.abandoned.add(task)
+                task.add_done_callback(self._forget_abandoned)
                 update = self._stopped_update(execution, "the job did not stop and was abandoned")
             try:
                 await self._report(execution, update)
@@ -236,6 +238,11 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         execution.timers.append(loop.call_later(self.cancel_grace, self._force_stop, execution))
 
+    def _forget_abandoned(self, task: asyncio.Task[JobReturn]) -> None:
+        self.abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
     def _force_stop(self, execution: _Execution) -> None:
         if execution.task is not None and not execution.task.done():
             log.info(
@@ -246,9 +253,3 @@ class Dispatcher:
             execution.task.cancel()
             loop = asyncio.get_running_loop()
             execution.timers.append(loop.call_later(ABANDON_AFTER, execution.abandoned.set))
-
-
-def _drain(task: asyncio.Task[JobReturn]) -> None:
-    """Collects an abandoned task's outcome so asyncio does not warn about it."""
-    with contextlib.suppress(asyncio.CancelledError):
-        task.exception()

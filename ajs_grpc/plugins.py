@@ -116,7 +116,9 @@ def build_chain(
         specs = [HandlerSpec(INTERNAL, tuple(sorted(jobs)))]
     links: list[RequestHandler] = []
     for spec in specs:
-        if spec.name not in handlers or spec.name == REJECT:
+        if spec.name == REJECT:
+            raise PluginError(f"the {REJECT!r} handler is always last and takes no job types; do not list it")
+        if spec.name not in handlers:
             raise PluginError(f"no handler named {spec.name!r}; installed: {', '.join(sorted(handlers)) or 'none'}")
         handler = handlers[spec.name]()
         for job_type in spec.types:

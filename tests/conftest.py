@@ -1,0 +1,69 @@
+"""Shared fixtures: connectors for the contract suite, a real server on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+
+from ajs_grpc.connectors.base import Connector
+from ajs_grpc.connectors.memory import MemoryConnector
+from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
+from ajs_grpc.server import AjsServer, ServerConfig
+from tests import jobs_for_tests
+
+CONNECTORS: dict[str, Callable[[], Connector]] = {
+    "memory": MemoryConnector,
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--connector", action="append", default=[], help="run the contract suite on these connectors only")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "connector_name" in metafunc.fixturenames:
+        names = metafunc.config.getoption("--connector") or list(CONNECTORS)
+        metafunc.parametrize("connector_name", names)
+
+
+@pytest.fixture
+async def connector(connector_name: str) -> AsyncIterator[Connector]:
+    """An open connector of each kind (the contract suite runs once per kind)."""
+    made = CONNECTORS[connector_name]()
+    await made.open()
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture
+def server_config() -> ServerConfig:
+    """The configuration of the ``server`` fixture; tests may change it first."""
+    return ServerConfig(address="127.0.0.1:0", max_concurrent_jobs=4, cancel_grace=0.5, shutdown_grace=0.5)
+
+
+@pytest.fixture
+async def server(server_config: ServerConfig) -> AsyncIterator[AjsServer]:
+    """A real grpc.aio server on an ephemeral port with the memory connector and the test jobs."""
+    started = AjsServer(server_config, connector=MemoryConnector(), chain=jobs_for_tests.chain())
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+@pytest.fixture
+async def channel(server: AjsServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the ``server`` fixture."""
+    async with grpc.aio.insecure_channel(server.address) as opened:
+        yield opened
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.JobServiceStub:
+    """The generated JobService stub on ``channel``."""
+    return pb_grpc.JobServiceStub(channel)

@@ -1,0 +1,349 @@
+"""The connector contract: every connector must pass this suite unchanged.
+
+Run one connector only with ``pytest tests/contract --connector memory``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from google.protobuf import any_pb2, wrappers_pb2
+
+from ajs_grpc.connectors.base import Connector, JobFilter
+from ajs_grpc.errors import AlreadyExists, Code, FailedPrecondition, NotFound
+from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Response, Update
+
+S = RequestState
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.work = 0
+        self.cancels: list[str] = []
+
+    def work_available(self) -> None:
+        self.work += 1
+
+    def cancel_requested(self, request_id: str) -> None:
+        self.cancels.append(request_id)
+
+
+def request(request_id: str, type_: str = "echo", **data: str) -> Request:
+    return Request(id=request_id, type=type_, data=data)
+
+
+async def collect(connector: Connector, request_id: str, after: int = 0) -> list[Response]:
+    return [r async for r in connector.watch(request_id, after)]
+
+
+# -- enqueue -----------------------------------------------------------------
+
+
+async def test_enqueue_stores_a_created_job(connector: Connector) -> None:
+    payload = any_pb2.Any()
+    payload.Pack(wrappers_pb2.StringValue(value="typed"))
+    job, created = await connector.enqueue(Request(id="a", type="echo", data={"k": "v"}, input=payload))
+    assert created
+    assert job.state is S.CREATED and job.attempt == 0
+    assert job.last_response.sequence == 1
+    stored = await connector.get("a")
+    assert stored == job
+    assert stored.request.input == payload
+    assert dict(stored.request.data) == {"k": "v"}
+
+
+async def test_enqueue_is_idempotent_on_id(connector: Connector) -> None:
+    first, _ = await connector.enqueue(request("a", k="v"))
+    again, created = await connector.enqueue(request("a", k="v"))
+    assert not created
+    assert again == first
+
+
+async def test_same_id_different_content_is_already_exists(connector: Connector) -> None:
+    await connector.enqueue(request("a", k="v"))
+    with pytest.raises(AlreadyExists):
+        await connector.enqueue(request("a", k="other"))
+    assert dict((await connector.get("a")).request.data) == {"k": "v"}
+
+
+async def test_unknown_parent_is_not_found_and_nothing_is_stored(connector: Connector) -> None:
+    with pytest.raises(NotFound):
+        await connector.enqueue(Request(id="child", type="echo", parent_id="nobody"))
+    with pytest.raises(NotFound):
+        await connector.get("child")
+
+
+async def test_enqueue_wakes_listeners(connector: Connector) -> None:
+    listener = Listener()
+    connector.add_listener(listener)
+    await connector.enqueue(request("a"))
+    assert listener.work >= 1
+
+
+# -- claim -------------------------------------------------------------------
+
+
+async def test_claim_takes_the_oldest_first_and_marks_it_pending(connector: Connector) -> None:
+    for name in ("a", "b", "c"):
+        await connector.enqueue(request(name))
+    claims = [await connector.claim("w1") for _ in range(3)]
+    assert [c.job.request.id for c in claims if c] == ["a", "b", "c"]
+    assert await connector.claim("w1") is None
+    first = claims[0]
+    assert first is not None
+    assert first.job.state is S.PENDING and first.job.attempt == 1
+    assert first.job.last_response.sequence == 2
+    assert len({c.lease_token for c in claims if c}) == 3
+
+
+async def test_claim_on_empty_queue_is_none(connector: Connector) -> None:
+    assert await connector.claim("w1") is None
+
+
+async def test_claim_by_type(connector: Connector) -> None:
+    await connector.enqueue(request("a", "x"))
+    await connector.enqueue(request("b", "y"))
+    claim = await connector.claim("w1", types=["y"])
+    assert claim is not None and claim.job.request.id == "b"
+    claim = await connector.claim("w1")
+    assert claim is not None and claim.job.request.id == "a"
+
+
+async def test_concurrent_claims_never_share_a_job(connector: Connector) -> None:
+    for i in range(20):
+        await connector.enqueue(request(f"r{i}"))
+    claims = await asyncio.gather(*(connector.claim(f"w{i}") for i in range(30)))
+    ids = [c.job.request.id for c in claims if c is not None]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(20))
+
+
+# -- respond -----------------------------------------------------------------
+
+
+async def test_respond_appends_gapless_responses_until_the_final_one(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await connector.claim("w1")
+    assert claim is not None
+    progress = await connector.respond("a", Update(S.PENDING, progress=Progress(0.5, "half")), claim.lease_token)
+    final = await connector.respond("a", Update(S.FINISHED, data={"r": "1"}), claim.lease_token)
+    assert (progress.sequence, final.sequence) == (3, 4)
+    assert final.is_final
+    job = await connector.get("a")
+    assert job.state is S.FINISHED and job.last_response == final
+    with pytest.raises(FailedPrecondition):
+        await connector.respond("a", Update(S.PENDING), claim.lease_token)
+    assert [r.sequence for r in await connector.responses("a", 0, 100)] == [1, 2, 3, 4]
+
+
+async def test_respond_needs_the_current_lease(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await connector.claim("w1")
+    assert claim is not None
+    with pytest.raises(FailedPrecondition):
+        await connector.respond("a", Update(S.FINISHED), "not-the-lease")
+    assert (await connector.get("a")).state is S.PENDING
+
+
+async def test_respond_to_unknown_request_is_not_found(connector: Connector) -> None:
+    with pytest.raises(NotFound):
+        await connector.respond("nobody", Update(S.FINISHED), "lease")
+
+
+async def test_handing_back_requeues_and_a_new_claim_gets_a_new_lease(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    first = await connector.claim("w1")
+    assert first is not None
+    back = await connector.respond("a", Update(S.CREATED, data={"reason": "shutdown"}), first.lease_token)
+    assert back.state is S.CREATED and back.sequence == 3
+    second = await connector.claim("w2")
+    assert second is not None
+    assert second.job.attempt == 2 and second.lease_token != first.lease_token
+    with pytest.raises(FailedPrecondition):
+        await connector.respond("a", Update(S.FINISHED), first.lease_token)
+
+
+async def test_responses_keep_what_was_stored(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await connector.claim("w1")
+    assert claim is not None
+    output = any_pb2.Any()
+    output.Pack(wrappers_pb2.Int64Value(value=42))
+    error = ErrorStatus(Code.UNKNOWN, "bad", reason="JOB_FAILED", metadata={"exception": "ValueError"})
+    await connector.respond(
+        "a", Update(S.PENDING, data={"d": "1"}, progress=Progress(0.25, "quarter")), claim.lease_token
+    )
+    await connector.respond("a", Update(S.FAILED, output=output, error=error), claim.lease_token)
+    stored = await connector.responses("a", 2, 100)
+    assert stored[0].progress == Progress(0.25, "quarter") and dict(stored[0].data) == {"d": "1"}
+    assert stored[1].output == output and stored[1].error == error
+    assert stored[1].create_time >= stored[0].create_time
+
+
+# -- cancel ------------------------------------------------------------------
+
+
+async def test_cancel_queued_job_ends_it_cancelled_and_it_is_never_claimed(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    job = await connector.cancel("a")
+    assert job.state is S.CANCELLED and job.last_response.is_final
+    assert job.last_response.error is not None and job.last_response.error.code is Code.CANCELLED
+    assert await connector.claim("w1") is None
+
+
+async def test_cancel_running_job_marks_it_and_tells_listeners(connector: Connector) -> None:
+    listener = Listener()
+    connector.add_listener(listener)
+    await connector.enqueue(request("a"))
+    claim = await connector.claim("w1")
+    assert claim is not None
+    job = await connector.cancel("a")
+    assert job.state is S.PENDING and job.cancel_requested
+    assert listener.cancels == ["a"]
+    assert (await connector.get("a")).cancel_requested
+    await connector.cancel("a")  # asking twice is harmless
+    assert listener.cancels == ["a"]
+
+
+async def test_cancel_finished_job_is_failed_precondition(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await connector.claim("w1")
+    assert claim is not None
+    await connector.respond("a", Update(S.FINISHED), claim.lease_token)
+    with pytest.raises(FailedPrecondition):
+        await connector.cancel("a")
+
+
+async def test_cancel_unknown_is_not_found(connector: Connector) -> None:
+    with pytest.raises(NotFound):
+        await connector.cancel("nobody")
+
+
+# -- get and list --------------------------------------------------------------
+
+
+async def test_get_unknown_is_not_found(connector: Connector) -> None:
+    with pytest.raises(NotFound):
+        await connector.get("nobody")
+
+
+async def test_list_pages_in_submit_order(connector: Connector) -> None:
+    for i in range(7):
+        await connector.enqueue(request(f"r{i}"))
+    seen: list[str] = []
+    cursor = 0
+    pages = 0
+    while True:
+        page = await connector.list_jobs(JobFilter(), 3, cursor)
+        seen += [job.request.id for job in page.jobs]
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [f"r{i}" for i in range(7)]
+    assert pages == 3
+
+
+async def test_list_filters_by_state_type_and_parent(connector: Connector) -> None:
+    await connector.enqueue(request("p", "parent"))
+    await connector.enqueue(Request(id="c1", type="child", parent_id="p"))
+    await connector.enqueue(Request(id="c2", type="child", parent_id="p"))
+    await connector.enqueue(request("x", "other"))
+    await connector.cancel("c2")
+
+    async def ids(job_filter: JobFilter) -> list[str]:
+        return [job.request.id for job in (await connector.list_jobs(job_filter, 100)).jobs]
+
+    assert await ids(JobFilter(parent_id="p")) == ["c1", "c2"]
+    assert await ids(JobFilter(types=frozenset({"child", "other"}))) == ["c1", "c2", "x"]
+    assert await ids(JobFilter(states=frozenset({S.CANCELLED}))) == ["c2"]
+    assert await ids(JobFilter(states=frozenset({S.CREATED}), parent_id="p")) == ["c1"]
+    assert await ids(JobFilter(types=frozenset({"none"}))) == []
+
+
+async def test_a_full_last_page_has_no_next_cursor(connector: Connector) -> None:
+    for i in range(3):
+        await connector.enqueue(request(f"r{i}"))
+    page = await connector.list_jobs(JobFilter(), 3)
+    assert len(page.jobs) == 3 and page.next_cursor is None
+
+
+# -- watch ---------------------------------------------------------------------
+
+
+async def finish(connector: Connector, request_id: str, progress_steps: int = 1) -> None:
+    claim = await connector.claim("w1")
+    assert claim is not None and claim.job.request.id == request_id
+    for i in range(progress_steps):
+        await connector.respond(
+            request_id, Update(S.PENDING, progress=Progress((i + 1) / progress_steps)), claim.lease_token
+        )
+    await connector.respond(request_id, Update(S.FINISHED), claim.lease_token)
+
+
+async def test_watch_finished_job_replays_and_ends(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    await finish(connector, "a", 2)
+    responses = await collect(connector, "a")
+    assert [r.sequence for r in responses] == [1, 2, 3, 4, 5]
+    assert responses[-1].is_final
+    assert [r.sequence for r in await collect(connector, "a", after=3)] == [4, 5]
+    assert await collect(connector, "a", after=5) == []
+    assert connector.watcher_count == 0
+
+
+async def test_watch_streams_live_responses_until_final(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    watching = asyncio.create_task(collect(connector, "a"))
+    await asyncio.sleep(0.01)
+    assert connector.watcher_count == 1
+    await finish(connector, "a", 3)
+    responses = await asyncio.wait_for(watching, 5)
+    assert [r.sequence for r in responses] == [1, 2, 3, 4, 5, 6]
+    assert [r.state for r in responses] == [S.CREATED, S.PENDING, S.PENDING, S.PENDING, S.PENDING, S.FINISHED]
+    assert connector.watcher_count == 0
+
+
+async def test_many_watchers_see_the_same_responses(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    watchers = [asyncio.create_task(collect(connector, "a", after=i % 2)) for i in range(10)]
+    await asyncio.sleep(0.01)
+    await finish(connector, "a", 2)
+    results = await asyncio.wait_for(asyncio.gather(*watchers), 5)
+    for i, responses in enumerate(results):
+        assert [r.sequence for r in responses] == list(range(1 + i % 2, 6))
+
+
+async def test_resuming_a_watch_misses_nothing_and_repeats_nothing(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await connector.claim("w1")
+    assert claim is not None
+    seen: list[int] = []
+    async for response in connector.watch("a"):
+        seen.append(response.sequence)
+        if response.sequence == 2:
+            break  # the client drops the stream
+    await connector.respond("a", Update(S.PENDING, progress=Progress(0.5)), claim.lease_token)
+    resumed = asyncio.create_task(collect(connector, "a", after=seen[-1]))
+    await asyncio.sleep(0.01)
+    await connector.respond("a", Update(S.FINISHED), claim.lease_token)
+    seen += [r.sequence for r in await asyncio.wait_for(resumed, 5)]
+    assert seen == [1, 2, 3, 4]
+    assert connector.watcher_count == 0
+
+
+async def test_watch_unknown_is_not_found(connector: Connector) -> None:
+    with pytest.raises(NotFound):
+        await collect(connector, "nobody")
+    assert connector.watcher_count == 0
+
+
+async def test_cancelled_watch_leaves_no_watcher(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    watching = asyncio.create_task(collect(connector, "a"))
+    await asyncio.sleep(0.01)
+    assert connector.watcher_count == 1
+    watching.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watching
+    assert connector.watcher_count == 0

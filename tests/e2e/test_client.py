@@ -1,0 +1,129 @@
+"""The Python client (asyncio and blocking) against a real server, including watch resumption."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ajs_grpc.client import AsyncClient, Client
+from ajs_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ajs_grpc.model import RequestState
+from ajs_grpc.server import AjsServer
+from tests.helpers import eventually
+from tests.proxy import CuttableProxy
+
+S = RequestState
+
+
+@pytest.fixture
+async def client(server: AjsServer) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(server.address, timeout=10) as opened:
+        yield opened
+
+
+async def test_submit_watch_get_list_cancel(client: AsyncClient) -> None:
+    submitted = await client.submit("steps", {"n": "2"}, id="s1")
+    assert submitted.created and submitted.job.state is S.CREATED
+    responses = [r async for r in client.watch("s1")]
+    assert [r.sequence for r in responses] == [1, 2, 3, 4, 5]
+    assert responses[-1].state is S.FINISHED
+    job = await client.get("s1")
+    assert job.state is S.FINISHED and job.attempt == 1 and job.request.creator == "anonymous"
+    again = await client.submit("steps", {"n": "2"}, id="s1")
+    assert not again.created
+
+    await client.submit("block", id="b1")
+    await client.submit("echo", parent_id="b1", id="c1")
+    listed = [job.request.id async for job in client.list(page_size=1)]
+    assert listed == ["s1", "b1", "c1"]
+    children = [job.request.id async for job in client.list(parent_id="b1")]
+    assert children == ["c1"]
+    while (await client.get("b1")).state is not S.PENDING:
+        await asyncio.sleep(0.005)
+    cancelled = await client.cancel("b1")
+    assert cancelled.cancel_requested
+    final = [r async for r in client.watch("b1")][-1]
+    assert final.state is S.CANCELLED
+
+
+async def test_errors_are_project_exceptions(client: AsyncClient) -> None:
+    with pytest.raises(NotFound) as not_found:
+        await client.get("ghost")
+    assert not_found.value.reason == "REQUEST_NOT_FOUND"
+    with pytest.raises(InvalidArgument) as invalid:
+        await client.submit("")
+    assert [v.field for v in invalid.value.violations] == ["request.type"]
+    await client.submit("echo", {"a": "1"}, id="x")
+    with pytest.raises(AlreadyExists):
+        await client.submit("echo", {"a": "2"}, id="x")
+    [r async for r in client.watch("x")]
+    with pytest.raises(FailedPrecondition):
+        await client.cancel("x")
+    with pytest.raises(NotFound):
+        [r async for r in client.watch("ghost")]
+
+
+async def test_health(client: AsyncClient) -> None:
+    assert await client.health() == "SERVING"
+    assert await client.health("ajs.v1.JobService") == "SERVING"
+
+
+async def test_unreachable_server_is_unavailable() -> None:
+    async with AsyncClient("127.0.0.1:1", timeout=2) as client:
+        with pytest.raises(Unavailable):
+            await client.get("x")
+
+
+async def test_watch_resumes_after_a_dropped_connection(server: AjsServer) -> None:
+    proxy = CuttableProxy(server.port)
+    await proxy.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{proxy.port}", timeout=10) as client:
+            await client.submit("steps", {"n": "6", "sleep": "0.05"}, id="long")
+            seen = []
+            async for response in client.watch("long"):
+                seen.append(response.sequence)
+                if response.sequence in (2, 5):
+                    proxy.cut()
+        assert seen == list(range(1, 10))  # every Response once, in order
+        assert proxy.connections >= 3
+    finally:
+        await proxy.stop()
+
+
+async def test_watch_gives_up_after_resume_for(server: AjsServer) -> None:
+    proxy = CuttableProxy(server.port)
+    await proxy.start()
+    async with AsyncClient(f"127.0.0.1:{proxy.port}", timeout=10, resume_for=0.3) as client:
+        await client.submit("block", id="stuck")
+        watching = client.watch("stuck")
+        assert (await anext(watching)).sequence == 1
+        await proxy.stop()  # the server is now unreachable for good
+        with pytest.raises(Unavailable):
+            async for _ in watching:
+                pass
+    async with AsyncClient(server.address) as direct:
+        await direct.cancel("stuck")
+
+
+async def test_blocking_client(server: AjsServer) -> None:
+    def use_blocking_client() -> None:
+        with Client(server.address) as client:
+            submitted = client.submit("steps", {"n": "2"})
+            request_id = submitted.job.request.id
+            states = [r.state for r in client.watch(request_id)]
+            assert states == [S.CREATED, S.PENDING, S.PENDING, S.PENDING, S.FINISHED]
+            assert client.get(request_id).state is S.FINISHED
+            assert [job.request.id for job in client.list()] == [request_id]
+            assert client.health() == "SERVING"
+            with pytest.raises(NotFound):
+                client.get("ghost")
+            # Leaving a watch early closes its stream.
+            for _ in client.watch(request_id):
+                break
+
+    # The server runs on this test's event loop; the blocking client gets a thread.
+    await asyncio.to_thread(use_blocking_client)
+    await eventually(lambda: server.connector.watcher_count == 0)

@@ -1,0 +1,341 @@
+"""JobService end to end: a real grpc.aio server on 127.0.0.1:0 driven through the generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, wrappers_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
+from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
+from ajs_grpc.server import AjsServer
+from tests.helpers import eventually
+
+State = pb.RequestState
+
+
+def submit_request(type_: str = "echo", request_id: str = "", **data: str) -> pb.SubmitRequestRequest:
+    return pb.SubmitRequestRequest(request=pb.Request(id=request_id, type=type_, data=data))
+
+
+async def watch(stub: pb_grpc.JobServiceStub, request_id: str, after: int = 0) -> list[pb.Response]:
+    return [m.response async for m in stub.WatchJob(pb.WatchJobRequest(request_id=request_id, after_sequence=after))]
+
+
+def details(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status"
+    return status
+
+
+def bad_request(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    for detail in details(error).details:
+        found = error_details_pb2.BadRequest()
+        if detail.Unpack(found):
+            return [(v.field, v.description) for v in found.field_violations]
+    raise AssertionError("no BadRequest detail")
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    for detail in details(error).details:
+        found = error_details_pb2.ErrorInfo()
+        if detail.Unpack(found):
+            return found
+    raise AssertionError("no ErrorInfo detail")
+
+
+# -- the happy path ------------------------------------------------------------
+
+
+async def test_submit_then_watch_to_the_final_response(stub: pb_grpc.JobServiceStub) -> None:
+    reply = await stub.SubmitRequest(submit_request("steps", n="3"))
+    assert reply.created
+    job = reply.job
+    assert job.request.id  # server-assigned UUID
+    assert job.request.create_time.seconds > 0
+    assert job.state == State.REQUEST_STATE_CREATED
+    responses = await watch(stub, job.request.id)
+    assert [r.sequence for r in responses] == [1, 2, 3, 4, 5, 6]
+    assert [r.is_final for r in responses] == [False] * 5 + [True]
+    assert responses[-1].state == State.REQUEST_STATE_FINISHED
+    assert responses[-1].data == {"steps": "3", "attempt": "1"}
+    assert [round(r.progress.fraction, 3) for r in responses[2:5]] == [0.333, 0.667, 1.0]
+
+
+async def test_typed_input_is_carried_through(stub: pb_grpc.JobServiceStub) -> None:
+    payload = any_pb2.Any()
+    payload.Pack(wrappers_pb2.StringValue(value="hello"))
+    request = pb.Request(id="typed", type="echo", input=payload)
+    reply = await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
+    got = await stub.GetJob(pb.GetJobRequest(request_id="typed"))
+    assert reply.job.request.input == payload
+    assert got.job.request.input == payload
+
+
+async def test_watching_a_finished_job_replays_and_ends(stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("echo", "done", k="v"))
+    first = await watch(stub, "done")
+    assert first[-1].is_final
+    assert await watch(stub, "done") == first
+    assert await watch(stub, "done", after=first[-1].sequence) == []
+    assert await watch(stub, "done", after=1) == first[1:]
+
+
+async def test_submit_is_idempotent_on_id(stub: pb_grpc.JobServiceStub) -> None:
+    first = await stub.SubmitRequest(submit_request("steps", "same", n="1"))
+    again = await stub.SubmitRequest(submit_request("steps", "same", n="1"))
+    assert first.created and not again.created
+    assert again.job.request.id == "same"
+    assert again.job.request.create_time == first.job.request.create_time
+
+
+async def test_get_and_list_with_filters_and_paging(stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("echo", "parent"))
+    for i in range(5):
+        request = pb.Request(id=f"child{i}", type="echo" if i % 2 else "boom", parent_id="parent")
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
+    for i in range(5):
+        await watch(stub, f"child{i}")
+    got = await stub.GetJob(pb.GetJobRequest(request_id="child1"))
+    assert got.job.state == State.REQUEST_STATE_FINISHED and got.job.attempt == 1
+    assert got.job.last_response.is_final
+
+    ids: list[str] = []
+    token = ""
+    while True:
+        page = await stub.ListJobs(pb.ListJobsRequest(page_size=2, page_token=token, parent_id="parent"))
+        assert len(page.jobs) <= 2
+        ids += [job.request.id for job in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert ids == [f"child{i}" for i in range(5)]
+
+    failed = await stub.ListJobs(pb.ListJobsRequest(states=[State.REQUEST_STATE_FAILED]))
+    assert [job.request.id for job in failed.jobs] == ["child0", "child2", "child4"]
+    echo = await stub.ListJobs(pb.ListJobsRequest(types=["echo"], parent_id="parent"))
+    assert [job.request.id for job in echo.jobs] == ["child1", "child3"]
+
+
+async def test_cancel_a_queued_and_a_running_job(server: AjsServer, stub: pb_grpc.JobServiceStub) -> None:
+    # Fill every slot so the last job stays queued.
+    for i in range(server.config.max_concurrent_jobs):
+        await stub.SubmitRequest(submit_request("block", f"running{i}"))
+    await stub.SubmitRequest(submit_request("block", "queued"))
+    await eventually(lambda: len(server.dispatcher.running) == server.config.max_concurrent_jobs)
+
+    queued = await stub.CancelJob(pb.CancelJobRequest(request_id="queued"))
+    assert queued.job.state == State.REQUEST_STATE_CANCELLED
+    assert queued.job.last_response.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+    running = await stub.CancelJob(pb.CancelJobRequest(request_id="running0"))
+    assert running.job.state == State.REQUEST_STATE_PENDING and running.job.cancel_requested
+    responses = await watch(stub, "running0")
+    assert responses[-1].state == State.REQUEST_STATE_CANCELLED
+    for i in range(1, server.config.max_concurrent_jobs):
+        await stub.CancelJob(pb.CancelJobRequest(request_id=f"running{i}"))
+
+
+# -- bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.Request(type=""), "request.type"),
+        (pb.Request(type="x" * 129), "request.type"),
+        (pb.Request(type="has space"), "request.type"),
+        (pb.Request(type="echo", id="i" * 129), "request.id"),
+        (pb.Request(type="echo", id="with space"), "request.id"),
+        (pb.Request(type="echo", id="self", parent_id="self"), "request.parent_id"),
+    ],
+)
+async def test_invalid_requests_name_the_bad_field(
+    stub: pb_grpc.JobServiceStub, request_: pb.Request, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=request_))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(raised.value)] == [field]
+    listed = await stub.ListJobs(pb.ListJobsRequest())
+    assert list(listed.jobs) == []  # nothing half-written
+
+
+async def test_missing_request_is_invalid(stub: pb_grpc.JobServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(raised.value) == [("request", "is required")]
+
+
+async def test_unrunnable_type_fails_through_the_reject_handler(stub: pb_grpc.JobServiceStub) -> None:
+    reply = await stub.SubmitRequest(submit_request("nobody.runs.this"))
+    final = (await watch(stub, reply.job.request.id))[-1]
+    assert final.state == State.REQUEST_STATE_FAILED
+    assert final.error.message == "requests of type 'nobody.runs.this' are not supported"
+    assert final.error.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert final.error.details[0].Unpack(info) and info.reason == "TYPE_NOT_SUPPORTED"
+
+
+async def test_a_raising_job_fails_with_its_message(stub: pb_grpc.JobServiceStub) -> None:
+    reply = await stub.SubmitRequest(submit_request("boom", message="out of cheese"))
+    final = (await watch(stub, reply.job.request.id))[-1]
+    assert final.state == State.REQUEST_STATE_FAILED
+    assert final.error.message == "out of cheese"
+
+
+async def test_same_id_different_content_is_already_exists(stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("echo", "dup", k="1"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(submit_request("echo", "dup", k="2"))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    info = error_info(raised.value)
+    assert info.reason == "REQUEST_ID_TAKEN" and info.domain == "ajs.v1" and info.metadata["request_id"] == "dup"
+
+
+async def test_unknown_parent_is_not_found(stub: pb_grpc.JobServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=pb.Request(type="echo", parent_id="ghost")))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(raised.value).reason == "PARENT_NOT_FOUND"
+
+
+async def test_unknown_ids_are_not_found(stub: pb_grpc.JobServiceStub) -> None:
+    calls = [
+        stub.GetJob(pb.GetJobRequest(request_id="ghost")),
+        stub.CancelJob(pb.CancelJobRequest(request_id="ghost")),
+        watch(stub, "ghost"),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_info(raised.value).reason == "REQUEST_NOT_FOUND"
+
+
+async def test_empty_ids_are_invalid(stub: pb_grpc.JobServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetJob(pb.GetJobRequest(request_id=""))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(raised.value) == [("request_id", "must not be empty")]
+
+
+async def test_cancel_finished_job_is_failed_precondition(stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("echo", "over"))
+    await watch(stub, "over")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CancelJob(pb.CancelJobRequest(request_id="over"))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(raised.value).reason == "REQUEST_ALREADY_FINAL"
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.ListJobsRequest(page_size=-1), "page_size"),
+        (pb.ListJobsRequest(page_token="not a token"), "page_token"),
+        (pb.ListJobsRequest(page_token="eyJ2IjoxLCJjIjotMSwiZiI6IngifQ"), "page_token"),
+        (pb.ListJobsRequest(states=[99]), "states"),  # type: ignore[list-item]
+    ],
+)
+async def test_bad_list_arguments_are_invalid(
+    stub: pb_grpc.JobServiceStub, request_: pb.ListJobsRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.ListJobs(request_)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(raised.value)] == [field]
+
+
+async def test_page_token_is_bound_to_its_filters(stub: pb_grpc.JobServiceStub) -> None:
+    for i in range(3):
+        await stub.SubmitRequest(submit_request("echo", f"r{i}"))
+    page = await stub.ListJobs(pb.ListJobsRequest(page_size=1, types=["echo"]))
+    assert page.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.ListJobs(pb.ListJobsRequest(page_size=1, page_token=page.next_page_token, types=["other"]))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "different filters" in (raised.value.details() or "")
+
+
+async def test_page_size_is_capped_not_refused(stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("echo", "one"))
+    page = await stub.ListJobs(pb.ListJobsRequest(page_size=1_000_000))
+    assert len(page.jobs) == 1 and not page.next_page_token
+
+
+async def test_undecodable_bytes_are_invalid_argument(channel: grpc.aio.Channel) -> None:
+    raw = channel.unary_unary("/ajs.v1.JobService/SubmitRequest")
+    for garbage in (b"\xff\xff\xff", b"\x0a\x05\x0a\x10ab"):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await raw(garbage)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(raised.value).reason == "UNDECODABLE_REQUEST"
+
+
+async def test_invalid_utf8_in_a_string_field_is_invalid_argument(channel: grpc.aio.Channel) -> None:
+    raw = channel.unary_unary("/ajs.v1.JobService/GetJob")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await raw(b"\x0a\x02\xc3\x28")  # request_id = invalid UTF-8
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- streams, health, reflection --------------------------------------------------
+
+
+async def test_a_dropped_watch_is_cleaned_up(server: AjsServer, stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("block", "long"))
+    calls = [stub.WatchJob(pb.WatchJobRequest(request_id="long")) for _ in range(5)]
+    for call in calls:
+        assert (await call.read()).response.sequence == 1
+    assert server.connector.watcher_count == 5
+    for call in calls:
+        call.cancel()
+    await eventually(lambda: server.connector.watcher_count == 0)
+    await stub.CancelJob(pb.CancelJobRequest(request_id="long"))
+
+
+async def test_health_check_and_watch(server: AjsServer, channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for service in ("", "ajs.v1.JobService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))  # type: ignore[attr-defined]
+        assert reply.status == serving
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))  # type: ignore[attr-defined]
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+    statuses = health.Watch(health_pb2.HealthCheckRequest(service="ajs.v1.JobService"))  # type: ignore[attr-defined]
+    assert (await statuses.read()).status == serving
+    stopping = asyncio.create_task(server.stop())
+    assert (await statuses.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    statuses.cancel()  # an open watch would hold the server for its RPC grace period
+    await stopping
+
+
+async def test_submits_are_refused_while_draining(server: AjsServer, stub: pb_grpc.JobServiceStub) -> None:
+    await stub.SubmitRequest(submit_request("stubborn", "busy"))
+    await eventually(lambda: "busy" in server.dispatcher.running)
+    stopping = asyncio.create_task(server.stop())
+    await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(submit_request("echo"))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(raised.value).reason == "DRAINING"
+    got = await stub.GetJob(pb.GetJobRequest(request_id="busy"))  # reads still work
+    assert got.job.state == State.REQUEST_STATE_PENDING
+    await stopping
+
+
+async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))  # type: ignore[attr-defined]
+    names = {service.name async for reply in replies for service in reply.list_services_response.service}
+    assert {"ajs.v1.JobService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names

@@ -1,0 +1,16 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Waits until ``check()`` is true; fails the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"still false after {timeout}s: {check}")
+        await asyncio.sleep(0.005)

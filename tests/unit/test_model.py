@@ -1,0 +1,118 @@
+"""The state rules of the core model."""
+
+from __future__ import annotations
+
+import pytest
+
+from ajs_grpc.errors import Code, FailedPrecondition
+from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Update
+
+S = RequestState
+
+
+def new_job() -> Job:
+    job, first = Job.create(Request(id="r1", type="echo", data={"k": "v"}))
+    assert first.sequence == 1
+    assert first.state is S.CREATED
+    return job
+
+
+def test_create_starts_queued_with_response_one() -> None:
+    job = new_job()
+    assert job.state is S.CREATED
+    assert job.attempt == 0
+    assert job.last_response.sequence == 1
+    assert job.request.create_time == job.last_response.create_time
+
+
+def test_sequences_are_gapless_and_claim_counts_attempts() -> None:
+    job = new_job()
+    job, claimed = job.advance(Update(S.PENDING))
+    job, progress = job.advance(Update(S.PENDING, progress=Progress(0.5, "half")))
+    job, final = job.advance(Update(S.FINISHED, data={"out": "x"}))
+    assert [claimed.sequence, progress.sequence, final.sequence] == [2, 3, 4]
+    assert job.attempt == 1
+    assert final.is_final and job.is_final
+    assert not progress.is_final
+
+
+def test_nothing_follows_the_final_response() -> None:
+    job = new_job()
+    job, _ = job.advance(Update(S.PENDING))
+    job, _ = job.advance(Update(S.FAILED, error=ErrorStatus(Code.UNKNOWN, "x")))
+    for state in S:
+        with pytest.raises(FailedPrecondition) as raised:
+            job.advance(Update(state))
+        assert raised.value.reason == "REQUEST_ALREADY_FINAL"
+
+
+@pytest.mark.parametrize(
+    ("state", "allowed"),
+    [
+        (S.UNSPECIFIED, False),
+        (S.CREATED, False),
+        (S.PENDING, True),
+        (S.FINISHED, False),
+        (S.FAILED, False),
+        (S.CANCELLED, True),
+    ],
+)
+def test_what_may_follow_created(state: RequestState, allowed: bool) -> None:
+    job = new_job()
+    if allowed:
+        assert job.advance(Update(state))[0].state is state
+    else:
+        with pytest.raises(FailedPrecondition):
+            job.advance(Update(state))
+
+
+def test_handing_back_requeues_and_next_claim_is_a_new_attempt() -> None:
+    job = new_job()
+    job, _ = job.advance(Update(S.PENDING))
+    job, back = job.advance(Update(S.CREATED))
+    assert back.state is S.CREATED and not back.is_final
+    job, _ = job.advance(Update(S.PENDING))
+    assert job.attempt == 2
+
+
+def test_cancel_queued_job_ends_it() -> None:
+    job, response = new_job().cancel()
+    assert job.state is S.CANCELLED
+    assert response is not None and response.is_final
+    assert response.error is not None and response.error.code is Code.CANCELLED
+
+
+def test_cancel_running_job_only_marks_it() -> None:
+    job, _ = new_job().advance(Update(S.PENDING))
+    marked, response = job.cancel()
+    assert response is None
+    assert marked.cancel_requested and marked.state is S.PENDING
+
+
+def test_cancel_finished_job_is_a_failed_precondition() -> None:
+    job, _ = new_job().advance(Update(S.PENDING))
+    job, _ = job.advance(Update(S.FINISHED))
+    with pytest.raises(FailedPrecondition):
+        job.cancel()
+
+
+def test_same_content_ignores_server_fields() -> None:
+    a = Request(id="x", type="t", data={"a": "1"}, creator="alice")
+    assert a.same_content(Request(id="x", type="t", data={"a": "1"}))
+    assert not a.same_content(Request(id="x", type="t", data={"a": "2"}))
+    assert not a.same_content(Request(id="x", type="u", data={"a": "1"}))
+    assert not a.same_content(Request(id="x", type="t", data={"a": "1"}, parent_id="p"))
+
+
+def test_progress_fraction_is_bounded() -> None:
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Progress(1.5)
+
+
+def test_request_data_cannot_be_changed_after_creation() -> None:
+    data = {"a": "1"}
+    request = Request(id="x", type="t", data=data)
+    data["a"] = "2"
+    assert request.data["a"] == "1"
+    with pytest.raises(TypeError):
+        request.data["a"] = "3"  # type: ignore[index]
