@@ -41,8 +41,8 @@ _EXIT_FOR_STATE = {
     RequestState.CANCELLED: EXIT_CANCELLED,
 }
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -206,14 +206,20 @@ async def _client_command(args: argparse.Namespace) -> int:
 
 
 async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
-    table = Table("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED", box=None)
-    count = 0
+    header = ("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED")
+    rows: list[tuple[str, ...]] = []
     async for job in client.list(states=args.states, types=args.types, parent_id=args.parent):
-        table.add_row(job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat())
-        count += 1
-        if count >= args.limit:
+        rows.append((job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat()))
+        if len(rows) >= args.limit:
             break
-    out.print(table)
+    if out.is_terminal:
+        table = Table(*header, box=None)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    else:  # piped: whole values, tab-separated, for grep and cut
+        for row in (header, *rows):
+            print("\t".join(row))
     return EXIT_OK
 
 

@@ -181,7 +181,7 @@ class JobService:
         request = validate_request(message.request)
         job, created = await self.connector.enqueue(request)
         if created:
-            log.info("queued request %s of type %s", job.request.id, job.request.type)
+            log.debug("queued request %s of type %s", job.request.id, job.request.type)
         return pb.SubmitRequestResponse(job=convert.job_to_proto(job), created=created)
 
     async def watch_job(self, message: pb.WatchJobRequest) -> AsyncIterator[pb.WatchJobResponse]:
@@ -211,7 +211,7 @@ class JobService:
     async def cancel_job(self, message: pb.CancelJobRequest) -> pb.CancelJobResponse:
         """Cancels a queued job, or signals a running one."""
         job = await self.connector.cancel(_required_id(message.request_id))
-        log.info("cancel of request %s: now %s", job.request.id, job.state.name)
+        log.debug("cancel of request %s: now %s", job.request.id, job.state.name)
         return pb.CancelJobResponse(job=convert.job_to_proto(job))
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:

@@ -45,7 +45,8 @@ async def test_enqueue_stores_a_created_job(connector: Connector) -> None:
     payload.Pack(wrappers_pb2.StringValue(value="typed"))
     job, created = await connector.enqueue(Request(id="a", type="echo", data={"k": "v"}, input=payload))
     assert created
-    assert job.state is S.CREATED and job.attempt == 0
+    assert job.state is S.CREATED
+    assert job.attempt == 0
     assert job.last_response.sequence == 1
     stored = await connector.get("a")
     assert stored == job
@@ -92,7 +93,8 @@ async def test_claim_takes_the_oldest_first_and_marks_it_pending(connector: Conn
     assert await connector.claim("w1") is None
     first = claims[0]
     assert first is not None
-    assert first.job.state is S.PENDING and first.job.attempt == 1
+    assert first.job.state is S.PENDING
+    assert first.job.attempt == 1
     assert first.job.last_response.sequence == 2
     assert len({c.lease_token for c in claims if c}) == 3
 
@@ -105,9 +107,11 @@ async def test_claim_by_type(connector: Connector) -> None:
     await connector.enqueue(request("a", "x"))
     await connector.enqueue(request("b", "y"))
     claim = await connector.claim("w1", types=["y"])
-    assert claim is not None and claim.job.request.id == "b"
+    assert claim is not None
+    assert claim.job.request.id == "b"
     claim = await connector.claim("w1")
-    assert claim is not None and claim.job.request.id == "a"
+    assert claim is not None
+    assert claim.job.request.id == "a"
 
 
 async def test_concurrent_claims_never_share_a_job(connector: Connector) -> None:
@@ -130,7 +134,8 @@ async def test_respond_appends_gapless_responses_until_the_final_one(connector: 
     assert (progress.sequence, final.sequence) == (3, 4)
     assert final.is_final
     job = await connector.get("a")
-    assert job.state is S.FINISHED and job.last_response == final
+    assert job.state is S.FINISHED
+    assert job.last_response == final
     with pytest.raises(FailedPrecondition):
         await connector.respond("a", Update(S.PENDING), claim.lease_token)
     assert [r.sequence for r in await connector.responses("a", 0, 100)] == [1, 2, 3, 4]
@@ -155,10 +160,12 @@ async def test_handing_back_requeues_and_a_new_claim_gets_a_new_lease(connector:
     first = await connector.claim("w1")
     assert first is not None
     back = await connector.respond("a", Update(S.CREATED, data={"reason": "shutdown"}), first.lease_token)
-    assert back.state is S.CREATED and back.sequence == 3
+    assert back.state is S.CREATED
+    assert back.sequence == 3
     second = await connector.claim("w2")
     assert second is not None
-    assert second.job.attempt == 2 and second.lease_token != first.lease_token
+    assert second.job.attempt == 2
+    assert second.lease_token != first.lease_token
     with pytest.raises(FailedPrecondition):
         await connector.respond("a", Update(S.FINISHED), first.lease_token)
 
@@ -175,8 +182,10 @@ async def test_responses_keep_what_was_stored(connector: Connector) -> None:
     )
     await connector.respond("a", Update(S.FAILED, output=output, error=error), claim.lease_token)
     stored = await connector.responses("a", 2, 100)
-    assert stored[0].progress == Progress(0.25, "quarter") and dict(stored[0].data) == {"d": "1"}
-    assert stored[1].output == output and stored[1].error == error
+    assert stored[0].progress == Progress(0.25, "quarter")
+    assert dict(stored[0].data) == {"d": "1"}
+    assert stored[1].output == output
+    assert stored[1].error == error
     assert stored[1].create_time >= stored[0].create_time
 
 
@@ -186,8 +195,10 @@ async def test_responses_keep_what_was_stored(connector: Connector) -> None:
 async def test_cancel_queued_job_ends_it_cancelled_and_it_is_never_claimed(connector: Connector) -> None:
     await connector.enqueue(request("a"))
     job = await connector.cancel("a")
-    assert job.state is S.CANCELLED and job.last_response.is_final
-    assert job.last_response.error is not None and job.last_response.error.code is Code.CANCELLED
+    assert job.state is S.CANCELLED
+    assert job.last_response.is_final
+    assert job.last_response.error is not None
+    assert job.last_response.error.code is Code.CANCELLED
     assert await connector.claim("w1") is None
 
 
@@ -198,7 +209,8 @@ async def test_cancel_running_job_marks_it_and_tells_listeners(connector: Connec
     claim = await connector.claim("w1")
     assert claim is not None
     job = await connector.cancel("a")
-    assert job.state is S.PENDING and job.cancel_requested
+    assert job.state is S.PENDING
+    assert job.cancel_requested
     assert listener.cancels == ["a"]
     assert (await connector.get("a")).cancel_requested
     await connector.cancel("a")  # asking twice is harmless
@@ -265,7 +277,8 @@ async def test_a_full_last_page_has_no_next_cursor(connector: Connector) -> None
     for i in range(3):
         await connector.enqueue(request(f"r{i}"))
     page = await connector.list_jobs(JobFilter(), 3)
-    assert len(page.jobs) == 3 and page.next_cursor is None
+    assert len(page.jobs) == 3
+    assert page.next_cursor is None
 
 
 # -- watch ---------------------------------------------------------------------
@@ -273,7 +286,8 @@ async def test_a_full_last_page_has_no_next_cursor(connector: Connector) -> None
 
 async def finish(connector: Connector, request_id: str, progress_steps: int = 1) -> None:
     claim = await connector.claim("w1")
-    assert claim is not None and claim.job.request.id == request_id
+    assert claim is not None
+    assert claim.job.request.id == request_id
     for i in range(progress_steps):
         await connector.respond(
             request_id, Update(S.PENDING, progress=Progress((i + 1) / progress_steps)), claim.lease_token

@@ -90,7 +90,8 @@ async def test_watching_a_finished_job_replays_and_ends(stub: pb_grpc.JobService
 async def test_submit_is_idempotent_on_id(stub: pb_grpc.JobServiceStub) -> None:
     first = await stub.SubmitRequest(submit_request("steps", "same", n="1"))
     again = await stub.SubmitRequest(submit_request("steps", "same", n="1"))
-    assert first.created and not again.created
+    assert first.created
+    assert not again.created
     assert again.job.request.id == "same"
     assert again.job.request.create_time == first.job.request.create_time
 
@@ -103,7 +104,8 @@ async def test_get_and_list_with_filters_and_paging(stub: pb_grpc.JobServiceStub
     for i in range(5):
         await watch(stub, f"child{i}")
     got = await stub.GetJob(pb.GetJobRequest(request_id="child1"))
-    assert got.job.state == State.REQUEST_STATE_FINISHED and got.job.attempt == 1
+    assert got.job.state == State.REQUEST_STATE_FINISHED
+    assert got.job.attempt == 1
     assert got.job.last_response.is_final
 
     ids: list[str] = []
@@ -135,7 +137,8 @@ async def test_cancel_a_queued_and_a_running_job(server: AjsServer, stub: pb_grp
     assert queued.job.last_response.error.code == grpc.StatusCode.CANCELLED.value[0]
 
     running = await stub.CancelJob(pb.CancelJobRequest(request_id="running0"))
-    assert running.job.state == State.REQUEST_STATE_PENDING and running.job.cancel_requested
+    assert running.job.state == State.REQUEST_STATE_PENDING
+    assert running.job.cancel_requested
     responses = await watch(stub, "running0")
     assert responses[-1].state == State.REQUEST_STATE_CANCELLED
     for i in range(1, server.config.max_concurrent_jobs):
@@ -181,7 +184,8 @@ async def test_unrunnable_type_fails_through_the_reject_handler(stub: pb_grpc.Jo
     assert final.error.message == "requests of type 'nobody.runs.this' are not supported"
     assert final.error.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
     info = error_details_pb2.ErrorInfo()
-    assert final.error.details[0].Unpack(info) and info.reason == "TYPE_NOT_SUPPORTED"
+    assert final.error.details[0].Unpack(info)
+    assert info.reason == "TYPE_NOT_SUPPORTED"
 
 
 async def test_a_raising_job_fails_with_its_message(stub: pb_grpc.JobServiceStub) -> None:
@@ -197,7 +201,9 @@ async def test_same_id_different_content_is_already_exists(stub: pb_grpc.JobServ
         await stub.SubmitRequest(submit_request("echo", "dup", k="2"))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     info = error_info(raised.value)
-    assert info.reason == "REQUEST_ID_TAKEN" and info.domain == "ajs.v1" and info.metadata["request_id"] == "dup"
+    assert info.reason == "REQUEST_ID_TAKEN"
+    assert info.domain == "ajs.v1"
+    assert info.metadata["request_id"] == "dup"
 
 
 async def test_unknown_parent_is_not_found(stub: pb_grpc.JobServiceStub) -> None:
@@ -268,7 +274,8 @@ async def test_page_token_is_bound_to_its_filters(stub: pb_grpc.JobServiceStub) 
 async def test_page_size_is_capped_not_refused(stub: pb_grpc.JobServiceStub) -> None:
     await stub.SubmitRequest(submit_request("echo", "one"))
     page = await stub.ListJobs(pb.ListJobsRequest(page_size=1_000_000))
-    assert len(page.jobs) == 1 and not page.next_page_token
+    assert len(page.jobs) == 1
+    assert not page.next_page_token
 
 
 async def test_undecodable_bytes_are_invalid_argument(channel: grpc.aio.Channel) -> None:

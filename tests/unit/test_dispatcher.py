@@ -12,6 +12,7 @@ from ajs_grpc.dispatcher import Dispatcher
 from ajs_grpc.errors import Code
 from ajs_grpc.model import Request, RequestState, Response
 from tests import jobs_for_tests
+from tests.helpers import eventually
 
 S = RequestState
 
@@ -41,8 +42,7 @@ async def final(connector: MemoryConnector, request_id: str) -> Response:
 
 
 async def wait_running(dispatcher: Dispatcher, request_id: str) -> None:
-    while request_id not in dispatcher.running:
-        await asyncio.sleep(0.001)
+    await eventually(lambda: request_id in dispatcher.running)
 
 
 async def test_a_job_starts_within_a_few_loop_turns_no_poll(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
@@ -59,7 +59,8 @@ async def test_a_job_starts_within_a_few_loop_turns_no_poll(connector: MemoryCon
 async def test_returned_data_finishes_the_job(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
     await submit(connector, "a", "echo", k="v")
     last = await final(connector, "a")
-    assert last.state is S.FINISHED and dict(last.data) == {"k": "v"}
+    assert last.state is S.FINISHED
+    assert dict(last.data) == {"k": "v"}
 
 
 async def test_progress_becomes_intermediate_responses(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
@@ -73,22 +74,26 @@ async def test_progress_becomes_intermediate_responses(connector: MemoryConnecto
 async def test_a_raising_job_fails_with_its_message(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
     await submit(connector, "a", "boom", message="disk on fire")
     last = await final(connector, "a")
-    assert last.state is S.FAILED and last.error is not None
+    assert last.state is S.FAILED
+    assert last.error is not None
     assert last.error.message == "disk on fire"
-    assert last.error.reason == "JOB_FAILED" and last.error.metadata["exception"] == "ValueError"
+    assert last.error.reason == "JOB_FAILED"
+    assert last.error.metadata["exception"] == "ValueError"
 
 
 async def test_a_bad_return_value_fails_clearly(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
     await submit(connector, "a", "bad_return")
     last = await final(connector, "a")
-    assert last.state is S.FAILED and last.error is not None
+    assert last.state is S.FAILED
+    assert last.error is not None
     assert "str to str" in last.error.message
 
 
 async def test_unknown_type_is_rejected_by_the_last_handler(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
     await submit(connector, "a", "no-such-type")
     last = await final(connector, "a")
-    assert last.state is S.FAILED and last.error is not None
+    assert last.state is S.FAILED
+    assert last.error is not None
     assert last.error.message == "requests of type 'no-such-type' are not supported"
     assert last.error.code is Code.UNIMPLEMENTED
 
@@ -125,7 +130,9 @@ async def test_cancel_signals_a_running_job_which_ends_cancelled(
     await wait_running(dispatcher, "a")
     await connector.cancel("a")
     last = await final(connector, "a")
-    assert last.state is S.CANCELLED and last.error is not None and last.error.code is Code.CANCELLED
+    assert last.state is S.CANCELLED
+    assert last.error is not None
+    assert last.error.code is Code.CANCELLED
 
 
 async def test_cancel_reaches_a_thread_job(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
@@ -154,7 +161,8 @@ async def test_a_job_swallowing_cancellation_is_abandoned(connector: MemoryConne
     await wait_running(dispatcher, "a")
     await connector.cancel("a")
     last = await asyncio.wait_for(final(connector, "a"), 5)
-    assert last.state is S.CANCELLED and last.error is not None
+    assert last.state is S.CANCELLED
+    assert last.error is not None
     assert "abandoned" in last.error.message
     assert "a" not in dispatcher.running
     # Its slot is free again.
@@ -179,7 +187,8 @@ async def test_stop_hands_unfinished_jobs_back_to_the_queue(connector: MemoryCon
     assert not dispatcher.running
     assert (await connector.get("steps")).state is S.FINISHED  # finished within the grace period
     handed_back = await connector.get("stubborn")
-    assert handed_back.state is S.CREATED and not handed_back.is_final
+    assert handed_back.state is S.CREATED
+    assert not handed_back.is_final
     assert "shutting down" in handed_back.last_response.data["reason"]
     # Nothing is claimed after stop.
     await submit(connector, "late", "echo")

@@ -32,7 +32,8 @@ def test_sequences_are_gapless_and_claim_counts_attempts() -> None:
     job, final = job.advance(Update(S.FINISHED, data={"out": "x"}))
     assert [claimed.sequence, progress.sequence, final.sequence] == [2, 3, 4]
     assert job.attempt == 1
-    assert final.is_final and job.is_final
+    assert final.is_final
+    assert job.is_final
     assert not progress.is_final
 
 
@@ -70,7 +71,8 @@ def test_handing_back_requeues_and_next_claim_is_a_new_attempt() -> None:
     job = new_job()
     job, _ = job.advance(Update(S.PENDING))
     job, back = job.advance(Update(S.CREATED))
-    assert back.state is S.CREATED and not back.is_final
+    assert back.state is S.CREATED
+    assert not back.is_final
     job, _ = job.advance(Update(S.PENDING))
     assert job.attempt == 2
 
@@ -78,15 +80,18 @@ def test_handing_back_requeues_and_next_claim_is_a_new_attempt() -> None:
 def test_cancel_queued_job_ends_it() -> None:
     job, response = new_job().cancel()
     assert job.state is S.CANCELLED
-    assert response is not None and response.is_final
-    assert response.error is not None and response.error.code is Code.CANCELLED
+    assert response is not None
+    assert response.is_final
+    assert response.error is not None
+    assert response.error.code is Code.CANCELLED
 
 
 def test_cancel_running_job_only_marks_it() -> None:
     job, _ = new_job().advance(Update(S.PENDING))
     marked, response = job.cancel()
     assert response is None
-    assert marked.cancel_requested and marked.state is S.PENDING
+    assert marked.cancel_requested
+    assert marked.state is S.PENDING
 
 
 def test_cancel_finished_job_is_a_failed_precondition() -> None:
