@@ -23,6 +23,7 @@ import enum
 import logging
 import os
 import socket
+from typing import Any
 
 from ajs_grpc.connectors.base import Claim, Connector
 from ajs_grpc.errors import AjsError, Code
@@ -51,7 +52,10 @@ class _Execution:
     cancel: CancelSignal
     task: asyncio.Task[JobReturn] | None = None
     stop_reason: _StopReason | None = None
-    abandoned: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # Resolved when the job is given up on (a plain future: no task per job).
+    abandoned: asyncio.Future[None] = dataclasses.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     timers: list[asyncio.TimerHandle] = dataclasses.field(default_factory=list)
 
     @property
@@ -179,9 +183,9 @@ class Dispatcher:
         ctx = JobContext(job.request, job.attempt, report, execution.cancel)
         task = asyncio.create_task(handler.handle(ctx))
         execution.task = task
-        abandoned = asyncio.create_task(execution.abandoned.wait())
         try:
-            await asyncio.wait({task, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {task, execution.abandoned}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 update = self._final_update(execution, task)
             else:
@@ -194,7 +198,6 @@ class Dispatcher:
             except AjsError as error:
                 log.error("could not store the final Response of request %s: %s", execution.request_id, error)
         finally:
-            abandoned.cancel()
             for timer in execution.timers:
                 timer.cancel()
             del self._running[execution.request_id]
@@ -252,4 +255,9 @@ class Dispatcher:
             )
             execution.task.cancel()
             loop = asyncio.get_running_loop()
-            execution.timers.append(loop.call_later(ABANDON_AFTER, execution.abandoned.set))
+            execution.timers.append(loop.call_later(ABANDON_AFTER, _resolve, execution.abandoned))
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -187,7 +187,6 @@ class JobService:
     async def watch_job(self, message: pb.WatchJobRequest) -> AsyncIterator[pb.WatchJobResponse]:
         """Streams a request's Responses after ``after_sequence``, ending after the final one."""
         request_id = _required_id(message.request_id)
-        await self.connector.get(request_id)  # NOT_FOUND before the stream starts
         async for response in self.connector.watch(request_id, message.after_sequence):
             yield pb.WatchJobResponse(response=convert.response_to_proto(response))
 
