@@ -87,13 +87,17 @@ class AjsServer:
     async def start(self) -> int:
         """Opens the connector, starts claiming and serving; returns the bound port."""
         await self.connector.open()
-        self._server = server = grpc.aio.server()
+        # Without SO_REUSEPORT a second server on a taken port fails instead of
+        # silently sharing it.
+        self._server = server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((self.service.rpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(self.config.address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.address}")
+        try:
+            self.port = server.add_insecure_port(self.config.address)
+        except RuntimeError as error:
+            await self.connector.close()
+            raise OSError(f"cannot listen on {self.config.address}: is the address in use or invalid?") from error
         await server.start()
         await self.dispatcher.start()
         for name in ("", SERVICE_NAME):

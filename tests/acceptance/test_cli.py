@@ -59,7 +59,7 @@ def ajs(*args: str, target: str | None = None, timeout: float = 60) -> subproces
 
 
 def test_submit_countdown_watch_shows_progress_and_finishes(served: Served) -> None:
-    result = ajs("submit", "countdown", "--data", "steps=5", "--data", "interval=0.05", "--watch", target=served.target)
+    result = ajs("submit", "countdown", "--data", "steps=5", "--watch", target=served.target)  # README's command
     assert result.returncode == 0, result.stderr
     assert re.search(r"^\S+ FINISHED", result.stdout, re.MULTILINE)
     assert "100%" in result.stderr  # the progress bar reached the end
@@ -159,3 +159,11 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
     assert "draining" in log
     assert "stopped" in log
     assert ajs("health", "--timeout", "2", target=server.target).returncode == 4
+
+
+def test_a_taken_port_is_a_clear_error(served: Served, tmp_path: Path) -> None:
+    second = subprocess.run([AJS, "serve", "--address", served.target], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert f"ajs: cannot listen on {served.target}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert ajs("health", target=served.target).returncode == 0  # the first one is unharmed
