@@ -18,11 +18,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterator, Mapping
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -257,8 +258,16 @@ class Client:
 
         self._client = self._run(connect())
 
-    def _run(self, coroutine: Awaitable[T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()  # type: ignore[arg-type]
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted (Ctrl+C): stop the coroutine too, and wait until it has, so
+            # nothing of it is left running on the background loop.
+            future.cancel()
+            concurrent.futures.wait([future], timeout=5)
+            raise
 
     def __enter__(self) -> Self:
         return self

@@ -69,6 +69,8 @@ def request_from_proto(message: pb.Request) -> Request:
         parent_id=message.parent_id,
         creator=message.creator,
         create_time=_datetime(message.create_time) if message.HasField("create_time") else None,
+        priority=message.priority,
+        run_after=_datetime(message.run_after) if message.HasField("run_after") else None,
     )
 
 
@@ -82,6 +84,8 @@ def request_to_proto(request: Request) -> pb.Request:
         type=request.type,
         data=request.data,
         input=request.input,
+        priority=request.priority,
+        run_after=_timestamp(request.run_after),
     )
 
 
@@ -170,6 +174,8 @@ def job_to_proto(job: Job) -> pb.Job:
         last_response=response_to_proto(job.last_response),
         update_time=_timestamp(job.update_time),
         cancel_requested=job.cancel_requested,
+        max_attempts=job.max_attempts,
+        due_time=_timestamp(job.due_time),
     )
 
 
@@ -182,6 +188,8 @@ def job_from_proto(message: pb.Job) -> Job:
         last_response=response_from_proto(message.last_response),
         update_time=_datetime(message.update_time),
         cancel_requested=message.cancel_requested,
+        max_attempts=message.max_attempts,
+        due_time=_datetime(message.due_time) if message.HasField("due_time") else None,
     )
 
 

@@ -1,35 +1,49 @@
 """The dispatcher: claims queued requests and runs them through the handler chain.
 
-It claims while fewer than ``max_concurrent_jobs`` jobs run, and sleeps until
-the connector reports new work or a job ends: there is no poll loop, so a request
-submitted to an idle server starts within a few event-loop turns.
+Claiming: it claims as many due requests as it has free slots
+(``max_concurrent_jobs``), then sleeps until the connector reports new work, a
+job ends, or the next delayed request falls due. There is no poll loop, so a
+request submitted to an idle server starts within a few event-loop turns.
 
-Cancellation escalates in three steps: the job's cancel signal is set; after
-``cancel_grace`` seconds its task is cancelled (an ``asyncio.CancelledError`` in
-an async job; a thread-pool job is detached); if it still has not stopped a
-moment later it is abandoned. Whatever the job does, the dispatcher writes the
-one final Response itself.
+Leases: every claim holds a lease that a heartbeat renews while the job runs.
+A job whose lease is lost (another server recovered it) is stopped without a
+final Response of its own. Housekeeping recovers jobs whose lease expired (their
+server died) and prunes ended jobs older than the retention period.
+
+Ending: returning ends a job FINISHED; an error ends it FAILED unless its retry
+policy sends it back to the queue (CREATED) with a backoff. A job that runs past
+its type's timeout is stopped and fails with DEADLINE_EXCEEDED (then is retried
+if its policy says so).
+
+Stopping a job escalates in three steps: its cancel signal is set; after
+``cancel_grace`` seconds its task is cancelled (an ``asyncio.CancelledError`` in an
+async job; a thread-pool job is detached); if it still has not stopped a moment
+later it is abandoned. Whatever the job does, the dispatcher writes the one final
+Response itself.
 
 On :meth:`Dispatcher.stop`, claiming stops, running jobs get ``shutdown_grace``
-seconds to end, and those still running are cancelled the same way and handed
+seconds to end, and those still running are stopped the same way and handed
 back to the queue (PENDING -> CREATED), to run again on the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from ajs_grpc.connectors.base import Claim, Connector
 from ajs_grpc.errors import AjsError, Code
 from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.jobs import CancelSignal, JobContext, JobReturn, failure, to_update
-from ajs_grpc.model import ErrorStatus, RequestState, Update
+from ajs_grpc.jobs import NO_RETRY, CancelSignal, JobContext, JobReturn, JobTimeout, Retry, failure, to_update
+from ajs_grpc.model import ErrorStatus, RequestState, Update, now
 
 __all__ = ["Dispatcher"]
 
@@ -37,13 +51,15 @@ log = logging.getLogger(__name__)
 
 # How long a job whose task was cancelled may take to unwind before it is abandoned.
 ABANDON_AFTER = 1.0
-# Pause after a connector error while claiming, so a broken store is not hammered.
-CLAIM_ERROR_BACKOFF = 0.5
+# Pause after a connector error in a background loop, so a broken store is not hammered.
+ERROR_BACKOFF = 0.5
 
 
 class _StopReason(enum.Enum):
     CLIENT = "cancelled by client"
     SHUTDOWN = "server shutting down"
+    TIMEOUT = "timed out"
+    LEASE_LOST = "lease lost"
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,6 +93,9 @@ class Dispatcher:
         max_concurrent_jobs: jobs running at once (the seed's MaximumJobCount).
         cancel_grace: seconds a signalled job has to stop before its task is cancelled.
         shutdown_grace: seconds running jobs have to finish on :meth:`stop`.
+        lease: seconds a claim's lease lasts; renewed every third of it.
+        housekeeping_interval: seconds between recoveries of expired leases.
+        retention: seconds ended jobs are kept; None keeps them forever.
         worker_id: who claims; defaults to ``host:pid``.
     """
 
@@ -88,15 +107,23 @@ class Dispatcher:
         max_concurrent_jobs: int = 8,
         cancel_grace: float = 10.0,
         shutdown_grace: float = 30.0,
+        lease: float = 30.0,
+        housekeeping_interval: float | None = None,
+        retention: float | None = None,
         worker_id: str | None = None,
     ) -> None:
         if max_concurrent_jobs < 1:
             raise ValueError("max_concurrent_jobs must be at least 1")
+        if lease <= 0:
+            raise ValueError("lease must be positive")
         self.connector = connector
         self.chain = chain
         self.max_concurrent_jobs = max_concurrent_jobs
         self.cancel_grace = cancel_grace
         self.shutdown_grace = shutdown_grace
+        self.lease = lease
+        self.housekeeping_interval = housekeeping_interval or lease / 2
+        self.retention = retention
         self.worker_id = worker_id or default_worker_id()
         self._running: dict[str, _Execution] = {}
         self.abandoned: set[asyncio.Task[JobReturn]] = set()
@@ -104,7 +131,8 @@ class Dispatcher:
         self._runners: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._loop_task: asyncio.Task[None] | None = None
+        self._claimer: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     @property
     def running(self) -> frozenset[str]:
@@ -112,16 +140,21 @@ class Dispatcher:
         return frozenset(self._running)
 
     async def start(self) -> None:
-        """Starts claiming."""
+        """Recovers expired leases, then starts claiming and the background loops."""
         self.connector.add_listener(self)
-        self._loop_task = asyncio.create_task(self._claim_loop(), name="ajs-dispatcher")
+        await self._housekeep()
+        self._claimer = asyncio.create_task(self._claim_loop(), name="ajs-claim")
+        self._background = [
+            asyncio.create_task(self._every(self.lease / 3, self._heartbeat), name="ajs-heartbeat"),
+            asyncio.create_task(self._every(self.housekeeping_interval, self._housekeep), name="ajs-housekeeping"),
+        ]
 
     async def stop(self) -> None:
         """Stops claiming, lets running jobs finish within the grace periods, then returns."""
         self._stopping = True
         self._wake.set()
-        if self._loop_task is not None:
-            await self._loop_task
+        if self._claimer is not None:
+            await self._claimer
         if self._runners:
             log.info("waiting up to %.1fs for %d running job(s)", self.shutdown_grace, len(self._runners))
             await asyncio.wait(self._runners, timeout=self.shutdown_grace)
@@ -129,6 +162,12 @@ class Dispatcher:
             self._stop_job(execution, _StopReason.SHUTDOWN)
         if self._runners:
             await asyncio.wait(self._runners)
+        # Leases were renewed until the last job ended; now the loops may go.
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self.connector.remove_listener(self)
 
     # -- ConnectorListener ---------------------------------------------------
@@ -149,17 +188,29 @@ class Dispatcher:
         while not self._stopping:
             # Cleared before looking: a wake-up that arrives while we claim is kept.
             self._wake.clear()
-            if len(self._running) < self.max_concurrent_jobs:
+            sleep: float | None = None
+            free = self.max_concurrent_jobs - len(self._running)
+            if free > 0:
                 try:
-                    claim = await self.connector.claim(self.worker_id)
-                except AjsError:
-                    log.exception("claiming failed; retrying in %.1fs", CLAIM_ERROR_BACKOFF)
-                    await asyncio.sleep(CLAIM_ERROR_BACKOFF)
-                    continue
-                if claim is not None:
-                    self._start_job(claim)
-                    continue
-            await self._wake.wait()
+                    claims = await self.connector.claim(self.worker_id, limit=free, lease=self.lease)
+                    for claim in claims:
+                        self._start_job(claim)
+                    if len(claims) == free:
+                        continue
+                    sleep = await self._until_next_due()
+                except Exception:  # the loop must survive a broken store
+                    log.exception("claiming failed; retrying in %.1fs", ERROR_BACKOFF)
+                    sleep = ERROR_BACKOFF
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), sleep)
+
+    async def _until_next_due(self) -> float | None:
+        due = await self.connector.next_due_time()
+        if due is None:
+            return None
+        # At least a millisecond: a request due "now" that could not be claimed
+        # (a race with another claimer) must not spin the loop.
+        return max((due - now()).total_seconds(), 0.001)
 
     def _start_job(self, claim: Claim) -> None:
         execution = _Execution(claim, CancelSignal())
@@ -167,6 +218,37 @@ class Dispatcher:
         runner = asyncio.create_task(self._run(execution), name=f"ajs-job-{execution.request_id}")
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
+
+    # -- background loops ----------------------------------------------------
+
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await step()
+            except Exception:  # the loop must survive a broken store
+                log.exception("%s failed; trying again in %.1fs", step.__name__, seconds)
+
+    async def _heartbeat(self) -> None:
+        if not self._running:
+            return
+        leases = {request_id: e.claim.lease_token for request_id, e in self._running.items()}
+        lost = await self.connector.renew(leases, self.lease)
+        for request_id in lost:
+            execution = self._running.get(request_id)
+            if execution is not None:
+                log.warning("lost the lease on request %s; stopping it", request_id)
+                self._stop_job(execution, _StopReason.LEASE_LOST)
+
+    async def _housekeep(self) -> None:
+        recovered = await self.connector.recover_expired()
+        if recovered:
+            log.info("recovered %d job(s) whose server stopped", recovered)
+            self._wake.set()
+        if self.retention is not None:
+            pruned = await self.connector.prune(now() - timedelta(seconds=self.retention))
+            if pruned:
+                log.info("pruned %d ended job(s) older than %.0fs", pruned, self.retention)
 
     # -- running -------------------------------------------------------------
 
@@ -176,6 +258,10 @@ class Dispatcher:
     async def _run(self, execution: _Execution) -> None:
         job = execution.claim.job
         handler = self.chain.handler_for(job.request.type)
+        plugin = self.chain.plugin_for(job.request.type)
+        loop = asyncio.get_running_loop()
+        if plugin is not None and plugin.timeout is not None:
+            execution.timers.append(loop.call_later(plugin.timeout, self._stop_job, execution, _StopReason.TIMEOUT))
 
         async def report(update: Update) -> None:
             await self._report(execution, update)
@@ -187,64 +273,96 @@ class Dispatcher:
             either: set[asyncio.Future[Any]] = {task, execution.abandoned}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
-                update = self._final_update(execution, task)
+                update = self._outcome(execution, task)
             else:
                 log.warning("request %s did not stop when cancelled; abandoning it", execution.request_id)
                 self.abandoned.add(task)
                 task.add_done_callback(self._forget_abandoned)
-                update = self._stopped_update(execution, "the job did not stop and was abandoned")
-            try:
-                await self._report(execution, update)
-            except AjsError as error:
-                log.error("could not store the final Response of request %s: %s", execution.request_id, error)
+                update = self._stopped(execution, None, "the job did not stop and was abandoned")
+            if update is not None:
+                try:
+                    await self._report(execution, update)
+                except AjsError as error:
+                    log.error("could not store the final Response of request %s: %s", execution.request_id, error)
         finally:
             for timer in execution.timers:
                 timer.cancel()
             del self._running[execution.request_id]
             self._wake.set()
 
-    def _final_update(self, execution: _Execution, task: asyncio.Task[JobReturn]) -> Update:
+    def _outcome(self, execution: _Execution, task: asyncio.Task[JobReturn]) -> Update | None:
+        """The Update that ends an attempt whose task is done; None if it is not ours to write."""
+        reason = execution.stop_reason
         if task.cancelled():
-            return self._stopped_update(execution, "the job was stopped")
+            if reason is None:  # cancelled from within, by nobody here
+                return self._failed(execution, RuntimeError("the job's task was cancelled from within"))
+            return self._stopped(execution, None, "the job stopped")
         error = task.exception()
-        # A client's cancellation wins whatever the job did; at shutdown a job that
-        # still finished keeps its result.
-        if execution.stop_reason is _StopReason.CLIENT or (execution.stop_reason and error):
-            return self._stopped_update(execution, f"the job stopped: {error}" if error else "the job stopped")
+        if reason is not None and (error is not None or reason is _StopReason.CLIENT):
+            return self._stopped(execution, error, "the job stopped")
         if error is None:
             try:
                 return to_update(task.result())
-            except TypeError as bad_return:
+            except Exception as bad_return:  # what the job returned cannot be stored
                 error = bad_return
-        if isinstance(error, AjsError):
-            status = ErrorStatus(error.code, error.message, reason=error.reason, metadata=error.metadata)
-        else:
-            status = failure(error)
-            log.info("request %s failed: %s", execution.request_id, status.message)
-        return Update(RequestState.FAILED, error=status)
+        return self._failed(execution, error)
 
-    @staticmethod
-    def _stopped_update(execution: _Execution, detail: str) -> Update:
-        if execution.stop_reason is _StopReason.SHUTDOWN:
-            # Handed back to the queue: a durable connector runs it again after restart.
-            return Update(RequestState.CREATED, data={"reason": f"{_StopReason.SHUTDOWN.value}; {detail}"})
+    def _stopped(self, execution: _Execution, error: BaseException | None, detail: str) -> Update | None:
+        reason = execution.stop_reason
+        if error is not None:
+            detail = f"{detail}: {error}"
+        if reason is _StopReason.LEASE_LOST:
+            return None  # another server owns the job now
+        if reason is _StopReason.SHUTDOWN:
+            # Handed back: a durable connector runs it again after restart.
+            return Update(RequestState.CREATED, data={"reason": f"{reason.value}; {detail}"})
+        if reason is _StopReason.TIMEOUT:
+            plugin = self.chain.plugin_for(execution.claim.job.request.type)
+            limit = plugin.timeout if plugin is not None else None
+            return self._failed(
+                execution, JobTimeout(f"attempt {execution.claim.job.attempt} ran past its {limit}s timeout")
+            )
         status = ErrorStatus(Code.CANCELLED, f"{_StopReason.CLIENT.value}; {detail}", reason="CANCELLED_BY_CLIENT")
         return Update(RequestState.CANCELLED, error=status)
 
-    # -- stopping ------------------------------------------------------------
-
-    def _stop_job(self, execution: _Execution, reason: _StopReason) -> None:
-        if execution.stop_reason is not None:
-            return
-        execution.stop_reason = reason
-        execution.cancel.set()
-        loop = asyncio.get_running_loop()
-        execution.timers.append(loop.call_later(self.cancel_grace, self._force_stop, execution))
+    def _failed(self, execution: _Execution, error: BaseException) -> Update:
+        """FAILED, or CREATED again after a backoff if the retry policy allows."""
+        job = execution.claim.job
+        plugin = self.chain.plugin_for(job.request.type)
+        policy = plugin.retry if plugin is not None else NO_RETRY
+        status = _status(error)
+        if policy.retries(error) and job.attempts_left:
+            explicit = error.delay if isinstance(error, Retry) else None
+            delay = explicit if explicit is not None else policy.backoff(job.attempt)
+            log.info(
+                "request %s attempt %d failed (%s); retrying in %.2fs",
+                job.request.id,
+                job.attempt,
+                status.message,
+                delay,
+            )
+            data = {"retry_in_seconds": f"{delay:.3f}"}
+            return Update(RequestState.CREATED, data=data, error=status, run_after=now() + timedelta(seconds=delay))
+        log.info("request %s failed: %s", job.request.id, status.message)
+        return Update(RequestState.FAILED, error=status)
 
     def _forget_abandoned(self, task: asyncio.Task[JobReturn]) -> None:
         self.abandoned.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+    # -- stopping ------------------------------------------------------------
+
+    def _stop_job(self, execution: _Execution, reason: _StopReason) -> None:
+        if execution.stop_reason is not None:
+            # Already stopping; a client's cancel still decides how it ends.
+            if reason is _StopReason.CLIENT and execution.stop_reason is _StopReason.SHUTDOWN:
+                execution.stop_reason = reason
+            return
+        execution.stop_reason = reason
+        execution.cancel.set()
+        loop = asyncio.get_running_loop()
+        execution.timers.append(loop.call_later(self.cancel_grace, self._force_stop, execution))
 
     def _force_stop(self, execution: _Execution) -> None:
         if execution.task is not None and not execution.task.done():
@@ -256,6 +374,16 @@ class Dispatcher:
             execution.task.cancel()
             loop = asyncio.get_running_loop()
             execution.timers.append(loop.call_later(ABANDON_AFTER, _resolve, execution.abandoned))
+
+
+def _status(error: BaseException) -> ErrorStatus:
+    if isinstance(error, AjsError):
+        return ErrorStatus(error.code, error.message, reason=error.reason, metadata=error.metadata)
+    if isinstance(error, JobTimeout):
+        return ErrorStatus(Code.DEADLINE_EXCEEDED, str(error), reason="JOB_TIMEOUT")
+    if isinstance(error, Retry):
+        return ErrorStatus(Code.UNAVAILABLE, str(error), reason="RETRY_REQUESTED")
+    return failure(error)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

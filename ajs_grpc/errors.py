@@ -9,6 +9,7 @@
      ├── FailedPrecondition       e.g. cancelling a finished job
      ├── ResourceExhausted        a limit was reached
      ├── Unavailable              the queue cannot be reached now
+     ├── Internal                 a bug or an unexpected failure
      └── ConnectorError           a connector's driver failed (Internal)
 
 Nothing here imports gRPC: the gRPC edge maps ``AjsError`` to a ``google.rpc.Status``
@@ -27,6 +28,7 @@ __all__ = [
     "ConnectorError",
     "FailedPrecondition",
     "FieldViolation",
+    "Internal",
     "InvalidArgument",
     "NotFound",
     "ResourceExhausted",
@@ -132,6 +134,12 @@ class Unavailable(AjsError):
     """The service cannot serve now (shutting down, queue unreachable); retry."""
 
     code = Code.UNAVAILABLE
+
+
+class Internal(AjsError):
+    """Something failed that should not have; the server logs the details."""
+
+    code = Code.INTERNAL
 
 
 class ConnectorError(AjsError):

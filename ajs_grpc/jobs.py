@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import random
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeAlias
@@ -38,12 +39,17 @@ from ajs_grpc.errors import Code
 from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Update
 
 __all__ = [
+    "NO_RETRY",
     "CancelSignal",
     "JobCancelled",
     "JobContext",
     "JobPlugin",
     "JobReturn",
+    "JobTimeout",
+    "PermanentError",
     "Result",
+    "Retry",
+    "RetryPolicy",
     "SyncJobContext",
     "failure",
     "job",
@@ -53,6 +59,81 @@ __all__ = [
 
 class JobCancelled(Exception):
     """Raised by :meth:`JobContext.raise_if_cancelled` once cancellation was asked for."""
+
+
+class Retry(Exception):
+    """Raised by a job to ask to run again later (within its ``max_attempts``).
+
+    Args:
+        message: why, for the retry's Response.
+        delay: seconds to wait before the next attempt; None uses the policy's backoff.
+    """
+
+    def __init__(self, message: str = "the job asked to be retried", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(Exception):
+    """Raised by a job (or a base class of its errors) to fail without retries."""
+
+
+class JobTimeout(Exception):
+    """The job ran longer than its type's ``timeout``; retried like any error by default."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When and how a failed job runs again.
+
+    A job is claimed at most ``max_attempts`` times in all, whether an attempt
+    failed with an error or ended because its server died (its lease expired).
+    Between attempts that failed with an error the job waits
+    ``initial_backoff * multiplier ** (attempt - 1)`` seconds, at most
+    ``max_backoff``, spread by +/- ``jitter`` (a fraction).
+
+    Attributes:
+        max_attempts: claims allowed in all; 1 means never retry.
+        initial_backoff: seconds before the second attempt.
+        max_backoff: the longest wait between attempts.
+        multiplier: how much the wait grows per attempt.
+        jitter: random spread of each wait, as a fraction of it (0 to 1).
+        retry_on: the error types that retry; others fail at once.
+            :class:`PermanentError` never retries; :class:`Retry` always does.
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 1.0
+    max_backoff: float = 300.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must not be negative and multiplier must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+
+    def retries(self, error: BaseException) -> bool:
+        """True when ``error`` may be retried (attempts aside)."""
+        if isinstance(error, Retry):
+            return True
+        if isinstance(error, PermanentError):
+            return False
+        return isinstance(error, self.retry_on)
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(attempt - 1, 0))
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+"""The policy of jobs that must never run twice."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,11 +254,20 @@ class JobPlugin:
         function: ``async def f(request, ctx: JobContext)`` or
             ``def f(request, ctx: SyncJobContext)``.
         description: one line for humans.
+        retry: when it runs again after a failure or a crash.
+        timeout: seconds an attempt may run before it is cancelled and fails
+            with DEADLINE_EXCEEDED; None for no limit.
     """
 
     type: str
     function: Callable[..., Any]
     description: str = ""
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive")
 
     @property
     def is_async(self) -> bool:
@@ -185,17 +275,25 @@ class JobPlugin:
         return inspect.iscoroutinefunction(self.function)
 
 
-def job(type: str, *, description: str = "") -> Callable[[Callable[..., Any]], JobPlugin]:  # noqa: A002
+def job(
+    type: str,  # noqa: A002
+    *,
+    description: str = "",
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+) -> Callable[[Callable[..., Any]], JobPlugin]:
     """Declares a function as the job plugin for ``type``.
 
     Args:
         type: the request type it runs.
         description: one line for humans; defaults to the docstring's first line.
+        retry: its retry policy (default: :class:`RetryPolicy` ()).
+        timeout: seconds an attempt may run; None for no limit.
     """
 
     def declare(function: Callable[..., Any]) -> JobPlugin:
         doc = (inspect.getdoc(function) or "").splitlines()
-        return JobPlugin(type, function, description or (doc[0] if doc else ""))
+        return JobPlugin(type, function, description or (doc[0] if doc else ""), retry or RetryPolicy(), timeout)
 
     return declare
 
@@ -226,6 +324,8 @@ def to_update(returned: JobReturn) -> Update:
     if returned is None:
         return Update(RequestState.FINISHED)
     if isinstance(returned, Result):
+        if returned.output is not None and not isinstance(returned.output, Message):
+            raise TypeError(f"Result.output must be a protobuf message, not {type(returned.output).__name__}")
         output = _pack(returned.output) if returned.output is not None else None
         return Update(RequestState.FINISHED, data=_check_data(returned.data), output=output)
     if isinstance(returned, Message):

@@ -117,6 +117,8 @@ class Request:
         parent_id: the id of the request that created this one, or "".
         creator: who submitted it (set by the server).
         create_time: when the server accepted it (set by the server).
+        priority: higher runs first; FIFO within a priority; may be negative.
+        run_after: not claimed before this time; None (or a past time) is now.
     """
 
     id: str
@@ -126,6 +128,8 @@ class Request:
     parent_id: str = ""
     creator: str = ""
     create_time: datetime | None = None
+    priority: int = 0
+    run_after: datetime | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
@@ -138,6 +142,8 @@ class Request:
             and self.parent_id == other.parent_id
             and dict(self.data) == dict(other.data)
             and (self.input or any_pb2.Any()) == (other.input or any_pb2.Any())
+            and self.priority == other.priority
+            and self.run_after == other.run_after
         )
 
 
@@ -150,6 +156,8 @@ class Update:
     output: any_pb2.Any | None = None
     progress: Progress | None = None
     error: ErrorStatus | None = None
+    run_after: datetime | None = None
+    """For a job handed back to the queue (CREATED): not claimed before this time."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
@@ -193,6 +201,8 @@ class Job:
         last_response: the newest Response (every stored job has one).
         update_time: when it last changed.
         cancel_requested: cancellation was asked for while it ran.
+        max_attempts: how many times it may be claimed in all (its retry policy's).
+        due_time: while CREATED, when it may be claimed (``run_after``, or a retry's backoff).
     """
 
     request: Request
@@ -201,14 +211,24 @@ class Job:
     last_response: Response
     update_time: datetime
     cancel_requested: bool = False
+    max_attempts: int = 1
+    due_time: datetime | None = None
 
     @classmethod
-    def create(cls, request: Request, at: datetime | None = None) -> tuple[Job, Response]:
+    def create(cls, request: Request, max_attempts: int = 1, at: datetime | None = None) -> tuple[Job, Response]:
         """A new queued job and its first Response (sequence 1, CREATED)."""
         at = at or now()
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
         request = dataclasses.replace(request, create_time=at)
         first = Response(request.id, 1, at, RequestState.CREATED)
-        return cls(request, RequestState.CREATED, 0, first, at), first
+        due = max(request.run_after or at, at)
+        return cls(request, RequestState.CREATED, 0, first, at, max_attempts=max_attempts, due_time=due), first
+
+    @property
+    def attempts_left(self) -> bool:
+        """True while another claim is allowed by ``max_attempts``."""
+        return self.attempt < self.max_attempts
 
     @property
     def is_final(self) -> bool:
@@ -222,6 +242,10 @@ class Job:
             FailedPrecondition: the job already ended, or the state may not follow.
         """
         self._check_not_final()
+        if update.state is RequestState.CREATED and self.cancel_requested:
+            # A job a client cancelled never goes back to the queue.
+            error = ErrorStatus(Code.CANCELLED, "cancelled by client", "CANCELLED_BY_CLIENT")
+            update = Update(RequestState.CANCELLED, error=error)
         if update.state not in _NEXT_STATES.get(self.state, frozenset()):
             raise FailedPrecondition(
                 f"request {self.request.id!r} cannot go from {self.state.name} to {update.state.name}",
@@ -242,12 +266,14 @@ class Job:
         )
         claimed = self.state is RequestState.CREATED and update.state is RequestState.PENDING
         attempt = self.attempt + 1 if claimed else self.attempt
+        queued = update.state is RequestState.CREATED
         job = dataclasses.replace(
             self,
             state=update.state,
             attempt=attempt,
             last_response=response,
             update_time=at,
+            due_time=max(update.run_after or at, at) if queued else None,
         )
         return job, response
 
@@ -267,6 +293,19 @@ class Job:
             error = ErrorStatus(Code.CANCELLED, "cancelled while queued", reason="CANCELLED_BY_CLIENT")
             return self.advance(Update(RequestState.CANCELLED, error=error), at)
         return dataclasses.replace(self, cancel_requested=True), None
+
+    def expire(self, at: datetime | None = None) -> tuple[Job, Response]:
+        """Applies the loss of a running job's lease (its server died or hung).
+
+        The job goes back to the queue to run at once if its attempts allow,
+        else it ends FAILED (a job whose cancellation was asked for ends CANCELLED).
+        """
+        message = f"the server running attempt {self.attempt} stopped (its lease expired)"
+        if self.attempts_left:
+            error = ErrorStatus(Code.ABORTED, message, "LEASE_EXPIRED")
+            return self.advance(Update(RequestState.CREATED, error=error), at)
+        error = ErrorStatus(Code.ABORTED, f"{message}; no attempts left of {self.max_attempts}", "LEASE_EXPIRED")
+        return self.advance(Update(RequestState.FAILED, error=error), at)
 
     def _check_not_final(self) -> None:
         if self.is_final:

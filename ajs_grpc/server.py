@@ -78,7 +78,7 @@ class AjsServer:
             cancel_grace=config.cancel_grace,
             shutdown_grace=config.shutdown_grace,
         )
-        self.service = JobService(self.connector)
+        self.service = JobService(self.connector, self.chain.max_attempts)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -125,11 +125,15 @@ class AjsServer:
         log.info("draining: health NOT_SERVING, no new submits or claims")
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
-        await self.dispatcher.stop()
-        if self._server is not None:
-            await self._server.stop(self.config.rpc_grace)
-        await self.chain.close()
-        await self.connector.close()
+        try:
+            await self.dispatcher.stop()
+        finally:
+            try:
+                if self._server is not None:
+                    await self._server.stop(self.config.rpc_grace)
+            finally:
+                await self.chain.close()
+                await self.connector.close()
         log.info("stopped")
 
     async def wait_stopped(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,8 +25,8 @@ from grpc_status import rpc_status
 
 from ajs_grpc import convert
 from ajs_grpc.connectors.base import Connector, JobFilter
-from ajs_grpc.errors import AjsError, FieldViolation, InvalidArgument, Unavailable
-from ajs_grpc.model import Request
+from ajs_grpc.errors import AjsError, FieldViolation, Internal, InvalidArgument, Unavailable
+from ajs_grpc.model import Request, RequestState
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["SERVICE_NAME", "JobService", "abort"]
@@ -109,17 +110,13 @@ def validate_request(message: pb.Request) -> Request:
         violations.append(
             FieldViolation("request.type", "must start with a letter or digit and hold only letters, digits and _.:/-")
         )
+    try:
+        request = convert.request_from_proto(message)
+    except (ValueError, OverflowError) as error:  # a Timestamp out of range
+        violations.append(FieldViolation("request.run_after", f"is not a valid time: {error}"))
     if violations:
         raise _invalid(violations)
-    request = convert.request_from_proto(message)
-    return Request(
-        id=request.id or str(uuid.uuid4()),
-        type=request.type,
-        data=request.data,
-        input=request.input,
-        parent_id=request.parent_id,
-        creator=ANONYMOUS,
-    )
+    return dataclasses.replace(request, id=request.id or str(uuid.uuid4()), creator=ANONYMOUS, create_time=None)
 
 
 def _filter_digest(job_filter: JobFilter) -> str:
@@ -142,7 +139,7 @@ def decode_page_token(token: str, job_filter: JobFilter) -> int:
     try:
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         valid = isinstance(body, dict) and body.get("v") == _TOKEN_VERSION and isinstance(body.get("c"), int)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         valid = False
     if not valid or body["c"] < 0:
         raise InvalidArgument(
@@ -165,10 +162,13 @@ class JobService:
 
     Args:
         connector: the queue.
+        max_attempts: how many attempts a new request of a type gets.
     """
 
-    def __init__(self, connector: Connector) -> None:
+    def __init__(self, connector: Connector, max_attempts: Callable[[str], int] = lambda _: 1) -> None:
         self.connector = connector
+        self.max_attempts = max_attempts
+        """The number of attempts a new request of a type gets (its retry policy's)."""
         self.accepting = True
         """False once the server drains: submits are then UNAVAILABLE."""
 
@@ -179,7 +179,7 @@ class JobService:
         if not message.HasField("request"):
             raise _invalid([FieldViolation("request", "is required")])
         request = validate_request(message.request)
-        job, created = await self.connector.enqueue(request)
+        job, created = await self.connector.enqueue(request, self.max_attempts(request.type))
         if created:
             log.debug("queued request %s of type %s", job.request.id, job.request.type)
         return pb.SubmitRequestResponse(job=convert.job_to_proto(job), created=created)
@@ -200,6 +200,8 @@ class JobService:
         if message.page_size < 0:
             raise _invalid([FieldViolation("page_size", "must not be negative")])
         states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
+        if RequestState.UNSPECIFIED in states:
+            raise _invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
         job_filter = JobFilter(states=states, types=frozenset(message.types), parent_id=message.parent_id)
         after = decode_page_token(message.page_token, job_filter) if message.page_token else 0
         page_size = min(message.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -234,8 +236,8 @@ def _unary(message_type: type[In], method: Callable[[In], Awaitable[Out]]) -> gr
     async def handle(raw: bytes, context: Context) -> Out | None:
         try:
             return await method(_parse(message_type, raw))
-        except AjsError as error:
-            await abort(context, error)
+        except Exception as error:  # every failure gets a status with details
+            await abort(context, _as_ajs_error(error))
             return None
 
     return grpc.unary_unary_rpc_method_handler(handle, response_serializer=_serialize)
@@ -249,10 +251,18 @@ def _stream(
         try:
             async for message in method(_parse(message_type, raw)):
                 yield message
-        except AjsError as error:
-            await abort(context, error)
+        except Exception as error:  # every failure gets a status with details
+            await abort(context, _as_ajs_error(error))
 
     return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
+
+
+def _as_ajs_error(error: Exception) -> AjsError:
+    """``error`` itself if it is the project's; else logged and reported as INTERNAL."""
+    if isinstance(error, AjsError):
+        return error
+    log.exception("unexpected error in a JobService call")
+    return Internal("internal error; the server logged the details", reason="INTERNAL_ERROR")
 
 
 def _serialize(message: Message) -> bytes:

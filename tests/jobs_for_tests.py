@@ -10,7 +10,17 @@ from collections.abc import Mapping
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
 from ajs_grpc.handlers.reject import RejectRequestHandler
-from ajs_grpc.jobs import JobContext, JobPlugin, Result, SyncJobContext, job
+from ajs_grpc.jobs import (
+    NO_RETRY,
+    JobContext,
+    JobPlugin,
+    PermanentError,
+    Result,
+    Retry,
+    RetryPolicy,
+    SyncJobContext,
+    job,
+)
 from ajs_grpc.model import Request
 
 started: dict[str, float] = {}
@@ -68,7 +78,7 @@ async def immortal(request: Request, ctx: JobContext) -> None:
                 raise
 
 
-@job("boom")
+@job("boom", retry=NO_RETRY)
 async def boom(request: Request, ctx: JobContext) -> None:
     """Raises with data 'message'."""
     raise ValueError(request.data.get("message", "boom"))
@@ -101,7 +111,97 @@ def sync_block(request: Request, ctx: SyncJobContext) -> None:
     ctx.raise_if_cancelled()
 
 
-ALL = [noop, echo, steps, block, stubborn, immortal, boom, bad_return, sync_steps, sync_block]
+@job("bad_output")
+async def bad_output(request: Request, ctx: JobContext) -> Result:
+    """Returns an output that is no protobuf message."""
+    return Result(output="not a message")  # type: ignore[arg-type]
+
+
+@job("self_cancel", retry=NO_RETRY)
+async def self_cancel(request: Request, ctx: JobContext) -> None:
+    """Cancels its own task, as a job awaiting a cancelled shared future would end."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(0)
+
+
+deaf_release = threading.Event()
+"""Set by a test to let ``sync_deaf`` jobs return."""
+
+
+@job("sync_deaf", retry=NO_RETRY)
+def sync_deaf(request: Request, ctx: SyncJobContext) -> None:
+    """A plain function that never looks at cancellation."""
+    deaf_release.wait(30)
+
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.05, multiplier=2, jitter=0)
+
+
+@job("flaky", retry=FAST_RETRY)
+async def flaky(request: Request, ctx: JobContext) -> Mapping[str, str]:
+    """Fails until attempt data 'succeed_on' (default 2)."""
+    if ctx.attempt < int(request.data.get("succeed_on", "2")):
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+    return {"attempt": str(ctx.attempt)}
+
+
+@job("permanent", retry=FAST_RETRY)
+async def permanent(request: Request, ctx: JobContext) -> None:
+    """Fails with an error marked permanent: never retried."""
+    raise PermanentError("bad input, retrying will not help")
+
+
+@job("ask_retry", retry=FAST_RETRY)
+async def ask_retry(request: Request, ctx: JobContext) -> Mapping[str, str]:
+    """Asks for a retry (delay data 'delay') until attempt 2."""
+    if ctx.attempt < 2:
+        raise Retry("not yet", delay=float(request.data.get("delay", "0.1")))
+    return {"attempt": str(ctx.attempt)}
+
+
+@job("only_value_errors", retry=RetryPolicy(max_attempts=3, initial_backoff=0.01, retry_on=(ValueError,)))
+async def only_value_errors(request: Request, ctx: JobContext) -> None:
+    """Retries ValueError only; raises data 'error' (ValueError or KeyError)."""
+    raise {"ValueError": ValueError, "KeyError": KeyError}[request.data["error"]]("as asked")
+
+
+@job("slow", timeout=0.1, retry=FAST_RETRY)
+async def slow(request: Request, ctx: JobContext) -> Mapping[str, str]:
+    """Sleeps data 'sleep' seconds (default 10) on attempts before data 'fast_on', past its 0.1s timeout."""
+    if ctx.attempt < int(request.data.get("fast_on", "99")):
+        await ctx.sleep(float(request.data.get("sleep", "10")))
+    return {"attempt": str(ctx.attempt)}
+
+
+@job("slow_stubborn", timeout=0.1, retry=NO_RETRY)
+async def slow_stubborn(request: Request, ctx: JobContext) -> None:
+    """Past its timeout and deaf to the cancel signal: stopped by task cancellation."""
+    await asyncio.sleep(3600)
+
+
+ALL = [
+    noop,
+    echo,
+    steps,
+    block,
+    stubborn,
+    immortal,
+    boom,
+    bad_return,
+    sync_steps,
+    sync_block,
+    flaky,
+    permanent,
+    ask_retry,
+    only_value_errors,
+    slow,
+    slow_stubborn,
+    bad_output,
+    self_cancel,
+    sync_deaf,
+]
 
 
 def chain(plugins: list[JobPlugin] | None = None) -> HandlerChain:

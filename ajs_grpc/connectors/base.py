@@ -15,7 +15,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
+from datetime import datetime
 from typing import ClassVar, Protocol
 
 from ajs_grpc.errors import FailedPrecondition
@@ -100,8 +101,12 @@ class Connector(abc.ABC):
     # -- the queue -----------------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, request: Request) -> tuple[Job, bool]:
+    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
         """Stores a new request (state CREATED, Response #1) unless it exists.
+
+        Args:
+            request: the request, with server-set fields filled in.
+            max_attempts: how many times the job may be claimed in all.
 
         Returns:
             The job, and True if it was created; ``(existing job, False)`` when a
@@ -113,17 +118,27 @@ class Connector(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def claim(self, worker: str, types: Collection[str] | None = None) -> Claim | None:
-        """Claims the oldest queued request (CREATED -> PENDING), or returns None.
+    async def claim(
+        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+    ) -> list[Claim]:
+        """Claims up to ``limit`` due requests (CREATED -> PENDING) under a lease.
+
+        Order: higher priority first, then submit order. Requests whose
+        ``due_time`` is in the future are not claimed.
 
         Args:
-            worker: who claims, for diagnostics.
+            worker: who claims, recorded in the PENDING Response.
+            limit: how many requests at most.
+            lease: seconds the lease lasts unless renewed.
             types: only requests of these types; None for any type.
         """
 
     @abc.abstractmethod
     async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
         """Appends the Response ``update`` makes for a claimed request.
+
+        A CREATED update hands the job back to the queue (a retry, a shutdown),
+        due at ``update.run_after``; a final one releases the lease.
 
         Raises:
             NotFound: no such request.
@@ -132,15 +147,43 @@ class Connector(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def renew(self, leases: Mapping[str, str], lease: float) -> set[str]:
+        """Extends the leases ``{request_id: lease_token}`` by ``lease`` seconds from now.
+
+        Returns:
+            The ids whose lease is no longer held (the job must stop).
+        """
+
+    @abc.abstractmethod
+    async def recover_expired(self) -> int:
+        """Applies :meth:`~ajs_grpc.model.Job.expire` to running jobs whose lease expired.
+
+        Returns:
+            How many jobs were recovered (requeued or ended).
+        """
+
+    @abc.abstractmethod
+    async def next_due_time(self) -> datetime | None:
+        """The earliest ``due_time`` of the queued requests, or None if none is queued."""
+
+    @abc.abstractmethod
     async def cancel(self, request_id: str) -> Job:
-        """Cancels a request.
+        """Cancels a request and its unfinished descendants (``parent_id`` links).
 
         A CREATED request ends CANCELLED at once; a PENDING one is marked
-        ``cancel_requested`` and its dispatcher is told.
+        ``cancel_requested`` and its dispatcher is told (again, if asked again).
 
         Raises:
             NotFound: no such request.
             FailedPrecondition: the request already ended.
+        """
+
+    @abc.abstractmethod
+    async def prune(self, before: datetime) -> int:
+        """Deletes ended jobs (and their Responses) last updated before ``before``.
+
+        Returns:
+            How many jobs were deleted.
         """
 
     # -- reading -------------------------------------------------------------

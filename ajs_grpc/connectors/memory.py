@@ -7,16 +7,17 @@ every other connector.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import heapq
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from datetime import datetime, timedelta
 
 from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page
 from ajs_grpc.errors import AlreadyExists, NotFound
-from ajs_grpc.model import Job, Request, RequestState, Response, Update
+from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
 
 __all__ = ["MemoryConnector"]
 
@@ -27,10 +28,13 @@ class _Entry:
     position: int
     responses: list[Response]
     lease_token: str | None = None
+    lease_expires: datetime | None = None
+    # Bumped whenever the job is queued, so stale heap items can be recognised.
+    queued: int = 0
 
 
 class MemoryConnector(Connector):
-    """Holds the queue in dictionaries; every call completes without awaiting."""
+    """Holds the queue in dictionaries and heaps; no call awaits anything."""
 
     name = "memory"
 
@@ -39,7 +43,10 @@ class MemoryConnector(Connector):
         self._entries: dict[str, _Entry] = {}
         # Submit order, for listing; positions start at 1 (0 is "before the first").
         self._order: list[str] = []
-        self._queue: collections.deque[str] = collections.deque()
+        self._children: dict[str, list[str]] = {}
+        # Due jobs: (-priority, position, queued, id); not yet due: (due_time, ...).
+        self._ready: list[tuple[int, int, int, str]] = []
+        self._waiting: list[tuple[datetime, int, int, int, str]] = []
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -52,10 +59,28 @@ class MemoryConnector(Connector):
     def _store(self, entry: _Entry, job: Job, response: Response) -> None:
         entry.job = job
         entry.responses.append(response)
+        if job.state is not RequestState.PENDING:
+            entry.lease_token = entry.lease_expires = None
+        if job.state is RequestState.CREATED:
+            self._queue(entry)
         self._notify_response(job.request.id)
 
+    def _queue(self, entry: _Entry) -> None:
+        entry.queued += 1
+        job = entry.job
+        item = (-job.request.priority, entry.position, entry.queued, job.request.id)
+        if job.due_time is not None and job.due_time > now():
+            heapq.heappush(self._waiting, (job.due_time, *item))
+        else:
+            heapq.heappush(self._ready, item)
+        self._notify_work()
+
+    def _is_current(self, request_id: str, queued: int) -> bool:
+        entry = self._entries.get(request_id)
+        return entry is not None and entry.queued == queued and entry.job.state is RequestState.CREATED
+
     @override
-    async def enqueue(self, request: Request) -> tuple[Job, bool]:
+    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
         existing = self._entries.get(request.id)
         if existing is not None:
             if existing.job.request.same_content(request):
@@ -71,58 +96,118 @@ class MemoryConnector(Connector):
                 reason="PARENT_NOT_FOUND",
                 metadata={"parent_id": request.parent_id},
             )
-        job, first = Job.create(request)
+        job, first = Job.create(request, max_attempts)
         self._order.append(request.id)
-        self._entries[request.id] = _Entry(job, len(self._order), [first])
-        self._queue.append(request.id)
-        self._notify_work()
+        entry = _Entry(job, len(self._order), [first])
+        self._entries[request.id] = entry
+        if request.parent_id:
+            self._children.setdefault(request.parent_id, []).append(request.id)
+        self._queue(entry)
         return job, True
 
     @override
-    async def claim(self, worker: str, types: Collection[str] | None = None) -> Claim | None:
-        skipped: list[str] = []
-        try:
-            while self._queue:
-                request_id = self._queue.popleft()
-                entry = self._entries[request_id]
-                if entry.job.state is not RequestState.CREATED:
-                    continue  # cancelled while queued
-                if types is not None and entry.job.request.type not in types:
-                    skipped.append(request_id)
-                    continue
-                job, response = entry.job.advance(Update(RequestState.PENDING, data={"worker": worker}))
-                entry.lease_token = uuid.uuid4().hex
-                self._store(entry, job, response)
-                return Claim(job, entry.lease_token)
-            return None
-        finally:
-            self._queue.extendleft(reversed(skipped))
+    async def claim(
+        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+    ) -> list[Claim]:
+        at = now()
+        while self._waiting and self._waiting[0][0] <= at:
+            heapq.heappush(self._ready, heapq.heappop(self._waiting)[1:])
+        claims: list[Claim] = []
+        skipped: list[tuple[int, int, int, str]] = []
+        while self._ready and len(claims) < limit:
+            item = heapq.heappop(self._ready)
+            request_id, queued = item[3], item[2]
+            if not self._is_current(request_id, queued):
+                continue  # cancelled, or queued again since
+            entry = self._entries[request_id]
+            if types is not None and entry.job.request.type not in types:
+                skipped.append(item)
+                continue
+            job, response = entry.job.advance(Update(RequestState.PENDING, data={"worker": worker}), at)
+            self._store(entry, job, response)
+            entry.lease_token = uuid.uuid4().hex
+            entry.lease_expires = at + timedelta(seconds=lease)
+            claims.append(Claim(job, entry.lease_token))
+        for item in skipped:
+            heapq.heappush(self._ready, item)
+        return claims
 
     @override
     async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
         entry = self._entry(request_id)
         self._check_lease(request_id, entry.lease_token, lease_token)
         job, response = entry.job.advance(update)
-        if update.state is not RequestState.PENDING:
-            entry.lease_token = None
-        if update.state is RequestState.CREATED:
-            self._queue.append(request_id)
-            self._notify_work()
         self._store(entry, job, response)
         return response
 
     @override
-    async def cancel(self, request_id: str) -> Job:
-        entry = self._entry(request_id)
-        was_requested = entry.job.cancel_requested
-        job, response = entry.job.cancel()
-        if response is not None:
+    async def renew(self, leases: Mapping[str, str], lease: float) -> set[str]:
+        until = now() + timedelta(seconds=lease)
+        lost: set[str] = set()
+        for request_id, token in leases.items():
+            entry = self._entries.get(request_id)
+            if entry is None or entry.lease_token != token:
+                lost.add(request_id)
+            else:
+                entry.lease_expires = until
+        return lost
+
+    @override
+    async def recover_expired(self) -> int:
+        at = now()
+        expired = [
+            entry
+            for entry in self._entries.values()
+            if entry.job.state is RequestState.PENDING and entry.lease_expires is not None and entry.lease_expires <= at
+        ]
+        for entry in expired:
+            job, response = entry.job.expire(at)
             self._store(entry, job, response)
-        else:
-            entry.job = job
-            if not was_requested:
-                self._notify_cancel(request_id)
-        return job
+        return len(expired)
+
+    @override
+    async def next_due_time(self) -> datetime | None:
+        # Drop stale items (cancelled, or queued again since) from the heads.
+        while self._ready and not self._is_current(self._ready[0][3], self._ready[0][2]):
+            heapq.heappop(self._ready)
+        while self._waiting and not self._is_current(self._waiting[0][4], self._waiting[0][3]):
+            heapq.heappop(self._waiting)
+        if self._ready:
+            return now()
+        return self._waiting[0][0] if self._waiting else None
+
+    @override
+    async def cancel(self, request_id: str) -> Job:
+        root = self._entry(request_id)
+        root.job.cancel()  # raises if it already ended, before anything changes
+        pending = [request_id]
+        while pending:
+            entry = self._entries[pending.pop()]
+            pending += self._children.get(entry.job.request.id, [])
+            if entry.job.is_final:
+                continue
+            job, response = entry.job.cancel()
+            if response is not None:
+                self._store(entry, job, response)
+            else:
+                entry.job = job
+                self._notify_cancel(job.request.id)
+        return root.job
+
+    @override
+    async def prune(self, before: datetime) -> int:
+        doomed = {rid for rid, e in self._entries.items() if e.job.is_final and e.job.update_time < before}
+        if not doomed:
+            return 0
+        for request_id in doomed:
+            entry = self._entries.pop(request_id)
+            siblings = self._children.get(entry.job.request.parent_id)
+            if siblings is not None:
+                siblings.remove(request_id)
+            self._children.pop(request_id, None)
+        # Positions must stay stable for page cursors: pruned ones become "" holes.
+        self._order = [rid if rid not in doomed else "" for rid in self._order]
+        return len(doomed)
 
     @override
     async def get(self, request_id: str) -> Job:
@@ -132,7 +217,10 @@ class MemoryConnector(Connector):
     async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
         jobs: list[Job] = []
         for position in range(max(after, 0), len(self._order)):
-            job = self._entries[self._order[position]].job
+            request_id = self._order[position]
+            if not request_id:
+                continue  # pruned
+            job = self._entries[request_id].job
             if not job_filter.matches(job):
                 continue
             if len(jobs) == page_size:

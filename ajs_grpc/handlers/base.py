@@ -45,6 +45,10 @@ class RequestHandler(abc.ABC):
         """True when this handler runs ``request_type``."""
         return request_type in self._jobs
 
+    def plugin(self, request_type: str) -> JobPlugin | None:
+        """The job plugin registered for ``request_type``, if any."""
+        return self._jobs.get(request_type)
+
     @abc.abstractmethod
     async def handle(self, ctx: JobContext) -> JobReturn:
         """Runs ``ctx.request`` and returns what its job returned.
@@ -70,6 +74,15 @@ class HandlerChain:
             if handler.can_handle(request_type):
                 return handler
         return self.handlers[-1]
+
+    def plugin_for(self, request_type: str) -> JobPlugin | None:
+        """The job plugin that runs ``request_type`` (None if only the last handler takes it)."""
+        return self.handler_for(request_type).plugin(request_type)
+
+    def max_attempts(self, request_type: str) -> int:
+        """How many attempts a new request of ``request_type`` gets (1 for types nobody runs)."""
+        plugin = self.plugin_for(request_type)
+        return plugin.retry.max_attempts if plugin is not None else 1
 
     @property
     def types(self) -> Iterable[tuple[str, RequestHandler]]:

@@ -41,10 +41,20 @@ class InternalAsyncRequestHandler(RequestHandler):
             self._pool = concurrent.futures.ThreadPoolExecutor(self._max_threads, thread_name_prefix="ajs-job")
         loop = asyncio.get_running_loop()
         sync_ctx = SyncJobContext(ctx, loop)
-        # Cancelling this await abandons the thread: it runs on, but its reports
-        # are refused once the dispatcher has written the final Response.
-        returned: JobReturn = await loop.run_in_executor(self._pool, plugin.function, ctx.request, sync_ctx)
+        try:
+            returned: JobReturn = await loop.run_in_executor(self._pool, plugin.function, ctx.request, sync_ctx)
+        except asyncio.CancelledError:
+            # The job is abandoned but its thread runs on (its reports are refused
+            # once the final Response is written). Retire the pool so the thread it
+            # holds does not delay the jobs that come next.
+            self._retire_pool()
+            raise
         return returned
+
+    def _retire_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     @override
     async def close(self) -> None:

@@ -6,13 +6,15 @@ Run one connector only with ``pytest tests/contract --connector memory``.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 
-from ajs_grpc.connectors.base import Connector, JobFilter
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter
 from ajs_grpc.errors import AlreadyExists, Code, FailedPrecondition, NotFound
-from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Response, Update
+from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Response, Update, now
 
 S = RequestState
 
@@ -31,6 +33,12 @@ class Listener:
 
 def request(request_id: str, type_: str = "echo", **data: str) -> Request:
     return Request(id=request_id, type=type_, data=data)
+
+
+async def claim_one(connector: Connector, worker: str = "w1", **kwargs: Any) -> Claim | None:
+    claims = await connector.claim(worker, **kwargs)
+    assert len(claims) <= 1
+    return claims[0] if claims else None
 
 
 async def collect(connector: Connector, request_id: str, after: int = 0) -> list[Response]:
@@ -88,9 +96,9 @@ async def test_enqueue_wakes_listeners(connector: Connector) -> None:
 async def test_claim_takes_the_oldest_first_and_marks_it_pending(connector: Connector) -> None:
     for name in ("a", "b", "c"):
         await connector.enqueue(request(name))
-    claims = [await connector.claim("w1") for _ in range(3)]
+    claims = [await claim_one(connector, "w1") for _ in range(3)]
     assert [c.job.request.id for c in claims if c] == ["a", "b", "c"]
-    assert await connector.claim("w1") is None
+    assert await claim_one(connector, "w1") is None
     first = claims[0]
     assert first is not None
     assert first.job.state is S.PENDING
@@ -100,16 +108,16 @@ async def test_claim_takes_the_oldest_first_and_marks_it_pending(connector: Conn
 
 
 async def test_claim_on_empty_queue_is_none(connector: Connector) -> None:
-    assert await connector.claim("w1") is None
+    assert await claim_one(connector, "w1") is None
 
 
 async def test_claim_by_type(connector: Connector) -> None:
     await connector.enqueue(request("a", "x"))
     await connector.enqueue(request("b", "y"))
-    claim = await connector.claim("w1", types=["y"])
+    claim = await claim_one(connector, types=["y"])
     assert claim is not None
     assert claim.job.request.id == "b"
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     assert claim.job.request.id == "a"
 
@@ -117,8 +125,8 @@ async def test_claim_by_type(connector: Connector) -> None:
 async def test_concurrent_claims_never_share_a_job(connector: Connector) -> None:
     for i in range(20):
         await connector.enqueue(request(f"r{i}"))
-    claims = await asyncio.gather(*(connector.claim(f"w{i}") for i in range(30)))
-    ids = [c.job.request.id for c in claims if c is not None]
+    claims = await asyncio.gather(*(connector.claim(f"w{i}", limit=2) for i in range(15)))
+    ids = [c.job.request.id for batch in claims for c in batch]
     assert sorted(ids) == sorted(f"r{i}" for i in range(20))
 
 
@@ -127,7 +135,7 @@ async def test_concurrent_claims_never_share_a_job(connector: Connector) -> None
 
 async def test_respond_appends_gapless_responses_until_the_final_one(connector: Connector) -> None:
     await connector.enqueue(request("a"))
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     progress = await connector.respond("a", Update(S.PENDING, progress=Progress(0.5, "half")), claim.lease_token)
     final = await connector.respond("a", Update(S.FINISHED, data={"r": "1"}), claim.lease_token)
@@ -143,7 +151,7 @@ async def test_respond_appends_gapless_responses_until_the_final_one(connector: 
 
 async def test_respond_needs_the_current_lease(connector: Connector) -> None:
     await connector.enqueue(request("a"))
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     with pytest.raises(FailedPrecondition):
         await connector.respond("a", Update(S.FINISHED), "not-the-lease")
@@ -157,12 +165,12 @@ async def test_respond_to_unknown_request_is_not_found(connector: Connector) -> 
 
 async def test_handing_back_requeues_and_a_new_claim_gets_a_new_lease(connector: Connector) -> None:
     await connector.enqueue(request("a"))
-    first = await connector.claim("w1")
+    first = await claim_one(connector, "w1")
     assert first is not None
     back = await connector.respond("a", Update(S.CREATED, data={"reason": "shutdown"}), first.lease_token)
     assert back.state is S.CREATED
     assert back.sequence == 3
-    second = await connector.claim("w2")
+    second = await claim_one(connector, "w2")
     assert second is not None
     assert second.job.attempt == 2
     assert second.lease_token != first.lease_token
@@ -172,7 +180,7 @@ async def test_handing_back_requeues_and_a_new_claim_gets_a_new_lease(connector:
 
 async def test_responses_keep_what_was_stored(connector: Connector) -> None:
     await connector.enqueue(request("a"))
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     output = any_pb2.Any()
     output.Pack(wrappers_pb2.Int64Value(value=42))
@@ -199,27 +207,39 @@ async def test_cancel_queued_job_ends_it_cancelled_and_it_is_never_claimed(conne
     assert job.last_response.is_final
     assert job.last_response.error is not None
     assert job.last_response.error.code is Code.CANCELLED
-    assert await connector.claim("w1") is None
+    assert await claim_one(connector, "w1") is None
 
 
 async def test_cancel_running_job_marks_it_and_tells_listeners(connector: Connector) -> None:
     listener = Listener()
     connector.add_listener(listener)
     await connector.enqueue(request("a"))
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     job = await connector.cancel("a")
     assert job.state is S.PENDING
     assert job.cancel_requested
     assert listener.cancels == ["a"]
     assert (await connector.get("a")).cancel_requested
-    await connector.cancel("a")  # asking twice is harmless
-    assert listener.cancels == ["a"]
+    again = await connector.cancel("a")  # asking twice is harmless, and tells the dispatcher again
+    assert again.state is S.PENDING
+    assert set(listener.cancels) == {"a"}
+
+
+async def test_a_cancelled_running_job_never_goes_back_to_the_queue(connector: Connector) -> None:
+    await connector.enqueue(request("a"), max_attempts=3)
+    claim = await claim_one(connector)
+    assert claim is not None
+    await connector.cancel("a")
+    handed_back = await connector.respond("a", Update(S.CREATED, data={"reason": "shutdown"}), claim.lease_token)
+    assert handed_back.state is S.CANCELLED
+    assert handed_back.is_final
+    assert await claim_one(connector) is None
 
 
 async def test_cancel_finished_job_is_failed_precondition(connector: Connector) -> None:
     await connector.enqueue(request("a"))
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     await connector.respond("a", Update(S.FINISHED), claim.lease_token)
     with pytest.raises(FailedPrecondition):
@@ -285,7 +305,7 @@ async def test_a_full_last_page_has_no_next_cursor(connector: Connector) -> None
 
 
 async def finish(connector: Connector, request_id: str, progress_steps: int = 1) -> None:
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     assert claim.job.request.id == request_id
     for i in range(progress_steps):
@@ -330,7 +350,7 @@ async def test_many_watchers_see_the_same_responses(connector: Connector) -> Non
 
 async def test_resuming_a_watch_misses_nothing_and_repeats_nothing(connector: Connector) -> None:
     await connector.enqueue(request("a"))
-    claim = await connector.claim("w1")
+    claim = await claim_one(connector, "w1")
     assert claim is not None
     seen: list[int] = []
     async for response in connector.watch("a"):
@@ -361,3 +381,181 @@ async def test_cancelled_watch_leaves_no_watcher(connector: Connector) -> None:
     with pytest.raises(asyncio.CancelledError):
         await watching
     assert connector.watcher_count == 0
+
+
+# -- scheduling ------------------------------------------------------------------
+
+
+async def test_claim_many_at_once_in_order(connector: Connector) -> None:
+    for i in range(5):
+        await connector.enqueue(request(f"r{i}"))
+    claims = await connector.claim("w1", limit=3)
+    assert [c.job.request.id for c in claims] == ["r0", "r1", "r2"]
+    assert [c.job.request.id for c in await connector.claim("w1", limit=10)] == ["r3", "r4"]
+
+
+async def test_higher_priority_first_fifo_within_a_priority(connector: Connector) -> None:
+    await connector.enqueue(Request(id="low", type="t", priority=-5))
+    await connector.enqueue(Request(id="mid1", type="t"))
+    await connector.enqueue(Request(id="high", type="t", priority=10))
+    await connector.enqueue(Request(id="mid2", type="t"))
+    claims = await connector.claim("w1", limit=10)
+    assert [c.job.request.id for c in claims] == ["high", "mid1", "mid2", "low"]
+
+
+async def test_run_after_delays_the_claim(connector: Connector) -> None:
+    later = now() + timedelta(seconds=0.3)
+    job, _ = await connector.enqueue(Request(id="later", type="t", run_after=later))
+    await connector.enqueue(Request(id="past", type="t", run_after=now() - timedelta(days=365)))
+    assert job.due_time == later
+    assert [c.job.request.id for c in await connector.claim("w1", limit=10)] == ["past"]
+    assert await connector.next_due_time() == later
+    await asyncio.sleep((later - now()).total_seconds() + 0.01)
+    assert [c.job.request.id for c in await connector.claim("w1", limit=10)] == ["later"]
+    assert await connector.next_due_time() is None
+
+
+async def test_next_due_time(connector: Connector) -> None:
+    assert await connector.next_due_time() is None
+    await connector.enqueue(request("a"))
+    due = await connector.next_due_time()
+    assert due is not None
+    assert due <= now()
+    await connector.cancel("a")
+    assert await connector.next_due_time() is None
+
+
+async def test_handing_back_with_run_after_delays_the_next_claim(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await claim_one(connector)
+    assert claim is not None
+    retry_at = now() + timedelta(seconds=0.2)
+    await connector.respond("a", Update(S.CREATED, run_after=retry_at), claim.lease_token)
+    assert (await connector.get("a")).due_time == retry_at
+    assert await claim_one(connector) is None
+    await asyncio.sleep(0.25)
+    again = await claim_one(connector)
+    assert again is not None
+    assert again.job.attempt == 2
+
+
+# -- leases ------------------------------------------------------------------------
+
+
+async def test_renew_keeps_a_lease_alive(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await claim_one(connector, lease=0.2)
+    assert claim is not None
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        assert await connector.renew({"a": claim.lease_token}, 0.2) == set()
+    assert await connector.recover_expired() == 0
+    assert (await connector.get("a")).state is S.PENDING
+
+
+async def test_renew_reports_leases_not_held(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    claim = await claim_one(connector)
+    assert claim is not None
+    assert await connector.renew({"a": "stolen", "ghost": "x"}, 30) == {"a", "ghost"}
+
+
+async def test_an_expired_lease_requeues_the_job_for_another_attempt(connector: Connector) -> None:
+    await connector.enqueue(request("a"), max_attempts=2)
+    first = await claim_one(connector, lease=0.05)
+    assert first is not None
+    await asyncio.sleep(0.1)
+    assert await connector.recover_expired() == 1
+    job = await connector.get("a")
+    assert job.state is S.CREATED
+    assert job.last_response.error is not None
+    assert job.last_response.error.reason == "LEASE_EXPIRED"
+    second = await claim_one(connector)
+    assert second is not None
+    assert second.job.attempt == 2
+    # The old holder can no longer write.
+    with pytest.raises(FailedPrecondition):
+        await connector.respond("a", Update(S.FINISHED), first.lease_token)
+    assert await connector.renew({"a": first.lease_token}, 30) == {"a"}
+
+
+async def test_an_expired_lease_without_attempts_left_fails_the_job(connector: Connector) -> None:
+    await connector.enqueue(request("a"), max_attempts=1)
+    await claim_one(connector, lease=0.05)
+    await asyncio.sleep(0.1)
+    assert await connector.recover_expired() == 1
+    job = await connector.get("a")
+    assert job.state is S.FAILED
+    assert job.last_response.is_final
+    assert job.last_response.error is not None
+    assert "no attempts left" in job.last_response.error.message
+    assert [r.sequence for r in await connector.responses("a", 0, 10)] == [1, 2, 3]
+
+
+async def test_an_expired_lease_of_a_cancelled_job_ends_it_cancelled(connector: Connector) -> None:
+    await connector.enqueue(request("a"), max_attempts=5)
+    await claim_one(connector, lease=0.05)
+    await connector.cancel("a")
+    await asyncio.sleep(0.1)
+    assert await connector.recover_expired() == 1
+    assert (await connector.get("a")).state is S.CANCELLED
+
+
+async def test_max_attempts_is_kept(connector: Connector) -> None:
+    job, _ = await connector.enqueue(request("a"), max_attempts=4)
+    assert job.max_attempts == 4
+    assert (await connector.get("a")).max_attempts == 4
+
+
+# -- cancel cascade and retention --------------------------------------------------
+
+
+async def test_cancelling_a_parent_cancels_its_unfinished_descendants(connector: Connector) -> None:
+    listener = Listener()
+    connector.add_listener(listener)
+    await connector.enqueue(request("parent"))
+    await connector.enqueue(Request(id="done", type="t", parent_id="parent"))
+    await connector.enqueue(Request(id="running", type="t", parent_id="parent"))
+    await connector.enqueue(Request(id="queued", type="t", parent_id="parent"))
+    await connector.enqueue(Request(id="grandchild", type="t", parent_id="queued"))
+    await connector.enqueue(request("unrelated"))
+    claims = {c.job.request.id: c for c in await connector.claim("w1", limit=3)}
+    assert set(claims) == {"parent", "done", "running"}
+    await connector.respond("done", Update(S.FINISHED), claims["done"].lease_token)
+
+    parent = await connector.cancel("parent")
+    assert parent.cancel_requested
+    assert sorted(set(listener.cancels)) == ["parent", "running"]
+    assert (await connector.get("done")).state is S.FINISHED
+    assert (await connector.get("running")).cancel_requested
+    assert (await connector.get("queued")).state is S.CANCELLED
+    assert (await connector.get("grandchild")).state is S.CANCELLED
+    assert (await connector.get("unrelated")).state is S.CREATED
+
+
+async def test_prune_deletes_old_ended_jobs_only(connector: Connector) -> None:
+    for name in ("old1", "old2", "open"):
+        await connector.enqueue(request(name))
+    await connector.cancel("old1")
+    await connector.cancel("old2")
+    cutoff = now() + timedelta(seconds=1)
+    assert await connector.prune(cutoff) == 2
+    with pytest.raises(NotFound):
+        await connector.get("old1")
+    with pytest.raises(NotFound):
+        await connector.responses("old2", 0, 10)
+    page = await connector.list_jobs(JobFilter(), 10)
+    assert [job.request.id for job in page.jobs] == ["open"]
+    assert await connector.prune(now() - timedelta(days=1)) == 0
+
+
+async def test_listing_pages_across_pruned_jobs(connector: Connector) -> None:
+    for i in range(6):
+        await connector.enqueue(request(f"r{i}"))
+    first = await connector.list_jobs(JobFilter(), 2)
+    assert first.next_cursor is not None
+    for name in ("r2", "r3"):
+        await connector.cancel(name)
+    await connector.prune(now() + timedelta(seconds=1))
+    second = await connector.list_jobs(JobFilter(), 10, first.next_cursor)
+    assert [job.request.id for job in second.jobs] == ["r4", "r5"]

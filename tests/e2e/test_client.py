@@ -124,10 +124,21 @@ async def test_blocking_client(server: AjsServer) -> None:
             assert client.health() == "SERVING"
             with pytest.raises(NotFound):
                 client.get("ghost")
-            # Leaving a watch early closes its stream.
-            for _ in client.watch(request_id):
-                break
 
     # The server runs on this test's event loop; the blocking client gets a thread.
     await asyncio.to_thread(use_blocking_client)
+
+
+async def test_leaving_a_blocking_watch_early_closes_its_stream(server: AjsServer) -> None:
+    def watch_one_then_leave() -> None:
+        with Client(server.address) as client:
+            client.submit("block", id="endless")
+            for response in client.watch("endless"):
+                assert response.sequence == 1
+                break
+
+    await asyncio.to_thread(watch_one_then_leave)
+    # The job still runs, so only the client's leaving can have closed the watch.
     await eventually(lambda: server.connector.watcher_count == 0)
+    assert (await server.connector.get("endless")).state is RequestState.PENDING
+    await server.connector.cancel("endless")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import grpc
 import pytest
@@ -249,6 +250,9 @@ async def test_cancel_finished_job_is_failed_precondition(stub: pb_grpc.JobServi
         (pb.ListJobsRequest(page_token="not a token"), "page_token"),
         (pb.ListJobsRequest(page_token="eyJ2IjoxLCJjIjotMSwiZiI6IngifQ"), "page_token"),
         (pb.ListJobsRequest(states=[99]), "states"),  # type: ignore[list-item]
+        (pb.ListJobsRequest(states=[State.REQUEST_STATE_UNSPECIFIED]), "states"),
+        # A deeply nested JSON document in the token must not crash the parser.
+        (pb.ListJobsRequest(page_token=base64.urlsafe_b64encode(b"[" * 200_000).decode()), "page_token"),
     ],
 )
 async def test_bad_list_arguments_are_invalid(

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.dispatcher import Dispatcher
 from ajs_grpc.errors import Code
-from ajs_grpc.model import Request, RequestState, Response
+from ajs_grpc.handlers.base import HandlerChain
+from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.handlers.reject import RejectRequestHandler
+from ajs_grpc.model import Request, RequestState, Response, now
 from tests import jobs_for_tests
 from tests.helpers import eventually
 
@@ -47,13 +52,14 @@ async def wait_running(dispatcher: Dispatcher, request_id: str) -> None:
 
 async def test_a_job_starts_within_a_few_loop_turns_no_poll(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
     await asyncio.sleep(0)  # let the dispatcher go idle
-    await submit(connector, "a", "noop")
+    request_id = f"quick-{uuid.uuid4()}"
+    await submit(connector, request_id, "noop")
     # No timer may be involved: yielding to the loop a few times must be enough.
     for _ in range(10):
-        if "a" in jobs_for_tests.started:
+        if request_id in jobs_for_tests.started:
             break
         await asyncio.sleep(0)
-    assert "a" in jobs_for_tests.started
+    assert request_id in jobs_for_tests.started
 
 
 async def test_returned_data_finishes_the_job(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
@@ -199,3 +205,234 @@ async def test_stop_hands_unfinished_jobs_back_to_the_queue(connector: MemoryCon
 async def test_max_concurrent_jobs_must_be_positive(connector: MemoryConnector) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Dispatcher(connector, jobs_for_tests.chain(), max_concurrent_jobs=0)
+
+
+# -- retries, timeouts, scheduling, leases ------------------------------------------
+
+
+async def submit_with_policy(connector: MemoryConnector, request_id: str, type_: str, **data: str) -> None:
+    attempts = jobs_for_tests.chain().max_attempts(type_)
+    await connector.enqueue(Request(id=request_id, type=type_, data=data), attempts)
+
+
+async def test_a_failing_job_is_retried_with_backoff_until_it_succeeds(
+    connector: MemoryConnector, dispatcher: Dispatcher
+) -> None:
+    await submit_with_policy(connector, "a", "flaky", succeed_on="3")
+    responses = [r async for r in connector.watch("a")]
+    states = [r.state for r in responses]
+    assert states == [S.CREATED, S.PENDING, S.CREATED, S.PENDING, S.CREATED, S.PENDING, S.FINISHED]
+    retries = [r for r in responses if r.state is S.CREATED and r.sequence > 1]
+    assert [r.error.message for r in retries if r.error] == ["attempt 1 failed", "attempt 2 failed"]
+    waits = [float(r.data["retry_in_seconds"]) for r in retries]
+    assert waits == [0.05, 0.1]  # exponential, no jitter in this policy
+    # Each retry waited its backoff before the next claim.
+    for retry, next_claim in zip(retries, [responses[3], responses[5]], strict=True):
+        assert (next_claim.create_time - retry.create_time).total_seconds() >= float(retry.data["retry_in_seconds"])
+    assert dict(responses[-1].data) == {"attempt": "3"}
+    assert (await connector.get("a")).attempt == 3
+
+
+async def test_a_job_fails_once_it_used_its_attempts(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
+    await submit_with_policy(connector, "a", "flaky", succeed_on="10")
+    responses = [r async for r in connector.watch("a")]
+    assert responses[-1].state is S.FAILED
+    assert responses[-1].error is not None
+    assert responses[-1].error.message == "attempt 3 failed"
+    assert sum(r.state is S.PENDING for r in responses) == 3
+
+
+async def test_permanent_errors_and_unlisted_errors_are_not_retried(
+    connector: MemoryConnector, dispatcher: Dispatcher
+) -> None:
+    await submit_with_policy(connector, "p", "permanent")
+    await submit_with_policy(connector, "k", "only_value_errors", error="KeyError")
+    await submit_with_policy(connector, "v", "only_value_errors", error="ValueError")
+    for request_id, attempts in (("p", 1), ("k", 1), ("v", 3)):
+        last = await final(connector, request_id)
+        assert last.state is S.FAILED
+        assert (await connector.get(request_id)).attempt == attempts, request_id
+
+
+async def test_a_job_may_ask_for_a_retry_with_its_own_delay(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
+    await submit_with_policy(connector, "a", "ask_retry", delay="0.2")
+    responses = [r async for r in connector.watch("a")]
+    retry = responses[2]
+    assert retry.state is S.CREATED
+    assert retry.error is not None
+    assert retry.error.reason == "RETRY_REQUESTED"
+    assert retry.data["retry_in_seconds"] == "0.200"
+    assert (responses[3].create_time - retry.create_time).total_seconds() >= 0.2
+    assert responses[-1].state is S.FINISHED
+
+
+async def test_a_job_past_its_timeout_fails_deadline_exceeded_and_is_retried(
+    connector: MemoryConnector, dispatcher: Dispatcher
+) -> None:
+    await submit_with_policy(connector, "a", "slow", fast_on="2")
+    responses = [r async for r in connector.watch("a")]
+    timed_out = responses[2]
+    assert timed_out.state is S.CREATED
+    assert timed_out.error is not None
+    assert timed_out.error.code is Code.DEADLINE_EXCEEDED
+    assert "timeout" in timed_out.error.message
+    assert responses[-1].state is S.FINISHED
+    assert dict(responses[-1].data) == {"attempt": "2"}
+
+
+async def test_a_timed_out_job_with_no_attempts_left_fails(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
+    await submit_with_policy(connector, "a", "slow")
+    last = await asyncio.wait_for(final(connector, "a"), 5)
+    assert last.state is S.FAILED
+    assert last.error is not None
+    assert last.error.code is Code.DEADLINE_EXCEEDED
+    assert (await connector.get("a")).attempt == 3
+
+
+async def test_a_timed_out_job_that_ignores_the_signal_is_still_stopped(
+    connector: MemoryConnector, dispatcher: Dispatcher
+) -> None:
+    await submit_with_policy(connector, "a", "slow_stubborn")
+    last = await asyncio.wait_for(final(connector, "a"), 5)
+    assert last.state is S.FAILED
+    assert last.error is not None
+    assert last.error.code is Code.DEADLINE_EXCEEDED
+
+
+async def test_delayed_job_runs_when_due_without_polling(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
+    due = now() + timedelta(seconds=0.3)
+    await connector.enqueue(Request(id="later", type="noop", run_after=due))
+    await asyncio.sleep(0.1)
+    assert (await connector.get("later")).state is S.CREATED
+    responses = [r async for r in connector.watch("later")]
+    started = responses[1].create_time
+    assert started >= due
+    assert (started - due).total_seconds() < 1.0  # woken by its due time, not by a later event
+
+
+async def test_priorities_decide_the_order_when_slots_are_scarce(connector: MemoryConnector) -> None:
+    for name, priority in (("low", -1), ("normal", 0), ("high", 5)):
+        await connector.enqueue(Request(id=name, type="noop", priority=priority))
+    dispatcher = Dispatcher(connector, jobs_for_tests.chain(), max_concurrent_jobs=1)
+    await dispatcher.start()
+    try:
+        for name in ("low", "normal", "high"):
+            await final(connector, name)
+    finally:
+        await dispatcher.stop()
+    starts = {name: jobs_for_tests.started[name] for name in ("low", "normal", "high")}
+    assert sorted(starts, key=starts.__getitem__) == ["high", "normal", "low"]
+
+
+async def test_leases_are_renewed_while_a_job_runs(connector: MemoryConnector) -> None:
+    dispatcher = Dispatcher(connector, jobs_for_tests.chain(), lease=0.15, cancel_grace=0.1, shutdown_grace=0.1)
+    await dispatcher.start()
+    try:
+        await submit_with_policy(connector, "a", "block")
+        await wait_running(dispatcher, "a")
+        await asyncio.sleep(0.5)  # several lease periods
+        assert await connector.recover_expired() == 0
+        assert (await connector.get("a")).state is S.PENDING
+        await connector.cancel("a")
+        assert (await final(connector, "a")).state is S.CANCELLED
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_job_whose_lease_was_lost_is_stopped_without_writing(connector: MemoryConnector) -> None:
+    dispatcher = Dispatcher(connector, jobs_for_tests.chain(), lease=0.15, cancel_grace=0.1, shutdown_grace=0.1)
+    await dispatcher.start()
+    try:
+        await submit_with_policy(connector, "a", "block")
+        await wait_running(dispatcher, "a")
+        # Another server took the job over: its lease token is no longer ours.
+        connector._entries["a"].lease_token = "another-servers-token"
+        await eventually(lambda: "a" not in dispatcher.running, within=2)
+        job = await connector.get("a")
+        assert job.state is S.PENDING  # the dispatcher wrote nothing: the job is not its own
+        assert job.last_response.sequence == 2
+    finally:
+        await dispatcher.stop()
+
+
+async def test_start_recovers_jobs_whose_server_died(connector: MemoryConnector) -> None:
+    await connector.enqueue(Request(id="orphan", type="echo"), max_attempts=2)
+    await connector.claim("dead-server", lease=0.01)
+    await asyncio.sleep(0.02)
+    dispatcher = Dispatcher(connector, jobs_for_tests.chain())
+    await dispatcher.start()
+    try:
+        responses = [r async for r in connector.watch("orphan")]
+        assert [r.state for r in responses] == [S.CREATED, S.PENDING, S.CREATED, S.PENDING, S.FINISHED]
+        assert responses[3].data["worker"] == dispatcher.worker_id
+    finally:
+        await dispatcher.stop()
+
+
+async def test_retention_prunes_old_ended_jobs(connector: MemoryConnector) -> None:
+    dispatcher = Dispatcher(connector, jobs_for_tests.chain(), retention=0.05, housekeeping_interval=0.05)
+    await dispatcher.start()
+    try:
+        await submit(connector, "old", "echo")
+        await final(connector, "old")
+        await submit(connector, "open", "block")
+        await eventually(lambda: "old" not in connector._entries, within=2)
+        assert (await connector.get("open")).state is S.PENDING
+        await connector.cancel("open")
+    finally:
+        await dispatcher.stop()
+
+
+# -- what the review found ------------------------------------------------------------
+
+
+async def test_an_unstorable_result_fails_the_job(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
+    await submit(connector, "a", "bad_output")
+    last = await asyncio.wait_for(final(connector, "a"), 5)
+    assert last.state is S.FAILED
+    assert last.error is not None
+    assert "protobuf message" in last.error.message
+
+
+async def test_a_task_cancelled_from_within_fails_rather_than_passing_for_a_client_cancel(
+    connector: MemoryConnector, dispatcher: Dispatcher
+) -> None:
+    await submit(connector, "a", "self_cancel")
+    last = await asyncio.wait_for(final(connector, "a"), 5)
+    assert last.state is S.FAILED
+    assert last.error is not None
+    assert "cancelled from within" in last.error.message
+
+
+async def test_a_client_cancel_during_shutdown_wins_over_handing_back(connector: MemoryConnector) -> None:
+    dispatcher = Dispatcher(connector, jobs_for_tests.chain(), cancel_grace=0.3, shutdown_grace=0.05)
+    await dispatcher.start()
+    await connector.enqueue(Request(id="a", type="stubborn"), max_attempts=5)
+    await wait_running(dispatcher, "a")
+    stopping = asyncio.create_task(dispatcher.stop())
+    await asyncio.sleep(0.1)  # the shutdown grace is over: the job is being stopped
+    await connector.cancel("a")
+    await stopping
+    job = await connector.get("a")
+    assert job.state is S.CANCELLED
+    assert await connector.claim("next-life") == []
+
+
+async def test_an_abandoned_thread_does_not_hold_up_later_thread_jobs(connector: MemoryConnector) -> None:
+    handler = InternalAsyncRequestHandler(max_threads=1)
+    for plugin in (jobs_for_tests.sync_deaf, jobs_for_tests.sync_steps):
+        handler.register(plugin)
+    chain = HandlerChain([handler], RejectRequestHandler())
+    dispatcher = Dispatcher(connector, chain, cancel_grace=0.05, shutdown_grace=0.1)
+    await dispatcher.start()
+    try:
+        await submit(connector, "deaf", "sync_deaf")
+        await wait_running(dispatcher, "deaf")
+        await connector.cancel("deaf")
+        assert (await asyncio.wait_for(final(connector, "deaf"), 5)).state is S.CANCELLED
+        await submit(connector, "next", "sync_steps")
+        assert (await asyncio.wait_for(final(connector, "next"), 2)).state is S.FINISHED
+    finally:
+        jobs_for_tests.deaf_release.set()
+        await dispatcher.stop()
+        await chain.close()

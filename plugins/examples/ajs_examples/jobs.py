@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ajs_grpc.jobs import JobContext, job
+from ajs_grpc.jobs import NO_RETRY, JobContext, PermanentError, RetryPolicy, job
 from ajs_grpc.model import Request
 
 
@@ -21,13 +21,14 @@ def _number(request: Request, key: str, default: float, *, minimum: float, maxim
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"data {key!r} must be a number, got {text!r}") from None
+        raise PermanentError(f"data {key!r} must be a number, got {text!r}") from None
     if not minimum <= value <= maximum:
-        raise ValueError(f"data {key!r} must be between {minimum:g} and {maximum:g}, got {text!r}")
+        raise PermanentError(f"data {key!r} must be between {minimum:g} and {maximum:g}, got {text!r}")
     return value
 
 
-@job("countdown")
+# A long job: it survives several server restarts (each interrupted run is an attempt).
+@job("countdown", retry=RetryPolicy(max_attempts=10))
 async def countdown(request: Request, ctx: JobContext) -> Mapping[str, str]:
     """Counts down data 'steps' (default 5) every 'interval' seconds (default 0.5), one progress Response per step."""
     steps = int(_number(request, "steps", 5, minimum=0, maximum=100_000))
@@ -38,7 +39,7 @@ async def countdown(request: Request, ctx: JobContext) -> Mapping[str, str]:
     return {"steps": str(steps)}
 
 
-@job("fail")
+@job("fail", retry=NO_RETRY)
 async def fail(request: Request, ctx: JobContext) -> None:
     """Always fails, with data 'message' (default "failed as asked") as the error."""
     raise RuntimeError(request.data.get("message", "failed as asked"))

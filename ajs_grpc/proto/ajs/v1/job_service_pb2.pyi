@@ -95,6 +95,8 @@ class Request(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    RUN_AFTER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-chosen id, the key of idempotent submits. Empty: the server assigns a UUID."""
     parent_id: _builtins.str
@@ -103,6 +105,8 @@ class Request(_message.Message):
     """Who submitted the request. Set by the server."""
     type: _builtins.str
     """The job type; the handler chain picks the job plugin by it."""
+    priority: _builtins.int
+    """Higher runs first; requests of equal priority run in submit order. May be negative."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the server accepted the request. Set by the server."""
@@ -115,6 +119,10 @@ class Request(_message.Message):
     def input(self) -> _any_pb2.Any:
         """A typed payload for the job."""
 
+    @_builtins.property
+    def run_after(self) -> _timestamp_pb2.Timestamp:
+        """The request is not run before this time. Unset or in the past: as soon as possible."""
+
     def __init__(
         self,
         *,
@@ -125,10 +133,12 @@ class Request(_message.Message):
         type: _builtins.str = ...,
         data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         input: _any_pb2.Any | None = ...,
+        priority: _builtins.int = ...,
+        run_after: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "input", b"input", "run_after", b"run_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "data", b"data", "id", b"id", "input", b"input", "parent_id", b"parent_id", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "data", b"data", "id", b"id", "input", b"input", "parent_id", b"parent_id", "priority", b"priority", "run_after", b"run_after", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,7 +233,9 @@ class Response(_message.Message):
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:
-        """Why the job FAILED or was CANCELLED."""
+        """Why the job FAILED or was CANCELLED, or, on a CREATED Response that hands a
+        job back to the queue, why it will run again.
+        """
 
     def __init__(
         self,
@@ -258,12 +270,16 @@ class Job(_message.Message):
     LAST_RESPONSE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DUE_TIME_FIELD_NUMBER: _builtins.int
     state: Global___RequestState.ValueType
     """The current state."""
     attempt: _builtins.int
     """How many times the job has been claimed to run; 0 while never run."""
     cancel_requested: _builtins.bool
     """True once cancellation was asked for while the job was running."""
+    max_attempts: _builtins.int
+    """How many attempts the job's retry policy allows in all."""
     @_builtins.property
     def request(self) -> Global___Request:
         """The request as submitted (with server-set fields filled in)."""
@@ -276,6 +292,10 @@ class Job(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the job last changed."""
 
+    @_builtins.property
+    def due_time(self) -> _timestamp_pb2.Timestamp:
+        """While queued: the earliest time it may run (run_after, or a retry's backoff)."""
+
     def __init__(
         self,
         *,
@@ -285,10 +305,12 @@ class Job(_message.Message):
         last_response: Global___Response | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         cancel_requested: _builtins.bool = ...,
+        max_attempts: _builtins.int = ...,
+        due_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_response", b"last_response", "request", b"request", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_time", b"due_time", "last_response", b"last_response", "request", b"request", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "last_response", b"last_response", "request", b"request", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "due_time", b"due_time", "last_response", b"last_response", "max_attempts", b"max_attempts", "request", b"request", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
