@@ -2,7 +2,8 @@
 
 Exit codes: 0 success (a watched job FINISHED); 1 the job FAILED; 2 usage
 error; 3 the job was CANCELLED; 4 the server is unreachable or not serving;
-5 the server refused the call (bad input, no such job, ...).
+5 the server refused the call (bad input, no such job, ...); 6 ``ajs serve``
+could not start (address taken, unusable database, missing plugin).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
+EXIT_STARTUP = 6
 
 _EXIT_FOR_STATE = {
     RequestState.FINISHED: EXIT_OK,
@@ -50,6 +52,29 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds in ``text``: a number of seconds, or one with a unit (ms, s, m, h, d)."""
+    number, unit = text.strip(), "s"
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if number.endswith(suffix):
+            number, unit = number[: -len(suffix)], suffix
+            break
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 30s, 5m or 7d, got {text!r}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
+def _retention(text: str) -> float | None:
+    return None if text.strip().lower() == "forever" else _duration(text)
 
 
 def _handler_spec(text: str) -> HandlerSpec:
@@ -72,7 +97,24 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a server until SIGTERM or Ctrl+C")
     serve.add_argument("--address", default=DEFAULT_TARGET, help="HOST:PORT to listen on (default %(default)s)")
-    serve.add_argument("--connector", default="memory", help="connector plugin (default %(default)s)")
+    serve.add_argument(
+        "--connector", default="sqlite", help="connector plugin: sqlite (durable), memory, ... (default %(default)s)"
+    )
+    serve.add_argument("--database", default="ajs.db", help="the sqlite connector's file (default %(default)s)")
+    serve.add_argument(
+        "--synchronous",
+        default="full",
+        choices=["full", "normal"],
+        help="sqlite durability: full survives power loss, normal a killed server (default %(default)s)",
+    )
+    serve.add_argument("--lease", type=_duration, default=30.0, metavar="DURATION", help="job lease (default 30s)")
+    serve.add_argument(
+        "--retention",
+        type=_retention,
+        default=7 * 86400.0,
+        metavar="DURATION",
+        help="how long ended jobs are kept, e.g. 12h, 7d, or 'forever' (default 7d)",
+    )
     serve.add_argument("--max-jobs", type=int, default=8, help="jobs running at once (default %(default)s)")
     serve.add_argument(
         "--handler",
@@ -238,9 +280,15 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    options: dict[str, object] = {}
+    if args.connector == "sqlite":
+        options = {"path": args.database, "synchronous": args.synchronous}
     config = ServerConfig(
         address=args.address,
         connector=args.connector,
+        connector_options=options,
+        lease=args.lease,
+        retention=args.retention,
         handlers=args.handlers,
         max_concurrent_jobs=args.max_jobs,
         cancel_grace=args.cancel_grace,
@@ -272,9 +320,15 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "serve":
+    if args.command == "serve":
+        try:
             return _serve(args)
+        except (AjsError, OSError) as error:
+            err.print(f"ajs serve: {error.message if isinstance(error, AjsError) else error}")
+            return EXIT_STARTUP
+        except KeyboardInterrupt:
+            return 130
+    try:
         if args.command == "health":
             return asyncio.run(_health(args))
         return asyncio.run(_client_command(args))

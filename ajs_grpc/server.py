@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,21 +36,28 @@ class ServerConfig:
     Attributes:
         address: HOST:PORT to listen on; port 0 picks a free one.
         connector: the connector's plugin name.
+        connector_options: keyword arguments for the connector (e.g. ``path``
+            and ``synchronous`` for sqlite).
         handlers: handler names in chain order with the job types each runs;
             None runs every job found on one internal handler.
         max_concurrent_jobs: jobs running at once.
         cancel_grace: seconds a cancelled job has to stop before it is forced.
         shutdown_grace: seconds running jobs have to finish when the server stops.
         rpc_grace: seconds open calls (watches) get when the server stops.
+        lease: seconds a claimed job's lease lasts (renewed while it runs).
+        retention: seconds ended jobs are kept; None keeps them forever.
     """
 
     address: str = "127.0.0.1:50051"
-    connector: str = "memory"
+    connector: str = "sqlite"
+    connector_options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"path": "ajs.db"})
     handlers: list[HandlerSpec] | None = None
     max_concurrent_jobs: int = 8
     cancel_grace: float = 10.0
     shutdown_grace: float = 30.0
     rpc_grace: float = 5.0
+    lease: float = 30.0
+    retention: float | None = 7 * 24 * 3600.0
 
 
 class AjsServer:
@@ -69,7 +77,7 @@ class AjsServer:
         chain: HandlerChain | None = None,
     ) -> None:
         self.config = config
-        self.connector = connector or load_connector(config.connector)()
+        self.connector = connector or load_connector(config.connector)(**config.connector_options)
         self.chain = chain or build_chain(config.handlers)
         self.dispatcher = Dispatcher(
             self.connector,
@@ -77,6 +85,8 @@ class AjsServer:
             max_concurrent_jobs=config.max_concurrent_jobs,
             cancel_grace=config.cancel_grace,
             shutdown_grace=config.shutdown_grace,
+            lease=config.lease,
+            retention=config.retention,
         )
         self.service = JobService(self.connector, self.chain.max_attempts)
         self.health = health.aio.HealthServicer()

@@ -32,7 +32,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         with log.open("wb") as sink:
-            server = subprocess.Popen([ajs, "serve", "--address", "127.0.0.1:0"], stdout=sink, stderr=subprocess.STDOUT)
+            # The default embedded SQLite queue, in a throw-away directory.
+            server = subprocess.Popen(
+                [ajs, "serve", "--address", "127.0.0.1:0"], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp
+            )
         try:
             deadline = time.monotonic() + 20
             while not (found := re.search(r"serving on (\S+?) ", log.read_text())):

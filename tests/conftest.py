@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
 
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.connectors.memory import MemoryConnector
+from ajs_grpc.connectors.sqlite import SqliteConnector
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 from ajs_grpc.server import AjsServer, ServerConfig
 from tests import jobs_for_tests
 
-CONNECTORS: dict[str, Callable[[], Connector]] = {
-    "memory": MemoryConnector,
+CONNECTORS: dict[str, Callable[[Path], Connector]] = {
+    "memory": lambda _: MemoryConnector(),
+    "sqlite": lambda tmp: SqliteConnector(tmp / "contract.db", synchronous="NORMAL"),
 }
 
 
@@ -29,9 +32,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def connector(connector_name: str) -> AsyncIterator[Connector]:
+async def connector(connector_name: str, tmp_path: Path) -> AsyncIterator[Connector]:
     """An open connector of each kind (the contract suite runs once per kind)."""
-    made = CONNECTORS[connector_name]()
+    made = CONNECTORS[connector_name](tmp_path)
     await made.open()
     try:
         yield made

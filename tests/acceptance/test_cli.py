@@ -27,8 +27,9 @@ class Served:
 def start_server(tmp_path: Path, *args: str) -> Served:
     log = tmp_path / "serve.log"
     with log.open("wb") as sink:
+        # In tmp_path: the default database is ./ajs.db.
         process = subprocess.Popen(
-            [AJS, "serve", "--address", "127.0.0.1:0", *args], stdout=sink, stderr=subprocess.STDOUT
+            [AJS, "serve", "--address", "127.0.0.1:0", *args], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -162,8 +163,12 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
 
 
 def test_a_taken_port_is_a_clear_error(served: Served, tmp_path: Path) -> None:
-    second = subprocess.run([AJS, "serve", "--address", served.target], capture_output=True, text=True, timeout=30)
-    assert second.returncode == 2
-    assert f"ajs: cannot listen on {served.target}" in second.stderr
+    elsewhere = tmp_path / "elsewhere"  # its own database: only the port is shared
+    elsewhere.mkdir()
+    second = subprocess.run(
+        [AJS, "serve", "--address", served.target], capture_output=True, text=True, timeout=30, cwd=elsewhere
+    )
+    assert second.returncode == 6
+    assert f"ajs serve: cannot listen on {served.target}" in second.stderr
     assert "Traceback" not in second.stderr
     assert ajs("health", target=served.target).returncode == 0  # the first one is unharmed
