@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -71,6 +72,14 @@ def _duration(text: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
     return seconds
+
+
+def _time(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {text!r}") from None
+    return at if at.tzinfo is not None else at.astimezone()  # a naive time is local time
 
 
 def _retention(text: str) -> float | None:
@@ -139,6 +148,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
     submit.add_argument("--id", default="", help="request id (default: assigned by the server)")
     submit.add_argument("--parent", default="", help="id of the parent request")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first; may be negative (default 0)")
+    submit.add_argument(
+        "--run-after", type=_time, metavar="TIME", help="not before this ISO 8601 time (2026-12-01T08:00:00+00:00)"
+    )
+    submit.add_argument("--delay", type=_duration, metavar="DURATION", help="not before this long from now (e.g. 5m)")
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
 
     watch = client_command("watch", "follow a job until it ends")
@@ -168,6 +182,10 @@ def _job_dict(job: Job) -> dict[str, object]:
         "type": job.request.type,
         "state": job.state.name,
         "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "priority": job.request.priority,
+        "run_after": job.request.run_after.isoformat() if job.request.run_after else None,
+        "due_time": job.due_time.isoformat() if job.due_time else None,
         "parent_id": job.request.parent_id,
         "creator": job.request.creator,
         "create_time": job.request.create_time.isoformat() if job.request.create_time else None,
@@ -224,7 +242,17 @@ async def _follow(client: AsyncClient, request_id: str, after: int) -> int:
 async def _client_command(args: argparse.Namespace) -> int:
     async with AsyncClient(args.target, timeout=args.timeout) as client:
         if args.command == "submit":
-            submitted = await client.submit(args.type, dict(args.data), id=args.id, parent_id=args.parent)
+            run_after = args.run_after
+            if args.delay is not None:
+                run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
+            submitted = await client.submit(
+                args.type,
+                dict(args.data),
+                id=args.id,
+                parent_id=args.parent,
+                priority=args.priority,
+                run_after=run_after,
+            )
             request_id = submitted.job.request.id
             note = "" if submitted.created else " (already submitted)"
             err.print(f"submitted {request_id}{note}")

@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterator, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -32,7 +33,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from ajs_grpc import convert, errors
-from ajs_grpc.model import Job, RequestState, Response
+from ajs_grpc.model import Job, Request, RequestState, Response
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 
@@ -130,6 +131,8 @@ class AsyncClient:
         id: str = "",  # noqa: A002 - the contract's name
         parent_id: str = "",
         input: Message | None = None,  # noqa: A002 - the contract's name
+        priority: int = 0,
+        run_after: datetime | None = None,
     ) -> Submitted:
         """Submits a request; idempotent on ``id`` (empty: the server assigns one).
 
@@ -139,8 +142,12 @@ class AsyncClient:
             id: the request id.
             parent_id: the request that created this one.
             input: a typed payload (packed into ``Any`` unless it is one).
+            priority: higher runs first (may be negative).
+            run_after: not run before this time (timezone-aware).
         """
-        request = pb.Request(id=id, parent_id=parent_id, type=type, data=data or {})
+        request = convert.request_to_proto(
+            Request(id=id, type=type, data=data or {}, parent_id=parent_id, priority=priority, run_after=run_after)
+        )
         if input is not None:
             if isinstance(input, any_pb2.Any):
                 request.input.CopyFrom(input)
@@ -292,9 +299,15 @@ class Client:
         id: str = "",  # noqa: A002
         parent_id: str = "",
         input: Message | None = None,  # noqa: A002
+        priority: int = 0,
+        run_after: datetime | None = None,
     ) -> Submitted:
         """See :meth:`AsyncClient.submit`."""
-        return self._run(self._client.submit(type, data, id=id, parent_id=parent_id, input=input))
+        return self._run(
+            self._client.submit(
+                type, data, id=id, parent_id=parent_id, input=input, priority=priority, run_after=run_after
+            )
+        )
 
     def get(self, request_id: str) -> Job:
         """See :meth:`AsyncClient.get`."""

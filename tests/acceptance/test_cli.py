@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-AJS = shutil.which("ajs", path=str(Path(sys.executable).parent)) or "ajs"
-
-
-class Served:
-    def __init__(self, process: subprocess.Popen[bytes], log: Path, target: str) -> None:
-        self.process = process
-        self.log = log
-        self.target = target
-
-
-def start_server(tmp_path: Path, *args: str) -> Served:
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        # In tmp_path: the default database is ./ajs.db.
-        process = subprocess.Popen(
-            [AJS, "serve", "--address", "127.0.0.1:0", *args], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path
-        )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        found = re.search(r"serving on (127\.0\.0\.1:\d+)", log.read_text())
-        if found:
-            return Served(process, log, found.group(1))
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"ajs serve did not start:\n{log.read_text()}")
+from tests.serve_process import AJS, Served, start_server
 
 
 @pytest.fixture
@@ -172,3 +144,29 @@ def test_a_taken_port_is_a_clear_error(served: Served, tmp_path: Path) -> None:
     assert f"ajs serve: cannot listen on {served.target}" in second.stderr
     assert "Traceback" not in second.stderr
     assert ajs("health", target=served.target).returncode == 0  # the first one is unharmed
+
+
+def test_priority_and_delay(served: Served) -> None:
+    submitted = ajs("submit", "echo", "--id", "later", "--priority", "-3", "--delay", "1h", target=served.target)
+    assert submitted.returncode == 0
+    job = json.loads(ajs("get", "later", target=served.target).stdout)
+    assert job["state"] == "CREATED"
+    assert job["priority"] == -3
+    assert job["due_time"] == job["run_after"]
+    assert job["due_time"] > job["create_time"]
+    at = ajs("submit", "echo", "--run-after", "2001-01-01T00:00:00+00:00", "--watch", target=served.target)
+    assert at.returncode == 0  # a time in the past means now
+    assert ajs("submit", "echo", "--run-after", "tomorrow").returncode == 2
+
+
+def test_an_unusable_database_stops_serve_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.db").write_bytes(b"garbage" * 1000)
+    result = subprocess.run(
+        [AJS, "serve", "--address", "127.0.0.1:0", "--database", "broken.db"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 6
+    assert result.stderr.strip() == "ajs serve: cannot use broken.db as the queue: file is not a database"

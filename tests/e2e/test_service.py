@@ -171,6 +171,30 @@ async def test_invalid_requests_name_the_bad_field(
     assert list(listed.jobs) == []  # nothing half-written
 
 
+async def test_run_after_out_of_range_is_invalid(stub: pb_grpc.JobServiceStub) -> None:
+    request = pb.Request(type="echo")
+    request.run_after.seconds = 10**12  # year 33658
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in bad_request(raised.value)] == ["request.run_after"]
+
+
+async def test_priority_run_after_and_max_attempts_round_trip(stub: pb_grpc.JobServiceStub) -> None:
+    request = pb.Request(id="p", type="echo", priority=-7)
+    request.run_after.FromSeconds(4_000_000_000)
+    reply = await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
+    job = (await stub.GetJob(pb.GetJobRequest(request_id="p"))).job
+    assert job.request.priority == -7
+    assert job.request.run_after.seconds == 4_000_000_000
+    assert job.due_time == job.request.run_after
+    assert job.max_attempts == reply.job.max_attempts == 3  # the echo job's default retry policy
+    again = pb.Request(id="p", type="echo", priority=1, run_after=request.run_after)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=again))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
 async def test_missing_request_is_invalid(stub: pb_grpc.JobServiceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.SubmitRequest(pb.SubmitRequestRequest())

@@ -1,0 +1,50 @@
+"""Running ``ajs serve`` as a real process, as a user or an operator would."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+AJS = shutil.which("ajs", path=str(Path(sys.executable).parent)) or "ajs"
+
+
+class Served:
+    """A running ``ajs serve`` process and the address it listens on."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, target: str) -> None:
+        self.process = process
+        self.log = log
+        self.target = target
+
+
+def free_port() -> int:
+    """A port nobody listens on now (for a server restarted on the same address)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_server(cwd: Path, *args: str, address: str = "127.0.0.1:0") -> Served:
+    """Starts ``ajs serve`` in ``cwd`` (where its default ./ajs.db lives); waits until it serves."""
+    log = cwd / "serve.log"
+    already = log.read_text() if log.exists() else ""
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [AJS, "serve", "--address", address, *args], stdout=sink, stderr=subprocess.STDOUT, cwd=cwd
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = re.search(r"serving on (127\.0\.0\.1:\d+)", log.read_text()[len(already) :])
+        if found:
+            return Served(process, log, found.group(1))
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"ajs serve did not start:\n{log.read_text()}")
