@@ -11,7 +11,10 @@ and measures, from a separate client process (this one):
   calls in flight; jobs/s is counted from the first accept to the last final
   Response, again on the server's clock, and pickup latency under that load.
 
-Usage: python scripts/bench_e2e.py [--jobs 5000] [--concurrency 64] [--idle 200]
+Each connector named in ``--connectors`` gets a fresh server in the same run,
+so their figures can be compared as ratios (the machine's noise hits all alike).
+
+Usage: python scripts/bench_e2e.py [--connectors memory,sqlite] [--jobs 5000] [--concurrency 64] [--idle 200]
 """
 
 from __future__ import annotations
@@ -30,27 +33,17 @@ from ajs_grpc.client import AsyncClient
 from ajs_grpc.model import RequestState
 
 
-def start_server(connector: str, max_jobs: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Starts ``ajs serve`` and returns it with its address."""
+def start_server(connector: str, max_jobs: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts ``ajs serve`` in ``workdir`` (where sqlite keeps its ajs.db); returns it and its address."""
     ajs = shutil.which("ajs", path=str(Path(sys.executable).parent)) or "ajs"
+    log = workdir / "serve.log"
+    command = [ajs, "serve", "--address", "127.0.0.1:0", "--connector", connector, "--max-jobs", str(max_jobs)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [
-                ajs,
-                "serve",
-                "--address",
-                "127.0.0.1:0",
-                "--connector",
-                connector,
-                "--max-jobs",
-                str(max_jobs),
-                "--log-level",
-                "info",
-                "--shutdown-grace",
-                "1",
-            ],
+            [*command, "--log-level", "info", "--shutdown-grace", "1"],
             stdout=sink,
             stderr=subprocess.STDOUT,
+            cwd=workdir,
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -126,29 +119,41 @@ def report(name: str, latencies: list[float]) -> None:
     print(f"{name:<34} p50 {percentile(ms, 0.5):7.2f} ms   p99 {percentile(ms, 0.99):7.2f} ms   (n={len(ms)})")
 
 
-async def run(args: argparse.Namespace) -> None:
-    """Runs the benchmark against a fresh server."""
+async def bench(connector: str, args: argparse.Namespace) -> float:
+    """Benchmarks one connector on a fresh server; returns its submit rate."""
     with tempfile.TemporaryDirectory() as tmp:
-        process, address = start_server(args.connector, args.max_jobs, Path(tmp) / "serve.log")
+        process, address = start_server(connector, args.max_jobs, Path(tmp))
         try:
             async with AsyncClient(address) as client:
                 await client.submit("echo", id="warm-up")
-                print(f"ajs serve --connector {args.connector} --max-jobs {args.max_jobs} on {address}")
+                print(f"\n== ajs serve --connector {connector} --max-jobs {args.max_jobs} on {address}")
                 report("pickup latency, idle server", await idle(client, args.idle))
                 rate, submit_rate, latencies = await loaded(client, args.jobs, args.concurrency)
                 load = f"({args.jobs} jobs, {args.concurrency} in flight)"
                 print(f"{'end-to-end no-op jobs':<34} {rate:8.0f} jobs/s   {load}")
                 print(f"{'submits':<34} {submit_rate:8.0f} calls/s")
                 report("pickup latency under that load", latencies)
+                return submit_rate
         finally:
             process.terminate()
             process.wait(30)
 
 
+async def run(args: argparse.Namespace) -> None:
+    """Runs the benchmark for every connector asked for, then compares their submit rates."""
+    connectors = [name.strip() for name in args.connectors.split(",") if name.strip()]
+    rates = {name: await bench(name, args) for name in connectors}
+    if len(rates) > 1:
+        base = connectors[0]
+        print()
+        for name in connectors[1:]:
+            print(f"submit rate {name} / {base}: {rates[name] / rates[base]:.2f}")
+
+
 def main() -> None:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connector", default="memory")
+    parser.add_argument("--connectors", default="memory,sqlite", help="comma-separated (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--idle", type=int, default=200, help="jobs for the idle pickup measurement")
