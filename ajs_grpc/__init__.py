@@ -15,10 +15,22 @@ from ajs_grpc.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ajs_grpc.jobs import JobCancelled, JobContext, JobPlugin, Result, SyncJobContext, job
+from ajs_grpc.jobs import (
+    NO_RETRY,
+    JobCancelled,
+    JobContext,
+    JobPlugin,
+    PermanentError,
+    Result,
+    Retry,
+    RetryPolicy,
+    SyncJobContext,
+    job,
+)
 from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
 
 __all__ = [
+    "NO_RETRY",
     "AjsError",
     "AlreadyExists",
     "Code",
@@ -30,12 +42,15 @@ __all__ = [
     "JobContext",
     "JobPlugin",
     "NotFound",
+    "PermanentError",
     "Progress",
     "Request",
     "RequestState",
     "ResourceExhausted",
     "Response",
     "Result",
+    "Retry",
+    "RetryPolicy",
     "SyncJobContext",
     "Unavailable",
     "__version__",

@@ -133,8 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=TYPE,...",
         help="a handler and the job types it runs, in chain order (repeat; default: 'internal' runs every job)",
     )
-    serve.add_argument("--cancel-grace", type=float, default=10.0, help="seconds a cancelled job has to stop")
-    serve.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running jobs get on shutdown")
+    serve.add_argument(
+        "--cancel-grace", type=_duration, default=10.0, metavar="DURATION", help="a cancelled job's time to stop (10s)"
+    )
+    serve.add_argument(
+        "--shutdown-grace", type=_duration, default=30.0, metavar="DURATION", help="running jobs' time on SIGTERM (30s)"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:

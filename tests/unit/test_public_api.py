@@ -9,6 +9,7 @@ from ajs_grpc import client, connectors, jobs
 def test_top_level_names() -> None:
     assert sorted(ajs_grpc.__all__) == sorted(
         [
+            "NO_RETRY",
             "AjsError",
             "AlreadyExists",
             "Code",
@@ -20,12 +21,15 @@ def test_top_level_names() -> None:
             "JobContext",
             "JobPlugin",
             "NotFound",
+            "PermanentError",
             "Progress",
             "Request",
             "RequestState",
             "ResourceExhausted",
             "Response",
             "Result",
+            "Retry",
+            "RetryPolicy",
             "SyncJobContext",
             "Unavailable",
             "__version__",
