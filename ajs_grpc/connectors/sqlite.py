@@ -43,7 +43,16 @@ from google.protobuf import any_pb2
 from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page
-from ajs_grpc.errors import AjsError, AlreadyExists, Code, ConnectorError, NotFound, ResourceExhausted, Unavailable
+from ajs_grpc.errors import (
+    AjsError,
+    AlreadyExists,
+    Code,
+    ConnectorError,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
 
 __all__ = ["SCHEMA_VERSION", "SqliteConnector"]
@@ -249,7 +258,11 @@ class _Writer(threading.Thread):
         self.queue: queue.SimpleQueue[tuple[_Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
 
     def run(self) -> None:
-        connection = self._connect()
+        try:
+            connection: sqlite3.Connection | None = self._connect()
+        except sqlite3.Error as error:
+            log.error("the SQLite writer cannot connect: %s", error)
+            connection, broken = None, translate(error, "could not open the queue for writing")
         try:
             while True:
                 first = self.queue.get()
@@ -265,9 +278,20 @@ class _Writer(threading.Thread):
                         self.queue.put(None)  # stop after this batch
                         break
                     batch.append(item)
-                self._deliver(self._commit(connection, batch))
+                if connection is None:
+                    self._deliver([(future, None, broken) for _, future in batch])
+                    continue
+                try:
+                    outcomes = self._commit(connection, batch)
+                except Exception as error:  # a bug must not kill the writer and hang every caller
+                    log.exception("the SQLite writer failed")
+                    outcomes = [
+                        (future, None, Internal(f"could not write to the queue: {error}")) for _, future in batch
+                    ]
+                self._deliver(outcomes)
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
 
     @staticmethod
     def _commit(
