@@ -5,21 +5,26 @@ Nothing else in the project reads or builds ``ajs.v1`` messages field by field.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from ajs_grpc.errors import AjsError, Code, FieldViolation, InvalidArgument
+from ajs_grpc.jobs import JobPlugin
 from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
     "ERROR_DOMAIN",
+    "descriptor_set",
     "error_to_status",
     "field_violations",
     "job_from_proto",
     "job_to_proto",
+    "job_type_to_proto",
     "request_from_proto",
     "request_to_proto",
     "response_from_proto",
@@ -207,3 +212,52 @@ def error_to_status(error: AjsError) -> status_pb2.Status:
             bad_request.field_violations.add(field=violation.field, description=violation.description)
         status.details.add().Pack(bad_request)
     return status
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromTimedelta(timedelta(seconds=seconds))
+    return value
+
+
+def descriptor_set(*messages: type[Message]) -> bytes:
+    """A serialized FileDescriptorSet of the files defining ``messages`` and all their dependencies.
+
+    Dependencies come before the files that import them, as protoc orders them.
+    """
+    files = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+
+    def add(file: Any) -> None:  # a FileDescriptor (upb's or the pure-Python one)
+        if file.name in seen:
+            return
+        seen.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        file.CopyToProto(files.file.add())
+
+    for message in messages:
+        add(message.DESCRIPTOR.file)
+    return files.SerializeToString()
+
+
+def job_type_to_proto(plugin: JobPlugin, handler: str) -> pb.JobType:
+    """The wire description of a job plugin, run by ``handler``."""
+    policy = plugin.retry
+    declared = [t for t in (plugin.input_type, plugin.output_type) if t is not None]
+    return pb.JobType(
+        name=plugin.type,
+        description=plugin.description,
+        handler=handler,
+        input_type=plugin.input_type.DESCRIPTOR.full_name if plugin.input_type else "",
+        output_type=plugin.output_type.DESCRIPTOR.full_name if plugin.output_type else "",
+        retry_policy=pb.RetryPolicy(
+            max_attempts=policy.max_attempts,
+            initial_backoff=_duration(policy.initial_backoff),
+            max_backoff=_duration(policy.max_backoff),
+            multiplier=policy.multiplier,
+            jitter=policy.jitter,
+        ),
+        timeout=_duration(plugin.timeout) if plugin.timeout is not None else None,
+        file_descriptor_set=descriptor_set(*declared) if declared else b"",
+    )

@@ -42,7 +42,17 @@ from typing import Any
 from ajs_grpc.connectors.base import Claim, Connector
 from ajs_grpc.errors import AjsError, Code
 from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.jobs import NO_RETRY, CancelSignal, JobContext, JobReturn, JobTimeout, Retry, failure, to_update
+from ajs_grpc.jobs import (
+    NO_RETRY,
+    CancelSignal,
+    JobContext,
+    JobReturn,
+    JobTimeout,
+    PermanentError,
+    Retry,
+    failure,
+    to_update,
+)
 from ajs_grpc.model import ErrorStatus, RequestState, Update, now
 
 __all__ = ["Dispatcher"]
@@ -53,6 +63,9 @@ log = logging.getLogger(__name__)
 ABANDON_AFTER = 1.0
 # Pause after a connector error in a background loop, so a broken store is not hammered.
 ERROR_BACKOFF = 0.5
+# Cancellations of jobs not running here that are remembered, in case their claim
+# arrives just after (ids of other servers' jobs pass through too, hence the bound).
+RECENT_CANCELS = 1024
 
 
 class _StopReason(enum.Enum):
@@ -73,6 +86,9 @@ class _Execution:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     timers: list[asyncio.TimerHandle] = dataclasses.field(default_factory=list)
+    runner: asyncio.Task[None] | None = None
+    # An earlier run of the same job on this server, still stopping.
+    after: asyncio.Task[None] | None = None
 
     @property
     def request_id(self) -> str:
@@ -126,6 +142,8 @@ class Dispatcher:
         self.retention = retention
         self.worker_id = worker_id or default_worker_id()
         self._running: dict[str, _Execution] = {}
+        self._recent_cancels: dict[str, None] = {}  # insertion-ordered, bounded
+        self._renewed_at = 0.0
         self.abandoned: set[asyncio.Task[JobReturn]] = set()
         """Tasks of jobs that ignored cancellation and were given up on; they may still run."""
         self._runners: set[asyncio.Task[None]] = set()
@@ -142,6 +160,7 @@ class Dispatcher:
     async def start(self) -> None:
         """Recovers expired leases, then starts claiming and the background loops."""
         self.connector.add_listener(self)
+        self._renewed_at = asyncio.get_running_loop().time()
         await self._housekeep()
         self._claimer = asyncio.create_task(self._claim_loop(), name="ajs-claim")
         self._background = [
@@ -181,6 +200,10 @@ class Dispatcher:
         execution = self._running.get(request_id)
         if execution is not None:
             self._stop_job(execution, _StopReason.CLIENT)
+        else:  # perhaps claimed by us in the same commit, and not started yet
+            self._recent_cancels[request_id] = None
+            while len(self._recent_cancels) > RECENT_CANCELS:
+                del self._recent_cancels[next(iter(self._recent_cancels))]
 
     # -- claiming ------------------------------------------------------------
 
@@ -214,10 +237,22 @@ class Dispatcher:
 
     def _start_job(self, claim: Claim) -> None:
         execution = _Execution(claim, CancelSignal())
-        self._running[execution.request_id] = execution
-        runner = asyncio.create_task(self._run(execution), name=f"ajs-job-{execution.request_id}")
+        request_id = execution.request_id
+        earlier = self._running.get(request_id)
+        if earlier is not None:
+            # Our own earlier run lost its lease (renewals failed) and the job was
+            # recovered and claimed again: the earlier run must stop, and the new
+            # one waits for it, so one server never runs a job twice at once.
+            self._stop_job(earlier, _StopReason.LEASE_LOST)
+            execution.after = earlier.runner
+        self._running[request_id] = execution
+        runner = asyncio.create_task(self._run(execution), name=f"ajs-job-{request_id}")
+        execution.runner = runner
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
+        if request_id in self._recent_cancels:
+            # Its cancellation was delivered before the claim was (one commit held both).
+            self._stop_job(execution, _StopReason.CLIENT)
 
     # -- background loops ----------------------------------------------------
 
@@ -230,15 +265,29 @@ class Dispatcher:
                 log.exception("%s failed; trying again in %.1fs", step.__name__, seconds)
 
     async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
         if not self._running:
+            self._renewed_at = loop.time()
             return
-        leases = {request_id: e.claim.lease_token for request_id, e in self._running.items()}
-        lost = await self.connector.renew(leases, self.lease)
-        for request_id in lost:
-            execution = self._running.get(request_id)
-            if execution is not None:
-                log.warning("lost the lease on request %s; stopping it", request_id)
+        running = dict(self._running)
+        leases = {request_id: e.claim.lease_token for request_id, e in running.items()}
+        try:
+            renewal = await self.connector.renew(leases, self.lease)
+        except Exception:
+            if loop.time() - self._renewed_at < self.lease * 2 / 3:
+                raise
+            # The leases run out before the next heartbeat: another server may then
+            # run these jobs, so they stop now.
+            log.error("could not renew leases; stopping %d job(s) before they run out", len(running))
+            for execution in running.values():
                 self._stop_job(execution, _StopReason.LEASE_LOST)
+            raise
+        self._renewed_at = loop.time()
+        for request_id in renewal.lost:
+            log.warning("lost the lease on request %s; stopping it", request_id)
+            self._stop_job(running[request_id], _StopReason.LEASE_LOST)
+        for request_id in renewal.cancel_requested:
+            self._stop_job(running[request_id], _StopReason.CLIENT)
 
     async def _housekeep(self) -> None:
         recovered = await self.connector.recover_expired()
@@ -256,6 +305,8 @@ class Dispatcher:
         await self.connector.respond(execution.request_id, update, execution.claim.lease_token)
 
     async def _run(self, execution: _Execution) -> None:
+        if execution.after is not None:
+            await asyncio.wait({execution.after})
         job = execution.claim.job
         handler = self.chain.handler_for(job.request.type)
         plugin = self.chain.plugin_for(job.request.type)
@@ -266,8 +317,13 @@ class Dispatcher:
         async def report(update: Update) -> None:
             await self._report(execution, update)
 
-        ctx = JobContext(job.request, job.attempt, report, execution.cancel)
-        task = asyncio.create_task(handler.handle(ctx))
+        try:
+            decoded = plugin.decode_input(job.request.input) if plugin is not None else None
+        except AjsError as bad_input:  # checked at submit; the plugin changed since
+            decoded, handle = None, _raise(bad_input)
+        else:
+            handle = handler.handle(JobContext(job.request, job.attempt, report, execution.cancel, decoded))
+        task = asyncio.create_task(handle)
         execution.task = task
         try:
             either: set[asyncio.Future[Any]] = {task, execution.abandoned}
@@ -287,7 +343,8 @@ class Dispatcher:
         finally:
             for timer in execution.timers:
                 timer.cancel()
-            del self._running[execution.request_id]
+            if self._running.get(execution.request_id) is execution:
+                del self._running[execution.request_id]
             self._wake.set()
 
     def _outcome(self, execution: _Execution, task: asyncio.Task[JobReturn]) -> Update | None:
@@ -298,13 +355,19 @@ class Dispatcher:
                 return self._failed(execution, RuntimeError("the job's task was cancelled from within"))
             return self._stopped(execution, None, "the job stopped")
         error = task.exception()
-        if reason is not None and (error is not None or reason is _StopReason.CLIENT):
+        # Once told to stop, a job that returns has most likely given up early:
+        # its end is the stop's (cancelled, timed out, handed back), not FINISHED.
+        if reason is not None:
             return self._stopped(execution, error, "the job stopped")
         if error is None:
             try:
-                return to_update(task.result())
+                update = to_update(task.result())
+                plugin = self.chain.plugin_for(execution.claim.job.request.type)
+                if plugin is not None:
+                    plugin.check_output(update.output)
+                return update
             except Exception as bad_return:  # what the job returned cannot be stored
-                error = bad_return
+                error = PermanentError(str(bad_return))
         return self._failed(execution, error)
 
     def _stopped(self, execution: _Execution, error: BaseException | None, detail: str) -> Update | None:
@@ -315,7 +378,7 @@ class Dispatcher:
             return None  # another server owns the job now
         if reason is _StopReason.SHUTDOWN:
             # Handed back: a durable connector runs it again after restart.
-            return Update(RequestState.CREATED, data={"reason": f"{reason.value}; {detail}"})
+            return Update(RequestState.CREATED, data={"reason": f"{reason.value}; {detail}"}, refund_attempt=True)
         if reason is _StopReason.TIMEOUT:
             plugin = self.chain.plugin_for(execution.claim.job.request.type)
             limit = plugin.timeout if plugin is not None else None
@@ -384,6 +447,10 @@ def _status(error: BaseException) -> ErrorStatus:
     if isinstance(error, Retry):
         return ErrorStatus(Code.UNAVAILABLE, str(error), reason="RETRY_REQUESTED")
     return failure(error)
+
+
+async def _raise(error: BaseException) -> JobReturn:
+    raise error
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

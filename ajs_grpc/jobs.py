@@ -24,6 +24,7 @@ naming a :class:`JobPlugin` (what :func:`job` returns).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import inspect
@@ -33,9 +34,9 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeAlias
 
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from ajs_grpc.errors import Code
+from ajs_grpc.errors import AjsError, Code, FieldViolation, InvalidArgument
 from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Update
 
 __all__ = [
@@ -121,7 +122,7 @@ class RetryPolicy:
         """True when ``error`` may be retried (attempts aside)."""
         if isinstance(error, Retry):
             return True
-        if isinstance(error, PermanentError):
+        if isinstance(error, PermanentError) or (isinstance(error, AjsError) and error.code in _PERMANENT_CODES):
             return False
         return isinstance(error, self.retry_on)
 
@@ -131,6 +132,19 @@ class RetryPolicy:
         spread = base * self.jitter
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 
+
+# Project errors whose cause another attempt cannot remove (bad input, a type nobody runs, ...).
+_PERMANENT_CODES = frozenset(
+    {
+        Code.INVALID_ARGUMENT,
+        Code.NOT_FOUND,
+        Code.ALREADY_EXISTS,
+        Code.PERMISSION_DENIED,
+        Code.FAILED_PRECONDITION,
+        Code.UNIMPLEMENTED,
+        Code.UNAUTHENTICATED,
+    }
+)
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 """The policy of jobs that must never run twice."""
@@ -176,11 +190,20 @@ class CancelSignal:
 class _BaseContext:
     """What every job context holds."""
 
-    def __init__(self, request: Request, attempt: int, report: Reporter, cancel: CancelSignal) -> None:
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        report: Reporter,
+        cancel: CancelSignal,
+        input: Message | None = None,  # noqa: A002 - the contract's name
+    ) -> None:
         self.request = request
         """The request being run."""
         self.attempt = attempt
         """1 on the first run; higher when the job runs again."""
+        self.input = input
+        """``request.input`` decoded as the job's ``input_type`` (None if it has none)."""
         self._report = report
         self._cancel = cancel
 
@@ -227,7 +250,7 @@ class SyncJobContext(_BaseContext):
     """The context of a plain-function job, which runs in a worker thread."""
 
     def __init__(self, context: JobContext, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(context.request, context.attempt, context._report, context._cancel)
+        super().__init__(context.request, context.attempt, context._report, context._cancel, context.input)
         self._loop = loop
 
     def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
@@ -257,6 +280,13 @@ class JobPlugin:
         retry: when it runs again after a failure or a crash.
         timeout: seconds an attempt may run before it is cancelled and fails
             with DEADLINE_EXCEEDED; None for no limit.
+        input_type: the protobuf message ``Request.input`` must hold (checked at
+            submit; the job gets it decoded as ``ctx.input``); None if the job
+            takes no typed input.
+        output_type: the protobuf message the job returns (packed into the final
+            ``Response.output``); None if it returns none.
+        handler: the handler that runs it when the configuration names none
+            (``internal``, or ``process`` for CPU-bound plain functions).
     """
 
     type: str
@@ -264,15 +294,69 @@ class JobPlugin:
     description: str = ""
     retry: RetryPolicy = RetryPolicy()
     timeout: float | None = None
+    input_type: builtins.type[Message] | None = None
+    output_type: builtins.type[Message] | None = None
+    handler: str = "internal"
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError("timeout must be positive")
+        if not callable(self.function):
+            raise TypeError(f"job {self.type!r}: its function is not callable")
+        try:
+            inspect.signature(self.function).bind(None, None)
+        except TypeError:
+            raise TypeError(f"job {self.type!r}: its function must take (request, ctx)") from None
+        except ValueError:  # no signature to inspect (a builtin): trust it
+            pass
+        for name, declared in (("input_type", self.input_type), ("output_type", self.output_type)):
+            if declared is not None and not (isinstance(declared, type) and issubclass(declared, Message)):
+                raise TypeError(f"job {self.type!r}: {name} must be a protobuf message class")
+
+    def decode_input(self, payload: any_pb2.Any | None) -> Message | None:
+        """Checks a request's ``input`` against ``input_type`` and decodes it.
+
+        Raises:
+            InvalidArgument: with a field violation on ``request.input``.
+        """
+        if self.input_type is None:
+            if payload is not None and payload.type_url:
+                raise _bad_input(f"job type {self.type!r} takes no typed input (use data)")
+            return None
+        expected = self.input_type.DESCRIPTOR.full_name
+        if payload is None or not payload.type_url:
+            raise _bad_input(f"is required: job type {self.type!r} takes a {expected}")
+        if payload.TypeName() != expected:
+            raise _bad_input(f"must hold a {expected}, not a {payload.TypeName() or payload.type_url!r}")
+        message = self.input_type()
+        try:
+            message.ParseFromString(payload.value)
+        except DecodeError as error:
+            raise _bad_input(f"is not a valid {expected}: {error}") from None
+        return message
+
+    def check_output(self, output: Message | None) -> None:
+        """Raises TypeError unless ``output`` is what ``output_type`` declares."""
+        if self.output_type is None or output is None:
+            return
+        name = output.TypeName() if isinstance(output, any_pb2.Any) else output.DESCRIPTOR.full_name
+        if name != self.output_type.DESCRIPTOR.full_name:
+            raise TypeError(
+                f"job {self.type!r} returned a {name}, not the {self.output_type.DESCRIPTOR.full_name} it declares"
+            )
 
     @property
     def is_async(self) -> bool:
         """True for ``async def`` jobs."""
         return inspect.iscoroutinefunction(self.function)
+
+
+def _bad_input(description: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"invalid request: request.input: {description}",
+        [FieldViolation("request.input", description)],
+        reason="INVALID_INPUT",
+    )
 
 
 def job(
@@ -281,19 +365,27 @@ def job(
     description: str = "",
     retry: RetryPolicy | None = None,
     timeout: float | None = None,
+    input_type: type[Message] | None = None,
+    output_type: type[Message] | None = None,
+    handler: str = "internal",
 ) -> Callable[[Callable[..., Any]], JobPlugin]:
-    """Declares a function as the job plugin for ``type``.
+    """Declares a function as the job plugin for ``type``; the arguments are :class:`JobPlugin`'s.
 
-    Args:
-        type: the request type it runs.
-        description: one line for humans; defaults to the docstring's first line.
-        retry: its retry policy (default: :class:`RetryPolicy` ()).
-        timeout: seconds an attempt may run; None for no limit.
+    ``description`` defaults to the first line of the function's docstring.
     """
 
     def declare(function: Callable[..., Any]) -> JobPlugin:
         doc = (inspect.getdoc(function) or "").splitlines()
-        return JobPlugin(type, function, description or (doc[0] if doc else ""), retry or RetryPolicy(), timeout)
+        return JobPlugin(
+            type,
+            function,
+            description or (doc[0] if doc else ""),
+            retry or RetryPolicy(),
+            timeout,
+            input_type,
+            output_type,
+            handler,
+        )
 
     return declare
 

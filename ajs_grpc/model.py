@@ -158,6 +158,9 @@ class Update:
     error: ErrorStatus | None = None
     run_after: datetime | None = None
     """For a job handed back to the queue (CREATED): not claimed before this time."""
+    refund_attempt: bool = False
+    """For a job handed back to the queue (CREATED) by its server, not by a failure
+    (a shutdown): the attempt does not count against ``max_attempts``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
@@ -264,8 +267,11 @@ class Job:
             progress=update.progress,
             error=update.error,
         )
-        claimed = self.state is RequestState.CREATED and update.state is RequestState.PENDING
-        attempt = self.attempt + 1 if claimed else self.attempt
+        attempt = self.attempt
+        if self.state is RequestState.CREATED and update.state is RequestState.PENDING:
+            attempt += 1  # a claim
+        elif update.state is RequestState.CREATED and update.refund_attempt:
+            attempt -= 1
         queued = update.state is RequestState.CREATED
         job = dataclasses.replace(
             self,
@@ -300,6 +306,9 @@ class Job:
         The job goes back to the queue to run at once if its attempts allow,
         else it ends FAILED (a job whose cancellation was asked for ends CANCELLED).
         """
+        if self.cancel_requested:
+            error = ErrorStatus(Code.CANCELLED, "cancelled by client; its server stopped first", "CANCELLED_BY_CLIENT")
+            return self.advance(Update(RequestState.CANCELLED, error=error), at)
         message = f"the server running attempt {self.attempt} stopped (its lease expired)"
         if self.attempts_left:
             error = ErrorStatus(Code.ABORTED, message, "LEASE_EXPIRED")

@@ -22,7 +22,7 @@ from ajs_grpc.connectors.base import Connector
 from ajs_grpc.dispatcher import Dispatcher
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.plugins import HandlerSpec, build_chain, load_connector
-from ajs_grpc.service import SERVICE_NAME, JobService
+from ajs_grpc.service import MAX_INPUT_BYTES, SERVICE_NAME, JobService
 
 __all__ = ["AjsServer", "ServerConfig", "serve"]
 
@@ -46,6 +46,7 @@ class ServerConfig:
         rpc_grace: seconds open calls (watches) get when the server stops.
         lease: seconds a claimed job's lease lasts (renewed while it runs).
         retention: seconds ended jobs are kept; None keeps them forever.
+        max_input_bytes: the largest typed ``Request.input`` accepted.
     """
 
     address: str = "127.0.0.1:50051"
@@ -58,6 +59,7 @@ class ServerConfig:
     rpc_grace: float = 5.0
     lease: float = 30.0
     retention: float | None = 7 * 24 * 3600.0
+    max_input_bytes: int = MAX_INPUT_BYTES
 
 
 class AjsServer:
@@ -88,7 +90,7 @@ class AjsServer:
             lease=config.lease,
             retention=config.retention,
         )
-        self.service = JobService(self.connector, self.chain.max_attempts)
+        self.service = JobService(self.connector, self.chain, max_input_bytes=config.max_input_bytes)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port = 0

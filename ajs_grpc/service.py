@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from ajs_grpc import convert
 from ajs_grpc.connectors.base import Connector, JobFilter
 from ajs_grpc.errors import AjsError, FieldViolation, Internal, InvalidArgument, Unavailable
+from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.model import Request, RequestState
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
@@ -38,6 +39,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 MAX_ID_LENGTH = 128
 MAX_TYPE_LENGTH = 128
 DEFAULT_PAGE_SIZE = 50
+# The largest typed input accepted by default (gRPC's own receive limit is 4 MiB).
+MAX_INPUT_BYTES = 1024 * 1024
 MAX_PAGE_SIZE = 1000
 # Ids: printable ASCII without spaces. Types: names such as "echo" or "images.resize".
 _ID = re.compile(r"[!-~]+")
@@ -162,13 +165,14 @@ class JobService:
 
     Args:
         connector: the queue.
-        max_attempts: how many attempts a new request of a type gets.
+        chain: the handler chain, which knows each type's plugin and its contract.
+        max_input_bytes: the largest ``Request.input`` accepted.
     """
 
-    def __init__(self, connector: Connector, max_attempts: Callable[[str], int] = lambda _: 1) -> None:
+    def __init__(self, connector: Connector, chain: HandlerChain, *, max_input_bytes: int = MAX_INPUT_BYTES) -> None:
         self.connector = connector
-        self.max_attempts = max_attempts
-        """The number of attempts a new request of a type gets (its retry policy's)."""
+        self.chain = chain
+        self.max_input_bytes = max_input_bytes
         self.accepting = True
         """False once the server drains: submits are then UNAVAILABLE."""
 
@@ -179,10 +183,34 @@ class JobService:
         if not message.HasField("request"):
             raise _invalid([FieldViolation("request", "is required")])
         request = validate_request(message.request)
-        job, created = await self.connector.enqueue(request, self.max_attempts(request.type))
+        self._check_input(request)
+        job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
         if created:
             log.debug("queued request %s of type %s", job.request.id, job.request.type)
         return pb.SubmitRequestResponse(job=convert.job_to_proto(job), created=created)
+
+    def _check_input(self, request: Request) -> None:
+        """Checks the typed input against the size limit and the job type's contract."""
+        size = request.input.ByteSize() if request.input is not None else 0
+        if size > self.max_input_bytes:
+            description = f"is {size} bytes, more than the limit of {self.max_input_bytes}"
+            raise InvalidArgument(
+                f"invalid request: request.input: {description}",
+                [FieldViolation("request.input", description)],
+                reason="INPUT_TOO_LARGE",
+            )
+        plugin = self.chain.plugin_for(request.type)
+        if plugin is not None:  # types nobody runs fail later, through the reject handler
+            plugin.decode_input(request.input)
+
+    async def list_job_types(self, message: pb.ListJobTypesRequest) -> pb.ListJobTypesResponse:
+        """Describes every runnable job type with its typed contract."""
+        types = [
+            convert.job_type_to_proto(plugin, handler.name)
+            for name, handler in sorted(self.chain.types, key=lambda pair: pair[0])
+            if (plugin := handler.plugin(name)) is not None
+        ]
+        return pb.ListJobTypesResponse(job_types=types)
 
     async def watch_job(self, message: pb.WatchJobRequest) -> AsyncIterator[pb.WatchJobResponse]:
         """Streams a request's Responses after ``after_sequence``, ending after the final one."""
@@ -225,6 +253,7 @@ class JobService:
                 "GetJob": _unary(pb.GetJobRequest, self.get_job),
                 "ListJobs": _unary(pb.ListJobsRequest, self.list_jobs),
                 "CancelJob": _unary(pb.CancelJobRequest, self.cancel_job),
+                "ListJobTypes": _unary(pb.ListJobTypesRequest, self.list_job_types),
             },
         )
 

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Mapping
 
+from google.protobuf import wrappers_pb2
+
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
 from ajs_grpc.handlers.reject import RejectRequestHandler
@@ -136,6 +138,19 @@ def sync_deaf(request: Request, ctx: SyncJobContext) -> None:
     deaf_release.wait(30)
 
 
+@job("shout", input_type=wrappers_pb2.StringValue, output_type=wrappers_pb2.StringValue, retry=NO_RETRY)
+async def shout(request: Request, ctx: JobContext) -> wrappers_pb2.StringValue:
+    """A typed job: upper-cases its StringValue input."""
+    assert isinstance(ctx.input, wrappers_pb2.StringValue)
+    return wrappers_pb2.StringValue(value=ctx.input.value.upper())
+
+
+@job("wrong_output", output_type=wrappers_pb2.StringValue, retry=NO_RETRY)
+async def wrong_output(request: Request, ctx: JobContext) -> wrappers_pb2.Int64Value:
+    """Returns another message than the one it declares."""
+    return wrappers_pb2.Int64Value(value=1)
+
+
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.05, multiplier=2, jitter=0)
 
 
@@ -201,6 +216,8 @@ ALL = [
     bad_output,
     self_cancel,
     sync_deaf,
+    shout,
+    wrong_output,
 ]
 
 

@@ -22,7 +22,7 @@ from typing import ClassVar, Protocol
 from ajs_grpc.errors import FailedPrecondition
 from ajs_grpc.model import Job, Request, RequestState, Response, Update
 
-__all__ = ["Claim", "Connector", "ConnectorListener", "JobFilter", "Page"]
+__all__ = ["Claim", "Connector", "ConnectorListener", "JobFilter", "Page", "Renewal"]
 
 # Responses read from storage per round trip of a watch; bounds a watcher's memory.
 WATCH_BATCH = 256
@@ -37,6 +37,19 @@ class Claim:
 
     job: Job
     lease_token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Renewal:
+    """What :meth:`Connector.renew` found.
+
+    Attributes:
+        lost: ids whose lease is no longer held: the job must stop and write nothing.
+        cancel_requested: ids still held whose cancellation a client asked for.
+    """
+
+    lost: frozenset[str] = frozenset()
+    cancel_requested: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +160,13 @@ class Connector(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def renew(self, leases: Mapping[str, str], lease: float) -> set[str]:
+    async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
         """Extends the leases ``{request_id: lease_token}`` by ``lease`` seconds from now.
 
         Returns:
-            The ids whose lease is no longer held (the job must stop).
+            Which leases are no longer held, and which of the held jobs a client
+            asked to cancel (so a cancellation whose notification was missed
+            still reaches the job).
         """
 
     @abc.abstractmethod

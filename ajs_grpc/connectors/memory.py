@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
 from ajs_grpc.errors import AlreadyExists, NotFound
 from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
 
@@ -141,16 +141,19 @@ class MemoryConnector(Connector):
         return response
 
     @override
-    async def renew(self, leases: Mapping[str, str], lease: float) -> set[str]:
+    async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
         until = now() + timedelta(seconds=lease)
         lost: set[str] = set()
+        cancelled: set[str] = set()
         for request_id, token in leases.items():
             entry = self._entries.get(request_id)
             if entry is None or entry.lease_token != token:
                 lost.add(request_id)
-            else:
-                entry.lease_expires = until
-        return lost
+                continue
+            entry.lease_expires = until
+            if entry.job.cancel_requested:
+                cancelled.add(request_id)
+        return Renewal(frozenset(lost), frozenset(cancelled))
 
     @override
     async def recover_expired(self) -> int:

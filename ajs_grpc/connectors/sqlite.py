@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 from google.protobuf import any_pb2
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
 from ajs_grpc.errors import (
     AjsError,
     AlreadyExists,
@@ -285,6 +285,8 @@ class _Writer(threading.Thread):
                     outcomes = self._commit(connection, batch)
                 except Exception as error:  # a bug must not kill the writer and hang every caller
                     log.exception("the SQLite writer failed")
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
                     outcomes = [
                         (future, None, Internal(f"could not write to the queue: {error}")) for _, future in batch
                     ]
@@ -686,20 +688,24 @@ class SqliteConnector(Connector):
         return await self._write(write)
 
     @override
-    async def renew(self, leases: Mapping[str, str], lease: float) -> set[str]:
+    async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
         items = dict(leases)
 
-        def write(connection: sqlite3.Connection) -> _Done[set[str]]:
+        def write(connection: sqlite3.Connection) -> _Done[Renewal]:
             until = _us(now() + timedelta(seconds=lease))
-            lost = set()
+            lost: set[str] = set()
+            cancelled: set[str] = set()
             for request_id, token in items.items():
-                cursor = connection.execute(
-                    "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_token = ? AND state = 2",
+                row = connection.execute(
+                    "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_token = ? AND state = 2 "
+                    "RETURNING cancel_requested",
                     (until, request_id, token),
-                )
-                if cursor.rowcount == 0:
+                ).fetchone()
+                if row is None:
                     lost.add(request_id)
-            return _Done(lost)
+                elif row[0]:
+                    cancelled.add(request_id)
+            return _Done(Renewal(frozenset(lost), frozenset(cancelled)))
 
         return await self._write(write)
 

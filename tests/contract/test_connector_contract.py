@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Renewal
 from ajs_grpc.errors import AlreadyExists, Code, FailedPrecondition, NotFound
 from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Response, Update, now
 
@@ -448,7 +448,7 @@ async def test_renew_keeps_a_lease_alive(connector: Connector) -> None:
     assert claim is not None
     for _ in range(3):
         await asyncio.sleep(0.1)
-        assert await connector.renew({"a": claim.lease_token}, 0.2) == set()
+        assert await connector.renew({"a": claim.lease_token}, 0.2) == Renewal()
     assert await connector.recover_expired() == 0
     assert (await connector.get("a")).state is S.PENDING
 
@@ -457,7 +457,16 @@ async def test_renew_reports_leases_not_held(connector: Connector) -> None:
     await connector.enqueue(request("a"))
     claim = await claim_one(connector)
     assert claim is not None
-    assert await connector.renew({"a": "stolen", "ghost": "x"}, 30) == {"a", "ghost"}
+    assert (await connector.renew({"a": "stolen", "ghost": "x"}, 30)).lost == {"a", "ghost"}
+
+
+async def test_renew_reports_cancellations_of_held_jobs(connector: Connector) -> None:
+    await connector.enqueue(request("a"))
+    await connector.enqueue(request("b"))
+    claims = {c.job.request.id: c.lease_token for c in await connector.claim("w1", limit=2)}
+    await connector.cancel("a")
+    renewal = await connector.renew(claims, 30)
+    assert renewal == Renewal(lost=frozenset(), cancel_requested=frozenset({"a"}))
 
 
 async def test_an_expired_lease_requeues_the_job_for_another_attempt(connector: Connector) -> None:
@@ -476,7 +485,7 @@ async def test_an_expired_lease_requeues_the_job_for_another_attempt(connector: 
     # The old holder can no longer write.
     with pytest.raises(FailedPrecondition):
         await connector.respond("a", Update(S.FINISHED), first.lease_token)
-    assert await connector.renew({"a": first.lease_token}, 30) == {"a"}
+    assert (await connector.renew({"a": first.lease_token}, 30)).lost == {"a"}
 
 
 async def test_an_expired_lease_without_attempts_left_fails_the_job(connector: Connector) -> None:

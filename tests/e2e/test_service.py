@@ -8,6 +8,7 @@ import base64
 import grpc
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -69,14 +70,68 @@ async def test_submit_then_watch_to_the_final_response(stub: pb_grpc.JobServiceS
     assert [round(r.progress.fraction, 3) for r in responses[2:5]] == [0.333, 0.667, 1.0]
 
 
-async def test_typed_input_is_carried_through(stub: pb_grpc.JobServiceStub) -> None:
+async def test_typed_input_is_decoded_for_the_job_and_its_output_returned(stub: pb_grpc.JobServiceStub) -> None:
     payload = any_pb2.Any()
     payload.Pack(wrappers_pb2.StringValue(value="hello"))
-    request = pb.Request(id="typed", type="echo", input=payload)
+    request = pb.Request(id="typed", type="shout", input=payload)
     reply = await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
-    got = await stub.GetJob(pb.GetJobRequest(request_id="typed"))
     assert reply.job.request.input == payload
-    assert got.job.request.input == payload
+    final = (await watch(stub, "typed"))[-1]
+    assert final.state == State.REQUEST_STATE_FINISHED
+    output = wrappers_pb2.StringValue()
+    assert final.output.Unpack(output)
+    assert output.value == "HELLO"
+
+
+def packed(message: Message) -> any_pb2.Any:
+    payload = any_pb2.Any()
+    payload.Pack(message)
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("type_", "payload", "says"),
+    [
+        ("shout", None, "is required"),
+        ("shout", packed(wrappers_pb2.Int64Value(value=1)), "must hold a google.protobuf.StringValue"),
+        (
+            "shout",
+            any_pb2.Any(type_url="type.googleapis.com/google.protobuf.StringValue", value=b"\x0a\x05ab"),
+            "not a valid",
+        ),
+        ("echo", packed(wrappers_pb2.StringValue(value="x")), "takes no typed input"),
+    ],
+)
+async def test_a_wrong_input_is_invalid_argument_naming_request_input(
+    stub: pb_grpc.JobServiceStub, type_: str, payload: any_pb2.Any | None, says: str
+) -> None:
+    request = pb.Request(type=type_)
+    if payload is not None:
+        request.input.CopyFrom(payload)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = bad_request(raised.value)
+    assert [field for field, _ in violations] == ["request.input"]
+    assert says in violations[0][1]
+    assert list((await stub.ListJobs(pb.ListJobsRequest())).jobs) == []
+
+
+async def test_an_input_over_the_limit_is_invalid_argument(server: AjsServer, stub: pb_grpc.JobServiceStub) -> None:
+    server.service.max_input_bytes = 100
+    request = pb.Request(type="shout", input=packed(wrappers_pb2.StringValue(value="x" * 200)))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(raised.value).reason == "INPUT_TOO_LARGE"
+    assert "more than the limit of 100" in bad_request(raised.value)[0][1]
+
+
+async def test_an_output_of_the_wrong_type_fails_the_job(stub: pb_grpc.JobServiceStub) -> None:
+    reply = await stub.SubmitRequest(submit_request("wrong_output"))
+    final = (await watch(stub, reply.job.request.id))[-1]
+    assert final.state == State.REQUEST_STATE_FAILED
+    assert "not the google.protobuf.StringValue it declares" in final.error.message
 
 
 async def test_watching_a_finished_job_replays_and_ends(stub: pb_grpc.JobServiceStub) -> None:

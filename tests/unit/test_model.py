@@ -121,3 +121,23 @@ def test_request_data_cannot_be_changed_after_creation() -> None:
     assert request.data["a"] == "1"
     with pytest.raises(TypeError):
         request.data["a"] = "3"  # type: ignore[index]
+
+
+def test_an_expired_lease_of_a_cancelled_job_ends_it_cancelled_even_without_attempts_left() -> None:
+    job, _ = Job.create(Request(id="r", type="t"), max_attempts=1)
+    job, _ = job.advance(Update(S.PENDING))
+    job, _ = job.cancel()
+    job, response = job.expire()
+    assert job.state is S.CANCELLED
+    assert response.is_final
+
+
+def test_a_refunded_hand_back_does_not_use_up_an_attempt() -> None:
+    job, _ = Job.create(Request(id="r", type="t"), max_attempts=1)
+    job, _ = job.advance(Update(S.PENDING))
+    job, _ = job.advance(Update(S.CREATED, refund_attempt=True))
+    assert job.attempt == 0
+    assert job.attempts_left
+    job, _ = job.advance(Update(S.PENDING))
+    assert job.attempt == 1
+    assert not job.attempts_left

@@ -10,6 +10,7 @@ Field numbers are never reused or renumbered.
 from collections import abc as _abc
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -579,3 +580,144 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ListJobTypesRequest(_message.Message):
+    """The request of JobService.ListJobTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobTypesRequest: _TypeAlias = ListJobTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListJobTypesResponse(_message.Message):
+    """The response of JobService.ListJobTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobType]:
+        """Every runnable type, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        job_types: _abc.Iterable[Global___JobType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_types", b"job_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobTypesResponse: _TypeAlias = ListJobTypesResponse  # noqa: Y015
+
+@_typing.final
+class JobType(_message.Message):
+    """A type of job the server runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
+    INPUT_TYPE_FIELD_NUMBER: _builtins.int
+    OUTPUT_TYPE_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    FILE_DESCRIPTOR_SET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The request type, as in Request.type."""
+    description: _builtins.str
+    """One line for humans."""
+    handler: _builtins.str
+    """The request handler that runs it (the first in the chain that can)."""
+    input_type: _builtins.str
+    """The full name of the message Request.input must hold; empty if the type
+    takes no typed input (only data).
+    """
+    output_type: _builtins.str
+    """The full name of the message the final Response.output holds; empty if none."""
+    file_descriptor_set: _builtins.bytes
+    """A serialized google.protobuf.FileDescriptorSet with the files that define
+    input_type and output_type and all their dependencies.
+    """
+    @_builtins.property
+    def retry_policy(self) -> Global___RetryPolicy:
+        """When a failed attempt runs again."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long one attempt may run; unset for no limit."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        handler: _builtins.str = ...,
+        input_type: _builtins.str = ...,
+        output_type: _builtins.str = ...,
+        retry_policy: Global___RetryPolicy | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        file_descriptor_set: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "file_descriptor_set", b"file_descriptor_set", "handler", b"handler", "input_type", b"input_type", "name", b"name", "output_type", b"output_type", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobType: _TypeAlias = JobType  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """When and how a failed job runs again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    MULTIPLIER_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """Claims allowed in all (crashes included); 1 means never retried."""
+    multiplier: _builtins.float
+    """How much the wait grows per attempt."""
+    jitter: _builtins.float
+    """Random spread of each wait, as a fraction of it."""
+    @_builtins.property
+    def initial_backoff(self) -> _duration_pb2.Duration:
+        """The wait before the second attempt."""
+
+    @_builtins.property
+    def max_backoff(self) -> _duration_pb2.Duration:
+        """The longest wait between attempts."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        initial_backoff: _duration_pb2.Duration | None = ...,
+        max_backoff: _duration_pb2.Duration | None = ...,
+        multiplier: _builtins.float = ...,
+        jitter: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "multiplier", b"multiplier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015

@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=ajs_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobTypes = channel.unary_unary(
+                '/ajs.v1.JobService/ListJobTypes',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -107,6 +112,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobTypes(self, request, context):
+        """Lists the job types this server runs, with their typed contracts: enough for
+        a client without the .proto files to build inputs and read outputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +147,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=ajs_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
                     response_serializer=ajs_dot_v1_dot_job__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListJobTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobTypes,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +290,33 @@ class JobService:
             '/ajs.v1.JobService/CancelJob',
             ajs_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
             ajs_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/ListJobTypes',
+            ajs_dot_v1_dot_job__service__pb2.ListJobTypesRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.ListJobTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,10 @@ class JobServiceStub:
     signalled and ends CANCELLED when it stops (or after the grace period).
     Cancelling a finished job fails with FAILED_PRECONDITION.
     """
+    ListJobTypes: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobTypesRequest, _job_service_pb2.ListJobTypesResponse]
+    """Lists the job types this server runs, with their typed contracts: enough for
+    a client without the .proto files to build inputs and read outputs.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -80,6 +84,10 @@ class JobServiceAsyncStub(JobServiceStub):
     """Cancels a job. A queued job ends CANCELLED at once; a running job is
     signalled and ends CANCELLED when it stops (or after the grace period).
     Cancelling a finished job fails with FAILED_PRECONDITION.
+    """
+    ListJobTypes: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobTypesRequest, _job_service_pb2.ListJobTypesResponse]  # type: ignore[assignment]
+    """Lists the job types this server runs, with their typed contracts: enough for
+    a client without the .proto files to build inputs and read outputs.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -132,6 +140,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cancels a job. A queued job ends CANCELLED at once; a running job is
         signalled and ends CANCELLED when it stops (or after the grace period).
         Cancelling a finished job fails with FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobTypes(
+        self,
+        request: _job_service_pb2.ListJobTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListJobTypesResponse, _abc.Awaitable[_job_service_pb2.ListJobTypesResponse]]:
+        """Lists the job types this server runs, with their typed contracts: enough for
+        a client without the .proto files to build inputs and read outputs.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
