@@ -3,7 +3,8 @@
 Exit codes: 0 success (a watched job FINISHED); 1 the job FAILED; 2 usage
 error; 3 the job was CANCELLED; 4 the server is unreachable or not serving;
 5 the server refused the call (bad input, no such job, ...); 6 ``ajs serve``
-could not start (address taken, unusable database, missing plugin).
+could not start (address taken, unusable database); 7 the configuration is
+invalid; 8, 9, 10 a connector, handler or job plugin is missing or broken.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import sys
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+from google.protobuf import any_pb2, json_format
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ajs_grpc import __version__
+from ajs_grpc import __version__, convert, dynamic
 from ajs_grpc.client import DEFAULT_TARGET, AsyncClient
-from ajs_grpc.errors import AjsError, Code
+from ajs_grpc.errors import AjsError, Code, InvalidArgument
 from ajs_grpc.model import Job, RequestState, Response
-from ajs_grpc.plugins import HandlerSpec
+from ajs_grpc.plugins import HandlerSpec, PluginDirs, PluginError, discover
+from ajs_grpc.proto.ajs.v1.job_service_pb2 import JobType as JobTypeMessage
+from ajs_grpc.service import MAX_INPUT_BYTES
 
 __all__ = ["main"]
 
@@ -37,6 +42,8 @@ EXIT_CANCELLED = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
 EXIT_STARTUP = 6
+EXIT_CONFIG = 7
+EXIT_PLUGIN = {"config": EXIT_CONFIG, "connector": 8, "handler": 9, "job": 10}
 
 _EXIT_FOR_STATE = {
     RequestState.FINISHED: EXIT_OK,
@@ -104,7 +111,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ajs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run a server until SIGTERM or Ctrl+C")
+    plugin_options = argparse.ArgumentParser(add_help=False)
+    plugin_options.add_argument(
+        "--handler",
+        dest="handlers",
+        action="append",
+        type=_handler_spec,
+        metavar="NAME=TYPE,...",
+        help="a handler and the job types it runs, in chain order (repeat; default: each job on its own handler)",
+    )
+    for kind in ("jobs", "handlers", "connectors"):
+        plugin_options.add_argument(
+            f"--{kind}-dir",
+            dest=f"{kind}_dirs",
+            action="append",
+            type=Path,
+            default=[],
+            metavar="DIR",
+            help=f"a directory of {kind[:-1]} plugin modules (repeat)",
+        )
+
+    serve = commands.add_parser("serve", parents=[plugin_options], help="run a server until SIGTERM or Ctrl+C")
     serve.add_argument("--address", default=DEFAULT_TARGET, help="HOST:PORT to listen on (default %(default)s)")
     serve.add_argument(
         "--connector", default="sqlite", help="connector plugin: sqlite (durable), memory, ... (default %(default)s)"
@@ -126,12 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-jobs", type=int, default=8, help="jobs running at once (default %(default)s)")
     serve.add_argument(
-        "--handler",
-        dest="handlers",
-        action="append",
-        type=_handler_spec,
-        metavar="NAME=TYPE,...",
-        help="a handler and the job types it runs, in chain order (repeat; default: 'internal' runs every job)",
+        "--max-input-size", type=int, default=MAX_INPUT_BYTES, metavar="BYTES", help="largest Request.input (1 MiB)"
     )
     serve.add_argument(
         "--cancel-grace", type=_duration, default=10.0, metavar="DURATION", help="a cancelled job's time to stop (10s)"
@@ -158,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--delay", type=_duration, metavar="DURATION", help="not before this long from now (e.g. 5m)")
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    submit.add_argument(
+        "--input-json",
+        metavar="JSON",
+        help="the typed input as protobuf JSON (or @FILE); its message type is asked of the server",
+    )
 
     watch = client_command("watch", "follow a job until it ends")
     watch.add_argument("request_id")
@@ -176,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("request_id")
 
     client_command("health", "check that the server is serving")
+
+    types = client_command("types", "list the job types a server runs (or, with --local, the plugins found here)")
+    types.add_argument("--local", action="store_true", help="load the plugins here, as ajs serve would, and list them")
+    for action in plugin_options._actions:
+        if action.dest != "help":
+            types._add_action(action)
     return parser
 
 
@@ -231,16 +264,86 @@ async def _follow(client: AsyncClient, request_id: str, after: int) -> int:
         task = bar.add_task("", total=1.0, state="WATCHING")
         async for response in client.watch(request_id, after):
             last = response
-            fraction = response.progress.fraction if response.progress else None
-            note = response.progress.message if response.progress else ""
-            bar.update(task, completed=fraction, description=note, state=response.state.name)
+            bar.update(task, state=response.state.name)
+            if response.progress is not None:  # other Responses keep the last progress shown
+                bar.update(task, completed=response.progress.fraction, description=response.progress.message)
+            elif response.state is RequestState.CREATED and response.sequence > 1:
+                bar.update(task, completed=0, description="queued again")
             if response.state is RequestState.FINISHED:
                 bar.update(task, completed=1.0)
     if last is None:  # already seen up to the end
         job = await client.get(request_id)
         last = job.last_response
     out.print(f"{request_id} {_describe_end(last)}")
+    if last.output is not None:
+        out.print(await _output_json(client, last.output))
     return _EXIT_FOR_STATE.get(last.state, EXIT_FAILED)
+
+
+async def _typed_input(client: AsyncClient, job_type: str, text: str) -> any_pb2.Any:
+    """The --input-json of a job type, built from the descriptors the server publishes."""
+    if text.startswith("@"):
+        text = await asyncio.to_thread(Path(text[1:]).read_text)
+    found = {t.name: t for t in await client.job_types()}
+    if job_type not in found:
+        raise InvalidArgument(f"the server runs no job type {job_type!r}; it runs: {', '.join(sorted(found))}")
+    if not found[job_type].input_type:
+        raise InvalidArgument(f"job type {job_type!r} takes no typed input; use --data")
+    described = found[job_type]
+    try:
+        return dynamic.from_json(described.file_descriptor_set, described.input_type, text)
+    except json_format.ParseError as error:
+        raise InvalidArgument(f"--input-json is not a valid {described.input_type}: {error}") from None
+
+
+async def _output_json(client: AsyncClient, output: any_pb2.Any) -> str:
+    for described in await client.job_types():
+        if described.output_type == output.TypeName():
+            return dynamic.to_json(described.file_descriptor_set, output)
+    return f"(output of type {output.TypeName()}, {len(output.value)} bytes)"
+
+
+def _print_types(described: list[JobTypeMessage]) -> None:
+    header = ("TYPE", "HANDLER", "INPUT", "OUTPUT", "ATTEMPTS", "TIMEOUT", "DESCRIPTION")
+    rows = [
+        (
+            t.name,
+            t.handler,
+            t.input_type or "-",
+            t.output_type or "-",
+            str(t.retry_policy.max_attempts),
+            f"{t.timeout.ToTimedelta().total_seconds():g}s" if t.HasField("timeout") else "-",
+            t.description,
+        )
+        for t in described
+    ]
+    _print_rows(header, rows)
+
+
+def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    if out.is_terminal:
+        table = Table(*header, box=None)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    else:  # piped: whole values, tab-separated, for grep and cut
+        for row in (header, *rows):
+            print("\t".join(row))
+
+
+def _plugin_dirs(args: argparse.Namespace) -> PluginDirs:
+    return PluginDirs(
+        connectors=tuple(args.connectors_dirs), handlers=tuple(args.handlers_dirs), jobs=tuple(args.jobs_dirs)
+    )
+
+
+def _local_types(args: argparse.Namespace) -> int:
+    plugins = discover(_plugin_dirs(args))
+    chain = plugins.chain(args.handlers)
+    _print_types([convert.job_type_to_proto(handler.plugin(name), handler.name) for name, handler in chain.types])  # type: ignore[arg-type]
+    out.print(f"connectors: {', '.join(sorted(plugins.connectors))}")
+    out.print(f"handlers: {', '.join(h.name for h in chain.handlers)} (in chain order)")
+    return EXIT_OK
 
 
 async def _client_command(args: argparse.Namespace) -> int:
@@ -249,11 +352,13 @@ async def _client_command(args: argparse.Namespace) -> int:
             run_after = args.run_after
             if args.delay is not None:
                 run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
+            payload = await _typed_input(client, args.type, args.input_json) if args.input_json else None
             submitted = await client.submit(
                 args.type,
                 dict(args.data),
                 id=args.id,
                 parent_id=args.parent,
+                input=payload,
                 priority=args.priority,
                 run_after=run_after,
             )
@@ -271,6 +376,9 @@ async def _client_command(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.command == "list":
             return await _list(client, args)
+        if args.command == "types":
+            _print_types(await client.job_types())
+            return EXIT_OK
         if args.command == "cancel":
             job = await client.cancel(args.request_id)
             pending = " (cancellation requested; the job is stopping)" if job.cancel_requested else ""
@@ -286,14 +394,7 @@ async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
         rows.append((job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat()))
         if len(rows) >= args.limit:
             break
-    if out.is_terminal:
-        table = Table(*header, box=None)
-        for row in rows:
-            table.add_row(*row)
-        out.print(table)
-    else:  # piped: whole values, tab-separated, for grep and cut
-        for row in (header, *rows):
-            print("\t".join(row))
+    _print_rows(header, rows)
     return EXIT_OK
 
 
@@ -316,6 +417,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.connector == "sqlite":
         options = {"path": args.database, "synchronous": args.synchronous}
     config = ServerConfig(
+        plugin_dirs=_plugin_dirs(args),
+        max_input_bytes=args.max_input_size,
         address=args.address,
         connector=args.connector,
         connector_options=options,
@@ -352,11 +455,14 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command == "serve" or (args.command == "types" and args.local):
         try:
-            return _serve(args)
+            return _serve(args) if args.command == "serve" else _local_types(args)
+        except PluginError as error:
+            err.print(f"ajs {args.command}: {error.message}")
+            return EXIT_PLUGIN[error.kind]
         except (AjsError, OSError) as error:
-            err.print(f"ajs serve: {error.message if isinstance(error, AjsError) else error}")
+            err.print(f"ajs {args.command}: {error.message if isinstance(error, AjsError) else error}")
             return EXIT_STARTUP
         except KeyboardInterrupt:
             return 130

@@ -168,6 +168,11 @@ class AsyncClient:
         reply = await self._call(self._stub.CancelJob(pb.CancelJobRequest(request_id=request_id), timeout=self.timeout))
         return convert.job_from_proto(reply.job)
 
+    async def job_types(self) -> list[pb.JobType]:
+        """The job types the server runs, with their typed contracts (see :mod:`ajs_grpc.dynamic`)."""
+        reply = await self._call(self._stub.ListJobTypes(pb.ListJobTypesRequest(), timeout=self.timeout))
+        return list(reply.job_types)
+
     async def health(self, service: str = "") -> str:
         """The server's ``grpc.health.v1`` status (SERVING, NOT_SERVING, ...) for ``service``."""
         check = self._channel.unary_unary(
@@ -316,6 +321,10 @@ class Client:
     def cancel(self, request_id: str) -> Job:
         """See :meth:`AsyncClient.cancel`."""
         return self._run(self._client.cancel(request_id))
+
+    def job_types(self) -> list[pb.JobType]:
+        """See :meth:`AsyncClient.job_types`."""
+        return self._run(self._client.job_types())
 
     def health(self, service: str = "") -> str:
         """See :meth:`AsyncClient.health`."""

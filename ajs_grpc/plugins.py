@@ -1,19 +1,32 @@
-"""Plugin discovery: connectors, handlers and jobs found through entry points.
+"""Plugin discovery: connectors, handlers and jobs, from entry points and plugin directories.
 
-Groups: ``ajs_grpc.connectors`` (Connector classes), ``ajs_grpc.handlers``
-(RequestHandler classes) and ``ajs_grpc.jobs`` (JobPlugin objects). The
-built-ins register the same way as third-party plugins. A plugin that fails to
-load is logged and skipped; naming a missing one in the configuration is a
-:class:`PluginError`.
+Entry-point groups: ``ajs_grpc.connectors`` (Connector classes), ``ajs_grpc.handlers``
+(RequestHandler classes) and ``ajs_grpc.jobs`` (JobPlugin objects); the built-ins
+register the same way as third-party plugins. As in the seed, plugins may also
+live in directories, one per kind: every module (``name.py``) or package
+(``name/__init__.py``) in a jobs directory contributes its module-level
+JobPlugin objects, and in a handlers or connectors directory its
+RequestHandler or Connector subclasses (named by their ``name``).
+
+Anything wrong is a :class:`PluginError` naming the culprit, raised at start-up
+before the server listens: a plugin that fails to import, a missing directory,
+a connector, handler or job type named in the configuration that no plugin
+provides, or two plugins providing one job type. Its ``kind`` tells which class
+of failure it is (the CLI exits with a code per kind, as the seed did).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import inspect
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
 
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.errors import AjsError
@@ -22,26 +35,39 @@ from ajs_grpc.jobs import JobPlugin
 
 __all__ = [
     "HandlerSpec",
+    "PluginDirs",
     "PluginError",
+    "Plugins",
     "build_chain",
+    "discover",
     "load_connector",
-    "load_handlers",
-    "load_jobs",
 ]
 
 log = logging.getLogger(__name__)
 
-CONNECTORS = "ajs_grpc.connectors"
-HANDLERS = "ajs_grpc.handlers"
-JOBS = "ajs_grpc.jobs"
+Kind = Literal["config", "connector", "handler", "job"]
+
+GROUPS: dict[Kind, str] = {
+    "connector": "ajs_grpc.connectors",
+    "handler": "ajs_grpc.handlers",
+    "job": "ajs_grpc.jobs",
+}
 # The handler that answers every type nobody runs; always last in the chain.
 REJECT = "reject"
-# The handler that runs every job when the configuration lists none.
+# The handler that runs jobs asking for no other handler when the configuration lists none.
 INTERNAL = "internal"
 
 
 class PluginError(AjsError):
-    """A plugin named in the configuration is missing or unusable."""
+    """A plugin is missing, broken, or in conflict with another.
+
+    Attributes:
+        kind: ``config``, ``connector``, ``handler`` or ``job``: what failed.
+    """
+
+    def __init__(self, kind: Kind, message: str) -> None:
+        super().__init__(message, reason=f"{kind.upper()}_PLUGIN_ERROR")
+        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,80 +78,172 @@ class HandlerSpec:
     types: tuple[str, ...] = ()
 
 
-def _load(group: str) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for entry in entry_points(group=group):
+@dataclasses.dataclass(frozen=True)
+class PluginDirs:
+    """Directories to load plugins from, besides the installed entry points."""
+
+    connectors: tuple[Path, ...] = ()
+    handlers: tuple[Path, ...] = ()
+    jobs: tuple[Path, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugins:
+    """Everything discovered: classes by name and job plugins by type."""
+
+    connectors: dict[str, type[Connector]]
+    handlers: dict[str, type[RequestHandler]]
+    jobs: dict[str, JobPlugin]
+
+    def connector(self, name: str) -> type[Connector]:
+        """The connector class registered as ``name``."""
+        if name not in self.connectors:
+            raise PluginError("connector", f"no connector named {name!r}; found: {_names(self.connectors)}")
+        return self.connectors[name]
+
+    def chain(self, specs: Sequence[HandlerSpec] | None) -> HandlerChain:
+        """Builds the handler chain the configuration describes.
+
+        Args:
+            specs: handlers in order with their job types; None puts every job on
+                the handler it asks for (``JobPlugin.handler``), internal first.
+        """
+        if specs is None:
+            wanted: dict[str, list[str]] = {INTERNAL: []}
+            for job_type, plugin in sorted(self.jobs.items()):
+                wanted.setdefault(plugin.handler, []).append(job_type)
+            specs = [HandlerSpec(name, tuple(types)) for name, types in wanted.items() if types or name == INTERNAL]
+        links: list[RequestHandler] = []
+        for spec in specs:
+            if spec.name == REJECT:
+                raise PluginError("config", f"the {REJECT!r} handler is always last and takes no job types")
+            if spec.name not in self.handlers:
+                raise PluginError("handler", f"no handler named {spec.name!r}; found: {_names(self.handlers)}")
+            handler = self.handlers[spec.name]()
+            for job_type in spec.types:
+                if job_type not in self.jobs:
+                    raise PluginError(
+                        "job", f"handler {spec.name!r} lists job type {job_type!r}, which no plugin provides"
+                    )
+                try:
+                    handler.register(self.jobs[job_type])
+                except TypeError as error:
+                    raise PluginError("config", f"handler {spec.name!r} cannot run {job_type!r}: {error}") from None
+            links.append(handler)
+        if REJECT not in self.handlers:
+            raise PluginError("handler", f"the {REJECT!r} handler is not installed")
+        return HandlerChain(links, self.handlers[REJECT]())
+
+
+def _names(found: Iterable[str]) -> str:
+    return ", ".join(sorted(found)) or "none"
+
+
+def discover(dirs: PluginDirs = PluginDirs()) -> Plugins:
+    """Loads every plugin from the entry points and ``dirs``.
+
+    Raises:
+        PluginError: a plugin failed to import, a directory is missing, or two
+            plugins provide the same name or job type.
+    """
+    connectors: dict[str, type[Connector]] = {}
+    handlers: dict[str, type[RequestHandler]] = {}
+    jobs: dict[str, JobPlugin] = {}
+    origins: dict[str, str] = {}
+
+    def add_job(plugin: object, origin: str) -> None:
+        if not isinstance(plugin, JobPlugin):
+            raise PluginError("job", f"{origin} is a {type(plugin).__name__}, not a JobPlugin (use @job)")
+        if plugin.type in jobs:
+            raise PluginError(
+                "job", f"job type {plugin.type!r} is provided twice: by {origins[plugin.type]} and by {origin}"
+            )
+        jobs[plugin.type] = plugin
+        origins[plugin.type] = origin
+
+    for kind, group in GROUPS.items():
+        for entry in entry_points(group=group):
+            origin = f"entry point {entry.name!r} ({entry.value})"
+            try:
+                loaded = entry.load()
+            except Exception as error:
+                raise PluginError(kind, f"{origin} failed to import: {type(error).__name__}: {error}") from error
+            if kind == "job":
+                add_job(loaded, origin)
+            elif kind == "handler":
+                handlers[entry.name] = _subclass(loaded, RequestHandler, kind, origin)
+            else:
+                connectors[entry.name] = _subclass(loaded, Connector, kind, origin)
+
+    for directory in dirs.jobs:
+        for module in _import_directory("job", directory):
+            for value in vars(module).values():
+                if isinstance(value, JobPlugin):
+                    add_job(value, f"{module.__file__}")
+    for directory in dirs.handlers:
+        for module in _import_directory("handler", directory):
+            for cls in _defined_subclasses(module, RequestHandler):
+                handlers[cls.name] = cls
+    for directory in dirs.connectors:
+        for module in _import_directory("connector", directory):
+            for cls in _defined_subclasses(module, Connector):
+                connectors[cls.name] = cls
+    return Plugins(connectors, handlers, jobs)
+
+
+def _subclass(value: Any, base: type[Any], kind: Kind, origin: str) -> Any:
+    if not (inspect.isclass(value) and issubclass(value, base)):
+        raise PluginError(kind, f"{origin} is not a {base.__name__} class")
+    return value
+
+
+def _defined_subclasses(module: ModuleType, base: type[Any]) -> list[Any]:
+    return [
+        value
+        for value in vars(module).values()
+        if inspect.isclass(value)
+        and issubclass(value, base)
+        and value.__module__ == module.__name__
+        and not inspect.isabstract(value)
+        and isinstance(getattr(value, "name", None), str)
+    ]
+
+
+def _import_directory(kind: Kind, directory: Path) -> list[ModuleType]:
+    """Imports every module and package in ``directory`` (the seed's plugin folders)."""
+    if not directory.is_dir():
+        raise PluginError("config", f"the {kind} plugin directory {directory} does not exist")
+    modules = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(("_", ".")):
+            continue
+        if entry.is_file() and entry.suffix == ".py":
+            file, search = entry, None
+        elif entry.is_dir() and (entry / "__init__.py").is_file():
+            file, search = entry / "__init__.py", [str(entry)]
+        else:
+            continue
+        # A flat, unique name: worker processes import the same file under it.
+        name = f"ajs_plugin_{kind}s_{entry.stem}"
+        spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=search)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
         try:
-            found[entry.name] = entry.load()
-        except Exception:
-            log.exception("skipping plugin %r of %s: it failed to load", entry.name, group)
-    return found
+            spec.loader.exec_module(module)
+        except Exception as error:
+            del sys.modules[name]
+            raise PluginError(kind, f"{file} failed to import: {type(error).__name__}: {error}") from error
+        modules.append(module)
+    return modules
 
 
 def load_connector(name: str) -> type[Connector]:
-    """The connector class registered as ``name``.
-
-    Raises:
-        PluginError: no such connector.
-    """
-    connectors = _load(CONNECTORS)
-    if name not in connectors:
-        raise PluginError(f"no connector named {name!r}; installed: {', '.join(sorted(connectors)) or 'none'}")
-    connector: type[Connector] = connectors[name]
-    return connector
+    """The installed connector class registered as ``name``."""
+    return discover().connector(name)
 
 
-def load_handlers() -> dict[str, type[RequestHandler]]:
-    """Every installed handler class, by name."""
-    return _load(HANDLERS)
-
-
-def load_jobs() -> dict[str, JobPlugin]:
-    """Every installed job plugin, by type."""
-    jobs: dict[str, JobPlugin] = {}
-    for name, plugin in _load(JOBS).items():
-        if not isinstance(plugin, JobPlugin):
-            log.error("skipping job plugin %r: it is a %s, not a JobPlugin", name, type(plugin).__name__)
-            continue
-        if plugin.type in jobs:
-            log.error("skipping job plugin %r: type %r is taken", name, plugin.type)
-            continue
-        jobs[plugin.type] = plugin
-    return jobs
-
-
-def build_chain(
-    specs: Sequence[HandlerSpec] | None,
-    jobs: dict[str, JobPlugin] | None = None,
-    handlers: dict[str, type[RequestHandler]] | None = None,
-) -> HandlerChain:
-    """Builds the handler chain the configuration describes.
-
-    Args:
-        specs: handlers in order with their job types; None puts every job on
-            one internal handler.
-        jobs: the job plugins by type; defaults to the installed ones.
-        handlers: the handler classes by name; defaults to the installed ones.
-
-    Raises:
-        PluginError: a named handler or job type is not installed.
-    """
-    jobs = load_jobs() if jobs is None else jobs
-    handlers = load_handlers() if handlers is None else handlers
-    if specs is None:
-        specs = [HandlerSpec(INTERNAL, tuple(sorted(jobs)))]
-    links: list[RequestHandler] = []
-    for spec in specs:
-        if spec.name == REJECT:
-            raise PluginError(f"the {REJECT!r} handler is always last and takes no job types; do not list it")
-        if spec.name not in handlers:
-            raise PluginError(f"no handler named {spec.name!r}; installed: {', '.join(sorted(handlers)) or 'none'}")
-        handler = handlers[spec.name]()
-        for job_type in spec.types:
-            if job_type not in jobs:
-                raise PluginError(f"handler {spec.name!r} lists job type {job_type!r}, which no plugin provides")
-            handler.register(jobs[job_type])
-        links.append(handler)
-    if REJECT not in handlers:
-        raise PluginError(f"the {REJECT!r} handler is not installed")
-    return HandlerChain(links, handlers[REJECT]())
+def build_chain(specs: Sequence[HandlerSpec] | None) -> HandlerChain:
+    """The chain of the installed plugins that ``specs`` describe (see :meth:`Plugins.chain`)."""
+    return discover().chain(specs)

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.dispatcher import Dispatcher
 from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.plugins import HandlerSpec, build_chain, load_connector
+from ajs_grpc.plugins import HandlerSpec, PluginDirs, discover
 from ajs_grpc.service import MAX_INPUT_BYTES, SERVICE_NAME, JobService
 
 __all__ = ["AjsServer", "ServerConfig", "serve"]
@@ -47,6 +47,7 @@ class ServerConfig:
         lease: seconds a claimed job's lease lasts (renewed while it runs).
         retention: seconds ended jobs are kept; None keeps them forever.
         max_input_bytes: the largest typed ``Request.input`` accepted.
+        plugin_dirs: directories of connector, handler and job plugins.
     """
 
     address: str = "127.0.0.1:50051"
@@ -60,6 +61,7 @@ class ServerConfig:
     lease: float = 30.0
     retention: float | None = 7 * 24 * 3600.0
     max_input_bytes: int = MAX_INPUT_BYTES
+    plugin_dirs: PluginDirs = dataclasses.field(default_factory=PluginDirs)
 
 
 class AjsServer:
@@ -79,8 +81,12 @@ class AjsServer:
         chain: HandlerChain | None = None,
     ) -> None:
         self.config = config
-        self.connector = connector or load_connector(config.connector)(**config.connector_options)
-        self.chain = chain or build_chain(config.handlers)
+        if connector is None or chain is None:
+            plugins = discover(config.plugin_dirs)
+            connector = connector or plugins.connector(config.connector)(**config.connector_options)
+            chain = chain or plugins.chain(config.handlers)
+        self.connector = connector
+        self.chain = chain
         self.dispatcher = Dispatcher(
             self.connector,
             self.chain,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -170,3 +171,85 @@ def test_an_unusable_database_stops_serve_with_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 6
     assert result.stderr.strip() == "ajs serve: cannot use broken.db as the queue: file is not a database"
+
+
+HASH_INPUT = '{"data": "aGVsbG8=", "algorithm": "ALGORITHM_SHA256", "rounds": 1000}'
+
+
+def test_submit_a_typed_hash_job_from_json(served: Served) -> None:
+    result = ajs("submit", "hash", "--input-json", HASH_INPUT, "--watch", target=served.target)
+    assert result.returncode == 0, result.stderr
+    expected = b"hello"
+    for _ in range(1000):
+        expected = hashlib.sha256(expected).digest()
+    assert json.loads(result.stdout.splitlines()[-1]) == {"hexDigest": expected.hex()}
+    assert "1000/1000 rounds" in result.stderr
+
+
+def test_a_wrong_typed_input_is_refused(served: Served) -> None:
+    bad = ajs("submit", "hash", "--input-json", '{"rounds": "many"}', target=served.target)
+    assert bad.returncode == 5
+    assert "is not a valid ajs.examples.v1.HashRequest" in bad.stderr
+    missing = ajs("submit", "hash", target=served.target)
+    assert missing.returncode == 5
+    assert "request.input: is required" in missing.stderr
+
+
+def test_types_lists_what_the_server_runs(served: Served) -> None:
+    result = ajs("types", target=served.target)
+    assert result.returncode == 0
+    rows = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()[1:]}
+    assert rows["hash"][1:4] == ["process", "ajs.examples.v1.HashRequest", "ajs.examples.v1.HashResponse"]
+    assert rows["echo"][1] == "internal"
+
+
+def test_plugins_from_directories_run(tmp_path: Path) -> None:
+    jobs = tmp_path / "myjobs"
+    jobs.mkdir()
+    (jobs / "greeting.py").write_text(
+        "from ajs_grpc.jobs import job\n\n"
+        "@job('greet')\n"
+        "async def greet(request, ctx):\n"
+        "    return {'hello': request.data['name']}\n\n"
+        "@job('square', handler='process')\n"
+        "def square(request, ctx):\n"
+        "    return {'square': str(int(request.data['n']) ** 2)}\n"
+    )
+    local = ajs("types", "--local", "--jobs-dir", str(jobs))
+    assert local.returncode == 0
+    assert "greet\tinternal" in local.stdout
+    assert "square\tprocess" in local.stdout
+    server = start_server(tmp_path, "--jobs-dir", "myjobs")
+    try:
+        greet = ajs("submit", "greet", "--data", "name=ada", "--watch", target=server.target)
+        assert greet.returncode == 0
+        assert '{"hello": "ada"}' in greet.stdout
+        square = ajs("submit", "square", "--data", "n=12", "--watch", target=server.target)
+        assert square.returncode == 0, square.stdout
+        assert '{"square": "144"}' in square.stdout
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(30)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--jobs-dir", "nowhere"], 7, "the job plugin directory nowhere does not exist"),
+        (["--connector", "cassandra"], 8, "no connector named 'cassandra'"),
+        (["--handler", "turbo=echo"], 9, "no handler named 'turbo'"),
+        (["--handler", "internal=nothing"], 10, "job type 'nothing'"),
+        (["--jobs-dir", "broken"], 10, "failed to import: ZeroDivisionError"),
+    ],
+)
+def test_serve_refuses_a_bad_plugin_configuration_with_its_exit_code(
+    tmp_path: Path, args: list[str], code: int, says: str
+) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bad.py").write_text("1 / 0\n")
+    result = subprocess.run(
+        [AJS, "serve", "--address", "127.0.0.1:0", *args], capture_output=True, text=True, timeout=30, cwd=tmp_path
+    )
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -6,8 +6,9 @@ import pytest
 
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.handlers.process import ProcessPoolRequestHandler
 from ajs_grpc.handlers.reject import RejectRequestHandler
-from ajs_grpc.plugins import HandlerSpec, PluginError, build_chain, load_handlers, load_jobs
+from ajs_grpc.plugins import HandlerSpec, PluginError, build_chain, discover
 from tests import jobs_for_tests
 
 
@@ -23,15 +24,22 @@ def test_first_handler_that_runs_a_type_wins() -> None:
     assert [(t, h) for t, h in chain.types] == [("echo", first), ("noop", second)]
 
 
-def test_built_in_handlers_and_example_jobs_are_found_through_entry_points() -> None:
-    assert {"internal", "reject"} <= set(load_handlers())
-    assert {"echo", "countdown", "fail"} <= set(load_jobs())
+def test_built_in_plugins_and_example_jobs_are_found_through_entry_points() -> None:
+    plugins = discover()
+    assert {"internal", "process", "reject"} <= set(plugins.handlers)
+    assert {"memory", "sqlite"} <= set(plugins.connectors)
+    assert {"echo", "countdown", "fail", "hash"} <= set(plugins.jobs)
 
 
-def test_default_chain_runs_every_job_on_one_internal_handler() -> None:
+def test_default_chain_puts_each_job_on_the_handler_it_asks_for() -> None:
     chain = build_chain(None)
-    assert [type(h) for h in chain.handlers] == [InternalAsyncRequestHandler, RejectRequestHandler]
-    assert {"echo", "countdown", "fail"} <= {t for t, _ in chain.types}
+    assert [type(h) for h in chain.handlers] == [
+        InternalAsyncRequestHandler,
+        ProcessPoolRequestHandler,
+        RejectRequestHandler,
+    ]
+    assert {"echo", "countdown", "fail"} <= set(chain.handlers[0].types)
+    assert chain.handlers[1].types == ["hash"]
 
 
 def test_configured_chain_keeps_order_and_types() -> None:
@@ -47,6 +55,7 @@ def test_configured_chain_keeps_order_and_types() -> None:
         ([HandlerSpec("nope", ())], "no handler named 'nope'"),
         ([HandlerSpec("internal", ("missing",))], "job type 'missing'"),
         ([HandlerSpec("reject", ())], "always last"),
+        ([HandlerSpec("process", ("echo",))], "process handler runs plain functions"),
     ],
 )
 def test_bad_chain_configuration_is_a_clear_error(specs: list[HandlerSpec], message: str) -> None:

@@ -1,0 +1,372 @@
+"""The process-pool handler: runs CPU-bound plain-function jobs in worker processes.
+
+Each worker is a ``spawn``-ed process (never ``fork``: gRPC's threads do not
+survive a fork) that runs one job at a time and is reused. The server and a
+worker talk over a pipe:
+
+* server -> worker: ``run`` (the job's plugin, the request, the attempt),
+  ``cancel``, ``ack`` (a progress Response was stored);
+* worker -> server: ``progress`` (blocks the job until acknowledged, so progress
+  is stored in order and at the job's pace), then ``result`` or ``error``.
+
+A cancelled or timed-out job first gets its cancel signal (``ctx.cancelled``);
+if the dispatcher then cancels the handler's task, the worker is terminated
+(SIGTERM, then SIGKILL) and replaced. A worker that dies mid-job fails the job
+with :class:`WorkerCrashed`, which the job's retry policy may retry; the server
+and the other workers carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from typing_extensions import override
+
+from ajs_grpc.handlers.base import RequestHandler
+from ajs_grpc.jobs import JobCancelled, JobContext, JobPlugin, JobReturn, Result, to_update
+from ajs_grpc.model import Request
+
+__all__ = ["ProcessJobContext", "ProcessPoolRequestHandler", "WorkerCrashed"]
+
+log = logging.getLogger(__name__)
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+class WorkerCrashed(Exception):
+    """The worker process running the job died; retried like any error by default."""
+
+
+# -- what crosses the pipe ------------------------------------------------------------
+
+
+def _plugin_reference(plugin: JobPlugin) -> tuple[str, str, str | None]:
+    """How a worker finds the plugin's function: module, qualified name, module file."""
+    module = plugin.function.__module__
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return module, plugin.function.__qualname__, file
+
+
+def _request_to_wire(request: Request) -> dict[str, Any]:
+    payload = request.input
+    return {
+        "id": request.id,
+        "type": request.type,
+        "data": dict(request.data),
+        "input": (payload.type_url, payload.value) if payload is not None else None,
+        "parent_id": request.parent_id,
+        "creator": request.creator,
+        "create_time": request.create_time,
+        "priority": request.priority,
+        "run_after": request.run_after,
+    }
+
+
+def _request_from_wire(wire: dict[str, Any]) -> Request:
+    payload = wire.pop("input")
+    created: datetime | None = wire.pop("create_time")
+    run_after: datetime | None = wire.pop("run_after")
+    return Request(
+        input=any_pb2.Any(type_url=payload[0], value=payload[1]) if payload else None,
+        create_time=created,
+        run_after=run_after,
+        **wire,
+    )
+
+
+# -- the worker process -----------------------------------------------------------------
+
+
+class ProcessJobContext:
+    """The context a job gets in a worker process; it behaves like :class:`~ajs_grpc.jobs.SyncJobContext`."""
+
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        input: Message | None,  # noqa: A002 - the contract's name
+        send: Any,
+        acks: queue.SimpleQueue[object],
+        cancel: threading.Event,
+    ) -> None:
+        self.request = request
+        """The request being run."""
+        self.attempt = attempt
+        """1 on the first run; higher when the job runs again."""
+        self.input = input
+        """``request.input`` decoded as the job's ``input_type`` (None if it has none)."""
+        self._send = send
+        self._acks = acks
+        self._cancel = cancel
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation was asked for; a long job should then stop."""
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raises :class:`~ajs_grpc.jobs.JobCancelled` if cancellation was asked for."""
+        if self._cancel.is_set():
+            raise JobCancelled(f"request {self.request.id!r} was cancelled")
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleeps until cancellation is asked for or ``timeout`` passes; True if cancelled."""
+        return self._cancel.wait(timeout)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or raises JobCancelled as soon as the job is cancelled."""
+        self._cancel.wait(seconds)
+        self.raise_if_cancelled()
+
+    def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
+        """Reports progress; blocks until the server stored the Response."""
+        self._send(("progress", fraction, message, dict(data or {})))
+        answer = self._acks.get()
+        if isinstance(answer, BaseException):
+            raise answer
+
+
+def _load_function(module_name: str, qualname: str, file: str | None) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if file is None:
+            raise
+        spec = importlib.util.spec_from_file_location(module_name, file)
+        if spec is None or spec.loader is None:
+            raise
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found  # the JobPlugin (what @job left under the function's name) or the function
+
+
+def _worker_main(connection: multiprocessing.connection.Connection) -> None:
+    """The loop of a worker process: run one job after the other."""
+    # Ctrl+C reaches the whole process group; the server decides when jobs stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    send_lock = threading.Lock()
+    acks: queue.SimpleQueue[object] = queue.SimpleQueue()
+    runs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+    cancel = threading.Event()
+
+    def send(message: object) -> None:
+        with send_lock:
+            connection.send(message)
+
+    def listen() -> None:
+        while True:
+            try:
+                message = connection.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the server is gone
+            kind = message[0]
+            if kind == "cancel":
+                cancel.set()
+            elif kind == "ack":
+                acks.put(message[1] if len(message) > 1 else None)
+            elif kind == "run":
+                runs.put(message)
+
+    threading.Thread(target=listen, name="ajs-worker-listener", daemon=True).start()
+    plugins: dict[tuple[str, str, str | None], Any] = {}
+    while True:
+        _, reference, wire, attempt = runs.get()
+        cancel.clear()
+        try:
+            found = plugins.get(reference) or _load_function(*reference)
+            plugins[reference] = found
+            request = _request_from_wire(wire)
+            # Message classes do not pickle: the worker decodes the input with its own copy of the plugin.
+            decoded = found.decode_input(request.input) if isinstance(found, JobPlugin) else None
+            function = found.function if isinstance(found, JobPlugin) else found
+            ctx = ProcessJobContext(request, attempt, decoded, send, acks, cancel)
+            update = to_update(function(request, ctx))
+            output = update.output
+            send(("result", dict(update.data), (output.type_url, output.value) if output is not None else None))
+        except BaseException as error:  # reported to the server, which decides the job's end
+            try:
+                pickled: bytes | None = pickle.dumps(error)
+            except Exception:
+                pickled = None
+            send(("error", pickled, type(error).__name__, str(error)))
+
+
+# -- the server side ------------------------------------------------------------------------
+
+
+class _Worker:
+    """A worker process as the server sees it."""
+
+    def __init__(self) -> None:
+        parent, child = _SPAWN.Pipe()
+        self.connection = parent
+        self.process = _SPAWN.Process(target=_worker_main, args=(child,), name="ajs-job-worker", daemon=True)
+        self.process.start()
+        child.close()
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(parent.fileno(), self._readable)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def _readable(self) -> None:
+        try:
+            while self.connection.poll():
+                self.inbox.put_nowait(self.connection.recv())
+        except (EOFError, OSError):
+            self._loop.remove_reader(self.connection.fileno())
+            self.inbox.put_nowait(None)  # the worker died
+
+    def send(self, message: object) -> None:
+        with contextlib.suppress(OSError):  # it died: its reader reports so
+            self.connection.send(message)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    async def run(self, ctx: JobContext, plugin: JobPlugin) -> JobReturn:
+        self.send(("run", _plugin_reference(plugin), _request_to_wire(ctx.request), ctx.attempt))
+        forward = asyncio.create_task(self._forward_cancel(ctx))
+        try:
+            while True:
+                message = await self.inbox.get()
+                if message is None:
+                    await asyncio.to_thread(self.process.join, 5)
+                    raise WorkerCrashed(f"the worker process died (exit code {self.process.exitcode})")
+                assert isinstance(message, tuple)
+                kind = message[0]
+                if kind == "progress":
+                    try:
+                        await ctx.progress(message[1], message[2], message[3])
+                    except Exception as error:  # e.g. the job ended meanwhile: the job hears it
+                        self.send(("ack", error))
+                    else:
+                        self.send(("ack",))
+                elif kind == "result":
+                    output = any_pb2.Any(type_url=message[2][0], value=message[2][1]) if message[2] else None
+                    return Result(data=message[1], output=output)
+                elif kind == "error":
+                    raise _unpickle(message[1]) or RuntimeError(f"{message[2]}: {message[3]}")
+        finally:
+            forward.cancel()
+
+    async def _forward_cancel(self, ctx: JobContext) -> None:
+        await ctx.wait_cancelled()
+        self.send(("cancel",))
+
+    async def stop(self, grace: float) -> None:
+        """Terminates the process: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.connection.fileno())
+        if self.process.is_alive():
+            self.process.terminate()
+            await asyncio.to_thread(self.process.join, grace)
+            if self.process.is_alive():
+                self.process.kill()
+                await asyncio.to_thread(self.process.join, grace)
+        self.connection.close()
+
+
+def _unpickle(data: bytes | None) -> BaseException | None:
+    if data is None:
+        return None
+    try:
+        error = pickle.loads(data)
+    except Exception:
+        return None
+    return error if isinstance(error, BaseException) else None
+
+
+class ProcessPoolRequestHandler(RequestHandler):
+    """Runs plain-function jobs in a pool of worker processes.
+
+    Args:
+        max_workers: worker processes at most (default: the number of CPUs).
+        stop_grace: seconds a worker gets to exit on SIGTERM before SIGKILL.
+    """
+
+    name = "process"
+
+    def __init__(self, max_workers: int | None = None, stop_grace: float = 2.0) -> None:
+        super().__init__()
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self.stop_grace = stop_grace
+        self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
+        self._slots: asyncio.Semaphore | None = None
+
+    @override
+    def register(self, plugin: JobPlugin) -> None:
+        if plugin.is_async:
+            raise TypeError(f"the process handler runs plain functions; job {plugin.type!r} is async")
+        super().register(plugin)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers running a job now (for operators and tests)."""
+        return [worker.pid for worker in self._busy if worker.pid is not None]
+
+    @override
+    async def handle(self, ctx: JobContext) -> JobReturn:
+        plugin = self._jobs[ctx.request.type]
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_workers)
+        async with self._slots:
+            worker = self._take()
+            self._busy.add(worker)
+            clean = False
+            try:
+                result = await worker.run(ctx, plugin)
+                clean = True
+                return result
+            except WorkerCrashed:
+                raise
+            except asyncio.CancelledError:
+                log.info("stopping the worker process of request %s", ctx.request.id)
+                raise
+            except Exception:
+                clean = True  # the job raised; the worker is fine
+                raise
+            finally:
+                self._busy.discard(worker)
+                if clean and worker.alive:
+                    self._idle.append(worker)
+                else:
+                    await asyncio.shield(worker.stop(self.stop_grace))
+
+    def _take(self) -> _Worker:
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive:
+                return worker
+        return _Worker()
+
+    @override
+    async def close(self) -> None:
+        workers = [*self._idle, *self._busy]
+        self._idle, self._busy = [], set()
+        await asyncio.gather(*(worker.stop(self.stop_grace) for worker in workers))
