@@ -1,0 +1,60 @@
+'use strict';
+// Runs the Node client against a live `ajs serve` (in-memory queue) started by the test.
+// AJS_BIN names the ajs command (default: the repository's .venv/bin/ajs).
+
+const test = require('node:test');
+const assert = require('node:assert');
+const crypto = require('node:crypto');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const { runHash } = require('../hash');
+const { AjsClient } = require('../ajs-client');
+
+const AJS = process.env.AJS_BIN || path.resolve(__dirname, '..', '..', '..', '.venv', 'bin', 'ajs');
+
+function startServer() {
+  return new Promise((resolve, reject) => {
+    const server = spawn(AJS, ['serve', '--address', '127.0.0.1:0', '--connector', 'memory'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let log = '';
+    server.stderr.on('data', (chunk) => {
+      log += chunk;
+      const found = /serving on (127\.0\.0\.1:\d+)/.exec(log);
+      if (found) resolve({ server, target: found[1] });
+    });
+    server.on('exit', (code) => reject(new Error(`ajs serve exited ${code}:\n${log}`)));
+    server.on('error', reject);
+  });
+}
+
+function expectedDigest(data, rounds) {
+  let value = Buffer.from(data);
+  for (let i = 0; i < rounds; i += 1) value = crypto.createHash('sha256').update(value).digest();
+  return value.toString('hex');
+}
+
+test('the Node client runs a typed hash job and prints its digest', async (t) => {
+  const { server, target } = await startServer();
+  t.after(() => server.kill('SIGTERM'));
+  const progress = [];
+  const digest = await runHash({ target, data: 'hello', algorithm: 'SHA256', rounds: 1000 }, (line) => progress.push(line));
+  assert.strictEqual(digest, expectedDigest('hello', 1000));
+  assert.ok(progress.some((line) => line.includes('1000/1000 rounds')), progress.join('\n'));
+});
+
+test('a wrong input is refused with INVALID_ARGUMENT and a BadRequest on request.input', async (t) => {
+  const { server, target } = await startServer();
+  t.after(() => server.kill('SIGTERM'));
+  const client = new AjsClient(target);
+  t.after(() => client.close());
+  await assert.rejects(
+    client.call('SubmitRequest', { request: { type: 'hash', input: { type_url: 'type.googleapis.com/x.Y', value: Buffer.alloc(0) } } }),
+    (error) => {
+      assert.strictEqual(error.code, 3); // INVALID_ARGUMENT
+      assert.match(error.details, /request\.input: must hold a ajs\.examples\.v1\.HashRequest/);
+      assert.ok(error.metadata.get('grpc-status-details-bin').length > 0);
+      return true;
+    },
+  );
+});
