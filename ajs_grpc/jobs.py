@@ -194,7 +194,6 @@ class _BaseContext:
         self,
         request: Request,
         attempt: int,
-        report: Reporter,
         cancel: CancelSignal,
         input: Message | None = None,  # noqa: A002 - the contract's name
     ) -> None:
@@ -204,7 +203,6 @@ class _BaseContext:
         """1 on the first run; higher when the job runs again."""
         self.input = input
         """``request.input`` decoded as the job's ``input_type`` (None if it has none)."""
-        self._report = report
         self._cancel = cancel
 
     @property
@@ -223,7 +221,26 @@ def _progress_update(fraction: float, message: str, data: Mapping[str, str] | No
 
 
 class JobContext(_BaseContext):
-    """The context of an ``async def`` job."""
+    """The context of an ``async def`` job.
+
+    Args:
+        request: the request being run.
+        attempt: 1 on the first run.
+        report: stores an Update (a coroutine function).
+        cancel: the job's cancel signal.
+        input: the decoded typed input, if the job declares one.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        report: Reporter,
+        cancel: CancelSignal,
+        input: Message | None = None,  # noqa: A002 - the contract's name
+    ) -> None:
+        super().__init__(request, attempt, cancel, input)
+        self._report = report
 
     async def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
         """Reports progress as an intermediate Response; returns once it is stored.
@@ -247,16 +264,36 @@ class JobContext(_BaseContext):
 
 
 class SyncJobContext(_BaseContext):
-    """The context of a plain-function job, which runs in a worker thread."""
+    """The context of a plain-function job, in a worker thread or a worker process.
 
-    def __init__(self, context: JobContext, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(context.request, context.attempt, context._report, context._cancel, context.input)
-        self._loop = loop
+    Args:
+        request, attempt, cancel, input: as for :class:`JobContext`.
+        deliver: stores an Update, blocking until it is stored.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        cancel: CancelSignal,
+        input: Message | None,  # noqa: A002 - the contract's name
+        deliver: Callable[[Update], None],
+    ) -> None:
+        super().__init__(request, attempt, cancel, input)
+        self._deliver = deliver
+
+    @classmethod
+    def in_thread(cls, context: JobContext, loop: asyncio.AbstractEventLoop) -> SyncJobContext:
+        """The blocking twin of ``context``, for a job running in a thread beside ``loop``."""
+
+        def deliver(update: Update) -> None:
+            asyncio.run_coroutine_threadsafe(context._report(update), loop).result()
+
+        return cls(context.request, context.attempt, context._cancel, context.input, deliver)
 
     def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
         """Reports progress; blocks until the Response is stored. See :meth:`JobContext.progress`."""
-        update = _progress_update(fraction, message, data)
-        asyncio.run_coroutine_threadsafe(self._report(update), self._loop).result()
+        self._deliver(_progress_update(fraction, message, data))
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleeps until cancellation is asked for or ``timeout`` passes; True if cancelled."""

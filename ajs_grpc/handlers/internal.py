@@ -40,7 +40,7 @@ class InternalAsyncRequestHandler(RequestHandler):
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self._max_threads, thread_name_prefix="ajs-job")
         loop = asyncio.get_running_loop()
-        sync_ctx = SyncJobContext(ctx, loop)
+        sync_ctx = SyncJobContext.in_thread(ctx, loop)
         try:
             returned: JobReturn = await loop.run_in_executor(self._pool, plugin.function, ctx.request, sync_ctx)
         except asyncio.CancelledError:

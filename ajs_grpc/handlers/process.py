@@ -5,7 +5,7 @@ survive a fork) that runs one job at a time and is reused. The server and a
 worker talk over a pipe:
 
 * server -> worker: ``run`` (the job's plugin, the request, the attempt),
-  ``cancel``, ``ack`` (a progress Response was stored);
+  ``cancel`` (naming the request), ``ack`` (a progress Response was stored);
 * worker -> server: ``progress`` (blocks the job until acknowledged, so progress
   is stored in order and at the job's pace), then ``result`` or ``error``.
 
@@ -31,19 +31,17 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
 from typing_extensions import override
 
 from ajs_grpc.handlers.base import RequestHandler
-from ajs_grpc.jobs import JobCancelled, JobContext, JobPlugin, JobReturn, Result, to_update
-from ajs_grpc.model import Request
+from ajs_grpc.jobs import CancelSignal, JobContext, JobPlugin, JobReturn, Result, SyncJobContext, to_update
+from ajs_grpc.model import Request, Update
 
-__all__ = ["ProcessJobContext", "ProcessPoolRequestHandler", "WorkerCrashed"]
+__all__ = ["ProcessPoolRequestHandler", "WorkerCrashed"]
 
 log = logging.getLogger(__name__)
 
@@ -94,55 +92,6 @@ def _request_from_wire(wire: dict[str, Any]) -> Request:
 # -- the worker process -----------------------------------------------------------------
 
 
-class ProcessJobContext:
-    """The context a job gets in a worker process; it behaves like :class:`~ajs_grpc.jobs.SyncJobContext`."""
-
-    def __init__(
-        self,
-        request: Request,
-        attempt: int,
-        input: Message | None,  # noqa: A002 - the contract's name
-        send: Any,
-        acks: queue.SimpleQueue[object],
-        cancel: threading.Event,
-    ) -> None:
-        self.request = request
-        """The request being run."""
-        self.attempt = attempt
-        """1 on the first run; higher when the job runs again."""
-        self.input = input
-        """``request.input`` decoded as the job's ``input_type`` (None if it has none)."""
-        self._send = send
-        self._acks = acks
-        self._cancel = cancel
-
-    @property
-    def cancelled(self) -> bool:
-        """True once cancellation was asked for; a long job should then stop."""
-        return self._cancel.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        """Raises :class:`~ajs_grpc.jobs.JobCancelled` if cancellation was asked for."""
-        if self._cancel.is_set():
-            raise JobCancelled(f"request {self.request.id!r} was cancelled")
-
-    def wait_cancelled(self, timeout: float | None = None) -> bool:
-        """Sleeps until cancellation is asked for or ``timeout`` passes; True if cancelled."""
-        return self._cancel.wait(timeout)
-
-    def sleep(self, seconds: float) -> None:
-        """Sleeps ``seconds``, or raises JobCancelled as soon as the job is cancelled."""
-        self._cancel.wait(seconds)
-        self.raise_if_cancelled()
-
-    def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
-        """Reports progress; blocks until the server stored the Response."""
-        self._send(("progress", fraction, message, dict(data or {})))
-        answer = self._acks.get()
-        if isinstance(answer, BaseException):
-            raise answer
-
-
 def _load_function(module_name: str, qualname: str, file: str | None) -> Any:
     try:
         module = importlib.import_module(module_name)
@@ -168,11 +117,21 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
     send_lock = threading.Lock()
     acks: queue.SimpleQueue[object] = queue.SimpleQueue()
     runs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-    cancel = threading.Event()
+    # The run in progress: a cancel names its request, so a late one cannot hit the next job.
+    current: dict[str, Any] = {"id": None, "cancel": CancelSignal()}
 
     def send(message: object) -> None:
         with send_lock:
             connection.send(message)
+
+    def deliver(update: Update) -> None:
+        """A progress Update to the server; blocks until it was stored."""
+        progress = update.progress
+        assert progress is not None
+        send(("progress", progress.fraction, progress.message, dict(update.data)))
+        answer = acks.get()
+        if isinstance(answer, BaseException):
+            raise answer
 
     def listen() -> None:
         while True:
@@ -181,8 +140,8 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
             except (EOFError, OSError):
                 os._exit(0)  # the server is gone
             kind = message[0]
-            if kind == "cancel":
-                cancel.set()
+            if kind == "cancel" and message[1] == current["id"]:
+                current["cancel"].set()
             elif kind == "ack":
                 acks.put(message[1] if len(message) > 1 else None)
             elif kind == "run":
@@ -192,7 +151,8 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
     plugins: dict[tuple[str, str, str | None], Any] = {}
     while True:
         _, reference, wire, attempt = runs.get()
-        cancel.clear()
+        cancel = current["cancel"] = CancelSignal()
+        current["id"] = wire["id"]
         try:
             found = plugins.get(reference) or _load_function(*reference)
             plugins[reference] = found
@@ -200,7 +160,7 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
             # Message classes do not pickle: the worker decodes the input with its own copy of the plugin.
             decoded = found.decode_input(request.input) if isinstance(found, JobPlugin) else None
             function = found.function if isinstance(found, JobPlugin) else found
-            ctx = ProcessJobContext(request, attempt, decoded, send, acks, cancel)
+            ctx = SyncJobContext(request, attempt, cancel, decoded, deliver)
             update = to_update(function(request, ctx))
             output = update.output
             send(("result", dict(update.data), (output.type_url, output.value) if output is not None else None))
@@ -276,7 +236,7 @@ class _Worker:
 
     async def _forward_cancel(self, ctx: JobContext) -> None:
         await ctx.wait_cancelled()
-        self.send(("cancel",))
+        self.send(("cancel", ctx.request.id))
 
     async def stop(self, grace: float) -> None:
         """Terminates the process: SIGTERM, then SIGKILL after ``grace`` seconds."""
