@@ -31,6 +31,7 @@ from ajs_grpc.errors import AjsError, Code, InvalidArgument
 from ajs_grpc.model import Job, RequestState, Response
 from ajs_grpc.plugins import HandlerSpec, PluginDirs, PluginError, discover
 from ajs_grpc.proto.ajs.v1.job_service_pb2 import JobType as JobTypeMessage
+from ajs_grpc.server import ROLES
 from ajs_grpc.service import MAX_INPUT_BYTES
 
 __all__ = ["main"]
@@ -111,6 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ajs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def postgres_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--dsn",
+            default=os.environ.get("AJS_POSTGRES_DSN", ""),
+            help="postgres: the database, e.g. postgresql://user@host/db (default $AJS_POSTGRES_DSN)",
+        )
+        command.add_argument("--schema", default="ajs", help="postgres: the schema of the queue (default %(default)s)")
+
+    db = commands.add_parser("db", help="manage the PostgreSQL schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help="create or migrate the queue's schema to this version")
+    postgres_options(upgrade)
+
     plugin_options = argparse.ArgumentParser(add_help=False)
     plugin_options.add_argument(
         "--handler",
@@ -136,7 +150,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--connector", default="sqlite", help="connector plugin: sqlite (durable), memory, ... (default %(default)s)"
     )
+    serve.add_argument("--role", default="all", choices=ROLES, help="all, frontend (serve only) or worker (run only)")
     serve.add_argument("--database", default="ajs.db", help="the sqlite connector's file (default %(default)s)")
+    postgres_options(serve)
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="postgres: refuse an old schema instead of migrating it"
+    )
+    serve.add_argument(
+        "--max-connection-age",
+        type=_duration,
+        default=300.0,
+        metavar="DURATION",
+        help="clients reconnect after this, so channels rebalance (5m)",
+    )
     serve.add_argument(
         "--synchronous",
         default="full",
@@ -337,6 +363,21 @@ def _plugin_dirs(args: argparse.Namespace) -> PluginDirs:
     )
 
 
+async def _db_upgrade(args: argparse.Namespace) -> int:
+    if not args.dsn:
+        raise PluginError("config", "ajs db upgrade needs --dsn (or $AJS_POSTGRES_DSN)")
+    from ajs_grpc.connectors.postgres import PostgresConnector
+
+    connector = PostgresConnector(args.dsn, args.schema, migrate=True)
+    await connector.open()
+    try:
+        version = await connector.schema_version()
+    finally:
+        await connector.close()
+    out.print(f"schema {args.schema} is at version {version}")
+    return EXIT_OK
+
+
 def _local_types(args: argparse.Namespace) -> int:
     plugins = discover(_plugin_dirs(args))
     chain = plugins.chain(args.handlers)
@@ -416,7 +457,13 @@ def _serve(args: argparse.Namespace) -> int:
     options: dict[str, object] = {}
     if args.connector == "sqlite":
         options = {"path": args.database, "synchronous": args.synchronous}
+    elif args.connector == "postgres":
+        if not args.dsn:
+            raise PluginError("config", "the postgres connector needs --dsn (or $AJS_POSTGRES_DSN)")
+        options = {"dsn": args.dsn, "schema": args.schema, "migrate": not args.no_migrate}
     config = ServerConfig(
+        role=args.role,
+        max_connection_age=args.max_connection_age,
         plugin_dirs=_plugin_dirs(args),
         max_input_bytes=args.max_input_size,
         address=args.address,
@@ -455,8 +502,10 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "serve" or (args.command == "types" and args.local):
+    if args.command in ("serve", "db") or (args.command == "types" and args.local):
         try:
+            if args.command == "db":
+                return asyncio.run(_db_upgrade(args))
             return _serve(args) if args.command == "serve" else _local_types(args)
         except PluginError as error:
             err.print(f"ajs {args.command}: {error.message}")

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -37,7 +39,7 @@ from ajs_grpc.model import Job, Request, RequestState, Response
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 
-__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "Submitted"]
+__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "Submitted", "channel_options", "channel_target"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -52,6 +54,46 @@ _ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
 }
+
+
+# Several instances: spread calls with round_robin, skip instances whose JobService is
+# not SERVING (draining, or workers), and retry UNAVAILABLE on another instance.
+# Retrying SubmitRequest is safe because the client always sends a request id.
+BALANCED_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": "ajs.v1.JobService"},
+    "methodConfig": [
+        {
+            "name": [{"service": "ajs.v1.JobService"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+def channel_target(target: str) -> str:
+    """A gRPC target for ``target``; a comma-separated list of HOST:PORT becomes ``ipv4:...``."""
+    if "," in target and ":" in target.split(",", 1)[0] and not target.startswith(("ipv4:", "ipv6:", "dns:")):
+        return f"ipv4:{target}"
+    return target
+
+
+def channel_options(target: str) -> list[tuple[str, object]]:
+    """Channel options: keepalive always; load balancing and retries for several addresses."""
+    options: list[tuple[str, object]] = [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if "," in target:
+        options.append(("grpc.service_config", json.dumps(BALANCED_SERVICE_CONFIG)))
+    return options
 
 
 def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.AjsError:
@@ -99,11 +141,11 @@ class AsyncClient:
         resume_for: float = 30.0,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.target = target
+        self.target = channel_target(target)
         self.timeout = timeout
         self.resume_for = resume_for
         self._own_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or grpc.aio.insecure_channel(self.target, options=channel_options(self.target))
         self._stub = pb_grpc.JobServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -145,8 +187,16 @@ class AsyncClient:
             priority: higher runs first (may be negative).
             run_after: not run before this time (timezone-aware).
         """
+        # The client names the request, so a retried submit is recognised as the same one.
         request = convert.request_to_proto(
-            Request(id=id, type=type, data=data or {}, parent_id=parent_id, priority=priority, run_after=run_after)
+            Request(
+                id=id or str(uuid.uuid4()),
+                type=type,
+                data=data or {},
+                parent_id=parent_id,
+                priority=priority,
+                run_after=run_after,
+            )
         )
         if input is not None:
             if isinstance(input, any_pb2.Any):
@@ -175,12 +225,14 @@ class AsyncClient:
 
     async def health(self, service: str = "") -> str:
         """The server's ``grpc.health.v1`` status (SERVING, NOT_SERVING, ...) for ``service``."""
-        check = self._channel.unary_unary(
-            HEALTH_CHECK,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        reply = await self._call(check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout))
+        # A plain channel: the balanced one would refuse to reach an instance that is not SERVING.
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            check = channel.unary_unary(
+                HEALTH_CHECK,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            reply = await self._call(check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def list_page(

@@ -23,7 +23,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Iterable, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -89,9 +89,14 @@ class PluginDirs:
 
 @dataclasses.dataclass(frozen=True)
 class Plugins:
-    """Everything discovered: classes by name and job plugins by type."""
+    """Everything discovered: classes by name and job plugins by type.
 
-    connectors: dict[str, type[Connector]]
+    Connectors are imported only when asked for by name: an installed connector
+    whose driver is missing (postgres without its extra) harms nobody who uses
+    another one.
+    """
+
+    connectors: dict[str, type[Connector] | EntryPoint]
     handlers: dict[str, type[RequestHandler]]
     jobs: dict[str, JobPlugin]
 
@@ -99,7 +104,15 @@ class Plugins:
         """The connector class registered as ``name``."""
         if name not in self.connectors:
             raise PluginError("connector", f"no connector named {name!r}; found: {_names(self.connectors)}")
-        return self.connectors[name]
+        found = self.connectors[name]
+        if isinstance(found, EntryPoint):
+            origin = f"entry point {found.name!r} ({found.value})"
+            try:
+                loaded = found.load()
+            except Exception as error:
+                raise PluginError("connector", f"{origin} failed to import: {type(error).__name__}: {error}") from error
+            found = _subclass(loaded, Connector, "connector", origin)
+        return found
 
     def chain(self, specs: Sequence[HandlerSpec] | None) -> HandlerChain:
         """Builds the handler chain the configuration describes.
@@ -146,7 +159,7 @@ def discover(dirs: PluginDirs = PluginDirs()) -> Plugins:
         PluginError: a plugin failed to import, a directory is missing, or two
             plugins provide the same name or job type.
     """
-    connectors: dict[str, type[Connector]] = {}
+    connectors: dict[str, type[Connector] | EntryPoint] = {}
     handlers: dict[str, type[RequestHandler]] = {}
     jobs: dict[str, JobPlugin] = {}
     origins: dict[str, str] = {}
@@ -161,7 +174,11 @@ def discover(dirs: PluginDirs = PluginDirs()) -> Plugins:
         jobs[plugin.type] = plugin
         origins[plugin.type] = origin
 
+    for entry in entry_points(group=GROUPS["connector"]):
+        connectors[entry.name] = entry  # imported when chosen
     for kind, group in GROUPS.items():
+        if kind == "connector":
+            continue
         for entry in entry_points(group=group):
             origin = f"entry point {entry.name!r} ({entry.value})"
             try:
@@ -170,10 +187,8 @@ def discover(dirs: PluginDirs = PluginDirs()) -> Plugins:
                 raise PluginError(kind, f"{origin} failed to import: {type(error).__name__}: {error}") from error
             if kind == "job":
                 add_job(loaded, origin)
-            elif kind == "handler":
-                handlers[entry.name] = _subclass(loaded, RequestHandler, kind, origin)
             else:
-                connectors[entry.name] = _subclass(loaded, Connector, kind, origin)
+                handlers[entry.name] = _subclass(loaded, RequestHandler, kind, origin)
 
     for directory in dirs.jobs:
         for module in _import_directory("job", directory):

@@ -24,7 +24,9 @@ from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.plugins import HandlerSpec, PluginDirs, discover
 from ajs_grpc.service import MAX_INPUT_BYTES, SERVICE_NAME, JobService
 
-__all__ = ["AjsServer", "ServerConfig", "serve"]
+__all__ = ["ROLES", "AjsServer", "ServerConfig", "serve"]
+
+ROLES = ("all", "frontend", "worker")
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,16 @@ class ServerConfig:
         retention: seconds ended jobs are kept; None keeps them forever.
         max_input_bytes: the largest typed ``Request.input`` accepted.
         plugin_dirs: directories of connector, handler and job plugins.
+        role: ``all`` (serve and run jobs), ``frontend`` (serve JobService, run
+            nothing) or ``worker`` (run jobs; serve only health and reflection).
+        max_connection_age: seconds after which a client connection is asked to
+            reconnect, so long-lived channels rebalance across instances (watches
+            are resumed by the client).
     """
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
 
     address: str = "127.0.0.1:50051"
     connector: str = "sqlite"
@@ -62,6 +73,8 @@ class ServerConfig:
     retention: float | None = 7 * 24 * 3600.0
     max_input_bytes: int = MAX_INPUT_BYTES
     plugin_dirs: PluginDirs = dataclasses.field(default_factory=PluginDirs)
+    role: str = "all"
+    max_connection_age: float = 300.0
 
 
 class AjsServer:
@@ -87,6 +100,8 @@ class AjsServer:
             chain = chain or plugins.chain(config.handlers)
         self.connector = connector
         self.chain = chain
+        self.serves_jobs = config.role in ("all", "frontend")
+        self.runs_jobs = config.role in ("all", "worker")
         self.dispatcher = Dispatcher(
             self.connector,
             self.chain,
@@ -107,22 +122,40 @@ class AjsServer:
         await self.connector.open()
         # Without SO_REUSEPORT a second server on a taken port fails instead of
         # silently sharing it.
-        self._server = server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((self.service.rpc_handler(),))
+        age_ms = int(self.config.max_connection_age * 1000)
+        options = [
+            ("grpc.so_reuseport", 0),
+            # Pings keep idle connections through load balancers and find dead peers.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Old connections are asked to go away, so channels rebalance.
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+        ]
+        self._server = server = grpc.aio.server(options=options)
+        services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.serves_jobs:
+            server.add_generic_rpc_handlers((self.service.rpc_handler(),))
+            services.insert(0, SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(services, server)
         try:
             self.port = server.add_insecure_port(self.config.address)
         except RuntimeError as error:
             await self.connector.close()
             raise OSError(f"cannot listen on {self.config.address}: is the address in use or invalid?") from error
         await server.start()
-        await self.dispatcher.start()
-        for name in ("", SERVICE_NAME):
+        if self.runs_jobs:
+            await self.dispatcher.start()
+        for name in ("", SERVICE_NAME) if self.serves_jobs else ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving on %s (connector %s, up to %d jobs at once, types: %s)",
+            "serving on %s (role %s, connector %s, up to %d jobs at once, types: %s)",
             self.address,
+            self.config.role,
             self.connector.name,
             self.config.max_concurrent_jobs,
             ", ".join(t for t, _ in self.chain.types) or "none",
@@ -144,7 +177,8 @@ class AjsServer:
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
         try:
-            await self.dispatcher.stop()
+            if self.runs_jobs:
+                await self.dispatcher.stop()
         finally:
             try:
                 if self._server is not None:

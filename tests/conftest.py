@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,10 +17,42 @@ from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 from ajs_grpc.server import AjsServer, ServerConfig
 from tests import jobs_for_tests
 
+POSTGRES_DSN = os.environ.get("AJS_TEST_POSTGRES_DSN", "")
+
+
+def postgres_dsn() -> str:
+    """The DSN of the test PostgreSQL; skips the test (with the reason) when none is configured."""
+    if not POSTGRES_DSN:
+        if os.environ.get("CI"):
+            pytest.fail("AJS_TEST_POSTGRES_DSN is not set in CI")
+        pytest.skip("AJS_TEST_POSTGRES_DSN is not set (e.g. postgresql://127.0.0.1:5432/test)")
+    return POSTGRES_DSN
+
+
+def unique_schema() -> str:
+    """A schema name of its own for one test, so runs and tests never collide."""
+    return f"ajs_test_{uuid.uuid4().hex[:12]}"
+
+
+def drop_schema(schema: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
 CONNECTORS: dict[str, Callable[[Path], Connector]] = {
     "memory": lambda _: MemoryConnector(),
     "sqlite": lambda tmp: SqliteConnector(tmp / "contract.db", synchronous="NORMAL"),
+    "postgres": lambda _: _postgres(),
 }
+
+
+def _postgres() -> Connector:
+    from ajs_grpc.connectors.postgres import PostgresConnector
+
+    return PostgresConnector(postgres_dsn(), schema=unique_schema(), writers=2)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,6 +74,9 @@ async def connector(connector_name: str, tmp_path: Path) -> AsyncIterator[Connec
         yield made
     finally:
         await made.close()
+        schema = getattr(made, "schema", None)
+        if connector_name == "postgres" and schema:
+            drop_schema(schema)
 
 
 @pytest.fixture

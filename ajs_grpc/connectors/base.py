@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from datetime import datetime
 from typing import ClassVar, Protocol
 
-from ajs_grpc.errors import FailedPrecondition
+from ajs_grpc.errors import FailedPrecondition, NotFound
 from ajs_grpc.model import Job, Request, RequestState, Response, Update
 
 __all__ = ["Claim", "Connector", "ConnectorListener", "JobFilter", "Page", "Renewal"]
@@ -83,7 +83,11 @@ class Page:
 
 
 class ConnectorListener(Protocol):
-    """What a dispatcher hears from its connector. Called on the event loop."""
+    """What a dispatcher hears from its connector. Called on the event loop.
+
+    A listener may be told the same thing more than once (a shared queue echoes
+    its own notifications); both calls are idempotent.
+    """
 
     def work_available(self) -> None:
         """A request may be ready to claim."""
@@ -288,6 +292,13 @@ class Connector(abc.ABC):
         """Tells listeners a running request is to be cancelled."""
         for listener in list(self._listeners):
             listener.cancel_requested(request_id)
+
+    @staticmethod
+    def _not_found(request_id: str) -> NotFound:
+        """The error for an unknown request id."""
+        return NotFound(
+            f"no request with id {request_id!r}", reason="REQUEST_NOT_FOUND", metadata={"request_id": request_id}
+        )
 
     @staticmethod
     def _check_lease(request_id: str, held: str | None, given: str) -> None:

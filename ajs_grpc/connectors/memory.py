@@ -51,9 +51,7 @@ class MemoryConnector(Connector):
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
         if entry is None:
-            raise NotFound(
-                f"no request with id {request_id!r}", reason="REQUEST_NOT_FOUND", metadata={"request_id": request_id}
-            )
+            raise self._not_found(request_id)
         return entry
 
     def _store(self, entry: _Entry, job: Job, response: Response) -> None:

@@ -523,12 +523,6 @@ class SqliteConnector(Connector):
         return row[0], _job(row[:-1]), row[-1]
 
     @staticmethod
-    def _not_found(request_id: str) -> NotFound:
-        return NotFound(
-            f"no request with id {request_id!r}", reason="REQUEST_NOT_FOUND", metadata={"request_id": request_id}
-        )
-
-    @staticmethod
     def _save(
         connection: sqlite3.Connection,
         position: int,

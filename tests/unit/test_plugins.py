@@ -72,6 +72,7 @@ def test_handlers_and_connectors_come_from_directories(tmp_path: Path) -> None:
     plugins = discover(PluginDirs(handlers=(tmp_path / "handlers",), connectors=(tmp_path / "connectors",)))
     assert issubclass(plugins.handlers["loud"], RequestHandler)
     assert plugins.connector("twin").name == "twin"
+    assert plugins.connector("postgres").name == "postgres"  # an entry point, imported when asked for
     chain = plugins.chain([HandlerSpec("loud", ("echo",))])
     assert chain.handlers[0].name == "loud"
 
