@@ -56,12 +56,9 @@ _ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
 }
 
 
-# Several instances: spread calls with round_robin, skip instances whose JobService is
-# not SERVING (draining, or workers), and retry UNAVAILABLE on another instance.
-# Retrying SubmitRequest is safe because the client always sends a request id.
-BALANCED_SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": "ajs.v1.JobService"},
+# UNAVAILABLE (an instance draining or gone) is retried, on another instance when there
+# are several. Retrying SubmitRequest is safe because the client always names its requests.
+RETRY_CONFIG = {
     "methodConfig": [
         {
             "name": [{"service": "ajs.v1.JobService"}],
@@ -74,6 +71,13 @@ BALANCED_SERVICE_CONFIG = {
             },
         }
     ],
+}
+# Several instances: spread calls with round_robin and skip instances whose JobService
+# is not SERVING (draining, or workers).
+BALANCED_CONFIG = {
+    **RETRY_CONFIG,
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": "ajs.v1.JobService"},
 }
 
 
@@ -91,8 +95,7 @@ def channel_options(target: str) -> list[tuple[str, object]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
-    if "," in target:
-        options.append(("grpc.service_config", json.dumps(BALANCED_SERVICE_CONFIG)))
+    options.append(("grpc.service_config", json.dumps(BALANCED_CONFIG if "," in target else RETRY_CONFIG)))
     return options
 
 

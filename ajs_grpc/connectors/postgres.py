@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 256
+# What the server's connections are called in pg_stat_activity.
+APPLICATION_NAME = "ajs-grpc"
 # Seconds between attempts to re-establish the listening connection.
 RELISTEN_BACKOFF = 0.5
 # Any constant: instances take this advisory lock while they migrate.
@@ -265,8 +267,10 @@ class PostgresConnector(Connector):
             max_size=self.pool_size,
             open=False,
             configure=self._configure,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             reconnect_timeout=30,
+            # A connection the server dropped (a restart) is found and replaced before use.
+            check=AsyncConnectionPool.check_connection,
         )
         try:
             await pool.open(wait=True, timeout=10)
@@ -353,7 +357,8 @@ class PostgresConnector(Connector):
         first = True
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as connection:
+                connect = psycopg.AsyncConnection.connect(self.dsn, autocommit=True, application_name=APPLICATION_NAME)
+                async with await connect as connection:
                     await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     self.listening.set()
                     if not first:
@@ -704,11 +709,16 @@ class PostgresConnector(Connector):
     async def _read(self, read: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         if self._pool is None:
             raise Unavailable("the PostgreSQL connector is not open", reason="STORAGE_CLOSED")
-        try:
-            async with self._pool.connection() as connection:
-                return await read(connection)
-        except psycopg.Error as error:
-            raise translate(error, "could not read the queue") from error
+        for attempt in range(2):
+            try:
+                async with self._pool.connection() as connection:
+                    return await read(connection)
+            except psycopg.OperationalError as error:
+                if attempt:  # the second connection failed too: the database is away
+                    raise translate(error, "could not read the queue") from error
+            except psycopg.Error as error:
+                raise translate(error, "could not read the queue") from error
+        raise AssertionError("unreachable")
 
     @override
     async def get(self, request_id: str) -> Job:

@@ -1,0 +1,153 @@
+"""What only the PostgreSQL connector does: several instances on one queue, NOTIFY, reconnects.
+
+The queue behaviour itself is the shared contract suite's (tests/contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from ajs_grpc.connectors.postgres import SCHEMA_VERSION, PostgresConnector
+from ajs_grpc.errors import ConnectorError
+from ajs_grpc.model import Request, RequestState, Update
+from tests.conftest import drop_schema, postgres_dsn, unique_schema
+from tests.helpers import eventually
+
+S = RequestState
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    postgres_dsn()
+    name = unique_schema()
+    yield name
+    drop_schema(name)
+
+
+@pytest.fixture
+async def two(schema: str) -> AsyncIterator[tuple[PostgresConnector, PostgresConnector]]:
+    """Two connectors on one schema, as two `ajs serve` instances would be."""
+    first = PostgresConnector(postgres_dsn(), schema, writers=2)
+    second = PostgresConnector(postgres_dsn(), schema, writers=2)
+    await first.open()
+    await second.open()
+    await first.listening.wait()
+    await second.listening.wait()
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_two_instances_racing_for_jobs_never_share_one(two: tuple[PostgresConnector, PostgresConnector]) -> None:
+    first, second = two
+    for i in range(40):
+        await first.enqueue(Request(id=f"r{i}", type="t"))
+    batches = await asyncio.gather(*(c.claim(f"w{n}", limit=3) for n in range(10) for c in (first, second)))
+    ids = [claim.job.request.id for batch in batches for claim in batch]
+    assert len(ids) == len(set(ids)) == 40
+
+
+async def test_a_watch_on_one_instance_streams_what_another_writes(
+    two: tuple[PostgresConnector, PostgresConnector],
+) -> None:
+    first, second = two
+    await first.enqueue(Request(id="a", type="t"))
+    watching = asyncio.create_task(_collect(second, "a"))
+    await eventually(lambda: second.watcher_count == 1)
+    claim = (await first.claim("w"))[0]
+    await first.respond("a", Update(S.PENDING), claim.lease_token)
+    await first.respond("a", Update(S.FINISHED), claim.lease_token)
+    responses = await asyncio.wait_for(watching, 5)
+    assert [r.sequence for r in responses] == [1, 2, 3, 4]
+
+
+async def test_an_enqueue_on_one_instance_wakes_the_other(two: tuple[PostgresConnector, PostgresConnector]) -> None:
+    first, second = two
+    woken = asyncio.Event()
+
+    class Listener:
+        def work_available(self) -> None:
+            woken.set()
+
+        def cancel_requested(self, request_id: str) -> None:
+            pass
+
+    second.add_listener(Listener())
+    await first.enqueue(Request(id="a", type="t"))
+    await asyncio.wait_for(woken.wait(), 5)
+
+
+async def test_watchers_catch_up_after_the_listening_connection_is_lost(
+    two: tuple[PostgresConnector, PostgresConnector],
+) -> None:
+    first, second = two
+    await first.enqueue(Request(id="a", type="t"))
+    watching = asyncio.create_task(_collect(second, "a"))
+    await eventually(lambda: second.watcher_count == 1)
+    # Every ajs connection is cut, as a PostgreSQL restart would; meanwhile the job ends.
+    await _terminate_ajs_connections()
+    await eventually(lambda: not second.listening.is_set())
+    claim = await _retry(lambda: first.claim("w"))
+    await _retry(lambda: first.respond("a", Update(S.FINISHED), claim[0].lease_token))
+    responses = await asyncio.wait_for(watching, 10)
+    assert [r.sequence for r in responses] == [1, 2, 3]
+    assert second.listening.is_set()
+
+
+async def test_a_notice_about_an_unknown_request_is_harmless(two: tuple[PostgresConnector, PostgresConnector]) -> None:
+    first, _ = two
+    async with await psycopg.AsyncConnection.connect(postgres_dsn(), autocommit=True) as connection:
+        await connection.execute("SELECT pg_notify(%s, %s)", (first.channel, "r:no-such-request"))
+        await connection.execute("SELECT pg_notify(%s, %s)", (first.channel, "garbage"))
+    await first.enqueue(Request(id="still-fine", type="t"))
+    assert (await first.get("still-fine")).state is S.CREATED
+
+
+async def test_a_wrong_dsn_is_a_clear_error() -> None:
+    connector = PostgresConnector("postgresql://nobody@127.0.0.1:1/none", unique_schema())
+    with pytest.raises(ConnectorError, match="cannot connect to PostgreSQL"):
+        await connector.open()
+
+
+async def test_a_newer_schema_is_refused_and_an_old_one_without_migrate(schema: str) -> None:
+    connector = PostgresConnector(postgres_dsn(), schema, migrate=False)
+    with pytest.raises(ConnectorError, match="run 'ajs db upgrade'"):
+        await connector.open()
+    connector = PostgresConnector(postgres_dsn(), schema)
+    await connector.open()
+    await connector.close()
+    async with await psycopg.AsyncConnection.connect(postgres_dsn(), autocommit=True) as connection:
+        await connection.execute(
+            psycopg.sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(
+                psycopg.sql.Identifier(schema)
+            ),
+            (SCHEMA_VERSION + 1,),
+        )
+    with pytest.raises(ConnectorError, match="newer than this ajs-grpc knows"):
+        await PostgresConnector(postgres_dsn(), schema).open()
+
+
+async def _collect(connector: PostgresConnector, request_id: str) -> list[object]:
+    return [r async for r in connector.watch(request_id)]
+
+
+async def _terminate_ajs_connections() -> None:
+    async with await psycopg.AsyncConnection.connect(postgres_dsn(), autocommit=True) as connection:
+        await connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'ajs-grpc' AND pid <> pg_backend_pid()"
+        )
+
+
+async def _retry(call):  # type: ignore[no-untyped-def]
+    """The pool notices dead connections on use: a write may fail once, then succeed."""
+    for _ in range(50):
+        try:
+            return await call()
+        except Exception:
+            await asyncio.sleep(0.1)
+    return await call()
