@@ -14,33 +14,37 @@ and measures, from a separate client process (this one):
 Each connector named in ``--connectors`` gets a fresh server in the same run,
 so their figures can be compared as ratios (the machine's noise hits all alike).
 
-Usage: python scripts/bench_e2e.py [--connectors memory,sqlite] [--jobs 5000] [--concurrency 64] [--idle 200]
+Usage: python scripts/bench_e2e.py [--connectors memory,sqlite,postgres,postgres:2] [--dsn DSN]
+                                  [--jobs 5000] [--concurrency 64] [--idle 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from ajs_grpc.client import AsyncClient
 from ajs_grpc.model import RequestState
 
 
-def start_server(connector: str, max_jobs: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(connector: str, max_jobs: int, workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """Starts ``ajs serve`` in ``workdir`` (where sqlite keeps its ajs.db); returns it and its address."""
     ajs = shutil.which("ajs", path=str(Path(sys.executable).parent)) or "ajs"
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "serve.log"
     command = [ajs, "serve", "--address", "127.0.0.1:0", "--connector", connector, "--max-jobs", str(max_jobs)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [*command, "--log-level", "info", "--shutdown-grace", "1"],
+            [*command, "--log-level", "info", "--shutdown-grace", "1", *extra],
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=workdir,
@@ -119,14 +123,24 @@ def report(name: str, latencies: list[float]) -> None:
     print(f"{name:<34} p50 {percentile(ms, 0.5):7.2f} ms   p99 {percentile(ms, 0.99):7.2f} ms   (n={len(ms)})")
 
 
-async def bench(connector: str, args: argparse.Namespace) -> float:
-    """Benchmarks one connector on a fresh server; returns its submit rate."""
+async def bench(setup: str, args: argparse.Namespace) -> float:
+    """Benchmarks one setup (``connector`` or ``connector:N`` for N worker instances); returns its submit rate."""
+    connector, _, count = setup.partition(":")
+    instances = int(count or 1)
+    schema = f"ajs_bench_{uuid.uuid4().hex[:8]}"
+    extra = ("--dsn", args.dsn, "--schema", schema) if connector == "postgres" else ()
     with tempfile.TemporaryDirectory() as tmp:
-        process, address = start_server(connector, args.max_jobs, Path(tmp))
+        first, address = start_server(connector, args.max_jobs, Path(tmp) / "0", *extra)
+        # More instances share the queue as workers (postgres); submits go to the first.
+        others = [
+            start_server(connector, args.max_jobs, Path(tmp) / str(n), *extra, "--role", "worker")[0]
+            for n in range(1, instances)
+        ]
         try:
             async with AsyncClient(address) as client:
                 await client.submit("echo", id="warm-up")
-                print(f"\n== ajs serve --connector {connector} --max-jobs {args.max_jobs} on {address}")
+                workers = f", {instances} worker instances" if instances > 1 else ""
+                print(f"\n== ajs serve --connector {connector} --max-jobs {args.max_jobs}{workers}")
                 report("pickup latency, idle server", await idle(client, args.idle))
                 rate, submit_rate, latencies = await loaded(client, args.jobs, args.concurrency)
                 load = f"({args.jobs} jobs, {args.concurrency} in flight)"
@@ -135,25 +149,45 @@ async def bench(connector: str, args: argparse.Namespace) -> float:
                 report("pickup latency under that load", latencies)
                 return submit_rate
         finally:
-            process.terminate()
-            process.wait(30)
+            for process in (first, *others):
+                process.terminate()
+            for process in (first, *others):
+                process.wait(30)
+            if connector == "postgres":
+                drop_schema(args.dsn, schema)
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    """Removes a benchmark's schema."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Runs the benchmark for every connector asked for, then compares their submit rates."""
-    connectors = [name.strip() for name in args.connectors.split(",") if name.strip()]
-    rates = {name: await bench(name, args) for name in connectors}
+    """Runs the benchmark for every setup asked for, then compares their submit rates."""
+    setups = [name.strip() for name in args.connectors.split(",") if name.strip()]
+    if any(s.startswith("postgres") for s in setups) and not args.dsn:
+        sys.exit("postgres needs --dsn (or $AJS_POSTGRES_DSN)")
+    rates = {setup: await bench(setup, args) for setup in setups}
     if len(rates) > 1:
-        base = connectors[0]
+        base = setups[0]
         print()
-        for name in connectors[1:]:
-            print(f"submit rate {name} / {base}: {rates[name] / rates[base]:.2f}")
+        for setup in setups[1:]:
+            print(f"submit rate {setup} / {base}: {rates[setup] / rates[base]:.2f}")
 
 
 def main() -> None:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connectors", default="memory,sqlite", help="comma-separated (default %(default)s)")
+    parser.add_argument(
+        "--connectors",
+        default="memory,sqlite",
+        help="comma-separated setups; postgres:2 runs two instances (default %(default)s)",
+    )
+    parser.add_argument("--dsn", default=os.environ.get("AJS_POSTGRES_DSN", ""), help="PostgreSQL for postgres setups")
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--idle", type=int, default=200, help="jobs for the idle pickup measurement")
