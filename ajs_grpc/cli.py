@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import any_pb2, json_format
 from rich.console import Console
@@ -27,12 +28,13 @@ from rich.table import Table
 
 from ajs_grpc import __version__, convert, dynamic
 from ajs_grpc.client import DEFAULT_TARGET, AsyncClient
+from ajs_grpc.config import SETTINGS, ConfigError, Settings
+from ajs_grpc.config import load as load_settings
 from ajs_grpc.errors import AjsError, Code, InvalidArgument
+from ajs_grpc.logs import setup_logging
 from ajs_grpc.model import Job, RequestState, Response
 from ajs_grpc.plugins import HandlerSpec, PluginDirs, PluginError, discover
 from ajs_grpc.proto.ajs.v1.job_service_pb2 import JobType as JobTypeMessage
-from ajs_grpc.server import ROLES
-from ajs_grpc.service import MAX_INPUT_BYTES
 
 __all__ = ["main"]
 
@@ -107,6 +109,39 @@ def _state(text: str) -> RequestState:
         raise argparse.ArgumentTypeError(f"unknown state {text!r}; one of {names}") from None
 
 
+# Flags of `ajs serve`: flag, setting, type, metavar (bool: a flag that sets False).
+SERVE_FLAGS: list[tuple[str, str, Any, str | None]] = [
+    ("--address", "server.address", str, "HOST:PORT"),
+    ("--role", "server.role", str, "ROLE"),
+    ("--max-jobs", "server.max_jobs", int, "N"),
+    ("--lease", "server.lease", str, "DURATION"),
+    ("--retention", "server.retention", str, "DURATION"),
+    ("--cancel-grace", "server.cancel_grace", str, "DURATION"),
+    ("--shutdown-grace", "server.shutdown_grace", str, "DURATION"),
+    ("--max-connection-age", "server.max_connection_age", str, "DURATION"),
+    ("--connector", "storage.connector", str, "NAME"),
+    ("--database", "storage.database", str, "PATH"),
+    ("--synchronous", "storage.synchronous", str, "full|normal"),
+    ("--no-migrate", "storage.migrate", bool, None),
+    ("--log-level", "log.level", str, "LEVEL"),
+    ("--log-format", "log.format", str, "plain|json"),
+    ("--log-file", "log.file", str, "PATH"),
+    ("--max-input-size", "limits.max_input_bytes", int, "BYTES"),
+    ("--max-queue-depth", "limits.max_queue_depth", int, "N"),
+    ("--tls-cert", "tls.cert_file", str, "PEM"),
+    ("--tls-key", "tls.key_file", str, "PEM"),
+    ("--tls-client-ca", "tls.client_ca_file", str, "PEM"),
+    ("--tokens-file", "auth.tokens_file", str, "TOML"),
+    ("--metrics-address", "metrics.address", str, "HOST:PORT"),
+]
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ajs", description="ajs-grpc: a job server with a gRPC front.")
     parser.add_argument("--version", action="version", version=f"ajs {__version__}")
@@ -115,10 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     def postgres_options(command: argparse.ArgumentParser) -> None:
         command.add_argument(
             "--dsn",
-            default=os.environ.get("AJS_POSTGRES_DSN", ""),
-            help="postgres: the database, e.g. postgresql://user@host/db (default $AJS_POSTGRES_DSN)",
+            dest="storage.dsn",
+            help="postgres: the database, e.g. postgresql://user@host/db ($AJS_STORAGE_DSN or $AJS_POSTGRES_DSN)",
         )
-        command.add_argument("--schema", default="ajs", help="postgres: the schema of the queue (default %(default)s)")
+        command.add_argument("--schema", dest="storage.schema", help="postgres: the schema of the queue (ajs)")
+
+    config = commands.add_parser("config", help="check a configuration file")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="CONFIG_COMMAND")
+    check = config_commands.add_parser("check", help="validate FILE and print the effective configuration")
+    check.add_argument("file", type=Path)
 
     db = commands.add_parser("db", help="manage the PostgreSQL schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -137,57 +177,31 @@ def _parser() -> argparse.ArgumentParser:
     for kind in ("jobs", "handlers", "connectors"):
         plugin_options.add_argument(
             f"--{kind}-dir",
-            dest=f"{kind}_dirs",
+            dest=f"plugins.{kind}_dirs",
             action="append",
-            type=Path,
-            default=[],
             metavar="DIR",
             help=f"a directory of {kind[:-1]} plugin modules (repeat)",
         )
 
-    serve = commands.add_parser("serve", parents=[plugin_options], help="run a server until SIGTERM or Ctrl+C")
-    serve.add_argument("--address", default=DEFAULT_TARGET, help="HOST:PORT to listen on (default %(default)s)")
-    serve.add_argument(
-        "--connector", default="sqlite", help="connector plugin: sqlite (durable), memory, ... (default %(default)s)"
+    serve = commands.add_parser(
+        "serve",
+        parents=[plugin_options],
+        help="run a server until SIGTERM or Ctrl+C",
+        description="Flags override $AJS_<SECTION>_<KEY>, which override the --config file, "
+        "which overrides the defaults (see examples/ajs.toml).",
     )
-    serve.add_argument("--role", default="all", choices=ROLES, help="all, frontend (serve only) or worker (run only)")
-    serve.add_argument("--database", default="ajs.db", help="the sqlite connector's file (default %(default)s)")
+    serve.add_argument("--config", type=Path, default=_env_path("AJS_CONFIG"), help="a TOML file ($AJS_CONFIG)")
+    for flag, setting, kind, metavar in SERVE_FLAGS:
+        default_text = f" (default {SETTINGS_BY_NAME[setting].default})" if kind is not bool else ""
+        if kind is bool:
+            serve.add_argument(
+                flag, dest=setting, action="store_const", const=False, help=SETTINGS_BY_NAME[setting].help
+            )
+        else:
+            serve.add_argument(
+                flag, dest=setting, type=kind, metavar=metavar, help=SETTINGS_BY_NAME[setting].help + default_text
+            )
     postgres_options(serve)
-    serve.add_argument(
-        "--no-migrate", action="store_true", help="postgres: refuse an old schema instead of migrating it"
-    )
-    serve.add_argument(
-        "--max-connection-age",
-        type=_duration,
-        default=300.0,
-        metavar="DURATION",
-        help="clients reconnect after this, so channels rebalance (5m)",
-    )
-    serve.add_argument(
-        "--synchronous",
-        default="full",
-        choices=["full", "normal"],
-        help="sqlite durability: full survives power loss, normal a killed server (default %(default)s)",
-    )
-    serve.add_argument("--lease", type=_duration, default=30.0, metavar="DURATION", help="job lease (default 30s)")
-    serve.add_argument(
-        "--retention",
-        type=_retention,
-        default=7 * 86400.0,
-        metavar="DURATION",
-        help="how long ended jobs are kept, e.g. 12h, 7d, or 'forever' (default 7d)",
-    )
-    serve.add_argument("--max-jobs", type=int, default=8, help="jobs running at once (default %(default)s)")
-    serve.add_argument(
-        "--max-input-size", type=int, default=MAX_INPUT_BYTES, metavar="BYTES", help="largest Request.input (1 MiB)"
-    )
-    serve.add_argument(
-        "--cancel-grace", type=_duration, default=10.0, metavar="DURATION", help="a cancelled job's time to stop (10s)"
-    )
-    serve.add_argument(
-        "--shutdown-grace", type=_duration, default=30.0, metavar="DURATION", help="running jobs' time on SIGTERM (30s)"
-    )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
@@ -358,23 +372,25 @@ def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> Non
 
 
 def _plugin_dirs(args: argparse.Namespace) -> PluginDirs:
-    return PluginDirs(
-        connectors=tuple(args.connectors_dirs), handlers=tuple(args.handlers_dirs), jobs=tuple(args.jobs_dirs)
-    )
+    def paths(kind: str) -> tuple[Path, ...]:
+        return tuple(Path(p) for p in getattr(args, f"plugins.{kind}_dirs") or ())
+
+    return PluginDirs(connectors=paths("connectors"), handlers=paths("handlers"), jobs=paths("jobs"))
 
 
 async def _db_upgrade(args: argparse.Namespace) -> int:
-    if not args.dsn:
-        raise PluginError("config", "ajs db upgrade needs --dsn (or $AJS_POSTGRES_DSN)")
+    settings = load_settings(None, flags={k: v for k, v in vars(args).items() if "." in k and v is not None})
+    if not settings["storage.dsn"]:
+        raise PluginError("config", "ajs db upgrade needs --dsn (or $AJS_STORAGE_DSN)")
     from ajs_grpc.connectors.postgres import PostgresConnector
 
-    connector = PostgresConnector(args.dsn, args.schema, migrate=True)
+    connector = PostgresConnector(settings["storage.dsn"], settings["storage.schema"], migrate=True)
     await connector.open()
     try:
         version = await connector.schema_version()
     finally:
         await connector.close()
-    out.print(f"schema {args.schema} is at version {version}")
+    out.print(f"schema {settings['storage.schema']} is at version {version}")
     return EXIT_OK
 
 
@@ -446,39 +462,20 @@ async def _health(args: argparse.Namespace) -> int:
     return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {name: value for name, value in vars(args).items() if "." in name and value is not None}
+    return load_settings(args.config, flags=flags)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ajs_grpc.server import ServerConfig, serve
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    options: dict[str, object] = {}
-    if args.connector == "sqlite":
-        options = {"path": args.database, "synchronous": args.synchronous}
-    elif args.connector == "postgres":
-        if not args.dsn:
-            raise PluginError("config", "the postgres connector needs --dsn (or $AJS_POSTGRES_DSN)")
-        options = {"dsn": args.dsn, "schema": args.schema, "migrate": not args.no_migrate}
-    config = ServerConfig(
-        role=args.role,
-        max_connection_age=args.max_connection_age,
-        plugin_dirs=_plugin_dirs(args),
-        max_input_bytes=args.max_input_size,
-        address=args.address,
-        connector=args.connector,
-        connector_options=options,
-        lease=args.lease,
-        retention=args.retention,
-        handlers=args.handlers,
-        max_concurrent_jobs=args.max_jobs,
-        cancel_grace=args.cancel_grace,
-        shutdown_grace=args.shutdown_grace,
-    )
+    settings = _settings(args)
+    setup_logging(settings["log.level"], settings["log.format"], settings["log.file"])
+    config = ServerConfig.from_settings(settings, handlers=args.handlers)
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(serve(config))
+        loop.run_until_complete(serve(config, announce=f"effective configuration:\n{settings.render()}"))
     finally:
         # Jobs that ignored cancellation were abandoned (their final Response is
         # written); give them one more chance to end, but never wait forever.
@@ -502,14 +499,20 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
-    if args.command in ("serve", "db") or (args.command == "types" and args.local):
+    if args.command in ("serve", "db", "config") or (args.command == "types" and args.local):
         try:
+            if args.command == "config":
+                out.print(load_settings(args.file).render(), end="")
+                return EXIT_OK
             if args.command == "db":
                 return asyncio.run(_db_upgrade(args))
             return _serve(args) if args.command == "serve" else _local_types(args)
         except PluginError as error:
             err.print(f"ajs {args.command}: {error.message}")
             return EXIT_PLUGIN[error.kind]
+        except ConfigError as error:
+            err.print(f"ajs {args.command}: {error.message}")
+            return EXIT_CONFIG
         except (AjsError, OSError) as error:
             err.print(f"ajs {args.command}: {error.message if isinstance(error, AjsError) else error}")
             return EXIT_STARTUP

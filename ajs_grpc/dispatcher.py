@@ -37,10 +37,10 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from ajs_grpc.connectors.base import Claim, Connector
-from ajs_grpc.errors import AjsError, Code
+from ajs_grpc.errors import AjsError, Code, Unavailable
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.jobs import (
     NO_RETRY,
@@ -53,9 +53,10 @@ from ajs_grpc.jobs import (
     failure,
     to_update,
 )
+from ajs_grpc.logs import current_request_id
 from ajs_grpc.model import ErrorStatus, RequestState, Update, now
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "JobObserver"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,24 @@ class _Execution:
         return self.claim.job.request.id
 
 
+class JobObserver(Protocol):
+    """What the dispatcher reports (metrics)."""
+
+    def job_started(self, request_type: str, waited: float) -> None:
+        """A first attempt began ``waited`` seconds after its request was due."""
+
+    def job_ended(self, request_type: str, state: RequestState, seconds: float) -> None:
+        """An attempt that ran ``seconds`` ended in ``state`` (CREATED: it runs again)."""
+
+
+class _NoObserver:
+    def job_started(self, request_type: str, waited: float) -> None:
+        pass
+
+    def job_ended(self, request_type: str, state: RequestState, seconds: float) -> None:
+        pass
+
+
 def default_worker_id() -> str:
     """``host:pid``: who claimed a job, as shown in its PENDING Response."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -113,6 +132,7 @@ class Dispatcher:
         housekeeping_interval: seconds between recoveries of expired leases.
         retention: seconds ended jobs are kept; None keeps them forever.
         worker_id: who claims; defaults to ``host:pid``.
+        observer: told of started and ended attempts (metrics).
     """
 
     def __init__(
@@ -127,6 +147,7 @@ class Dispatcher:
         housekeeping_interval: float | None = None,
         retention: float | None = None,
         worker_id: str | None = None,
+        observer: JobObserver | None = None,
     ) -> None:
         if max_concurrent_jobs < 1:
             raise ValueError("max_concurrent_jobs must be at least 1")
@@ -141,6 +162,7 @@ class Dispatcher:
         self.housekeeping_interval = housekeeping_interval or lease / 2
         self.retention = retention
         self.worker_id = worker_id or default_worker_id()
+        self.observer = observer or _NoObserver()
         self._running: dict[str, _Execution] = {}
         self._recent_cancels: dict[str, None] = {}  # insertion-ordered, bounded
         self._renewed_at = 0.0
@@ -272,7 +294,9 @@ class Dispatcher:
         running = dict(self._running)
         leases = {request_id: e.claim.lease_token for request_id, e in running.items()}
         try:
-            renewal = await self.connector.renew(leases, self.lease)
+            # A stalled store must not hold the heartbeat past the point where the
+            # jobs have to stop.
+            renewal = await asyncio.wait_for(self.connector.renew(leases, self.lease), self.lease / 3)
         except Exception:
             if loop.time() - self._renewed_at < self.lease * 2 / 3:
                 raise
@@ -308,9 +332,14 @@ class Dispatcher:
         if execution.after is not None:
             await asyncio.wait({execution.after})
         job = execution.claim.job
+        current_request_id.set(job.request.id)  # every log line of this job carries it
         handler = self.chain.handler_for(job.request.type)
         plugin = self.chain.plugin_for(job.request.type)
         loop = asyncio.get_running_loop()
+        started = loop.time()
+        if job.attempt == 1 and job.request.create_time is not None:
+            due = max(job.request.create_time, job.request.run_after or job.request.create_time)
+            self.observer.job_started(job.request.type, (job.last_response.create_time - due).total_seconds())
         if plugin is not None and plugin.timeout is not None:
             execution.timers.append(loop.call_later(plugin.timeout, self._stop_job, execution, _StopReason.TIMEOUT))
 
@@ -336,16 +365,33 @@ class Dispatcher:
                 task.add_done_callback(self._forget_abandoned)
                 update = self._stopped(execution, None, "the job did not stop and was abandoned")
             if update is not None:
-                try:
-                    await self._report(execution, update)
-                except AjsError as error:
-                    log.error("could not store the final Response of request %s: %s", execution.request_id, error)
+                await self._report_final(execution, update)
+                self.observer.job_ended(job.request.type, update.state, loop.time() - started)
         finally:
             for timer in execution.timers:
                 timer.cancel()
             if self._running.get(execution.request_id) is execution:
                 del self._running[execution.request_id]
             self._wake.set()
+
+    async def _report_final(self, execution: _Execution, update: Update) -> None:
+        """Stores the final Update, retrying a store that is briefly away while the lease holds."""
+        delay = 0.1
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.lease / 2
+        while True:
+            try:
+                await self._report(execution, update)
+                return
+            except Unavailable as error:
+                if loop.time() + delay > give_up:
+                    log.error("could not store the end of request %s: %s", execution.request_id, error)
+                    return  # the lease expires and another attempt follows
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except AjsError as error:
+                log.error("could not store the end of request %s: %s", execution.request_id, error)
+                return
 
     def _outcome(self, execution: _Execution, task: asyncio.Task[JobReturn]) -> Update | None:
         """The Update that ends an attempt whose task is done; None if it is not ours to write."""

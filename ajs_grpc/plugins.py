@@ -22,7 +22,7 @@ import importlib.util
 import inspect
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
@@ -99,6 +99,28 @@ class Plugins:
     connectors: dict[str, type[Connector] | EntryPoint]
     handlers: dict[str, type[RequestHandler]]
     jobs: dict[str, JobPlugin]
+
+    def with_policies(self, policies: Mapping[str, Mapping[str, Any]]) -> Plugins:
+        """These plugins with per-type retry/timeout overrides (``[jobs.<type>]`` of the configuration).
+
+        Raises:
+            PluginError: a policy names a job type no plugin provides.
+        """
+        jobs = dict(self.jobs)
+        for job_type, policy in policies.items():
+            if job_type not in jobs:
+                raise PluginError("config", f"jobs.{job_type}: no plugin provides job type {job_type!r}")
+            plugin = jobs[job_type]
+            retry = {k: v for k, v in policy.items() if k != "timeout"}
+            try:
+                jobs[job_type] = dataclasses.replace(
+                    plugin,
+                    retry=dataclasses.replace(plugin.retry, **retry),
+                    timeout=policy.get("timeout", plugin.timeout),
+                )
+            except ValueError as error:
+                raise PluginError("config", f"jobs.{job_type}: {error}") from None
+        return Plugins(self.connectors, self.handlers, jobs)
 
     def connector(self, name: str) -> type[Connector]:
         """The connector class registered as ``name``."""

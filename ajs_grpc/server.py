@@ -12,21 +12,29 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ajs_grpc.auth import Authenticator
+from ajs_grpc.config import ConfigError, Settings
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.dispatcher import Dispatcher
+from ajs_grpc.errors import AjsError
 from ajs_grpc.handlers.base import HandlerChain
+from ajs_grpc.metrics import Metrics
+from ajs_grpc.model import RequestState
 from ajs_grpc.plugins import HandlerSpec, PluginDirs, discover
-from ajs_grpc.service import MAX_INPUT_BYTES, SERVICE_NAME, JobService
+from ajs_grpc.service import SERVICE_NAME, JobService, Limits
 
 __all__ = ["ROLES", "AjsServer", "ServerConfig", "serve"]
 
 ROLES = ("all", "frontend", "worker")
+# Seconds between counts of the queue for the ajs_queue_depth gauge.
+QUEUE_DEPTH_EVERY = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +56,20 @@ class ServerConfig:
         rpc_grace: seconds open calls (watches) get when the server stops.
         lease: seconds a claimed job's lease lasts (renewed while it runs).
         retention: seconds ended jobs are kept; None keeps them forever.
-        max_input_bytes: the largest typed ``Request.input`` accepted.
+        limits: what one client may ask (data, input, queue depth, watches).
         plugin_dirs: directories of connector, handler and job plugins.
         role: ``all`` (serve and run jobs), ``frontend`` (serve JobService, run
             nothing) or ``worker`` (run jobs; serve only health and reflection).
         max_connection_age: seconds after which a client connection is asked to
             reconnect, so long-lived channels rebalance across instances (watches
             are resumed by the client).
+        max_message_bytes: the largest gRPC message received.
+        job_policies: per job type, overrides of its retry policy and timeout.
+        tls_cert_file, tls_key_file: the server's certificate and key (PEM): TLS.
+        tls_client_ca_file: CA of client certificates: mutual TLS.
+        tokens_file: bearer tokens (see :mod:`ajs_grpc.auth`): authentication.
+        admin_role: the role that may see and cancel every job.
+        metrics_address: HOST:PORT of the Prometheus endpoint; empty for none.
     """
 
     def __post_init__(self) -> None:
@@ -71,10 +86,71 @@ class ServerConfig:
     rpc_grace: float = 5.0
     lease: float = 30.0
     retention: float | None = 7 * 24 * 3600.0
-    max_input_bytes: int = MAX_INPUT_BYTES
+    limits: Limits = dataclasses.field(default_factory=Limits)
     plugin_dirs: PluginDirs = dataclasses.field(default_factory=PluginDirs)
     role: str = "all"
     max_connection_age: float = 300.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    job_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tokens_file: str = ""
+    admin_role: str = "admin"
+    metrics_address: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, handlers: list[HandlerSpec] | None = None) -> ServerConfig:
+        """The server configuration of the effective settings (``handlers`` overrides theirs)."""
+        connector = settings["storage.connector"]
+        options: dict[str, Any] = {}
+        if connector == "sqlite":
+            options = {"path": settings["storage.database"], "synchronous": settings["storage.synchronous"]}
+        elif connector == "postgres":
+            if not settings["storage.dsn"]:
+                raise ConfigError("storage.dsn: the postgres connector needs a DSN (--dsn, $AJS_STORAGE_DSN)")
+            options = {
+                "dsn": settings["storage.dsn"],
+                "schema": settings["storage.schema"],
+                "migrate": settings["storage.migrate"],
+            }
+        if handlers is None and settings.handlers is not None:
+            handlers = [HandlerSpec(name, types) for name, types in settings.handlers]
+        return cls(
+            address=settings["server.address"],
+            role=settings["server.role"],
+            connector=connector,
+            connector_options=options,
+            handlers=handlers,
+            max_concurrent_jobs=settings["server.max_jobs"],
+            cancel_grace=settings["server.cancel_grace"],
+            shutdown_grace=settings["server.shutdown_grace"],
+            lease=settings["server.lease"],
+            retention=settings["server.retention"],
+            max_connection_age=settings["server.max_connection_age"],
+            plugin_dirs=PluginDirs(
+                connectors=tuple(Path(p) for p in settings["plugins.connectors_dirs"]),
+                handlers=tuple(Path(p) for p in settings["plugins.handlers_dirs"]),
+                jobs=tuple(Path(p) for p in settings["plugins.jobs_dirs"]),
+            ),
+            limits=Limits(
+                max_data_entries=settings["limits.max_data_entries"],
+                max_data_bytes=settings["limits.max_data_bytes"],
+                max_input_bytes=settings["limits.max_input_bytes"],
+                max_queue_depth=settings["limits.max_queue_depth"],
+                max_watches=settings["limits.max_watches"],
+                max_watches_per_principal=settings["limits.max_watches_per_principal"],
+                watch_send_timeout=settings["limits.watch_send_timeout"],
+            ),
+            max_message_bytes=settings["limits.max_message_bytes"],
+            job_policies=settings.job_policies,
+            tls_cert_file=settings["tls.cert_file"],
+            tls_key_file=settings["tls.key_file"],
+            tls_client_ca_file=settings["tls.client_ca_file"],
+            tokens_file=settings["auth.tokens_file"],
+            admin_role=settings["auth.admin_role"],
+            metrics_address=settings["metrics.address"],
+        )
 
 
 class AjsServer:
@@ -95,11 +171,19 @@ class AjsServer:
     ) -> None:
         self.config = config
         if connector is None or chain is None:
-            plugins = discover(config.plugin_dirs)
+            plugins = discover(config.plugin_dirs).with_policies(config.job_policies)
             connector = connector or plugins.connector(config.connector)(**config.connector_options)
             chain = chain or plugins.chain(config.handlers)
         self.connector = connector
         self.chain = chain
+        self.metrics = Metrics()
+        authenticator = None
+        if config.tokens_file or config.tls_client_ca_file:
+            authenticator = (
+                Authenticator.from_file(Path(config.tokens_file), config.admin_role, bool(config.tls_client_ca_file))
+                if config.tokens_file
+                else Authenticator({}, config.admin_role, client_certificates=True)
+            )
         self.serves_jobs = config.role in ("all", "frontend")
         self.runs_jobs = config.role in ("all", "worker")
         self.dispatcher = Dispatcher(
@@ -110,10 +194,14 @@ class AjsServer:
             shutdown_grace=config.shutdown_grace,
             lease=config.lease,
             retention=config.retention,
+            observer=self.metrics,
         )
-        self.service = JobService(self.connector, self.chain, max_input_bytes=config.max_input_bytes)
+        self.service = JobService(self.connector, self.chain, config.limits, authenticator, self.metrics)
+        self.metrics.watch(lambda: len(self.dispatcher.running), lambda: self.connector.watcher_count)
+        self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._measuring: asyncio.Task[None] | None = None
         self.port = 0
         self._stopped = asyncio.Event()
 
@@ -134,6 +222,7 @@ class AjsServer:
             # Old connections are asked to go away, so channels rebalance.
             ("grpc.max_connection_age_ms", age_ms),
             ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
         ]
         self._server = server = grpc.aio.server(options=options)
         services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -143,13 +232,20 @@ class AjsServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(services, server)
         try:
-            self.port = server.add_insecure_port(self.config.address)
+            credentials = self._credentials()
+            if credentials is None:
+                self.port = server.add_insecure_port(self.config.address)
+            else:
+                self.port = server.add_secure_port(self.config.address, credentials)
         except RuntimeError as error:
             await self.connector.close()
             raise OSError(f"cannot listen on {self.config.address}: is the address in use or invalid?") from error
         await server.start()
         if self.runs_jobs:
             await self.dispatcher.start()
+        if self.config.metrics_address:
+            self.metrics_port = self.metrics.serve(self.config.metrics_address)
+            self._measuring = asyncio.create_task(self._measure_queue(), name="ajs-queue-depth")
         for name in ("", SERVICE_NAME) if self.serves_jobs else ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -161,6 +257,30 @@ class AjsServer:
             ", ".join(t for t, _ in self.chain.types) or "none",
         )
         return self.port
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        config = self.config
+        if not config.tls_cert_file:
+            if config.tls_key_file or config.tls_client_ca_file:
+                raise ConfigError("tls.cert_file: TLS needs the server's certificate and key")
+            return None
+        try:
+            key = Path(config.tls_key_file).read_bytes()
+            cert = Path(config.tls_cert_file).read_bytes()
+            client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+        except OSError as error:
+            raise ConfigError(f"tls: cannot read {error.filename}: {error.strerror}") from None
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
+        )
+
+    async def _measure_queue(self) -> None:
+        while True:
+            try:
+                self.metrics.queue_depth.set(await self.connector.count_jobs(RequestState.CREATED))
+            except AjsError as error:
+                log.warning("could not count the queue: %s", error)
+            await asyncio.sleep(QUEUE_DEPTH_EVERY)
 
     @property
     def address(self) -> str:
@@ -184,6 +304,9 @@ class AjsServer:
                 if self._server is not None:
                     await self._server.stop(self.config.rpc_grace)
             finally:
+                if self._measuring is not None:
+                    self._measuring.cancel()
+                self.metrics.close()
                 await self.chain.close()
                 await self.connector.close()
         log.info("stopped")
@@ -193,10 +316,12 @@ class AjsServer:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs a server until SIGTERM or SIGINT, then drains it and returns."""
+async def serve(config: ServerConfig, announce: str = "") -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains it and returns; logs ``announce`` once it serves."""
     server = AjsServer(config)
     await server.start()
+    if announce:
+        log.info("%s", announce)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -8,6 +8,7 @@ Project errors become a ``google.rpc.Status`` with details in one place,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -17,20 +18,30 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
 from ajs_grpc import convert
+from ajs_grpc.auth import ANONYMOUS, Authenticator, PermissionDenied, Principal
 from ajs_grpc.connectors.base import Connector, JobFilter
-from ajs_grpc.errors import AjsError, FieldViolation, Internal, InvalidArgument, Unavailable
+from ajs_grpc.errors import (
+    AjsError,
+    AlreadyExists,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.model import Request, RequestState
+from ajs_grpc.model import Job, Request, RequestState
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
-__all__ = ["SERVICE_NAME", "JobService", "abort"]
+__all__ = ["SERVICE_NAME", "JobService", "Limits", "ServiceObserver", "abort"]
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +57,6 @@ MAX_PAGE_SIZE = 1000
 _ID = re.compile(r"[!-~]+")
 _TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")
 _TOKEN_VERSION = 1
-# The creator of requests until authentication sets a principal.
-ANONYMOUS = "anonymous"
 
 In = TypeVar("In", bound=Message)
 Out = TypeVar("Out", bound=Message)
@@ -94,13 +103,20 @@ def _required_id(value: str, field: str = "request_id") -> str:
     return value
 
 
-def validate_request(message: pb.Request) -> Request:
+def validate_request(message: pb.Request, limits: Limits | None = None) -> Request:
     """The model Request for a submitted one, server-set fields filled in.
 
     Raises:
         InvalidArgument: listing every bad field.
     """
+    limits = limits or Limits()
     violations: list[FieldViolation] = []
+    if len(message.data) > limits.max_data_entries:
+        violations.append(
+            FieldViolation("request.data", f"has {len(message.data)} entries, more than {limits.max_data_entries}")
+        )
+    elif (size := sum(len(k.encode()) + len(v.encode()) for k, v in message.data.items())) > limits.max_data_bytes:
+        violations.append(FieldViolation("request.data", f"holds {size} bytes, more than {limits.max_data_bytes}"))
     _check_id(message.id, "request.id", violations, required=False)
     _check_id(message.parent_id, "request.parent_id", violations, required=False)
     if message.id and message.parent_id == message.id:
@@ -119,11 +135,13 @@ def validate_request(message: pb.Request) -> Request:
         violations.append(FieldViolation("request.run_after", f"is not a valid time: {error}"))
     if violations:
         raise _invalid(violations)
-    return dataclasses.replace(request, id=request.id or str(uuid.uuid4()), creator=ANONYMOUS, create_time=None)
+    return dataclasses.replace(request, id=request.id or str(uuid.uuid4()), creator=ANONYMOUS.name, create_time=None)
 
 
 def _filter_digest(job_filter: JobFilter) -> str:
-    key = json.dumps([sorted(int(s) for s in job_filter.states), sorted(job_filter.types), job_filter.parent_id])
+    key = json.dumps(
+        [sorted(int(s) for s in job_filter.states), sorted(job_filter.types), job_filter.parent_id, job_filter.creator]
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -160,40 +178,162 @@ def decode_page_token(token: str, job_filter: JobFilter) -> int:
     return cursor
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one client may ask of the service (all configurable, see ``[limits]``)."""
+
+    max_data_entries: int = 256
+    max_data_bytes: int = 64 * 1024
+    max_input_bytes: int = MAX_INPUT_BYTES
+    max_queue_depth: int = 0
+    """Queued (CREATED) jobs at most; 0 for no limit."""
+    max_watches: int = 1000
+    max_watches_per_principal: int = 100
+    watch_send_timeout: float = 30.0
+    """Seconds a watcher may leave a Response unread before it is dropped."""
+
+
+class ServiceObserver(Protocol):
+    """What the service reports (metrics)."""
+
+    def submitted_type(self, request_type: str) -> None:
+        """A new request was queued."""
+
+    def call_ended(self, method: str, code: str) -> None:
+        """A call ended with status ``code`` (a name such as OK or NOT_FOUND)."""
+
+
+class _NoObserver:
+    def submitted_type(self, request_type: str) -> None:
+        pass
+
+    def call_ended(self, method: str, code: str) -> None:
+        pass
+
+
+# How long a measured queue depth is trusted before it is counted again.
+QUEUE_DEPTH_TTL = 0.2
+# How many parents up a job's owner is looked for (a child of an owned job is owned too).
+OWNER_DEPTH = 8
+
+
 class JobService:
     """Implements ``ajs.v1.JobService`` over a connector.
 
     Args:
         connector: the queue.
         chain: the handler chain, which knows each type's plugin and its contract.
-        max_input_bytes: the largest ``Request.input`` accepted.
+        limits: what a client may ask.
+        authenticator: checks each call's credentials; None lets everyone do everything.
+        observer: told of submits and calls (metrics).
     """
 
-    def __init__(self, connector: Connector, chain: HandlerChain, *, max_input_bytes: int = MAX_INPUT_BYTES) -> None:
+    def __init__(
+        self,
+        connector: Connector,
+        chain: HandlerChain,
+        limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
+        observer: ServiceObserver | None = None,
+    ) -> None:
         self.connector = connector
         self.chain = chain
-        self.max_input_bytes = max_input_bytes
+        self.limits = limits or Limits()
+        self.authenticator = authenticator
+        self.observer = observer or _NoObserver()
         self.accepting = True
         """False once the server drains: submits are then UNAVAILABLE."""
+        self.watches: dict[str, int] = {}
+        """Open WatchJob streams per principal."""
+        self._depth = (0, -1.0)
 
-    async def submit_request(self, message: pb.SubmitRequestRequest) -> pb.SubmitRequestResponse:
+    # -- who may do what -----------------------------------------------------------
+
+    def principal(self, context: Context) -> Principal:
+        """The caller of ``context``, authenticated."""
+        if self.authenticator is None:
+            return ANONYMOUS
+        metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+        names = list(context.auth_context().get("x509_common_name") or [])
+        common_name = names[0].decode() if names else None
+        return self.authenticator.authenticate(metadata, common_name)
+
+    async def _owns(self, principal: Principal, job: Job) -> bool:
+        if principal.admin or job.request.creator == principal.name:
+            return True
+        parent_id = job.request.parent_id
+        for _ in range(OWNER_DEPTH):
+            if not parent_id:
+                return False
+            try:
+                parent = await self.connector.get(parent_id)
+            except NotFound:
+                return False
+            if parent.request.creator == principal.name:
+                return True
+            parent_id = parent.request.parent_id
+        return False
+
+    async def _owned_job(self, principal: Principal, request_id: str) -> Job:
+        job = await self.connector.get(request_id)
+        if not await self._owns(principal, job):
+            log.warning("denied %s access to request %s", principal.name, request_id)
+            raise PermissionDenied(
+                f"request {request_id!r} belongs to another principal",
+                reason="NOT_OWNER",
+                metadata={"request_id": request_id},
+            )
+        return job
+
+    # -- the methods -----------------------------------------------------------------
+
+    async def submit_request(self, message: pb.SubmitRequestRequest, principal: Principal) -> pb.SubmitRequestResponse:
         """Validates and enqueues a request (idempotent on its id)."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; submit to another instance", reason="DRAINING")
         if not message.HasField("request"):
             raise _invalid([FieldViolation("request", "is required")])
-        request = validate_request(message.request)
+        request = validate_request(message.request, self.limits)
+        request = dataclasses.replace(request, creator=principal.name)
+        if principal.types is not None and request.type not in principal.types and not principal.admin:
+            log.warning("denied %s a submit of type %s", principal.name, request.type)
+            raise PermissionDenied(
+                f"{principal.name} may not submit requests of type {request.type!r}",
+                reason="TYPE_NOT_ALLOWED",
+                metadata={"type": request.type},
+            )
         self._check_input(request)
+        await self._check_queue_depth()
         job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
+        if not created and job.request.creator != principal.name and not principal.admin:
+            raise AlreadyExists(f"request {request.id!r} exists", reason="REQUEST_ID_TAKEN")
         if created:
+            self.observer.submitted_type(request.type)
             log.debug("queued request %s of type %s", job.request.id, job.request.type)
         return pb.SubmitRequestResponse(job=convert.job_to_proto(job), created=created)
+
+    async def _check_queue_depth(self) -> None:
+        limit = self.limits.max_queue_depth
+        if not limit:
+            return
+        loop = asyncio.get_running_loop()
+        depth, measured = self._depth
+        if loop.time() - measured > QUEUE_DEPTH_TTL:
+            depth = await self.connector.count_jobs(RequestState.CREATED)
+            self._depth = (depth, loop.time())
+        if depth >= limit:
+            raise ResourceExhausted(
+                f"the queue holds {depth} jobs, its limit is {limit}; retry later",
+                reason="QUEUE_FULL",
+                metadata={"retry_after_seconds": "1"},
+            )
+        self._depth = (depth + 1, self._depth[1])
 
     def _check_input(self, request: Request) -> None:
         """Checks the typed input against the size limit and the job type's contract."""
         size = request.input.ByteSize() if request.input is not None else 0
-        if size > self.max_input_bytes:
-            description = f"is {size} bytes, more than the limit of {self.max_input_bytes}"
+        if size > self.limits.max_input_bytes:
+            description = f"is {size} bytes, more than the limit of {self.limits.max_input_bytes}"
             raise InvalidArgument(
                 f"invalid request: request.input: {description}",
                 [FieldViolation("request.input", description)],
@@ -203,7 +343,7 @@ class JobService:
         if plugin is not None:  # types nobody runs fail later, through the reject handler
             plugin.decode_input(request.input)
 
-    async def list_job_types(self, message: pb.ListJobTypesRequest) -> pb.ListJobTypesResponse:
+    async def list_job_types(self, message: pb.ListJobTypesRequest, principal: Principal) -> pb.ListJobTypesResponse:
         """Describes every runnable job type with its typed contract."""
         types = [
             convert.job_type_to_proto(plugin, handler.name)
@@ -212,34 +352,57 @@ class JobService:
         ]
         return pb.ListJobTypesResponse(job_types=types)
 
-    async def watch_job(self, message: pb.WatchJobRequest) -> AsyncIterator[pb.WatchJobResponse]:
+    async def watch_job(self, message: pb.WatchJobRequest, principal: Principal) -> AsyncIterator[pb.WatchJobResponse]:
         """Streams a request's Responses after ``after_sequence``, ending after the final one."""
         request_id = _required_id(message.request_id)
-        async for response in self.connector.watch(request_id, message.after_sequence):
-            yield pb.WatchJobResponse(response=convert.response_to_proto(response))
+        await self._owned_job(principal, request_id)
+        mine = self.watches.get(principal.name, 0)
+        if mine >= self.limits.max_watches_per_principal or sum(self.watches.values()) >= self.limits.max_watches:
+            raise ResourceExhausted(
+                "too many open WatchJob streams; close some or retry later",
+                reason="TOO_MANY_WATCHES",
+                metadata={"limit_per_principal": str(self.limits.max_watches_per_principal)},
+            )
+        self.watches[principal.name] = mine + 1
+        try:
+            async for response in self.connector.watch(request_id, message.after_sequence):
+                yield pb.WatchJobResponse(response=convert.response_to_proto(response))
+        finally:
+            self.watches[principal.name] -= 1
+            if not self.watches[principal.name]:
+                del self.watches[principal.name]
 
-    async def get_job(self, message: pb.GetJobRequest) -> pb.GetJobResponse:
+    async def get_job(self, message: pb.GetJobRequest, principal: Principal) -> pb.GetJobResponse:
         """Returns one job."""
-        job = await self.connector.get(_required_id(message.request_id))
+        job = await self._owned_job(principal, _required_id(message.request_id))
         return pb.GetJobResponse(job=convert.job_to_proto(job))
 
-    async def list_jobs(self, message: pb.ListJobsRequest) -> pb.ListJobsResponse:
-        """Returns a page of jobs in submit order."""
+    async def list_jobs(self, message: pb.ListJobsRequest, principal: Principal) -> pb.ListJobsResponse:
+        """Returns a page of jobs in submit order (only the caller's own, unless an admin)."""
         if message.page_size < 0:
             raise _invalid([FieldViolation("page_size", "must not be negative")])
         states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
         if RequestState.UNSPECIFIED in states:
             raise _invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
-        job_filter = JobFilter(states=states, types=frozenset(message.types), parent_id=message.parent_id)
+        creator = ""
+        if not principal.admin:
+            # Children of one's own job are one's own too, whoever submitted them.
+            owns_parent = message.parent_id and await self._owns(principal, await self.connector.get(message.parent_id))
+            creator = "" if owns_parent else principal.name
+        job_filter = JobFilter(
+            states=states, types=frozenset(message.types), parent_id=message.parent_id, creator=creator
+        )
         after = decode_page_token(message.page_token, job_filter) if message.page_token else 0
         page_size = min(message.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         page = await self.connector.list_jobs(job_filter, page_size, after)
         token = encode_page_token(page.next_cursor, job_filter) if page.next_cursor is not None else ""
         return pb.ListJobsResponse(jobs=[convert.job_to_proto(job) for job in page.jobs], next_page_token=token)
 
-    async def cancel_job(self, message: pb.CancelJobRequest) -> pb.CancelJobResponse:
+    async def cancel_job(self, message: pb.CancelJobRequest, principal: Principal) -> pb.CancelJobResponse:
         """Cancels a queued job, or signals a running one."""
-        job = await self.connector.cancel(_required_id(message.request_id))
+        request_id = _required_id(message.request_id)
+        await self._owned_job(principal, request_id)
+        job = await self.connector.cancel(request_id)
         log.debug("cancel of request %s: now %s", job.request.id, job.state.name)
         return pb.CancelJobResponse(job=convert.job_to_proto(job))
 
@@ -248,42 +411,57 @@ class JobService:
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "SubmitRequest": _unary(pb.SubmitRequestRequest, self.submit_request),
-                "WatchJob": _stream(pb.WatchJobRequest, self.watch_job),
-                "GetJob": _unary(pb.GetJobRequest, self.get_job),
-                "ListJobs": _unary(pb.ListJobsRequest, self.list_jobs),
-                "CancelJob": _unary(pb.CancelJobRequest, self.cancel_job),
-                "ListJobTypes": _unary(pb.ListJobTypesRequest, self.list_job_types),
+                "SubmitRequest": self._unary("SubmitRequest", pb.SubmitRequestRequest, self.submit_request),
+                "WatchJob": self._stream("WatchJob", pb.WatchJobRequest, self.watch_job),
+                "GetJob": self._unary("GetJob", pb.GetJobRequest, self.get_job),
+                "ListJobs": self._unary("ListJobs", pb.ListJobsRequest, self.list_jobs),
+                "CancelJob": self._unary("CancelJob", pb.CancelJobRequest, self.cancel_job),
+                "ListJobTypes": self._unary("ListJobTypes", pb.ListJobTypesRequest, self.list_job_types),
             },
         )
 
+    def _unary(
+        self, name: str, message_type: type[In], method: Callable[[In, Principal], Awaitable[Out]]
+    ) -> grpc.RpcMethodHandler[bytes, Message]:
+        async def handle(raw: bytes, context: Context) -> Out | None:
+            try:
+                reply = await method(_parse(message_type, raw), self.principal(context))
+            except Exception as error:  # every failure gets a status with details
+                failure = _as_ajs_error(error)
+                self.observer.call_ended(name, failure.code.name)
+                await abort(context, failure)
+                return None
+            self.observer.call_ended(name, "OK")
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(handle, response_serializer=_serialize)
+
+    def _stream(
+        self, name: str, message_type: type[In], method: Callable[[In, Principal], AsyncIterator[Out]]
+    ) -> grpc.RpcMethodHandler[bytes, Message]:
+        async def handle(raw: bytes, context: Context) -> None:
+            # A client gone cancels this task; let it propagate (catching it leaks: grpc #43360).
+            try:
+                async for message in method(_parse(message_type, raw), self.principal(context)):
+                    # A client that does not read fills the transport's window; it is then
+                    # dropped instead of holding a stream (and its memory) forever.
+                    try:
+                        await asyncio.wait_for(context.write(message), self.limits.watch_send_timeout)
+                    except TimeoutError:
+                        raise ResourceExhausted(
+                            f"the client read nothing for {self.limits.watch_send_timeout:g}s; stream closed",
+                            reason="WATCHER_TOO_SLOW",
+                        ) from None
+            except Exception as error:  # every failure gets a status with details
+                failure = _as_ajs_error(error)
+                self.observer.call_ended(name, failure.code.name)
+                await abort(context, failure)
+            self.observer.call_ended(name, "OK")
+
+        return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
+
 
 Context = grpc.aio.ServicerContext[bytes, Message]
-
-
-def _unary(message_type: type[In], method: Callable[[In], Awaitable[Out]]) -> grpc.RpcMethodHandler[bytes, Message]:
-    async def handle(raw: bytes, context: Context) -> Out | None:
-        try:
-            return await method(_parse(message_type, raw))
-        except Exception as error:  # every failure gets a status with details
-            await abort(context, _as_ajs_error(error))
-            return None
-
-    return grpc.unary_unary_rpc_method_handler(handle, response_serializer=_serialize)
-
-
-def _stream(
-    message_type: type[In], method: Callable[[In], AsyncIterator[Out]]
-) -> grpc.RpcMethodHandler[bytes, Message]:
-    async def handle(raw: bytes, context: Context) -> AsyncIterator[Out]:
-        # A client gone cancels this task; let it propagate (catching it leaks: grpc #43360).
-        try:
-            async for message in method(_parse(message_type, raw)):
-                yield message
-        except Exception as error:  # every failure gets a status with details
-            await abort(context, _as_ajs_error(error))
-
-    return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
 
 
 def _as_ajs_error(error: Exception) -> AjsError:

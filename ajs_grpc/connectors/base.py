@@ -59,6 +59,7 @@ class JobFilter:
     states: frozenset[RequestState] = frozenset()
     types: frozenset[str] = frozenset()
     parent_id: str = ""
+    creator: str = ""
 
     def matches(self, job: Job) -> bool:
         """True when ``job`` passes the filter."""
@@ -66,6 +67,7 @@ class JobFilter:
             (not self.states or job.state in self.states)
             and (not self.types or job.request.type in self.types)
             and (not self.parent_id or job.request.parent_id == self.parent_id)
+            and (not self.creator or job.request.creator == self.creator)
         )
 
 
@@ -218,6 +220,10 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
         """Returns up to ``page_size`` matching jobs submitted after cursor ``after``."""
+
+    @abc.abstractmethod
+    async def count_jobs(self, state: RequestState) -> int:
+        """How many jobs are in ``state`` now (the queue depth for CREATED)."""
 
     @abc.abstractmethod
     async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:

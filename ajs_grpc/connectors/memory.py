@@ -230,6 +230,10 @@ class MemoryConnector(Connector):
         return Page(jobs, None)
 
     @override
+    async def count_jobs(self, state: RequestState) -> int:
+        return sum(1 for entry in self._entries.values() if entry.job.state is state)
+
+    @override
     async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:
         stored = self._entry(request_id).responses
         # Sequences are 1-based and gapless: sequence n sits at index n - 1.

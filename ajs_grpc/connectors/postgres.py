@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 256
+# Seconds a write or read waits for a pooled connection.
+POOL_TIMEOUT = 5.0
 # What the server's connections are called in pg_stat_activity.
 APPLICATION_NAME = "ajs-grpc"
 # Seconds between attempts to re-establish the listening connection.
@@ -269,6 +271,9 @@ class PostgresConnector(Connector):
             configure=self._configure,
             kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             reconnect_timeout=30,
+            # Waiting for a connection must stay well below a lease: a stalled
+            # database must fail renewals early enough for jobs to be stopped.
+            timeout=POOL_TIMEOUT,
             # A connection the server dropped (a restart) is found and replaced before use.
             check=AsyncConnectionPool.check_connection,
         )
@@ -357,13 +362,23 @@ class PostgresConnector(Connector):
         first = True
         while True:
             try:
-                connect = psycopg.AsyncConnection.connect(self.dsn, autocommit=True, application_name=APPLICATION_NAME)
+                connect = psycopg.AsyncConnection.connect(
+                    self.dsn,
+                    autocommit=True,
+                    application_name=APPLICATION_NAME,
+                    # A silently dropped connection is noticed, not waited on forever.
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                )
                 async with await connect as connection:
                     await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     self.listening.set()
                     if not first:
                         log.info("listening again on %s; watchers catch up", self.channel)
-                        self._catch_up()
+                    # Whatever was queued or written before we listened is looked at now.
+                    self._catch_up()
                     first = False
                     async for notice in connection.notifies():
                         self._on_event(notice.payload)
@@ -411,15 +426,20 @@ class PostgresConnector(Connector):
                 batch.append(self._queue.get_nowait())
             try:
                 outcomes = await self._commit(batch)
-            except psycopg.Error:
-                # One write broke the shared transaction (a race on a unique id, a
-                # deadlock): run each alone so only its own caller hears of it.
+            except (psycopg.errors.IntegrityError, psycopg.errors.TransactionRollback):
+                # One write broke the shared transaction, which was rolled back (a race
+                # on a unique id, a deadlock): run each alone so only its caller hears.
                 outcomes = []
                 for item in batch:
                     try:
                         outcomes += await self._commit([item])
                     except psycopg.Error as error:
                         outcomes.append((item[1], None, translate(error, "could not write to the queue")))
+            except psycopg.Error as error:
+                # The connection failed, perhaps during COMMIT: whether the batch was
+                # stored is unknown, so nothing is run again (leases recover claims).
+                lost = translate(error, "could not write to the queue")
+                outcomes = [(future, None, lost) for _, future in batch]
             except Exception as error:  # keep the loop alive: every caller gets an answer
                 log.exception("a PostgreSQL write failed")
                 outcomes = [
@@ -660,8 +680,12 @@ class PostgresConnector(Connector):
     @override
     async def next_due_time(self) -> datetime | None:
         async def read(connection: psycopg.AsyncConnection[Any]) -> datetime | None:
-            row = await (await connection.execute("SELECT min(due_time) FROM jobs WHERE state = 1")).fetchone()
-            return row[0] if row else None
+            # Claims compare due times with the database's clock: say how far away the
+            # next one is by that clock, then put it on ours.
+            row = await (
+                await connection.execute("SELECT min(due_time) - clock_timestamp() FROM jobs WHERE state = 1")
+            ).fetchone()
+            return None if row is None or row[0] is None else now() + row[0]
 
         return await self._read(read)
 
@@ -743,6 +767,9 @@ class PostgresConnector(Connector):
         if job_filter.parent_id:
             condition += " AND j.parent_id = %s"
             args.append(job_filter.parent_id)
+        if job_filter.creator:
+            condition += " AND j.creator = %s"
+            args.append(job_filter.creator)
 
         async def read(connection: psycopg.AsyncConnection[Any]) -> Page:
             rows = await (
@@ -753,6 +780,16 @@ class PostgresConnector(Connector):
             more = len(rows) > page_size
             rows = rows[:page_size]
             return Page([_job(row) for row in rows], rows[-1][0] if more else None)
+
+        return await self._read(read)
+
+    @override
+    async def count_jobs(self, state: RequestState) -> int:
+        async def read(connection: psycopg.AsyncConnection[Any]) -> int:
+            row = await (
+                await connection.execute("SELECT count(*) FROM jobs WHERE state = %s", (int(state),))
+            ).fetchone()
+            return int(row[0]) if row else 0
 
         return await self._read(read)
 

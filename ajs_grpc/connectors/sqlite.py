@@ -783,6 +783,9 @@ class SqliteConnector(Connector):
         if job_filter.parent_id:
             condition += " AND j.parent_id = ?"
             args.append(job_filter.parent_id)
+        if job_filter.creator:
+            condition += " AND j.creator = ?"
+            args.append(job_filter.creator)
 
         def read(connection: sqlite3.Connection) -> Page:
             rows = connection.execute(
@@ -791,6 +794,14 @@ class SqliteConnector(Connector):
             more = len(rows) > page_size
             rows = rows[:page_size]
             return Page([_job(row) for row in rows], rows[-1][0] if more else None)
+
+        return await self._read(read)
+
+    @override
+    async def count_jobs(self, state: RequestState) -> int:
+        def read(connection: sqlite3.Connection) -> int:
+            count: int = connection.execute("SELECT count(*) FROM jobs WHERE state = ?", (int(state),)).fetchone()[0]
+            return count
 
         return await self._read(read)
 

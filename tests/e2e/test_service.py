@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 
 import grpc
 import pytest
@@ -118,7 +119,7 @@ async def test_a_wrong_input_is_invalid_argument_naming_request_input(
 
 
 async def test_an_input_over_the_limit_is_invalid_argument(server: AjsServer, stub: pb_grpc.JobServiceStub) -> None:
-    server.service.max_input_bytes = 100
+    server.service.limits = dataclasses.replace(server.service.limits, max_input_bytes=100)
     request = pb.Request(type="shout", input=packed(wrappers_pb2.StringValue(value="x" * 200)))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.SubmitRequest(pb.SubmitRequestRequest(request=request))

@@ -1,0 +1,327 @@
+"""The server's configuration: a TOML file, environment variables and flags.
+
+Every setting has a section and a key (``[server] address``); it comes from, in
+order of precedence: a command-line flag, the environment variable
+``AJS_<SECTION>_<KEY>`` (``AJS_SERVER_ADDRESS``), the file, then its default.
+Two tables come from the file only: ``[[handlers]]`` (the chain, in order; the
+``--handler`` flag replaces it) and ``[jobs.<type>]`` (per-type retry and timeout
+policy). ``examples/ajs.toml`` documents every key.
+
+An unknown key, a value of the wrong type or a missing file is a
+:class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ajs_grpc.errors import AjsError
+
+__all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "load"]
+
+
+class ConfigError(AjsError):
+    """The configuration is invalid; the message names the key."""
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in a number or a string such as ``30s``, ``5m``, ``7d``.
+
+    Raises:
+        ValueError: not a positive duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (found := _DURATION.fullmatch(value)):
+        seconds = float(found.group(1)) * _UNITS[found.group(2) or "s"]
+    else:
+        raise ValueError(f"expected a duration such as 30s, 5m or 7d, not {value!r}")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+def _optional_duration(value: object) -> float | None:
+    if isinstance(value, str) and value.strip().lower() in ("forever", "none", ""):
+        return None
+    return parse_duration(value)
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected an integer")
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError("expected true or false")
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _paths(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [part for part in value.split(",") if part]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ValueError("expected a list of paths")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _string(value).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configuration key: where it lives, how it parses, its default."""
+
+    section: str
+    key: str
+    parse: Callable[[object], Any]
+    default: Any
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        """Its environment variable."""
+        return f"AJS_{self.section}_{self.key}".upper()
+
+    @property
+    def name(self) -> str:
+        """``section.key``."""
+        return f"{self.section}.{self.key}"
+
+
+SETTINGS = [
+    Setting("server", "address", _string, "127.0.0.1:50051", "HOST:PORT to listen on"),
+    Setting("server", "role", _choice("all", "frontend", "worker"), "all", "all, frontend or worker"),
+    Setting("server", "max_jobs", _integer, 8, "jobs running at once"),
+    Setting("server", "lease", parse_duration, 30.0, "a claimed job's lease"),
+    Setting("server", "retention", _optional_duration, 7 * 86400.0, "how long ended jobs are kept, or forever"),
+    Setting("server", "cancel_grace", parse_duration, 10.0, "a cancelled job's time to stop"),
+    Setting("server", "shutdown_grace", parse_duration, 30.0, "running jobs' time on SIGTERM"),
+    Setting("server", "max_connection_age", parse_duration, 300.0, "clients reconnect after this"),
+    Setting("storage", "connector", _string, "sqlite", "sqlite, postgres, memory or a plugin's name"),
+    Setting("storage", "database", _string, "ajs.db", "sqlite: the database file"),
+    Setting("storage", "synchronous", _choice("full", "normal"), "full", "sqlite: full or normal"),
+    Setting("storage", "dsn", _string, "", "postgres: the database", secret=True),
+    Setting("storage", "schema", _string, "ajs", "postgres: the schema of the queue"),
+    Setting("storage", "migrate", _boolean, True, "postgres: migrate the schema at start-up"),
+    Setting("plugins", "jobs_dirs", _paths, [], "directories of job plugins"),
+    Setting("plugins", "handlers_dirs", _paths, [], "directories of handler plugins"),
+    Setting("plugins", "connectors_dirs", _paths, [], "directories of connector plugins"),
+    Setting("log", "level", _choice("debug", "info", "warning", "error"), "info", "log level"),
+    Setting("log", "format", _choice("plain", "json"), "plain", "plain text or JSON lines"),
+    Setting("log", "file", _string, "", "log to this file instead of stderr"),
+    Setting("limits", "max_message_bytes", _integer, 4 * 1024 * 1024, "largest gRPC message received"),
+    Setting("limits", "max_data_entries", _integer, 256, "entries in Request.data"),
+    Setting("limits", "max_data_bytes", _integer, 64 * 1024, "bytes of keys and values in Request.data"),
+    Setting("limits", "max_input_bytes", _integer, 1024 * 1024, "bytes of Request.input"),
+    Setting("limits", "max_queue_depth", _integer, 0, "queued jobs at most (0: no limit)"),
+    Setting("limits", "max_watches", _integer, 1000, "open WatchJob streams in all"),
+    Setting("limits", "max_watches_per_principal", _integer, 100, "open WatchJob streams per principal"),
+    Setting("limits", "watch_send_timeout", parse_duration, 30.0, "a watcher not reading this long is dropped"),
+    Setting("tls", "cert_file", _string, "", "the server's certificate (PEM); enables TLS"),
+    Setting("tls", "key_file", _string, "", "the server's private key (PEM)"),
+    Setting("tls", "client_ca_file", _string, "", "CA of client certificates; enables mutual TLS"),
+    Setting("auth", "tokens_file", _string, "", "bearer tokens (TOML); enables authentication"),
+    Setting("auth", "admin_role", _string, "admin", "the role that may see every job"),
+    Setting("metrics", "address", _string, "", "HOST:PORT of the Prometheus endpoint (empty: off)"),
+]
+_BY_NAME = {s.name: s for s in SETTINGS}
+_SECTIONS = {s.section for s in SETTINGS}
+_JOB_POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
+    "max_attempts": _integer,
+    "initial_backoff": parse_duration,
+    "max_backoff": parse_duration,
+    "multiplier": float,
+    "jitter": float,
+    "timeout": _optional_duration,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective configuration.
+
+    Attributes:
+        values: ``section.key`` -> value.
+        sources: ``section.key`` -> where the value came from (flag, env, file, default).
+        handlers: the ``[[handlers]]`` chain as (name, types), or None.
+        job_policies: ``[jobs.<type>]`` overrides, per type.
+    """
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    handlers: list[tuple[str, tuple[str, ...]]] | None
+    job_policies: dict[str, dict[str, Any]]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def render(self) -> str:
+        """The effective configuration as TOML, secrets masked, each value's source noted."""
+        lines: list[str] = []
+        section = ""
+        for setting in SETTINGS:
+            if setting.section != section:
+                section = setting.section
+                lines.append(f"\n[{section}]")
+            value = self.values[setting.name]
+            if setting.secret and value:
+                value = _mask(str(value))
+            lines.append(f"{setting.key} = {_toml(value)}  # {self.sources[setting.name]}")
+        for name, types in self.handlers or []:
+            lines += ["\n[[handlers]]", f"name = {_toml(name)}", f"types = {_toml(list(types))}"]
+        for job_type, policy in sorted(self.job_policies.items()):
+            lines.append(f"\n[jobs.{job_type}]")
+            lines += [f"{key} = {_toml(value)}" for key, value in policy.items()]
+        return "\n".join(lines).strip() + "\n"
+
+
+def _mask(value: str) -> str:
+    # postgresql://user:secret@host/db -> postgresql://user:***@host/db; anything else whole.
+    masked = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", value)
+    masked = re.sub(r"(password=)\S+", r"\1***", masked)
+    return masked if masked != value else "***"
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return '"forever"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _parse(setting: Setting, value: object, where: str) -> Any:
+    try:
+        return setting.parse(value)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: {setting.name}: {error}", reason="BAD_SETTING") from None
+
+
+def load(
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The effective configuration: flags over environment over file over defaults.
+
+    Args:
+        file: a TOML file, or None.
+        environ: the environment (default ``os.environ``).
+        flags: ``section.key`` -> value given on the command line.
+
+    Raises:
+        ConfigError: a missing file, an unknown key or a bad value (named).
+    """
+    environ = os.environ if environ is None else environ
+    document: dict[str, Any] = {}
+    if file is not None:
+        try:
+            document = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist", reason="NO_CONFIG_FILE") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{file}: not valid TOML: {error}", reason="BAD_CONFIG_FILE") from None
+    where = str(file) if file is not None else "configuration"
+    from_file: dict[str, Any] = {}
+    handlers = None
+    policies: dict[str, dict[str, Any]] = {}
+    for section, table in document.items():
+        if section == "handlers":
+            handlers = _handlers(table, where)
+        elif section == "jobs":
+            policies = _policies(table, where)
+        elif section in _SECTIONS and isinstance(table, dict):
+            for key, value in table.items():
+                setting = _BY_NAME.get(f"{section}.{key}")
+                if setting is None:
+                    raise ConfigError(f"{where}: unknown key {section}.{key}", reason="UNKNOWN_SETTING")
+                from_file[setting.name] = _parse(setting, value, where)
+        else:
+            raise ConfigError(f"{where}: unknown section [{section}]", reason="UNKNOWN_SETTING")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        if flags and flags.get(setting.name) is not None:
+            values[setting.name], sources[setting.name] = _parse(setting, flags[setting.name], "flag"), "flag"
+        elif setting.env in environ:
+            values[setting.name] = _parse(setting, environ[setting.env], f"${setting.env}")
+            sources[setting.name] = f"${setting.env}"
+        elif setting.name in from_file:
+            values[setting.name], sources[setting.name] = from_file[setting.name], where
+        else:
+            values[setting.name], sources[setting.name] = setting.default, "default"
+    return Settings(values, sources, handlers, policies)
+
+
+def _handlers(table: object, where: str) -> list[tuple[str, tuple[str, ...]]]:
+    if not isinstance(table, list):
+        raise ConfigError(f"{where}: handlers must be an array of tables ([[handlers]])", reason="BAD_SETTING")
+    chain = []
+    for number, entry in enumerate(table, 1):
+        if not isinstance(entry, dict) or set(entry) - {"name", "types"} or not isinstance(entry.get("name"), str):
+            raise ConfigError(
+                f"{where}: handlers #{number} needs name (a string) and types (a list)", reason="BAD_SETTING"
+            )
+        types = entry.get("types", [])
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise ConfigError(f"{where}: handlers #{number}.types must be a list of strings", reason="BAD_SETTING")
+        chain.append((entry["name"], tuple(types)))
+    return chain
+
+
+def _policies(table: object, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: jobs must be a table of job types", reason="BAD_SETTING")
+    policies: dict[str, dict[str, Any]] = {}
+    for job_type, policy in table.items():
+        if not isinstance(policy, dict):
+            raise ConfigError(f"{where}: jobs.{job_type} must be a table", reason="BAD_SETTING")
+        parsed = {}
+        for key, value in policy.items():
+            parse = _JOB_POLICY_KEYS.get(key)
+            if parse is None:
+                raise ConfigError(f"{where}: unknown key jobs.{job_type}.{key}", reason="UNKNOWN_SETTING")
+            try:
+                parsed[key] = parse(value)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"{where}: jobs.{job_type}.{key}: {error}", reason="BAD_SETTING") from None
+        policies[job_type] = parsed
+    return policies

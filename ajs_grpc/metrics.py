@@ -1,0 +1,97 @@
+"""Prometheus metrics of a server, served over HTTP (``[metrics] address``).
+
+Each server has a registry of its own (several servers may share a process in tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ajs_grpc.model import RequestState
+
+__all__ = ["Metrics"]
+
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
+
+
+class Metrics:
+    """The counters, gauges and histograms of one server.
+
+    It is the service's observer (submits, calls) and the dispatcher's (jobs).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.submitted = Counter("ajs_jobs_submitted", "Requests queued", ["type"], registry=registry)
+        self.ended = Counter("ajs_jobs_ended", "Jobs that ended, by final state", ["type", "state"], registry=registry)
+        self.retried = Counter("ajs_jobs_retried", "Attempts handed back to the queue", ["type"], registry=registry)
+        self.calls = Counter(
+            "ajs_grpc_calls", "JobService calls by method and status code", ["method", "code"], registry=registry
+        )
+        self.duration = Histogram(
+            "ajs_job_duration_seconds", "How long attempts ran", ["type"], buckets=_DURATION_BUCKETS, registry=registry
+        )
+        self.queue_wait = Histogram(
+            "ajs_job_queue_wait_seconds",
+            "From due to claimed",
+            ["type"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge("ajs_queue_depth", "Jobs queued (CREATED), as last counted", registry=registry)
+        self.running = Gauge("ajs_jobs_running", "Jobs running on this server", registry=registry)
+        self.watchers = Gauge("ajs_watchers", "Open WatchJob streams on this server", registry=registry)
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def watch(self, running: Callable[[], int], watchers: Callable[[], int]) -> None:
+        """Reads the running jobs and open watches when scraped."""
+        self.running.set_function(running)
+        self.watchers.set_function(watchers)
+
+    # -- ServiceObserver ---------------------------------------------------------------
+
+    def submitted_type(self, request_type: str) -> None:
+        """A new request was queued."""
+        self.submitted.labels(request_type).inc()
+
+    def call_ended(self, method: str, code: str) -> None:
+        """A JobService call ended with ``code``."""
+        self.calls.labels(method, code).inc()
+
+    # -- JobObserver ---------------------------------------------------------------------
+
+    def job_started(self, request_type: str, waited: float) -> None:
+        """An attempt began, ``waited`` seconds after it was due."""
+        self.queue_wait.labels(request_type).observe(max(waited, 0.0))
+
+    def job_ended(self, request_type: str, state: RequestState, seconds: float) -> None:
+        """An attempt ended in ``state`` (CREATED: handed back for another attempt)."""
+        self.duration.labels(request_type).observe(seconds)
+        if state is RequestState.CREATED:
+            self.retried.labels(request_type).inc()
+        else:
+            self.ended.labels(request_type, state.name).inc()
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def serve(self, address: str) -> int:
+        """Serves ``/metrics`` on HOST:PORT (port 0 picks one); returns the port."""
+        host, _, port = address.rpartition(":")
+        server, thread = start_http_server(int(port), host or "127.0.0.1", registry=self.registry)
+        self._http = (server, thread)
+        bound: int = server.server_port
+        return bound
+
+    def close(self) -> None:
+        """Stops the HTTP endpoint."""
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._http = None
