@@ -27,21 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ajs_grpc.config import ConfigError
-from ajs_grpc.errors import AjsError, Code
+from ajs_grpc.errors import PermissionDenied, Unauthenticated
 
 __all__ = ["ANONYMOUS", "Authenticator", "PermissionDenied", "Principal", "Unauthenticated", "new_token"]
-
-
-class Unauthenticated(AjsError):
-    """The call carries no valid credentials."""
-
-    code = Code.UNAUTHENTICATED
-
-
-class PermissionDenied(AjsError):
-    """The principal may not do this."""
-
-    code = Code.PERMISSION_DENIED
 
 
 @dataclasses.dataclass(frozen=True)

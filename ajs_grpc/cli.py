@@ -27,7 +27,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from ajs_grpc import __version__, convert, dynamic
-from ajs_grpc.client import DEFAULT_TARGET, AsyncClient
+from ajs_grpc.auth import new_token
+from ajs_grpc.client import DEFAULT_TARGET, AsyncClient, TlsOptions
 from ajs_grpc.config import SETTINGS, ConfigError, Settings
 from ajs_grpc.config import load as load_settings
 from ajs_grpc.errors import AjsError, Code, InvalidArgument
@@ -155,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--schema", dest="storage.schema", help="postgres: the schema of the queue (ajs)")
 
+    token = commands.add_parser("token", help="make bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="TOKEN_COMMAND")
+    new_token = token_commands.add_parser("new", help="print a new token and its tokens-file entry")
+    new_token.add_argument("principal")
+    new_token.add_argument("--role", dest="roles", action="append", default=[], help="a role (repeat)")
+
     config = commands.add_parser("config", help="check a configuration file")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="CONFIG_COMMAND")
     check = config_commands.add_parser("check", help="validate FILE and print the effective configuration")
@@ -207,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
         command.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)")
+        command.add_argument("--token", default=os.environ.get("AJS_TOKEN"), help="bearer token ($AJS_TOKEN)")
+        command.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-* options)")
+        command.add_argument("--tls-ca", default="", metavar="PEM", help="CA to verify the server with")
+        command.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate, for mutual TLS")
+        command.add_argument("--tls-key", default="", metavar="PEM", help="client key, for mutual TLS")
+        command.add_argument("--tls-server-name", default="", metavar="NAME", help="the name the server proves")
         return command
 
     submit = client_command("submit", "submit a request")
@@ -404,7 +417,7 @@ def _local_types(args: argparse.Namespace) -> int:
 
 
 async def _client_command(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.target, timeout=args.timeout) as client:
+    async with _client(args) as client:
         if args.command == "submit":
             run_after = args.run_after
             if args.delay is not None:
@@ -444,6 +457,13 @@ async def _client_command(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _client(args: argparse.Namespace) -> AsyncClient:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=tls)
+
+
 async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
     header = ("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED")
     rows: list[tuple[str, ...]] = []
@@ -456,7 +476,7 @@ async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def _health(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.target, timeout=args.timeout) as client:
+    async with _client(args) as client:
         status = await client.health()
     out.print(status)
     return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
@@ -499,6 +519,12 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        secret, entry = new_token(args.principal, args.roles)
+        err.print("# add this entry to the tokens file; give the token (shown once) to the client:")
+        print(entry)
+        print(f"# token: {secret}")
+        return EXIT_OK
     if args.command in ("serve", "db", "config") or (args.command == "types" and args.local):
         try:
             if args.command == "config":

@@ -25,6 +25,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -39,7 +40,15 @@ from ajs_grpc.model import Job, Request, RequestState, Response
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 
-__all__ = ["DEFAULT_TARGET", "AsyncClient", "Client", "Submitted", "channel_options", "channel_target"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "Client",
+    "Submitted",
+    "TlsOptions",
+    "channel_options",
+    "channel_target",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -53,6 +62,8 @@ _ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
 }
 
 
@@ -119,6 +130,30 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.AjsError:
 
 
 @dataclasses.dataclass(frozen=True)
+class TlsOptions:
+    """How a client connects with TLS.
+
+    Attributes:
+        ca_file: CA certificates (PEM) to verify the server with; empty uses the system's.
+        cert_file, key_file: the client's certificate and key (PEM), for mutual TLS.
+        server_name: the name to verify in the server's certificate, if not the target's host.
+    """
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials these options describe."""
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+@dataclasses.dataclass(frozen=True)
 class Submitted:
     """The answer to a submit: the job, and whether this call created it."""
 
@@ -134,6 +169,8 @@ class AsyncClient:
         timeout: seconds for each unary call; None waits forever.
         resume_for: seconds :meth:`watch` keeps reconnecting a dropped stream.
         channel: use this channel instead of opening one (it is not closed).
+        token: a bearer token sent with every call.
+        tls: TLS settings; None for a plaintext connection.
     """
 
     def __init__(
@@ -143,13 +180,22 @@ class AsyncClient:
         timeout: float | None = 30.0,
         resume_for: float = 30.0,
         channel: grpc.aio.Channel | None = None,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         self.target = channel_target(target)
         self.timeout = timeout
         self.resume_for = resume_for
+        self.tls = tls
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._own_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(self.target, options=channel_options(self.target))
+        self._channel = channel or self._open_channel(channel_options(self.target))
         self._stub = pb_grpc.JobServiceStub(self._channel)
+
+    def _open_channel(self, options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=options)
 
     async def __aenter__(self) -> Self:
         return self
@@ -207,29 +253,39 @@ class AsyncClient:
             else:
                 request.input.Pack(input)
         reply = await self._call(
-            self._stub.SubmitRequest(pb.SubmitRequestRequest(request=request), timeout=self.timeout)
+            self._stub.SubmitRequest(
+                pb.SubmitRequestRequest(request=request), timeout=self.timeout, metadata=self._metadata
+            )
         )
         return Submitted(convert.job_from_proto(reply.job), reply.created)
 
     async def get(self, request_id: str) -> Job:
         """Returns the job of ``request_id``."""
-        reply = await self._call(self._stub.GetJob(pb.GetJobRequest(request_id=request_id), timeout=self.timeout))
+        reply = await self._call(
+            self._stub.GetJob(pb.GetJobRequest(request_id=request_id), timeout=self.timeout, metadata=self._metadata)
+        )
         return convert.job_from_proto(reply.job)
 
     async def cancel(self, request_id: str) -> Job:
         """Cancels a job; returns it as the server left it."""
-        reply = await self._call(self._stub.CancelJob(pb.CancelJobRequest(request_id=request_id), timeout=self.timeout))
+        reply = await self._call(
+            self._stub.CancelJob(
+                pb.CancelJobRequest(request_id=request_id), timeout=self.timeout, metadata=self._metadata
+            )
+        )
         return convert.job_from_proto(reply.job)
 
     async def job_types(self) -> list[pb.JobType]:
         """The job types the server runs, with their typed contracts (see :mod:`ajs_grpc.dynamic`)."""
-        reply = await self._call(self._stub.ListJobTypes(pb.ListJobTypesRequest(), timeout=self.timeout))
+        reply = await self._call(
+            self._stub.ListJobTypes(pb.ListJobTypesRequest(), timeout=self.timeout, metadata=self._metadata)
+        )
         return list(reply.job_types)
 
     async def health(self, service: str = "") -> str:
         """The server's ``grpc.health.v1`` status (SERVING, NOT_SERVING, ...) for ``service``."""
         # A plain channel: the balanced one would refuse to reach an instance that is not SERVING.
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with self._open_channel() as channel:
             check = channel.unary_unary(
                 HEALTH_CHECK,
                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -255,7 +311,7 @@ class AsyncClient:
             types=list(types),
             parent_id=parent_id,
         )
-        reply = await self._call(self._stub.ListJobs(message, timeout=self.timeout))
+        reply = await self._call(self._stub.ListJobs(message, timeout=self.timeout, metadata=self._metadata))
         return [convert.job_from_proto(job) for job in reply.jobs], reply.next_page_token
 
     async def list(
@@ -288,7 +344,9 @@ class AsyncClient:
         delay = 0.05
         give_up_at: float | None = None
         while True:
-            call = self._stub.WatchJob(pb.WatchJobRequest(request_id=request_id, after_sequence=seen))
+            call = self._stub.WatchJob(
+                pb.WatchJobRequest(request_id=request_id, after_sequence=seen), metadata=self._metadata
+            )
             try:
                 async for message in call:
                     response = convert.response_from_proto(message.response)
@@ -315,13 +373,21 @@ class Client:
     thread. Use it as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 30.0, resume_for: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        resume_for: float = 30.0,
+        token: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ajs-client", daemon=True)
         self._thread.start()
 
         async def connect() -> AsyncClient:
-            return AsyncClient(target, timeout=timeout, resume_for=resume_for)
+            return AsyncClient(target, timeout=timeout, resume_for=resume_for, token=token, tls=tls)
 
         self._client = self._run(connect())
 

@@ -9,6 +9,8 @@
      ├── FailedPrecondition       e.g. cancelling a finished job
      ├── ResourceExhausted        a limit was reached
      ├── Unavailable              the queue cannot be reached now
+     ├── Unauthenticated          no valid credentials
+     ├── PermissionDenied         not the caller's job, or type
      ├── Internal                 a bug or an unexpected failure
      └── ConnectorError           a connector's driver failed (Internal)
 
@@ -31,7 +33,9 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
 ]
 
@@ -134,6 +138,18 @@ class Unavailable(AjsError):
     """The service cannot serve now (shutting down, queue unreachable); retry."""
 
     code = Code.UNAVAILABLE
+
+
+class Unauthenticated(AjsError):
+    """The call carries no valid credentials."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(AjsError):
+    """The caller may not do this."""
+
+    code = Code.PERMISSION_DENIED
 
 
 class Internal(AjsError):

@@ -151,6 +151,15 @@ async def wrong_output(request: Request, ctx: JobContext) -> wrappers_pb2.Int64V
     return wrappers_pb2.Int64Value(value=1)
 
 
+@job("chatty", retry=NO_RETRY)
+async def chatty(request: Request, ctx: JobContext) -> None:
+    """Reports data 'n' progress Responses of data 'size' bytes each, as fast as it can."""
+    blob = "x" * int(request.data.get("size", "10000"))
+    n = int(request.data.get("n", "100"))
+    for i in range(1, n + 1):
+        await ctx.progress(i / n, "", {"blob": blob})
+
+
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.05, multiplier=2, jitter=0)
 
 
@@ -218,6 +227,7 @@ ALL = [
     sync_deaf,
     shout,
     wrong_output,
+    chatty,
 ]
 
 
