@@ -255,7 +255,10 @@ def _parser() -> argparse.ArgumentParser:
     cancel = client_command("cancel", "cancel a job")
     cancel.add_argument("request_id")
 
-    client_command("health", "check that the server is serving")
+    health = client_command("health", "exit 0 if the server is SERVING (a container health probe)")
+    health.add_argument(
+        "--service", default="", help="a service's status, e.g. ajs.v1.JobService (default: the server's)"
+    )
 
     types = client_command("types", "list the job types a server runs (or, with --local, the plugins found here)")
     types.add_argument("--local", action="store_true", help="load the plugins here, as ajs serve would, and list them")
@@ -477,7 +480,7 @@ async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
 
 async def _health(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        status = await client.health()
+        status = await client.health(args.service)
     out.print(status)
     return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
 

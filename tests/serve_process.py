@@ -30,17 +30,21 @@ def free_port() -> int:
         return port
 
 
-def start_server(cwd: Path, *args: str, address: str = "127.0.0.1:0") -> Served:
-    """Starts ``ajs serve`` in ``cwd`` (where its default ./ajs.db lives); waits until it serves."""
-    log = cwd / "serve.log"
+def start_server(cwd: Path, *args: str, address: str = "127.0.0.1:0", log_name: str = "serve.log") -> Served:
+    """Starts ``ajs serve`` in ``cwd`` (where its default ./ajs.db lives); waits until it serves.
+
+    ``log_name`` is the file to watch for "serving on" (the server's own log file, if it has one).
+    """
+    log = cwd / log_name
     already = log.read_text() if log.exists() else ""
-    with log.open("ab") as sink:
+    with (cwd / "serve.out").open("ab") if log_name != "serve.log" else log.open("ab") as sink:
         process = subprocess.Popen(
             [AJS, "serve", "--address", address, *args], stdout=sink, stderr=subprocess.STDOUT, cwd=cwd
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        found = re.search(r"serving on (127\.0\.0\.1:\d+)", log.read_text()[len(already) :])
+        text = log.read_text() if log.exists() else ""
+        found = re.search(r"serving on (127\.0\.0\.1:\d+)", text[len(already) :])
         if found:
             return Served(process, log, found.group(1))
         if process.poll() is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -253,3 +254,53 @@ def test_serve_refuses_a_bad_plugin_configuration_with_its_exit_code(
     assert result.returncode == code, result.stderr
     assert says in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_config_check_prints_the_effective_configuration(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [AJS, "config", "check", str(Path(__file__).parents[2] / "examples" / "ajs.toml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "AJS_SERVER_MAX_JOBS": "12"},
+    )
+    assert good.returncode == 0, good.stderr
+    assert "max_jobs = 12  # $AJS_SERVER_MAX_JOBS" in good.stdout
+    (tmp_path / "bad.toml").write_text("[limits]\nmax_watches = 'lots'\n")
+    bad = subprocess.run([AJS, "config", "check", str(tmp_path / "bad.toml")], capture_output=True, text=True)
+    assert bad.returncode == 7
+    assert "limits.max_watches" in bad.stderr
+    missing = subprocess.run([AJS, "config", "check", str(tmp_path / "none.toml")], capture_output=True, text=True)
+    assert missing.returncode == 7
+    assert "does not exist" in missing.stderr
+
+
+def test_serve_with_a_config_file_json_logs_and_a_log_file(tmp_path: Path) -> None:
+    (tmp_path / "ajs.toml").write_text(
+        '[server]\nmax_jobs = 2\n[log]\nformat = "json"\nfile = "ajs.log"\n[storage]\nconnector = "memory"\n'
+    )
+    server = start_server(tmp_path, "--config", "ajs.toml", log_name="ajs.log")
+    try:
+        failed = ajs("submit", "fail", "--id", "will-fail", "--watch", target=server.target)
+        assert failed.returncode == 1
+        assert ajs("health", target=server.target).stdout.strip() == "SERVING"
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(30)
+    lines = [json.loads(line) for line in (tmp_path / "ajs.log").read_text().splitlines()]
+    assert any("effective configuration" in line["message"] and "max_jobs = 2" in line["message"] for line in lines)
+    failure = [line for line in lines if line.get("request_id") == "will-fail"]
+    assert failure
+    assert "failed as asked" in failure[0]["message"]
+
+
+def test_health_exits_non_zero_when_not_serving(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--role", "worker", "--connector", "memory")
+    try:
+        # A worker serves health for the server as a whole, but not JobService.
+        assert ajs("health", target=server.target).returncode == 0
+        assert ajs("health", "--service", "ajs.v1.JobService", target=server.target).returncode == 4
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(30)
+    assert ajs("health", "--timeout", "2", target=server.target).returncode == 4

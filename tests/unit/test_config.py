@@ -1,0 +1,96 @@
+"""The configuration: file, environment and flags, in that order of strength; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ajs_grpc.auth import Authenticator
+from ajs_grpc.config import SETTINGS, ConfigError, load
+from ajs_grpc.plugins import discover
+from ajs_grpc.server import ServerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "ajs.toml"
+
+
+def test_the_example_file_sets_every_key_to_its_default() -> None:
+    settings = load(EXAMPLE, environ={})
+    for setting in SETTINGS:
+        assert settings[setting.name] == setting.default, setting.name
+        assert settings.sources[setting.name] == str(EXAMPLE)
+    assert settings.handlers == [("internal", ("echo", "countdown", "fail")), ("process", ("hash",))]
+    assert settings.job_policies["countdown"]["max_attempts"] == 10
+    assert settings.job_policies["countdown"]["timeout"] == 3600.0
+
+
+def test_the_example_file_builds_a_server_configuration_and_chain() -> None:
+    config = ServerConfig.from_settings(load(EXAMPLE, environ={}))
+    chain = discover().with_policies(config.job_policies).chain(config.handlers)
+    assert [h.name for h in chain.handlers] == ["internal", "process", "reject"]
+    countdown = chain.plugin_for("countdown")
+    assert countdown is not None
+    assert countdown.retry.max_attempts == 10
+    assert countdown.timeout == 3600.0
+
+
+def test_the_example_tokens_file_reads() -> None:
+    authenticator = Authenticator.from_file(ROOT / "examples" / "tokens.toml")
+    alice = authenticator.authenticate({"authorization": "Bearer alice-token"}, None)
+    root = authenticator.authenticate({"authorization": "Bearer root-token"}, None)
+    assert (alice.name, alice.admin, alice.types) == ("alice", False, frozenset({"echo", "countdown", "hash"}))
+    assert (root.name, root.admin) == ("root", True)
+
+
+def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text('[server]\naddress = "127.0.0.1:1111"\nmax_jobs = 3\nlease = "1m"\n[log]\nlevel = "debug"\n')
+    environ = {"AJS_SERVER_ADDRESS": "127.0.0.1:2222", "AJS_SERVER_MAX_JOBS": "4"}
+    settings = load(file, environ=environ, flags={"server.address": "127.0.0.1:3333"})
+    assert settings["server.address"] == "127.0.0.1:3333"
+    assert settings.sources["server.address"] == "flag"
+    assert settings["server.max_jobs"] == 4
+    assert settings.sources["server.max_jobs"] == "$AJS_SERVER_MAX_JOBS"
+    assert settings["server.lease"] == 60.0
+    assert settings["log.level"] == "debug"
+    assert settings["server.shutdown_grace"] == 30.0
+    assert settings.sources["server.shutdown_grace"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[server]\nadress = 'x'\n", "unknown key server.adress"),
+        ("[sever]\naddress = 'x'\n", "unknown section [sever]"),
+        ("[server]\nmax_jobs = 'many'\n", "server.max_jobs"),
+        ("[server]\nlease = -5\n", "server.lease: a duration must be positive"),
+        ("[storage]\nmigrate = 'perhaps'\n", "storage.migrate: expected true or false"),
+        ("[log]\nformat = 'xml'\n", "log.format: expected one of plain, json"),
+        ("[jobs.echo]\nretries = 3\n", "unknown key jobs.echo.retries"),
+        ("[[handlers]]\ntypes = ['echo']\n", "handlers #1 needs name"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, says: str) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=says.replace("[", r"\[").replace("(", r"\(")):
+        load(file, environ={})
+
+
+def test_bad_environment_values_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"\$AJS_LIMITS_MAX_WATCHES: limits.max_watches"):
+        load(None, environ={"AJS_LIMITS_MAX_WATCHES": "lots"})
+
+
+def test_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nowhere.toml", environ={})
+
+
+def test_secrets_are_masked_when_printed() -> None:
+    settings = load(None, environ={"AJS_STORAGE_DSN": "postgresql://ajs:hunter2@db/ajs"})
+    text = settings.render()
+    assert "hunter2" not in text
+    assert 'dsn = "postgresql://ajs:***@db/ajs"  # $AJS_STORAGE_DSN' in text
