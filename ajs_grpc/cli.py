@@ -480,7 +480,14 @@ async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
 
 async def _health(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        status = await client.health(args.service)
+        try:
+            status = await client.health(args.service)
+        except AjsError as error:  # a probe is yes or no: every failure is "not serving"
+            what = (
+                f"service {args.service!r} is unknown to the server" if error.code is Code.NOT_FOUND else error.message
+            )
+            err.print(f"ajs: {error.code.name}: {what}")
+            return EXIT_UNREACHABLE
     out.print(status)
     return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
 
