@@ -128,12 +128,15 @@ async def bench(setup: str, args: argparse.Namespace) -> float:
     connector, _, count = setup.partition(":")
     instances = int(count or 1)
     schema = f"ajs_bench_{uuid.uuid4().hex[:8]}"
-    extra = ("--dsn", args.dsn, "--schema", schema) if connector == "postgres" else ()
+    extra: tuple[str, ...] = ("--dsn", args.dsn, "--schema", schema) if connector == "postgres" else ()
+    if args.metrics_port:
+        extra += ("--metrics-address", f"127.0.0.1:{args.metrics_port}")
     with tempfile.TemporaryDirectory() as tmp:
         first, address = start_server(connector, args.max_jobs, Path(tmp) / "0", *extra)
         # More instances share the queue as workers (postgres); submits go to the first.
+        worker_extra = extra[:4] if connector == "postgres" else ()  # the metrics port is the first's
         others = [
-            start_server(connector, args.max_jobs, Path(tmp) / str(n), *extra, "--role", "worker")[0]
+            start_server(connector, args.max_jobs, Path(tmp) / str(n), *worker_extra, "--role", "worker")[0]
             for n in range(1, instances)
         ]
         try:
@@ -188,6 +191,7 @@ def main() -> None:
         help="comma-separated setups; postgres:2 runs two instances (default %(default)s)",
     )
     parser.add_argument("--dsn", default=os.environ.get("AJS_POSTGRES_DSN", ""), help="PostgreSQL for postgres setups")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve the first server's metrics on this port")
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--idle", type=int, default=200, help="jobs for the idle pickup measurement")
