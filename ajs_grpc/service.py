@@ -38,6 +38,7 @@ from ajs_grpc.errors import (
     Unavailable,
 )
 from ajs_grpc.handlers.base import HandlerChain
+from ajs_grpc.logs import current_request_id
 from ajs_grpc.model import Job, Request, RequestState
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
@@ -275,6 +276,7 @@ class JobService:
         return False
 
     async def _owned_job(self, principal: Principal, request_id: str) -> Job:
+        current_request_id.set(request_id)  # this call's log lines carry it
         job = await self.connector.get(request_id)
         if not await self._owns(principal, job):
             log.warning("denied %s access to request %s", principal.name, request_id)
@@ -295,6 +297,7 @@ class JobService:
             raise _invalid([FieldViolation("request", "is required")])
         request = validate_request(message.request, self.limits)
         request = dataclasses.replace(request, creator=principal.name)
+        current_request_id.set(request.id)
         if principal.types is not None and request.type not in principal.types and not principal.admin:
             log.warning("denied %s a submit of type %s", principal.name, request.type)
             raise PermissionDenied(
