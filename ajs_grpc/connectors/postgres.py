@@ -32,9 +32,17 @@ from typing import Any, Generic, TypeVar
 
 from typing_extensions import override
 
+from ajs_grpc.connectors._rows import (
+    RESPONSE_COLUMNS,
+    SELECT_JOBS,
+    Decoding,
+    error_fields,
+    job_from_row,
+    response_from_row,
+)
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
-from ajs_grpc.errors import AjsError, AlreadyExists, Code, ConnectorError, NotFound, ResourceExhausted, Unavailable
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.errors import AjsError, AlreadyExists, ConnectorError, NotFound, ResourceExhausted, Unavailable
+from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
 
 try:
     import psycopg
@@ -44,7 +52,6 @@ try:
 except ImportError as missing:  # pragma: no cover - the extra is not installed
     raise ImportError("the postgres connector needs: pip install 'ajs-grpc[postgres]'") from missing
 
-from google.protobuf import any_pb2
 
 __all__ = ["SCHEMA_VERSION", "PostgresConnector"]
 
@@ -116,80 +123,21 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JOB_COLUMNS = (
-    "j.position, j.id, j.parent_id, j.type, j.creator, j.create_time, j.data, j.input_type_url, j.input_value, "
-    "j.priority, j.run_after, j.max_attempts, j.state, j.attempt, j.cancel_requested, j.update_time, j.due_time"
-)
-_RESPONSE_COLUMNS = (
-    "r.sequence, r.create_time, r.state, r.is_final, r.data, r.output_type_url, r.output_value, "
-    "r.progress_fraction, r.progress_message, r.error"
-)
-_FROM_JOBS = "FROM jobs j JOIN responses r ON r.position = j.position AND r.sequence = j.last_sequence"
-_SELECT_JOBS = f"SELECT {_JOB_COLUMNS}, {_RESPONSE_COLUMNS}, j.lease_token {_FROM_JOBS}"
-_JOB_WIDTH = _JOB_COLUMNS.count(",") + 1
+
+def _jsonb(record: dict[str, Any] | None) -> Jsonb | None:
+    return None if record is None else Jsonb(record)
 
 
-def _any(type_url: str | None, value: bytes | None) -> any_pb2.Any | None:
-    return None if type_url is None else any_pb2.Any(type_url=type_url, value=bytes(value or b""))
-
-
-def _error(fields: dict[str, Any] | None) -> ErrorStatus | None:
-    if fields is None:
-        return None
-    try:
-        code = Code(fields["code"])
-    except ValueError:
-        code = Code.UNKNOWN
-    return ErrorStatus(code, fields["message"], fields["reason"], fields["metadata"])
-
-
-def _error_json(error: ErrorStatus | None) -> Jsonb | None:
-    if error is None:
-        return None
-    return Jsonb(
-        {"code": int(error.code), "message": error.message, "reason": error.reason, "metadata": dict(error.metadata)}
-    )
-
-
-def _response(request_id: str, row: Sequence[Any]) -> Response:
-    sequence, created, state, is_final, data, type_url, value, fraction, message, error = row
-    return Response(
-        request_id=request_id,
-        sequence=sequence,
-        create_time=created,
-        state=RequestState(state),
-        is_final=is_final,
-        data=data,
-        output=_any(type_url, value),
-        progress=None if fraction is None else Progress(fraction, message or ""),
-        error=_error(error),
-    )
+# psycopg reads timestamptz and jsonb back as datetimes and dicts already.
+_DECODING = Decoding(time=lambda value: value, mapping=lambda value: value, record=lambda value: value)
 
 
 def _job(row: Sequence[Any]) -> Job:
-    (_, request_id, parent_id, type_, creator, created, data, type_url, value, priority, run_after, max_attempts,
-     state, attempt, cancel_requested, updated, due) = row[:_JOB_WIDTH]  # fmt: skip
-    request = Request(
-        id=request_id,
-        type=type_,
-        data=data,
-        input=_any(type_url, value),
-        parent_id=parent_id,
-        creator=creator,
-        create_time=created,
-        priority=priority,
-        run_after=run_after,
-    )
-    return Job(
-        request=request,
-        state=RequestState(state),
-        attempt=attempt,
-        last_response=_response(request_id, row[_JOB_WIDTH : _JOB_WIDTH + 10]),
-        update_time=updated,
-        cancel_requested=cancel_requested,
-        max_attempts=max_attempts,
-        due_time=due,
-    )
+    return job_from_row(row, _DECODING)
+
+
+def _response(request_id: str, row: Sequence[Any]) -> Response:
+    return response_from_row(request_id, row, _DECODING)
 
 
 def translate(error: psycopg.Error, doing: str) -> AjsError:
@@ -480,7 +428,7 @@ class PostgresConnector(Connector):
     @staticmethod
     async def _find(connection: psycopg.AsyncConnection[Any], request_id: str, lock: bool = True) -> Any:
         suffix = " FOR UPDATE OF j" if lock else ""
-        return await (await connection.execute(f"{_SELECT_JOBS} WHERE j.id = %s{suffix}", (request_id,))).fetchone()
+        return await (await connection.execute(f"{SELECT_JOBS} WHERE j.id = %s{suffix}", (request_id,))).fetchone()
 
     @staticmethod
     async def _save(
@@ -531,7 +479,7 @@ class PostgresConnector(Connector):
                 output.value if output is not None else None,
                 response.progress.fraction if response.progress else None,
                 response.progress.message if response.progress else None,
-                _error_json(response.error),
+                _jsonb(error_fields(response.error)),
             ),
         )
 
@@ -607,7 +555,7 @@ class PostgresConnector(Connector):
                 args.append(type_list)
             rows = await (
                 await connection.execute(
-                    f"{_SELECT_JOBS} WHERE {condition} ORDER BY j.priority DESC, j.position LIMIT %s "
+                    f"{SELECT_JOBS} WHERE {condition} ORDER BY j.priority DESC, j.position LIMIT %s "
                     "FOR UPDATE OF j SKIP LOCKED",
                     (*args, limit),
                 )
@@ -662,7 +610,7 @@ class PostgresConnector(Connector):
         async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[int]:
             rows = await (
                 await connection.execute(
-                    f"{_SELECT_JOBS} WHERE j.state = 2 AND j.lease_expires <= clock_timestamp() "
+                    f"{SELECT_JOBS} WHERE j.state = 2 AND j.lease_expires <= clock_timestamp() "
                     "FOR UPDATE OF j SKIP LOCKED"
                 )
             ).fetchall()
@@ -700,7 +648,7 @@ class PostgresConnector(Connector):
                 await connection.execute(
                     "WITH RECURSIVE tree(id) AS (SELECT %s::text UNION "
                     "SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id) "
-                    f"{_SELECT_JOBS} WHERE j.id IN (SELECT id FROM tree) AND j.state IN (1, 2) "
+                    f"{SELECT_JOBS} WHERE j.id IN (SELECT id FROM tree) AND j.state IN (1, 2) "
                     "ORDER BY j.position FOR UPDATE OF j",
                     (request_id,),
                 )
@@ -774,7 +722,7 @@ class PostgresConnector(Connector):
         async def read(connection: psycopg.AsyncConnection[Any]) -> Page:
             rows = await (
                 await connection.execute(
-                    f"{_SELECT_JOBS} WHERE {condition} ORDER BY j.position LIMIT %s", (*args, page_size + 1)
+                    f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position LIMIT %s", (*args, page_size + 1)
                 )
             ).fetchall()
             more = len(rows) > page_size
@@ -803,7 +751,7 @@ class PostgresConnector(Connector):
                 raise self._not_found(request_id)
             rows = await (
                 await connection.execute(
-                    f"SELECT {_RESPONSE_COLUMNS} FROM responses r WHERE r.position = %s AND r.sequence > %s "
+                    f"SELECT {RESPONSE_COLUMNS} FROM responses r WHERE r.position = %s AND r.sequence > %s "
                     "ORDER BY r.sequence LIMIT %s",
                     (found[0], after_sequence, limit),
                 )

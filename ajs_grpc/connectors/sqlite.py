@@ -39,21 +39,27 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from google.protobuf import any_pb2
 from typing_extensions import override
 
+from ajs_grpc.connectors._rows import (
+    RESPONSE_COLUMNS,
+    SELECT_JOBS,
+    Decoding,
+    error_fields,
+    job_from_row,
+    response_from_row,
+)
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
 from ajs_grpc.errors import (
     AjsError,
     AlreadyExists,
-    Code,
     ConnectorError,
     Internal,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
 
 __all__ = ["SCHEMA_VERSION", "SqliteConnector"]
 
@@ -120,23 +126,6 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JOB_COLUMNS = (
-    "j.position, j.id, j.parent_id, j.type, j.creator, j.create_time, j.data, j.input_type_url, j.input_value, "
-    "j.priority, j.run_after, j.max_attempts, j.state, j.attempt, j.cancel_requested, j.update_time, j.due_time"
-)
-_RESPONSE_COLUMNS = (
-    "r.sequence, r.create_time, r.state, r.is_final, r.data, r.output_type_url, r.output_value, "
-    "r.progress_fraction, r.progress_message, r.error"
-)
-_SELECT_JOBS = (
-    f"SELECT {_JOB_COLUMNS}, {_RESPONSE_COLUMNS} FROM jobs j "
-    "JOIN responses r ON r.position = j.position AND r.sequence = j.last_sequence"
-)
-_SELECT_JOBS_AND_LEASE = (
-    f"SELECT {_JOB_COLUMNS}, {_RESPONSE_COLUMNS}, j.lease_token FROM jobs j "
-    "JOIN responses r ON r.position = j.position AND r.sequence = j.last_sequence"
-)
-_JOB_WIDTH = _JOB_COLUMNS.count(",") + 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -157,68 +146,23 @@ def _time(us: int | None) -> datetime | None:
     return _EPOCH + us * _MICROSECOND
 
 
-def _any(type_url: str | None, value: bytes | None) -> any_pb2.Any | None:
-    return None if type_url is None else any_pb2.Any(type_url=type_url, value=value or b"")
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
-def _error_json(error: ErrorStatus | None) -> str | None:
-    if error is None:
-        return None
-    return json.dumps(
-        {"code": int(error.code), "message": error.message, "reason": error.reason, "metadata": dict(error.metadata)}
-    )
+def _record(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
-def _error(text: str | None) -> ErrorStatus | None:
-    if text is None:
-        return None
-    fields = json.loads(text)
-    try:
-        code = Code(fields["code"])
-    except ValueError:
-        code = Code.UNKNOWN
-    return ErrorStatus(code, fields["message"], fields["reason"], fields["metadata"])
-
-
-def _response(request_id: str, row: Sequence[Any]) -> Response:
-    sequence, created, state, is_final, data, type_url, value, fraction, message, error = row
-    return Response(
-        request_id=request_id,
-        sequence=sequence,
-        create_time=_time(created) or now(),
-        state=RequestState(state),
-        is_final=bool(is_final),
-        data=json.loads(data),
-        output=_any(type_url, value),
-        progress=None if fraction is None else Progress(fraction, message or ""),
-        error=_error(error),
-    )
+_DECODING = Decoding(time=_time, mapping=json.loads, record=_record)
 
 
 def _job(row: Sequence[Any]) -> Job:
-    (_, request_id, parent_id, type_, creator, created, data, type_url, value, priority, run_after, max_attempts,
-     state, attempt, cancel_requested, updated, due) = row[:_JOB_WIDTH]  # fmt: skip
-    request = Request(
-        id=request_id,
-        type=type_,
-        data=json.loads(data),
-        input=_any(type_url, value),
-        parent_id=parent_id,
-        creator=creator,
-        create_time=_time(created),
-        priority=priority,
-        run_after=_time(run_after),
-    )
-    return Job(
-        request=request,
-        state=RequestState(state),
-        attempt=attempt,
-        last_response=_response(request_id, row[_JOB_WIDTH:]),
-        update_time=_time(updated) or now(),
-        cancel_requested=bool(cancel_requested),
-        max_attempts=max_attempts,
-        due_time=_time(due),
-    )
+    return job_from_row(row, _DECODING)
+
+
+def _response(request_id: str, row: Sequence[Any]) -> Response:
+    return response_from_row(request_id, row, _DECODING)
 
 
 def translate(error: sqlite3.Error, doing: str) -> AjsError:
@@ -517,10 +461,10 @@ class SqliteConnector(Connector):
     @staticmethod
     def _find(connection: sqlite3.Connection, request_id: str) -> tuple[int, Job, str | None] | None:
         """(position, job, lease token) of ``request_id``, or None."""
-        row = connection.execute(f"{_SELECT_JOBS_AND_LEASE} WHERE j.id = ?", (request_id,)).fetchone()
+        row = connection.execute(f"{SELECT_JOBS} WHERE j.id = ?", (request_id,)).fetchone()
         if row is None:
             return None
-        return row[0], _job(row[:-1]), row[-1]
+        return row[0], _job(row), row[-1]
 
     @staticmethod
     def _save(
@@ -567,7 +511,7 @@ class SqliteConnector(Connector):
                 output.value if output is not None else None,
                 response.progress.fraction if response.progress else None,
                 response.progress.message if response.progress else None,
-                _error_json(response.error),
+                _json(error_fields(response.error)),
             ),
         )
 
@@ -576,7 +520,7 @@ class SqliteConnector(Connector):
         return self._expire(connection, "state = 2")
 
     def _expire(self, connection: sqlite3.Connection, condition: str, *args: Any) -> _Done[int]:
-        rows = connection.execute(f"{_SELECT_JOBS} WHERE j.{condition}", args).fetchall()
+        rows = connection.execute(f"{SELECT_JOBS} WHERE j.{condition}", args).fetchall()
         done: _Done[int] = _Done(len(rows))
         at = now()
         for row in rows:
@@ -653,7 +597,7 @@ class SqliteConnector(Connector):
                 condition += f" AND j.type IN ({', '.join('?' * len(type_list))})"
                 args += type_list
             rows = connection.execute(
-                f"{_SELECT_JOBS} WHERE {condition} ORDER BY j.priority DESC, j.position LIMIT ?", (*args, limit)
+                f"{SELECT_JOBS} WHERE {condition} ORDER BY j.priority DESC, j.position LIMIT ?", (*args, limit)
             ).fetchall()
             done: _Done[list[Claim]] = _Done([])
             expires = at + timedelta(seconds=lease)
@@ -725,7 +669,7 @@ class SqliteConnector(Connector):
             found[1].cancel()  # raises if it already ended, before anything changes
             rows = connection.execute(
                 "WITH RECURSIVE tree(id) AS (SELECT ? UNION SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id) "
-                f"{_SELECT_JOBS} WHERE j.id IN tree AND j.state IN (1, 2)",
+                f"{SELECT_JOBS} WHERE j.id IN tree AND j.state IN (1, 2)",
                 (request_id,),
             ).fetchall()
             done: _Done[Job] = _Done(found[1])
@@ -763,7 +707,7 @@ class SqliteConnector(Connector):
     @override
     async def get(self, request_id: str) -> Job:
         def read(connection: sqlite3.Connection) -> Job:
-            row = connection.execute(f"{_SELECT_JOBS} WHERE j.id = ?", (request_id,)).fetchone()
+            row = connection.execute(f"{SELECT_JOBS} WHERE j.id = ?", (request_id,)).fetchone()
             if row is None:
                 raise self._not_found(request_id)
             return _job(row)
@@ -789,7 +733,7 @@ class SqliteConnector(Connector):
 
         def read(connection: sqlite3.Connection) -> Page:
             rows = connection.execute(
-                f"{_SELECT_JOBS} WHERE {condition} ORDER BY j.position LIMIT ?", (*args, page_size + 1)
+                f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position LIMIT ?", (*args, page_size + 1)
             ).fetchall()
             more = len(rows) > page_size
             rows = rows[:page_size]
@@ -812,7 +756,7 @@ class SqliteConnector(Connector):
             if found is None:
                 raise self._not_found(request_id)
             rows = connection.execute(
-                f"SELECT {_RESPONSE_COLUMNS} FROM responses r WHERE r.position = ? AND r.sequence > ? "
+                f"SELECT {RESPONSE_COLUMNS} FROM responses r WHERE r.position = ? AND r.sequence > ? "
                 "ORDER BY r.sequence LIMIT ?",
                 (found[0], after_sequence, limit),
             ).fetchall()
