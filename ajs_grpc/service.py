@@ -444,24 +444,41 @@ class JobService:
     def _stream(
         self, name: str, message_type: type[In], method: Callable[[In, Principal], AsyncIterator[Out]]
     ) -> grpc.RpcMethodHandler[bytes, Message]:
-        async def handle(raw: bytes, context: Context) -> None:
+        async def handle(raw: bytes, context: Context) -> AsyncIterator[Out]:
             # A client gone cancels this task; let it propagate (catching it leaks: grpc #43360).
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            slow = False
+
+            def drop() -> None:
+                nonlocal slow
+                slow = True
+                task.cancel()
+
             try:
                 async for message in method(_parse(message_type, raw), self.principal(context)):
-                    # A client that does not read fills the transport's window; it is then
-                    # dropped instead of holding a stream (and its memory) forever.
+                    # gRPC resumes us once the client's window took the message: a client
+                    # that reads nothing is dropped instead of holding the stream forever.
+                    watchdog = loop.call_later(self.limits.watch_send_timeout, drop)
                     try:
-                        await asyncio.wait_for(context.write(message), self.limits.watch_send_timeout)
-                    except TimeoutError:
-                        raise ResourceExhausted(
-                            f"the client read nothing for {self.limits.watch_send_timeout:g}s; stream closed",
-                            reason="WATCHER_TOO_SLOW",
-                        ) from None
+                        yield message
+                    finally:
+                        watchdog.cancel()
+            except asyncio.CancelledError:
+                if slow:
+                    # The stream ends at once; its status cannot reach a client that reads nothing anyway.
+                    log.warning(
+                        "dropped a %s stream whose client read nothing for %gs", name, self.limits.watch_send_timeout
+                    )
+                    self.observer.call_ended(name, "RESOURCE_EXHAUSTED")
+                raise
             except Exception as error:  # every failure gets a status with details
                 failure = _as_ajs_error(error)
                 self.observer.call_ended(name, failure.code.name)
                 await abort(context, failure)
-            self.observer.call_ended(name, "OK")
+            else:
+                self.observer.call_ended(name, "OK")
 
         return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
 

@@ -113,11 +113,8 @@ async def test_a_watcher_that_never_reads_is_dropped_and_memory_is_freed(limited
         await eventually(lambda: limited.connector.watcher_count == 1)
         await eventually(lambda: limited.connector.watcher_count == 0, within=20)
         assert not limited.service.watches
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in call:
-                pass
-        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "read nothing" in (raised.value.details() or "")
+        # (A status cannot reach a client that reads nothing: it waits behind the unread data.)
+        call.cancel()
 
 
 async def test_a_deadline_ends_a_watch_and_frees_it(limited: AjsServer) -> None:
