@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import ipaddress
 import json
+import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterator, Mapping
@@ -93,10 +95,26 @@ BALANCED_CONFIG = {
 
 
 def channel_target(target: str) -> str:
-    """A gRPC target for ``target``; a comma-separated list of HOST:PORT becomes ``ipv4:...``."""
-    if "," in target and ":" in target.split(",", 1)[0] and not target.startswith(("ipv4:", "ipv6:", "dns:")):
-        return f"ipv4:{target}"
-    return target
+    """A gRPC target for ``target``.
+
+    A comma-separated list of HOST:PORT becomes an ``ipv4:`` (or ``ipv6:``) list,
+    host names resolved now (gRPC lists take addresses only).
+    """
+    if "," not in target or target.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
+        return target
+    addresses = []
+    for entry in target.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+            addresses.append((host, port))
+        except ValueError:  # a name: every address it has
+            for *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+                addresses.append((str(sockaddr[0]), port))
+    family = "ipv6" if any(":" in host for host, _ in addresses) else "ipv4"
+    listed = dict.fromkeys(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+    return f"{family}:{','.join(listed)}"
 
 
 def channel_options(target: str) -> list[tuple[str, object]]:

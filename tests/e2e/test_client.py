@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ajs_grpc.client import AsyncClient, Client
+from ajs_grpc.client import AsyncClient, Client, channel_target
 from ajs_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ajs_grpc.model import RequestState
 from ajs_grpc.server import AjsServer
@@ -142,3 +142,11 @@ async def test_leaving_a_blocking_watch_early_closes_its_stream(server: AjsServe
     await eventually(lambda: server.connector.watcher_count == 0)
     assert (await server.connector.get("endless")).state is RequestState.PENDING
     await server.connector.cancel("endless")
+
+
+def test_several_addresses_make_one_balanced_target() -> None:
+    assert channel_target("127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target("localhost:7,127.0.0.1:8").startswith("ipv")
+    assert "127.0.0.1:7" in channel_target("localhost:7,127.0.0.1:8")
+    assert channel_target("ipv4:10.0.0.1:1,10.0.0.2:1") == "ipv4:10.0.0.1:1,10.0.0.2:1"
+    assert channel_target("127.0.0.1:50051") == "127.0.0.1:50051"
