@@ -128,6 +128,26 @@ def _jsonb(record: dict[str, Any] | None) -> Jsonb | None:
     return None if record is None else Jsonb(record)
 
 
+_RESPONSE_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
+
+
+def _response_values(response: Response) -> tuple[Any, ...]:
+    """A Response's columns after ``position``, in table order."""
+    output = response.output
+    return (
+        response.sequence,
+        response.create_time,
+        int(response.state),
+        response.is_final,
+        Jsonb(dict(response.data)),
+        output.type_url if output is not None else None,
+        output.value if output is not None else None,
+        response.progress.fraction if response.progress else None,
+        response.progress.message if response.progress else None,
+        _jsonb(error_fields(response.error)),
+    )
+
+
 # psycopg reads timestamptz and jsonb back as datetimes and dicts already.
 _DECODING = Decoding(time=lambda value: value, mapping=lambda value: value, record=lambda value: value)
 
@@ -438,7 +458,7 @@ class PostgresConnector(Connector):
         response: Response,
         lease: tuple[str, float, str] | None = None,
     ) -> None:
-        """Stores a job's new state and Response; ``lease`` is (token, seconds, worker)."""
+        """Stores a job's new state and Response in one statement; ``lease`` is (token, seconds, worker)."""
         if lease is not None:
             token, seconds, worker = lease
             lease_sql = ", lease_token = %s, lease_expires = clock_timestamp() + %s * interval '1 second', worker = %s"
@@ -448,8 +468,9 @@ class PostgresConnector(Connector):
         else:
             lease_sql, lease_args = ", lease_token = NULL, lease_expires = NULL, worker = NULL", ()
         await connection.execute(
-            "UPDATE jobs SET state = %s, attempt = %s, cancel_requested = %s, update_time = %s, due_time = %s, "
-            f"last_sequence = %s{lease_sql} WHERE position = %s",
+            "WITH saved AS (UPDATE jobs SET state = %s, attempt = %s, cancel_requested = %s, update_time = %s, "
+            f"due_time = %s, last_sequence = %s{lease_sql} WHERE position = %s RETURNING position) "
+            f"INSERT INTO responses SELECT saved.position, {_RESPONSE_VALUES} FROM saved",
             (
                 int(job.state),
                 job.attempt,
@@ -459,27 +480,7 @@ class PostgresConnector(Connector):
                 response.sequence,
                 *lease_args,
                 position,
-            ),
-        )
-        await PostgresConnector._insert_response(connection, position, response)
-
-    @staticmethod
-    async def _insert_response(connection: psycopg.AsyncConnection[Any], position: int, response: Response) -> None:
-        output = response.output
-        await connection.execute(
-            "INSERT INTO responses VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                position,
-                response.sequence,
-                response.create_time,
-                int(response.state),
-                response.is_final,
-                Jsonb(dict(response.data)),
-                output.type_url if output is not None else None,
-                output.value if output is not None else None,
-                response.progress.fraction if response.progress else None,
-                response.progress.message if response.progress else None,
-                _jsonb(error_fields(response.error)),
+                *_response_values(response),
             ),
         )
 
@@ -511,32 +512,29 @@ class PostgresConnector(Connector):
                 )
             job, first = Job.create(request, max_attempts)
             stored = job.request
-            row = await (
-                await connection.execute(
-                    "INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, "
-                    "priority, run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time, "
-                    "last_sequence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, false, %s, %s, 1) "
-                    "RETURNING position",
-                    (
-                        stored.id,
-                        stored.parent_id,
-                        stored.type,
-                        stored.creator,
-                        stored.create_time,
-                        Jsonb(dict(stored.data)),
-                        stored.input.type_url if stored.input is not None else None,
-                        stored.input.value if stored.input is not None else None,
-                        stored.priority,
-                        stored.run_after,
-                        max_attempts,
-                        int(job.state),
-                        job.update_time,
-                        job.due_time,
-                    ),
-                )
-            ).fetchone()
-            assert row is not None
-            await self._insert_response(connection, row[0], first)
+            await connection.execute(
+                "WITH added AS (INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, "
+                "input_value, priority, run_after, max_attempts, state, attempt, cancel_requested, update_time, "
+                "due_time, last_sequence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, false, %s, %s, 1) "
+                f"RETURNING position) INSERT INTO responses SELECT added.position, {_RESPONSE_VALUES} FROM added",
+                (
+                    stored.id,
+                    stored.parent_id,
+                    stored.type,
+                    stored.creator,
+                    stored.create_time,
+                    Jsonb(dict(stored.data)),
+                    stored.input.type_url if stored.input is not None else None,
+                    stored.input.value if stored.input is not None else None,
+                    stored.priority,
+                    stored.run_after,
+                    max_attempts,
+                    int(job.state),
+                    job.update_time,
+                    job.due_time,
+                    *_response_values(first),
+                ),
+            )
             return _Done((job, True), work=True)
 
         return await self._write(write)
