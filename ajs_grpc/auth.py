@@ -108,6 +108,10 @@ class Authenticator:
             unknown = set(entry) - {"sha256", "principal", "roles", "types", "expires"}
             if unknown:
                 raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]}", reason="BAD_TOKENS_FILE")
+            for key in ("roles", "types"):
+                listed = entry.get(key, [])
+                if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+                    raise ConfigError(f"{where}: {key} must be a list of strings", reason="BAD_TOKENS_FILE")
             roles = frozenset(entry.get("roles", []))
             types = entry.get("types")
             expires = entry.get("expires")

@@ -159,6 +159,8 @@ SETTINGS = [
     Setting("metrics", "address", _string, "", "HOST:PORT of the Prometheus endpoint (empty: off)"),
 ]
 _BY_NAME = {s.name: s for s in SETTINGS}
+# Older environment variables still read (after the AJS_<SECTION>_<KEY> one).
+ALIASES = {"storage.dsn": "AJS_POSTGRES_DSN"}
 _SECTIONS = {s.section for s in SETTINGS}
 _JOB_POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_attempts": _integer,
@@ -210,9 +212,11 @@ class Settings:
 
 
 def _mask(value: str) -> str:
-    # postgresql://user:secret@host/db -> postgresql://user:***@host/db; anything else whole.
-    masked = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", value)
-    masked = re.sub(r"(password=)\S+", r"\1***", masked)
+    """A DSN with its password hidden (``user:***@`` / ``password=***``); anything else hidden whole."""
+    # URL form: the password runs from the user's ':' to the last '@' of the authority.
+    masked = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", value)
+    # key=value form: a quoted value may hold spaces and escaped quotes.
+    masked = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", masked)
     return masked if masked != value else "***"
 
 
@@ -281,9 +285,12 @@ def load(
     for setting in SETTINGS:
         if flags and flags.get(setting.name) is not None:
             values[setting.name], sources[setting.name] = _parse(setting, flags[setting.name], "flag"), "flag"
-        elif setting.env in environ:
+        elif environ.get(setting.env):  # an empty variable counts as unset
             values[setting.name] = _parse(setting, environ[setting.env], f"${setting.env}")
             sources[setting.name] = f"${setting.env}"
+        elif setting.name in ALIASES and environ.get(ALIASES[setting.name]):
+            alias = ALIASES[setting.name]
+            values[setting.name], sources[setting.name] = _parse(setting, environ[alias], f"${alias}"), f"${alias}"
         elif setting.name in from_file:
             values[setting.name], sources[setting.name] = from_file[setting.name], where
         else:

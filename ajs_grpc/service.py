@@ -35,6 +35,7 @@ from ajs_grpc.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from ajs_grpc.handlers.base import HandlerChain
@@ -247,6 +248,7 @@ class JobService:
         self.watches: dict[str, int] = {}
         """Open WatchJob streams per principal."""
         self._depth = (0, -1.0)
+        self._depth_lock = asyncio.Lock()
 
     # -- who may do what -----------------------------------------------------------
 
@@ -254,7 +256,10 @@ class JobService:
         """The caller of ``context``, authenticated."""
         if self.authenticator is None:
             return ANONYMOUS
-        metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+        pairs = [(key, value) for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)]
+        if sum(key == "authorization" for key, _ in pairs) > 1:
+            raise Unauthenticated("a call may carry one authorization header", reason="MALFORMED_TOKEN")
+        metadata = dict(pairs)
         names = list(context.auth_context().get("x509_common_name") or [])
         common_name = names[0].decode() if names else None
         return self.authenticator.authenticate(metadata, common_name)
@@ -306,10 +311,26 @@ class JobService:
                 metadata={"type": request.type},
             )
         self._check_input(request)
+        if request.parent_id:  # children go only under one's own jobs
+            try:
+                await self._owned_job(principal, request.parent_id)
+            except NotFound:
+                raise NotFound(
+                    f"parent request {request.parent_id!r} does not exist",
+                    reason="PARENT_NOT_FOUND",
+                    metadata={"parent_id": request.parent_id},
+                ) from None
+            current_request_id.set(request.id)
         await self._check_queue_depth()
-        job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
-        if not created and job.request.creator != principal.name and not principal.admin:
-            raise AlreadyExists(f"request {request.id!r} exists", reason="REQUEST_ID_TAKEN")
+        taken = AlreadyExists(f"request id {request.id!r} is taken", reason="REQUEST_ID_TAKEN")
+        try:
+            job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
+        except AlreadyExists:
+            if principal.admin or await self._owns(principal, await self.connector.get(request.id)):
+                raise
+            raise taken from None  # the same answer whatever another's job holds
+        if not created and not await self._owns(principal, job):
+            raise taken
         if created:
             self.observer.submitted_type(request.type)
             log.debug("queued request %s of type %s", job.request.id, job.request.type)
@@ -320,17 +341,21 @@ class JobService:
         if not limit:
             return
         loop = asyncio.get_running_loop()
-        depth, measured = self._depth
-        if loop.time() - measured > QUEUE_DEPTH_TTL:
-            depth = await self.connector.count_jobs(RequestState.CREATED)
-            self._depth = (depth, loop.time())
-        if depth >= limit:
-            raise ResourceExhausted(
-                f"the queue holds {depth} jobs, its limit is {limit}; retry later",
-                reason="QUEUE_FULL",
-                metadata={"retry_after_seconds": "1"},
-            )
-        self._depth = (depth + 1, self._depth[1])
+        # One count at a time; submits in between add to it, so a burst cannot slip
+        # past the limit on an old count.
+        async with self._depth_lock:
+            depth, measured = self._depth
+            if loop.time() - measured > QUEUE_DEPTH_TTL:
+                depth = await self.connector.count_jobs(RequestState.CREATED)
+                measured = loop.time()
+            if depth >= limit:
+                self._depth = (depth, measured)
+                raise ResourceExhausted(
+                    f"the queue holds {depth} jobs, its limit is {limit}; retry later",
+                    reason="QUEUE_FULL",
+                    metadata={"retry_after_seconds": "1"},
+                )
+            self._depth = (depth + 1, measured)
 
     def _check_input(self, request: Request) -> None:
         """Checks the typed input against the size limit and the job type's contract."""

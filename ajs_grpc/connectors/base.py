@@ -203,6 +203,9 @@ class Connector(abc.ABC):
     async def prune(self, before: datetime) -> int:
         """Deletes ended jobs (and their Responses) last updated before ``before``.
 
+        A job that still has a child (one not deleted with it) is kept, so its id
+        cannot be taken by someone else while the child refers to it.
+
         Returns:
             How many jobs were deleted.
         """

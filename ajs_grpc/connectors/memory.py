@@ -197,7 +197,20 @@ class MemoryConnector(Connector):
 
     @override
     async def prune(self, before: datetime) -> int:
-        doomed = {rid for rid, e in self._entries.items() if e.job.is_final and e.job.update_time < before}
+        # Leaves first, again and again: a job with a child left keeps its id taken.
+        doomed: set[str] = set()
+        while True:
+            leaves = {
+                rid
+                for rid, e in self._entries.items()
+                if rid not in doomed
+                and e.job.is_final
+                and e.job.update_time < before
+                and all(child in doomed for child in self._children.get(rid, ()))
+            }
+            if not leaves:
+                break
+            doomed |= leaves
         if not doomed:
             return 0
         for request_id in doomed:

@@ -669,8 +669,17 @@ class PostgresConnector(Connector):
     @override
     async def prune(self, before: datetime) -> int:
         async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[int]:
-            cursor = await connection.execute("DELETE FROM jobs WHERE state >= 3 AND update_time < %s", (before,))
-            return _Done(cursor.rowcount)
+            # Leaves first, again and again: a job with a child left keeps its id taken.
+            total = 0
+            while True:
+                cursor = await connection.execute(
+                    "DELETE FROM jobs j WHERE state >= 3 AND update_time < %s "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id)",
+                    (before,),
+                )
+                if not cursor.rowcount:
+                    return _Done(total)
+                total += cursor.rowcount
 
         return await self._write(write)
 

@@ -690,15 +690,23 @@ class SqliteConnector(Connector):
     @override
     async def prune(self, before: datetime) -> int:
         def write(connection: sqlite3.Connection) -> _Done[int]:
-            cutoff = _us(before)
-            connection.execute(
-                "DELETE FROM responses WHERE position IN "
-                "(SELECT position FROM jobs WHERE state >= 3 AND update_time < ?)",
-                (cutoff,),
-            )
-            return _Done(
-                connection.execute("DELETE FROM jobs WHERE state >= 3 AND update_time < ?", (cutoff,)).rowcount
-            )
+            # Leaves first, again and again: a job with a child left keeps its id taken.
+            total = 0
+            while True:
+                positions = [
+                    row[0]
+                    for row in connection.execute(
+                        "SELECT position FROM jobs j WHERE state >= 3 AND update_time < ? "
+                        "AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id)",
+                        (_us(before),),
+                    )
+                ]
+                if not positions:
+                    return _Done(total)
+                marks = ", ".join("?" * len(positions))
+                connection.execute(f"DELETE FROM responses WHERE position IN ({marks})", positions)
+                connection.execute(f"DELETE FROM jobs WHERE position IN ({marks})", positions)
+                total += len(positions)
 
         return await self._write(write)
 

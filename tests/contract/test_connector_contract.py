@@ -582,3 +582,20 @@ async def test_list_filters_by_creator_and_count_jobs(connector: Connector) -> N
     await connector.cancel("b1")
     assert await connector.count_jobs(S.CREATED) == 2
     assert await connector.count_jobs(S.CANCELLED) == 1
+
+
+async def test_prune_keeps_an_old_parent_while_a_child_is_left(connector: Connector) -> None:
+    await connector.enqueue(request("parent"))
+    await connector.enqueue(Request(id="child", type="t", parent_id="parent"))
+    await connector.enqueue(Request(id="grandchild", type="t", parent_id="child"))
+    await connector.enqueue(request("lonely"))
+    claims = {c.job.request.id: c for c in await connector.claim("w", limit=4)}
+    for name in ("parent", "child", "lonely"):
+        await connector.respond(name, Update(S.FINISHED), claims[name].lease_token)
+    later = now() + timedelta(seconds=1)
+    assert await connector.prune(later) == 1  # only "lonely": the grandchild still runs
+    assert (await connector.get("parent")).state is S.FINISHED
+    await connector.respond("grandchild", Update(S.FINISHED), claims["grandchild"].lease_token)
+    assert await connector.prune(now() + timedelta(seconds=1)) == 3  # leaves first, then up
+    with pytest.raises(NotFound):
+        await connector.get("parent")

@@ -170,3 +170,15 @@ def _far_future():  # type: ignore[no-untyped-def]
     from ajs_grpc.model import now
 
     return now() + timedelta(days=1)
+
+
+async def test_a_burst_of_submits_cannot_slip_past_the_queue_limit(limited: AjsServer) -> None:
+    async with AsyncClient(limited.address) as client:
+        later = _far_future()
+        results = await asyncio.gather(
+            *(client.submit("echo", id=f"burst-{i}", run_after=later) for i in range(20)), return_exceptions=True
+        )
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert len(accepted) == 5  # max_queue_depth
+    assert len(refused) == 15

@@ -209,3 +209,46 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(mutual: tuple[A
 async def _drain(iterator: AsyncIterator[object]) -> None:
     async for _ in iterator:
         await asyncio.sleep(0)
+
+
+async def test_another_principals_job_content_cannot_be_probed_by_resubmitting(secured: Secured) -> None:
+    async with client(secured, "alice") as alice, client(secured, "bob") as bob:
+        await alice.submit("echo", {"secret": "42"}, id="a-secret")
+        answers = []
+        for guess in ("42", "41"):
+            with pytest.raises(AlreadyExists) as raised:
+                await bob.submit("echo", {"secret": guess}, id="a-secret")
+            answers.append((raised.value.message, raised.value.reason))
+        assert answers[0] == answers[1]
+
+
+async def test_children_go_only_under_ones_own_jobs(secured: Secured) -> None:
+    async with client(secured, "alice") as alice, client(secured, "bob") as bob:
+        await alice.submit("block", id="alices-parent")
+        with pytest.raises(AjsError) as raised:
+            await bob.submit("echo", id="bobs-child", parent_id="alices-parent")
+        assert raised.value.code is Code.PERMISSION_DENIED
+        assert [job.request.id async for job in alice.list(parent_id="alices-parent")] == []
+        await alice.cancel("alices-parent")
+
+
+async def test_one_authorization_header_only(secured: Secured) -> None:
+    from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
+    from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.secure_channel(secured.server.address, secured.tls.credentials()) as channel:
+        stub = pb_grpc.JobServiceStub(channel)
+        metadata = (("authorization", "Bearer junk"), ("authorization", "Bearer alice-token"))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ListJobs(pb.ListJobsRequest(), metadata=metadata)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tokens_file_lists_must_be_lists(tmp_path: Path) -> None:
+    from ajs_grpc.auth import Authenticator
+    from ajs_grpc.config import ConfigError
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[tokens]]\nsha256 = "{token_hash("x")}"\nprincipal = "p"\nroles = "admin"\n')
+    with pytest.raises(ConfigError, match="roles must be a list of strings"):
+        Authenticator.from_file(tokens)

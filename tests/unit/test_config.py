@@ -94,3 +94,31 @@ def test_secrets_are_masked_when_printed() -> None:
     text = settings.render()
     assert "hunter2" not in text
     assert 'dsn = "postgresql://ajs:***@db/ajs"  # $AJS_STORAGE_DSN' in text
+
+
+def test_an_empty_variable_counts_as_unset(tmp_path: Path) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text('[auth]\ntokens_file = "tokens.toml"\n')
+    settings = load(file, environ={"AJS_AUTH_TOKENS_FILE": ""})
+    assert settings["auth.tokens_file"] == "tokens.toml"
+
+
+def test_the_old_dsn_variable_is_still_read() -> None:
+    settings = load(None, environ={"AJS_POSTGRES_DSN": "postgresql://db/ajs"})
+    assert settings["storage.dsn"] == "postgresql://db/ajs"
+    assert settings.sources["storage.dsn"] == "$AJS_POSTGRES_DSN"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "hidden"),
+    [
+        ("postgresql://u:p@ss@host/db", "p@ss"),
+        ("host=db user=u password='a b c' dbname=ajs", "a b c"),
+        ("host=db password=plain dbname=ajs", "plain"),
+    ],
+)
+def test_every_form_of_dsn_password_is_masked(dsn: str, hidden: str) -> None:
+    text = load(None, environ={"AJS_STORAGE_DSN": dsn}).render()
+    dsn_line = next(line for line in text.splitlines() if line.startswith("dsn = "))
+    assert hidden not in dsn_line
+    assert "***" in dsn_line
