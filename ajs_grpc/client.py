@@ -69,8 +69,10 @@ _ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
 }
 
 
-# UNAVAILABLE (an instance draining or gone) is retried, on another instance when there
-# are several. Retrying SubmitRequest is safe because the client always names its requests.
+# UNAVAILABLE (an instance draining or gone) and CANCELLED (a stream a proxy or a stopping
+# server reset; a call the client itself cancels is never retried) are retried, on another
+# instance when there are several. Retrying SubmitRequest is safe because the client
+# always names its requests.
 RETRY_CONFIG = {
     "methodConfig": [
         {
@@ -80,7 +82,7 @@ RETRY_CONFIG = {
                 "initialBackoff": "0.05s",
                 "maxBackoff": "1s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],
