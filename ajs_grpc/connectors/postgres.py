@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from typing_extensions import override
 
-from ajs_grpc.connectors._rows import (
+from ajs_grpc.connectors._sql import (
     RESPONSE_COLUMNS,
     SELECT_JOBS,
     Decoding,
+    Done,
+    Outcome,
+    deliver,
     error_fields,
     job_from_row,
     response_from_row,
@@ -170,20 +172,7 @@ def translate(error: psycopg.Error, doing: str) -> AjsError:
     return ConnectorError(message, reason="STORAGE_ERROR")
 
 
-@dataclasses.dataclass
-class _Done(Generic[T]):
-    """What a write did, and whom to tell once it is committed."""
-
-    result: T
-    responses: list[str] = dataclasses.field(default_factory=list)
-    work: bool = False
-    cancels: list[str] = dataclasses.field(default_factory=list)
-
-    def events(self) -> list[str]:
-        return [f"r:{i}" for i in self.responses] + (["w:"] if self.work else []) + [f"c:{i}" for i in self.cancels]
-
-
-_Write = Callable[[psycopg.AsyncConnection[Any]], Awaitable[_Done[Any]]]
+_Write = Callable[[psycopg.AsyncConnection[Any]], Awaitable[Done[Any]]]
 
 
 class PostgresConnector(Connector):
@@ -369,18 +358,9 @@ class PostgresConnector(Connector):
         elif kind == "c":
             self._notify_cancel(request_id)
 
-    def _apply(self, done: _Done[Any]) -> None:
-        """Tells this instance at once (the NOTIFY echo arrives later and is harmless)."""
-        for request_id in done.responses:
-            self._notify_response(request_id)
-        if done.work:
-            self._notify_work()
-        for request_id in done.cancels:
-            self._notify_cancel(request_id)
-
     # -- writing -----------------------------------------------------------------------
 
-    async def _write(self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_Done[T]]]) -> T:
+    async def _write(self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Done[T]]]) -> T:
         if self._pool is None:
             raise Unavailable("the PostgreSQL connector is not open", reason="STORAGE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -413,22 +393,12 @@ class PostgresConnector(Connector):
                 outcomes = [
                     (future, None, Unavailable(f"could not write to the queue: {error}")) for _, future in batch
                 ]
-            for future, done, failure in outcomes:
-                if done is not None:
-                    self._apply(done)
-                if future.done():
-                    continue  # the caller went away; the write stands
-                if failure is not None:
-                    future.set_exception(failure)
-                else:
-                    assert done is not None
-                    future.set_result(done.result)
+            # This instance hears at once; the NOTIFY echo arrives later and is harmless.
+            deliver(self, outcomes)
 
-    async def _commit(
-        self, batch: list[tuple[_Write, asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], _Done[Any] | None, BaseException | None]]:
+    async def _commit(self, batch: list[tuple[_Write, asyncio.Future[Any]]]) -> list[Outcome]:
         assert self._pool is not None
-        outcomes: list[tuple[asyncio.Future[Any], _Done[Any] | None, BaseException | None]] = []
+        outcomes: list[Outcome] = []
         async with self._pool.connection() as connection, connection.transaction():
             events: list[str] = []
             for write, future in batch:
@@ -488,12 +458,12 @@ class PostgresConnector(Connector):
 
     @override
     async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[tuple[Job, bool]]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[tuple[Job, bool]]:
             found = await self._find(connection, request.id, lock=False)
             if found is not None:
                 existing = _job(found)
                 if existing.request.same_content(request):
-                    return _Done((existing, False))
+                    return Done((existing, False))
                 raise AlreadyExists(
                     f"request {request.id!r} exists with different content",
                     reason="REQUEST_ID_TAKEN",
@@ -535,7 +505,7 @@ class PostgresConnector(Connector):
                     *_response_values(first),
                 ),
             )
-            return _Done((job, True), work=True)
+            return Done((job, True), work=True)
 
         return await self._write(write)
 
@@ -545,7 +515,7 @@ class PostgresConnector(Connector):
     ) -> list[Claim]:
         type_list = list(types) if types is not None else None
 
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[list[Claim]]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[list[Claim]]:
             condition = "j.state = 1 AND j.due_time <= clock_timestamp()"
             args: list[Any] = []
             if type_list is not None:
@@ -558,7 +528,7 @@ class PostgresConnector(Connector):
                     (*args, limit),
                 )
             ).fetchall()
-            done: _Done[list[Claim]] = _Done([])
+            done: Done[list[Claim]] = Done([])
             at = now()
             for row in rows:
                 job, response = _job(row).advance(Update(RequestState.PENDING, data={"worker": worker}), at)
@@ -572,14 +542,14 @@ class PostgresConnector(Connector):
 
     @override
     async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[Response]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[Response]:
             found = await self._find(connection, request_id)
             if found is None:
                 raise self._not_found(request_id)
             self._check_lease(request_id, found[-1], lease_token)
             job, response = _job(found).advance(update)
             await self._save(connection, found[0], job, response)
-            return _Done(response, [request_id], work=job.state is RequestState.CREATED)
+            return Done(response, [request_id], work=job.state is RequestState.CREATED)
 
         return await self._write(write)
 
@@ -587,7 +557,7 @@ class PostgresConnector(Connector):
     async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
         ids, tokens = list(leases), [leases[i] for i in leases]
 
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[Renewal]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[Renewal]:
             rows = await (
                 await connection.execute(
                     "UPDATE jobs j SET lease_expires = clock_timestamp() + %s * interval '1 second' "
@@ -599,20 +569,20 @@ class PostgresConnector(Connector):
             ).fetchall()
             held = {row[0] for row in rows}
             cancelled = frozenset(row[0] for row in rows if row[1])
-            return _Done(Renewal(frozenset(set(ids) - held), cancelled))
+            return Done(Renewal(frozenset(set(ids) - held), cancelled))
 
         return await self._write(write)
 
     @override
     async def recover_expired(self) -> int:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[int]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[int]:
             rows = await (
                 await connection.execute(
                     f"{SELECT_JOBS} WHERE j.state = 2 AND j.lease_expires <= clock_timestamp() "
                     "FOR UPDATE OF j SKIP LOCKED"
                 )
             ).fetchall()
-            done: _Done[int] = _Done(len(rows))
+            done: Done[int] = Done(len(rows))
             at = now()
             for row in rows:
                 job, response = _job(row).expire(at)
@@ -637,7 +607,7 @@ class PostgresConnector(Connector):
 
     @override
     async def cancel(self, request_id: str) -> Job:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[Job]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[Job]:
             found = await self._find(connection, request_id)
             if found is None:
                 raise self._not_found(request_id)
@@ -651,7 +621,7 @@ class PostgresConnector(Connector):
                     (request_id,),
                 )
             ).fetchall()
-            done: _Done[Job] = _Done(_job(found))
+            done: Done[Job] = Done(_job(found))
             for row in rows:
                 job, response = _job(row).cancel()
                 if response is not None:
@@ -668,7 +638,7 @@ class PostgresConnector(Connector):
 
     @override
     async def prune(self, before: datetime) -> int:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> _Done[int]:
+        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[int]:
             # Leaves first, again and again: a job with a child left keeps its id taken.
             total = 0
             while True:
@@ -678,7 +648,7 @@ class PostgresConnector(Connector):
                     (before,),
                 )
                 if not cursor.rowcount:
-                    return _Done(total)
+                    return Done(total)
                 total += cursor.rowcount
 
         return await self._write(write)

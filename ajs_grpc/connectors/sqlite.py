@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -37,14 +36,17 @@ import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from typing_extensions import override
 
-from ajs_grpc.connectors._rows import (
+from ajs_grpc.connectors._sql import (
     RESPONSE_COLUMNS,
     SELECT_JOBS,
     Decoding,
+    Done,
+    Outcome,
+    deliver,
     error_fields,
     job_from_row,
     response_from_row,
@@ -179,17 +181,7 @@ def translate(error: sqlite3.Error, doing: str) -> AjsError:
 # -- threads -------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Done(Generic[T]):
-    """What a write did: its result and whom to tell once it is committed."""
-
-    result: T
-    responses: list[str] = dataclasses.field(default_factory=list)
-    work: bool = False
-    cancels: list[str] = dataclasses.field(default_factory=list)
-
-
-_Write = Callable[[sqlite3.Connection], _Done[Any]]
+_Write = Callable[[sqlite3.Connection], Done[Any]]
 
 
 class _Writer(threading.Thread):
@@ -240,10 +232,8 @@ class _Writer(threading.Thread):
                 connection.close()
 
     @staticmethod
-    def _commit(
-        connection: sqlite3.Connection, batch: list[tuple[_Write, asyncio.Future[Any]]]
-    ) -> list[tuple[asyncio.Future[Any], _Done[Any] | None, BaseException | None]]:
-        outcomes: list[tuple[asyncio.Future[Any], _Done[Any] | None, BaseException | None]] = []
+    def _commit(connection: sqlite3.Connection, batch: list[tuple[_Write, asyncio.Future[Any]]]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         try:
             connection.execute("BEGIN IMMEDIATE")
             for write, future in batch:
@@ -424,24 +414,10 @@ class SqliteConnector(Connector):
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             self._loop.call_soon_threadsafe(self._deliver, outcomes)
 
-    def _deliver(self, outcomes: list[tuple[asyncio.Future[Any], _Done[Any] | None, BaseException | None]]) -> None:
-        for future, done, error in outcomes:
-            if done is not None:
-                for request_id in done.responses:
-                    self._notify_response(request_id)
-                if done.work:
-                    self._notify_work()
-                for request_id in done.cancels:
-                    self._notify_cancel(request_id)
-            if future.done():
-                continue  # the caller went away; the write stands
-            if error is not None:
-                future.set_exception(error)
-            else:
-                assert done is not None
-                future.set_result(done.result)
+    def _deliver(self, outcomes: list[Outcome]) -> None:
+        deliver(self, outcomes)
 
-    async def _write(self, write: Callable[[sqlite3.Connection], _Done[T]]) -> T:
+    async def _write(self, write: Callable[[sqlite3.Connection], Done[T]]) -> T:
         if self._writer is None:
             raise Unavailable("the SQLite connector is not open", reason="STORAGE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -515,13 +491,13 @@ class SqliteConnector(Connector):
             ),
         )
 
-    def _recover_orphans(self, connection: sqlite3.Connection) -> _Done[int]:
+    def _recover_orphans(self, connection: sqlite3.Connection) -> Done[int]:
         """At open: every PENDING job belonged to the previous server (the lock says so)."""
         return self._expire(connection, "state = 2")
 
-    def _expire(self, connection: sqlite3.Connection, condition: str, *args: Any) -> _Done[int]:
+    def _expire(self, connection: sqlite3.Connection, condition: str, *args: Any) -> Done[int]:
         rows = connection.execute(f"{SELECT_JOBS} WHERE j.{condition}", args).fetchall()
-        done: _Done[int] = _Done(len(rows))
+        done: Done[int] = Done(len(rows))
         at = now()
         for row in rows:
             job, response = _job(row).expire(at)
@@ -534,12 +510,12 @@ class SqliteConnector(Connector):
 
     @override
     async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        def write(connection: sqlite3.Connection) -> _Done[tuple[Job, bool]]:
+        def write(connection: sqlite3.Connection) -> Done[tuple[Job, bool]]:
             found = self._find(connection, request.id)
             if found is not None:
                 existing = found[1]
                 if existing.request.same_content(request):
-                    return _Done((existing, False))
+                    return Done((existing, False))
                 raise AlreadyExists(
                     f"request {request.id!r} exists with different content",
                     reason="REQUEST_ID_TAKEN",
@@ -579,7 +555,7 @@ class SqliteConnector(Connector):
             )
             assert cursor.lastrowid is not None
             self._insert_response(connection, cursor.lastrowid, first)
-            return _Done((job, True), work=True)
+            return Done((job, True), work=True)
 
         return await self._write(write)
 
@@ -589,7 +565,7 @@ class SqliteConnector(Connector):
     ) -> list[Claim]:
         type_list = list(types) if types is not None else None
 
-        def write(connection: sqlite3.Connection) -> _Done[list[Claim]]:
+        def write(connection: sqlite3.Connection) -> Done[list[Claim]]:
             at = now()
             condition = "j.state = 1 AND j.due_time <= ?"
             args: list[Any] = [_us(at)]
@@ -599,7 +575,7 @@ class SqliteConnector(Connector):
             rows = connection.execute(
                 f"{SELECT_JOBS} WHERE {condition} ORDER BY j.priority DESC, j.position LIMIT ?", (*args, limit)
             ).fetchall()
-            done: _Done[list[Claim]] = _Done([])
+            done: Done[list[Claim]] = Done([])
             expires = at + timedelta(seconds=lease)
             for row in rows:
                 job, response = _job(row).advance(Update(RequestState.PENDING, data={"worker": worker}), at)
@@ -613,7 +589,7 @@ class SqliteConnector(Connector):
 
     @override
     async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
-        def write(connection: sqlite3.Connection) -> _Done[Response]:
+        def write(connection: sqlite3.Connection) -> Done[Response]:
             found = self._find(connection, request_id)
             if found is None:
                 raise self._not_found(request_id)
@@ -621,7 +597,7 @@ class SqliteConnector(Connector):
             self._check_lease(request_id, held, lease_token)
             job, response = job.advance(update)
             self._save(connection, position, job, response)
-            return _Done(response, [request_id], work=job.state is RequestState.CREATED)
+            return Done(response, [request_id], work=job.state is RequestState.CREATED)
 
         return await self._write(write)
 
@@ -629,7 +605,7 @@ class SqliteConnector(Connector):
     async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
         items = dict(leases)
 
-        def write(connection: sqlite3.Connection) -> _Done[Renewal]:
+        def write(connection: sqlite3.Connection) -> Done[Renewal]:
             until = _us(now() + timedelta(seconds=lease))
             lost: set[str] = set()
             cancelled: set[str] = set()
@@ -643,7 +619,7 @@ class SqliteConnector(Connector):
                     lost.add(request_id)
                 elif row[0]:
                     cancelled.add(request_id)
-            return _Done(Renewal(frozenset(lost), frozenset(cancelled)))
+            return Done(Renewal(frozenset(lost), frozenset(cancelled)))
 
         return await self._write(write)
 
@@ -662,7 +638,7 @@ class SqliteConnector(Connector):
 
     @override
     async def cancel(self, request_id: str) -> Job:
-        def write(connection: sqlite3.Connection) -> _Done[Job]:
+        def write(connection: sqlite3.Connection) -> Done[Job]:
             found = self._find(connection, request_id)
             if found is None:
                 raise self._not_found(request_id)
@@ -672,7 +648,7 @@ class SqliteConnector(Connector):
                 f"{SELECT_JOBS} WHERE j.id IN tree AND j.state IN (1, 2)",
                 (request_id,),
             ).fetchall()
-            done: _Done[Job] = _Done(found[1])
+            done: Done[Job] = Done(found[1])
             for row in rows:
                 job, response = _job(row).cancel()
                 if response is not None:
@@ -689,7 +665,7 @@ class SqliteConnector(Connector):
 
     @override
     async def prune(self, before: datetime) -> int:
-        def write(connection: sqlite3.Connection) -> _Done[int]:
+        def write(connection: sqlite3.Connection) -> Done[int]:
             # Leaves first, again and again: a job with a child left keeps its id taken.
             total = 0
             while True:
@@ -702,7 +678,7 @@ class SqliteConnector(Connector):
                     )
                 ]
                 if not positions:
-                    return _Done(total)
+                    return Done(total)
                 marks = ", ".join("?" * len(positions))
                 connection.execute(f"DELETE FROM responses WHERE position IN ({marks})", positions)
                 connection.execute(f"DELETE FROM jobs WHERE position IN ({marks})", positions)

@@ -7,8 +7,9 @@ import time
 from collections.abc import Mapping
 from datetime import timedelta
 
+from ajs_grpc.connectors._sql import Done
 from ajs_grpc.connectors.base import Connector, Renewal
-from ajs_grpc.connectors.sqlite import SqliteConnector, _Done
+from ajs_grpc.connectors.sqlite import SqliteConnector
 from ajs_grpc.dispatcher import Dispatcher
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
@@ -48,7 +49,7 @@ async def test_a_cancel_committed_with_the_claim_still_reaches_the_job(connector
         if isinstance(connector, SqliteConnector):
             # Hold the writer so that the claim (due at 0.3 s) and the cancel share one commit.
             await asyncio.sleep(0.2)
-            blocker = asyncio.ensure_future(connector._write(lambda _: (time.sleep(0.3), _Done(None))[1]))
+            blocker = asyncio.ensure_future(connector._write(lambda _: (time.sleep(0.3), Done(None))[1]))
             await asyncio.sleep(0.2)
             assert not blocker.done()
         else:

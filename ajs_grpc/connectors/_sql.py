@@ -1,4 +1,4 @@
-"""What the SQL connectors share: the columns they select and how a row becomes a Job.
+"""What the SQL connectors share: columns, rows to Jobs, answering a committed batch.
 
 SQLite and PostgreSQL store the same fields; only their encodings differ (times
 as microseconds or ``timestamptz``, maps as JSON text or ``jsonb``), so each
@@ -7,13 +7,15 @@ connector passes a :class:`Decoding`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf import any_pb2
 
+from ajs_grpc.connectors.base import Connector
 from ajs_grpc.errors import Code
 from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
 
@@ -22,10 +24,15 @@ __all__ = [
     "RESPONSE_COLUMNS",
     "SELECT_JOBS",
     "Decoding",
+    "Done",
+    "Outcome",
+    "deliver",
     "error_fields",
     "job_from_row",
     "response_from_row",
 ]
+
+T = TypeVar("T")
 
 JOB_COLUMNS = (
     "j.position, j.id, j.parent_id, j.type, j.creator, j.create_time, j.data, j.input_type_url, j.input_value, "
@@ -115,3 +122,40 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
         max_attempts=max_attempts,
         due_time=decoding.time(due),
     )
+
+
+@dataclasses.dataclass
+class Done(Generic[T]):
+    """What a write did: its result, and whom to tell once it is committed."""
+
+    result: T
+    responses: list[str] = dataclasses.field(default_factory=list)
+    work: bool = False
+    cancels: list[str] = dataclasses.field(default_factory=list)
+
+    def events(self) -> list[str]:
+        """The notices other instances get: ``r:<id>`` new Response, ``w:`` work, ``c:<id>`` cancel."""
+        return [f"r:{i}" for i in self.responses] + (["w:"] if self.work else []) + [f"c:{i}" for i in self.cancels]
+
+
+Outcome = tuple["asyncio.Future[Any]", Done[Any] | None, BaseException | None]
+"""A write's caller, what the committed write did (None if it failed), and its error."""
+
+
+def deliver(connector: Connector, outcomes: Iterable[Outcome]) -> None:
+    """After a commit: tells watchers and listeners, then answers each caller."""
+    for future, done, error in outcomes:
+        if done is not None:
+            for request_id in done.responses:
+                connector._notify_response(request_id)
+            if done.work:
+                connector._notify_work()
+            for request_id in done.cancels:
+                connector._notify_cancel(request_id)
+        if future.done():
+            continue  # the caller went away; the write stands
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert done is not None
+            future.set_result(done.result)
