@@ -78,10 +78,17 @@ class Page:
     Attributes:
         jobs: the jobs, in submit order.
         next_cursor: pass as ``after`` for the next page; None on the last page.
+        cursors: for each job, the cursor of the page that starts after it (so a
+            caller may end a page early).
     """
 
     jobs: list[Job]
     next_cursor: int | None
+    cursors: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.cursors) != len(self.jobs):
+            raise ValueError("a Page needs one cursor per job")
 
 
 class ConnectorListener(Protocol):
@@ -225,8 +232,8 @@ class Connector(abc.ABC):
         """Returns up to ``page_size`` matching jobs submitted after cursor ``after``."""
 
     @abc.abstractmethod
-    async def count_jobs(self, state: RequestState) -> int:
-        """How many jobs are in ``state`` now (the queue depth for CREATED)."""
+    async def count_jobs(self, state: RequestState, creator: str = "") -> int:
+        """How many jobs are in ``state`` now (the queue depth for CREATED); only ``creator``'s if given."""
 
     @abc.abstractmethod
     async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:

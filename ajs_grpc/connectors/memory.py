@@ -230,6 +230,7 @@ class MemoryConnector(Connector):
     @override
     async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
         jobs: list[Job] = []
+        cursors: list[int] = []
         for position in range(max(after, 0), len(self._order)):
             request_id = self._order[position]
             if not request_id:
@@ -238,13 +239,18 @@ class MemoryConnector(Connector):
             if not job_filter.matches(job):
                 continue
             if len(jobs) == page_size:
-                return Page(jobs, position)
+                return Page(jobs, cursors[-1], cursors)
             jobs.append(job)
-        return Page(jobs, None)
+            cursors.append(position + 1)
+        return Page(jobs, None, cursors)
 
     @override
-    async def count_jobs(self, state: RequestState) -> int:
-        return sum(1 for entry in self._entries.values() if entry.job.state is state)
+    async def count_jobs(self, state: RequestState, creator: str = "") -> int:
+        return sum(
+            1
+            for entry in self._entries.values()
+            if entry.job.state is state and (not creator or entry.job.request.creator == creator)
+        )
 
     @override
     async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import override
 
+from ajs_grpc.connectors._pgnames import channel_name, check_schema_name
 from ajs_grpc.connectors._sql import (
     RESPONSE_COLUMNS,
     SELECT_JOBS,
@@ -43,7 +44,15 @@ from ajs_grpc.connectors._sql import (
     response_from_row,
 )
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
-from ajs_grpc.errors import AjsError, AlreadyExists, ConnectorError, NotFound, ResourceExhausted, Unavailable
+from ajs_grpc.errors import (
+    AjsError,
+    AlreadyExists,
+    ConnectorError,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
 
 try:
@@ -200,11 +209,11 @@ class PostgresConnector(Connector):
     ) -> None:
         super().__init__()
         self.dsn = dsn
-        self.schema = schema
+        self.schema = check_schema_name(schema)
         self.migrate = migrate
         self.pool_size = max(pool_size, writers + 2)
         self.writers = writers
-        self.channel = f"{schema}_events"
+        self.channel = channel_name(schema)
         self._pool: AsyncConnectionPool[Any] | None = None
         self._queue: asyncio.Queue[tuple[_Write, asyncio.Future[Any]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -252,13 +261,23 @@ class PostgresConnector(Connector):
         """The schema's version in the database (0 if it has none)."""
         assert self._pool is not None
         async with self._pool.connection() as connection:
-            exists = await (
-                await connection.execute("SELECT to_regclass(%s)", (f"{self.schema}.schema_version",))
-            ).fetchone()
-            if exists is None or exists[0] is None:
-                return 0
-            row = await (await connection.execute("SELECT max(version) FROM schema_version")).fetchone()
-            return int(row[0] or 0) if row else 0
+            return await self._version(connection)
+
+    async def _version(self, connection: psycopg.AsyncConnection[Any]) -> int:
+        exists = await (
+            await connection.execute(
+                "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = %s AND tablename = 'schema_version'",
+                (self.schema,),
+            )
+        ).fetchone()
+        if exists is None:
+            return 0
+        row = await (
+            await connection.execute(
+                sql.SQL("SELECT max(version) FROM {}.schema_version").format(sql.Identifier(self.schema))
+            )
+        ).fetchone()
+        return int(row[0] or 0) if row else 0
 
     async def _check_version(self) -> None:
         version = await self.schema_version()
@@ -279,13 +298,7 @@ class PostgresConnector(Connector):
         async with self._pool.connection() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             await connection.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            version = 0
-            exists = await (
-                await connection.execute("SELECT to_regclass(%s)", (f"{self.schema}.schema_version",))
-            ).fetchone()
-            if exists is not None and exists[0] is not None:
-                row = await (await connection.execute("SELECT max(version) FROM schema_version")).fetchone()
-                version = int(row[0] or 0) if row else 0
+            version = await self._version(connection)
             if version > SCHEMA_VERSION:
                 raise ConnectorError(
                     f"schema {self.schema!r} is at version {version}, newer than this ajs-grpc knows "
@@ -374,18 +387,12 @@ class PostgresConnector(Connector):
                 batch.append(self._queue.get_nowait())
             try:
                 outcomes = await self._commit(batch)
-            except (psycopg.errors.IntegrityError, psycopg.errors.TransactionRollback):
-                # One write broke the shared transaction, which was rolled back (a race
-                # on a unique id, a deadlock): run each alone so only its caller hears.
-                outcomes = []
-                for item in batch:
-                    try:
-                        outcomes += await self._commit([item])
-                    except psycopg.Error as error:
-                        outcomes.append((item[1], None, translate(error, "could not write to the queue")))
             except psycopg.Error as error:
-                # The connection failed, perhaps during COMMIT: whether the batch was
-                # stored is unknown, so nothing is run again (leases recover claims).
+                # The transaction as a whole failed (the connection died, perhaps during
+                # COMMIT): whether the batch was stored is unknown, so nothing is run again
+                # here. Callers hear UNAVAILABLE and find out: a submit is resent (it is
+                # idempotent), a final Response is retried until it is found stored, and an
+                # unanswered claim is recovered when its lease expires.
                 lost = translate(error, "could not write to the queue")
                 outcomes = [(future, None, lost) for _, future in batch]
             except Exception as error:  # keep the loop alive: every caller gets an answer
@@ -402,18 +409,44 @@ class PostgresConnector(Connector):
         async with self._pool.connection() as connection, connection.transaction():
             events: list[str] = []
             for write, future in batch:
-                try:
-                    done = await write(connection)
-                except AjsError as error:  # raised before the write changed anything
-                    outcomes.append((future, None, error))
-                else:
-                    outcomes.append((future, done, None))
+                done, error = await self._apply(connection, write)
+                outcomes.append((future, done, error))
+                if done is not None:
                     events += done.events()
             if events:
                 await connection.execute(
                     "SELECT pg_notify(%s, e) FROM unnest(%s::text[]) AS e", (self.channel, list(dict.fromkeys(events)))
                 )
         return outcomes
+
+    @staticmethod
+    async def _apply(
+        connection: psycopg.AsyncConnection[Any], write: _Write
+    ) -> tuple[Done[Any] | None, AjsError | None]:
+        """Runs one write of a batch in a savepoint of its own, so that it fails alone.
+
+        A race with another instance (a unique id taken meanwhile, a deadlock) is run
+        again: the next statement sees what the other committed. A broken connection
+        is not the write's fault: it fails the whole batch (raised).
+        """
+        for attempt in range(3):
+            try:
+                async with connection.transaction():  # a SAVEPOINT inside the batch's transaction
+                    return await write(connection), None
+            except AjsError as error:  # the write's own refusal; its savepoint was rolled back
+                return None, error
+            except (psycopg.errors.IntegrityError, psycopg.errors.TransactionRollback) as error:
+                if attempt == 2:
+                    return None, translate(error, "could not write to the queue")
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except psycopg.Error as error:  # this write's data or statement: only its caller hears
+                log.warning("a write to the queue failed alone: %s", error)
+                return None, translate(error, "could not write to the queue")
+            except Exception as error:  # a bug in one write must not fail the others
+                log.exception("a write to the queue failed")
+                return None, Internal(f"could not write to the queue: {error}", reason="INTERNAL_ERROR")
+        raise AssertionError("unreachable")
 
     @staticmethod
     async def _find(connection: psycopg.AsyncConnection[Any], request_id: str, lock: bool = True) -> Any:
@@ -704,15 +737,18 @@ class PostgresConnector(Connector):
             ).fetchall()
             more = len(rows) > page_size
             rows = rows[:page_size]
-            return Page([_job(row) for row in rows], rows[-1][0] if more else None)
+            return Page([_job(row) for row in rows], rows[-1][0] if more else None, [row[0] for row in rows])
 
         return await self._read(read)
 
     @override
-    async def count_jobs(self, state: RequestState) -> int:
+    async def count_jobs(self, state: RequestState, creator: str = "") -> int:
         async def read(connection: psycopg.AsyncConnection[Any]) -> int:
             row = await (
-                await connection.execute("SELECT count(*) FROM jobs WHERE state = %s", (int(state),))
+                await connection.execute(
+                    "SELECT count(*) FROM jobs WHERE state = %s AND (%s = '' OR creator = %s)",
+                    (int(state), creator, creator),
+                )
             ).fetchone()
             return int(row[0]) if row else 0
 

@@ -12,9 +12,10 @@ One file holds the queue (stdlib ``sqlite3``, WAL mode). What it promises:
   others.
 * Reads run on a reader thread with its own connection (WAL readers do not wait
   for the writer).
-* One server per database: a lock file next to it is held while the connector
-  is open, so jobs left PENDING by the previous server are known to be
-  orphaned and are recovered at start-up.
+* One server per database: an OS lock (``flock``) on the database file itself
+  is held while the connector is open, whatever path names the file (a
+  symlink, another spelling, a hard link), so jobs left PENDING by the
+  previous server are known to be orphaned and are recovered at start-up.
 * The schema is versioned (table ``schema_version``) and migrated forward when
   the connector opens; a database from a newer version, or a file that is not
   an ajs-grpc database, is refused with a clear error.
@@ -73,6 +74,10 @@ T = TypeVar("T")
 APPLICATION_ID = 0x414A5331
 # Operations one transaction takes at most.
 MAX_BATCH = 512
+# The database files (device, inode) this process holds locked. A second connector
+# of the same process on one of them is refused before it opens the file: closing
+# any descriptor of a file drops the POSIX locks SQLite holds on it in this process.
+_HELD: set[tuple[int, int]] = set()
 
 MIGRATIONS: list[str] = [
     # 1: jobs and their Responses.
@@ -311,6 +316,7 @@ class SqliteConnector(Connector):
         if self.synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self._lock_file: int | None = None
+        self._held: tuple[int, int] | None = None
         self._writer: _Writer | None = None
         self._reader: _Reader | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -334,19 +340,26 @@ class SqliteConnector(Connector):
             log.info("recovered %d job(s) left running by the previous server", recovered)
 
     def _prepare(self) -> None:
-        """Takes the lock file, checks the file is ours, migrates the schema."""
+        """Locks the database file, checks it is ours, migrates the schema."""
         where = str(self.path)
+        in_use = ConnectorError(
+            f"{where} is in use by another ajs server (one server per SQLite database)", reason="STORAGE_IN_USE"
+        )
+        with contextlib.suppress(OSError):
+            if self._file_key(os.stat(self.path)) in _HELD:
+                raise in_use
         try:
-            self._lock_file = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            # The lock is on the file, not on its name: every path to it meets the same lock.
+            self._lock_file = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise ConnectorError(f"cannot open {where}: {error.strerror}", reason="STORAGE_UNUSABLE") from error
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._release_lock()
-            raise ConnectorError(
-                f"{where} is in use by another ajs server (one server per SQLite database)", reason="STORAGE_IN_USE"
-            ) from None
+            raise in_use from None
+        self._held = self._file_key(os.fstat(self._lock_file))
+        _HELD.add(self._held)
         try:
             connection = self._connect()
             try:
@@ -359,6 +372,10 @@ class SqliteConnector(Connector):
         except ConnectorError:
             self._release_lock()
             raise
+
+    @staticmethod
+    def _file_key(stat: os.stat_result) -> tuple[int, int]:
+        return stat.st_dev, stat.st_ino
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
         where = str(self.path)
@@ -395,6 +412,9 @@ class SqliteConnector(Connector):
         if self._lock_file is not None:
             os.close(self._lock_file)  # closing releases the flock
             self._lock_file = None
+        if self._held is not None:
+            _HELD.discard(self._held)
+            self._held = None
 
     @override
     async def close(self) -> None:
@@ -721,14 +741,16 @@ class SqliteConnector(Connector):
             ).fetchall()
             more = len(rows) > page_size
             rows = rows[:page_size]
-            return Page([_job(row) for row in rows], rows[-1][0] if more else None)
+            return Page([_job(row) for row in rows], rows[-1][0] if more else None, [row[0] for row in rows])
 
         return await self._read(read)
 
     @override
-    async def count_jobs(self, state: RequestState) -> int:
+    async def count_jobs(self, state: RequestState, creator: str = "") -> int:
         def read(connection: sqlite3.Connection) -> int:
-            count: int = connection.execute("SELECT count(*) FROM jobs WHERE state = ?", (int(state),)).fetchone()[0]
+            count: int = connection.execute(
+                "SELECT count(*) FROM jobs WHERE state = ? AND (? = '' OR creator = ?)", (int(state), creator, creator)
+            ).fetchone()[0]
             return count
 
         return await self._read(read)

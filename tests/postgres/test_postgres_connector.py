@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from ajs_grpc.connectors.postgres import SCHEMA_VERSION, PostgresConnector
-from ajs_grpc.errors import ConnectorError
+from ajs_grpc.errors import ConnectorError, NotFound
 from ajs_grpc.model import Request, RequestState, Update
 from tests.conftest import drop_schema, postgres_dsn, unique_schema
 from tests.helpers import eventually
@@ -151,3 +151,81 @@ async def _retry(call):  # type: ignore[no-untyped-def]
         except Exception:
             await asyncio.sleep(0.1)
     return await call()
+
+
+async def test_a_write_the_database_refuses_fails_alone_in_its_group_commit(schema: str) -> None:
+    # PostgreSQL's text and jsonb cannot hold U+0000 (the service refuses it first; the store
+    # must not rely on that). Writes committed in one transaction with it must not fail with it.
+    connector = PostgresConnector(postgres_dsn(), schema, writers=1)  # one writer: one batch for all
+    await connector.open()
+    try:
+        for i in range(4):
+            await connector.enqueue(Request(id=f"running-{i}", type="t"))
+        claims = await connector.claim("w", limit=4)
+        writes = [
+            *(connector.enqueue(Request(id=f"good-{i}", type="t", data={"n": str(i)})) for i in range(10)),
+            connector.enqueue(Request(id="bad-data", type="t", data={"k": "v\x00"})),
+            connector.enqueue(Request(id="bad\x00id", type="t")),
+            *(connector.respond(c.job.request.id, Update(S.PENDING), c.lease_token) for c in claims[:2]),
+            *(connector.respond(c.job.request.id, Update(S.FINISHED), c.lease_token) for c in claims[2:]),
+            connector.enqueue(Request(id="bad-type", type="t\x00")),
+            *(connector.enqueue(Request(id=f"later-{i}", type="t")) for i in range(10)),
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+    finally:
+        await connector.close()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 3
+    assert all(isinstance(error, ConnectorError) for error in failed)
+    connector = PostgresConnector(postgres_dsn(), schema)
+    await connector.open()
+    try:
+        for i in range(10):
+            assert (await connector.get(f"good-{i}")).state is S.CREATED
+            assert (await connector.get(f"later-{i}")).state is S.CREATED
+        assert [(await connector.get(c.job.request.id)).state for c in claims] == [S.PENDING] * 2 + [S.FINISHED] * 2
+        with pytest.raises(NotFound):
+            await connector.get("bad-data")
+    finally:
+        await connector.close()
+
+
+@pytest.mark.parametrize("kind", ["mixed-case", "longest"])
+async def test_any_valid_schema_name_migrates_once_and_carries_notifications(kind: str) -> None:
+    suffix = unique_schema().removeprefix("ajs_test_")
+    schema = f"AjsMixed_{suffix}" if kind == "mixed-case" else f"ajs_{suffix}".ljust(63, "x")
+    try:
+        for opening in range(2):  # the second open finds the schema at its version: nothing to migrate
+            first = PostgresConnector(postgres_dsn(), schema, writers=1)
+            second = PostgresConnector(postgres_dsn(), schema, writers=1)
+            await first.open()
+            await second.open()
+            try:
+                assert await first.schema_version() == SCHEMA_VERSION
+                await second.listening.wait()
+                woken = asyncio.Event()
+                second.add_listener(_WakeListener(woken))
+                await first.enqueue(Request(id=f"opening-{opening}", type="t"))
+                await asyncio.wait_for(woken.wait(), 5)
+            finally:
+                await first.close()
+                await second.close()
+    finally:
+        drop_schema(schema)
+
+
+@pytest.mark.parametrize("name", ["bad-name", "x" * 64, "pg_catalog", "1abc", "", "a b", "ajs\x00"])
+def test_a_schema_name_postgresql_cannot_take_is_refused_at_once(name: str) -> None:
+    with pytest.raises(ValueError, match="is not a schema name"):
+        PostgresConnector(postgres_dsn(), name)
+
+
+class _WakeListener:
+    def __init__(self, woken: asyncio.Event) -> None:
+        self.woken = woken
+
+    def work_available(self) -> None:
+        self.woken.set()
+
+    def cancel_requested(self, request_id: str) -> None:
+        pass

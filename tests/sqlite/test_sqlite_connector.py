@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 from ajs_grpc.server import AjsServer, ServerConfig
 from tests import jobs_for_tests
+from tests.serve_process import AJS, start_server
 
 IS_ROOT = os.geteuid() == 0
 
@@ -98,6 +100,48 @@ async def test_one_server_per_database(tmp_path: Path) -> None:
         await first.close()
     second = await open_connector(tmp_path / "q.db")  # released: it opens again
     await second.close()
+
+
+@pytest.mark.parametrize("spelling", ["symlink", "dotdot", "hardlink"])
+async def test_one_server_per_database_whatever_path_names_it(tmp_path: Path, spelling: str) -> None:
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "q.db"
+    first = await open_connector(real)
+    try:
+        other = {
+            "symlink": tmp_path / "link.db",
+            "dotdot": tmp_path / "data" / ".." / "data" / "q.db",
+            "hardlink": tmp_path / "hard.db",
+        }[spelling]
+        if spelling == "symlink":
+            other.symlink_to(real)
+        elif spelling == "hardlink":
+            os.link(real, other)
+        with pytest.raises(ConnectorError, match="in use by another ajs server"):
+            await open_connector(other)
+    finally:
+        await first.close()
+
+
+def test_a_second_server_through_a_symlink_is_refused_and_runs_nothing_twice(tmp_path: Path) -> None:
+    # Another process, another path to the same file: before, it "recovered" the first
+    # server's running jobs and ran them again.
+    first = start_server(tmp_path, "--database", "q.db")
+    try:
+        (tmp_path / "alias.db").symlink_to(tmp_path / "q.db")
+        second = subprocess.run(
+            [AJS, "serve", "--address", "127.0.0.1:0", "--database", "alias.db"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+        )
+        assert second.returncode == 6
+        assert "alias.db is in use by another ajs server" in second.stderr
+        assert first.process.poll() is None
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        first.process.wait(30)
 
 
 async def test_a_corrupt_file_is_refused(tmp_path: Path) -> None:
