@@ -40,7 +40,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from ajs_grpc.connectors.base import Claim, Connector
-from ajs_grpc.errors import AjsError, Code, Unavailable
+from ajs_grpc.errors import AjsError, Code, FailedPrecondition, Unavailable
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.jobs import (
     NO_RETRY,
@@ -133,6 +133,9 @@ class Dispatcher:
         retention: seconds ended jobs are kept; None keeps them forever.
         worker_id: who claims; defaults to ``host:pid``.
         observer: told of started and ended attempts (metrics).
+        max_result_bytes: the largest result (data and output of the final
+            Response) a job may return; a larger one fails the job, so every reply
+            that carries it stays within the message size limit.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Dispatcher:
         retention: float | None = None,
         worker_id: str | None = None,
         observer: JobObserver | None = None,
+        max_result_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         if max_concurrent_jobs < 1:
             raise ValueError("max_concurrent_jobs must be at least 1")
@@ -163,6 +167,9 @@ class Dispatcher:
         self.retention = retention
         self.worker_id = worker_id or default_worker_id()
         self.observer = observer or _NoObserver()
+        self.max_result_bytes = max_result_bytes
+        self.types = chain.runnable_types
+        """The types this dispatcher claims: those its chain runs (another instance may run others)."""
         self._running: dict[str, _Execution] = {}
         self._recent_cancels: dict[str, None] = {}  # insertion-ordered, bounded
         self._renewed_at = 0.0
@@ -173,15 +180,23 @@ class Dispatcher:
         self._stopping = False
         self._claimer: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._give_up_at: float | None = None
 
     @property
     def running(self) -> frozenset[str]:
         """The ids of the requests running now."""
         return frozenset(self._running)
 
+    @property
+    def abandoned_count(self) -> int:
+        """Jobs given up on whose work still runs (tasks and threads); they hold slots of ``max_concurrent_jobs``."""
+        return len(self.abandoned) + sum(handler.abandoned for handler in self.chain.handlers)
+
     async def start(self) -> None:
         """Recovers expired leases, then starts claiming and the background loops."""
         self.connector.add_listener(self)
+        for handler in self.chain.handlers:
+            handler.on_released = self._wake.set
         self._renewed_at = asyncio.get_running_loop().time()
         await self._housekeep()
         self._claimer = asyncio.create_task(self._claim_loop(), name="ajs-claim")
@@ -194,6 +209,8 @@ class Dispatcher:
         """Stops claiming, lets running jobs finish within the grace periods, then returns."""
         self._stopping = True
         self._wake.set()
+        # A final Response that cannot be stored (the store is away) is retried until then.
+        self._give_up_at = asyncio.get_running_loop().time() + self.shutdown_grace + self.cancel_grace + ABANDON_AFTER
         if self._claimer is not None:
             await self._claimer
         if self._runners:
@@ -234,10 +251,11 @@ class Dispatcher:
             # Cleared before looking: a wake-up that arrives while we claim is kept.
             self._wake.clear()
             sleep: float | None = None
-            free = self.max_concurrent_jobs - len(self._running)
-            if free > 0:
+            # Jobs given up on whose work still runs hold their slots until it ends.
+            free = self.max_concurrent_jobs - len(self._running) - self.abandoned_count
+            if free > 0 and self.types:
                 try:
-                    claims = await self.connector.claim(self.worker_id, limit=free, lease=self.lease)
+                    claims = await self.connector.claim(self.worker_id, limit=free, lease=self.lease, types=self.types)
                     for claim in claims:
                         self._start_job(claim)
                     if len(claims) == free:
@@ -375,23 +393,64 @@ class Dispatcher:
             self._wake.set()
 
     async def _report_final(self, execution: _Execution, update: Update) -> None:
-        """Stores the final Update, retrying a store that is briefly away while the lease holds."""
-        delay = 0.1
+        """Stores the final Update: retried until it is stored or found stored, never dropped silently.
+
+        A store that is away (UNAVAILABLE) may have stored the Update before the
+        connection died: each retry either stores it or finds the job ended. An
+        Update the store refuses for what it holds ends the job FAILED instead.
+        Only a lease taken by another server (the job runs again there) or a
+        shutdown past its grace ends the retries without a final Response here.
+        """
+        delay = 0.05
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.lease / 2
+        uncertain = False
         while True:
             try:
                 await self._report(execution, update)
                 return
             except Unavailable as error:
-                if loop.time() + delay > give_up:
-                    log.error("could not store the end of request %s: %s", execution.request_id, error)
-                    return  # the lease expires and another attempt follows
+                uncertain = True
+                if self._give_up_at is not None and loop.time() > self._give_up_at:
+                    log.error(
+                        "could not store the end of request %s before shutdown (%s); it runs again after its lease",
+                        execution.request_id,
+                        error,
+                    )
+                    return
+                if delay >= 0.4:
+                    log.warning("could not store the end of request %s yet: %s", execution.request_id, error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            except AjsError as error:
-                log.error("could not store the end of request %s: %s", execution.request_id, error)
+            except FailedPrecondition as error:
+                if uncertain and await self._ended(execution.request_id):
+                    log.info("the end of request %s was stored by an earlier try", execution.request_id)
+                else:  # another server holds the job now: it ends there
+                    log.warning("could not store the end of request %s: %s", execution.request_id, error)
                 return
+            except AjsError as error:
+                if (
+                    update.state is RequestState.FAILED
+                    and update.error is not None
+                    and update.error.reason == ("RESULT_NOT_STORED")
+                ):
+                    log.error("could not store the end of request %s: %s", execution.request_id, error)
+                    return
+                log.error("the store refused the end of request %s (%s); it ends FAILED", execution.request_id, error)
+                status = ErrorStatus(Code.INTERNAL, f"the job's result could not be stored: {error.message}")
+                update = Update(RequestState.FAILED, error=dataclasses.replace(status, reason="RESULT_NOT_STORED"))
+
+    async def _ended(self, request_id: str) -> bool:
+        """True once the job is found ended (the store is asked until it answers, or the shutdown's grace ends)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return (await self.connector.get(request_id)).is_final
+            except Unavailable:
+                if self._give_up_at is not None and loop.time() > self._give_up_at:
+                    return False
+                await asyncio.sleep(0.5)
+            except AjsError:
+                return False
 
     def _outcome(self, execution: _Execution, task: asyncio.Task[JobReturn]) -> Update | None:
         """The Update that ends an attempt whose task is done; None if it is not ours to write."""
@@ -411,6 +470,10 @@ class Dispatcher:
                 plugin = self.chain.plugin_for(execution.claim.job.request.type)
                 if plugin is not None:
                     plugin.check_output(update.output)
+                size = sum(len(k.encode()) + len(v.encode()) for k, v in update.data.items())
+                size += update.output.ByteSize() if update.output is not None else 0
+                if size > self.max_result_bytes:
+                    raise ValueError(f"the job returned {size} bytes, more than the limit of {self.max_result_bytes}")
                 return update
             except Exception as bad_return:  # what the job returned cannot be stored
                 error = PermanentError(str(bad_return))
@@ -457,6 +520,7 @@ class Dispatcher:
 
     def _forget_abandoned(self, task: asyncio.Task[JobReturn]) -> None:
         self.abandoned.discard(task)
+        self._wake.set()  # its slot is free again
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it as never retrieved
 

@@ -1,12 +1,14 @@
 """Prometheus metrics of a server, served over HTTP (``[metrics] address``).
 
 Each server has a registry of its own (several servers may share a process in tests).
+Job types label series only when the server runs them: a type a client made up is
+counted under ``other``, so clients cannot grow the number of series without bound.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -15,6 +17,8 @@ from ajs_grpc.model import RequestState
 
 __all__ = ["Metrics"]
 
+# The label of job types this server does not run.
+OTHER_TYPE = "other"
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
 
 
@@ -22,9 +26,13 @@ class Metrics:
     """The counters, gauges and histograms of one server.
 
     It is the service's observer (submits, calls) and the dispatcher's (jobs).
+
+    Args:
+        known_types: the job types that label series of their own; others count as ``other``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, known_types: Collection[str] = ()) -> None:
+        self.known_types = frozenset(known_types)
         self.registry = CollectorRegistry()
         registry = self.registry
         self.submitted = Counter("ajs_jobs_submitted", "Requests queued", ["type"], registry=registry)
@@ -46,18 +54,29 @@ class Metrics:
         self.queue_depth = Gauge("ajs_queue_depth", "Jobs queued (CREATED), as last counted", registry=registry)
         self.running = Gauge("ajs_jobs_running", "Jobs running on this server", registry=registry)
         self.watchers = Gauge("ajs_watchers", "Open WatchJob streams on this server", registry=registry)
+        self.abandoned = Gauge(
+            "ajs_jobs_abandoned",
+            "Jobs given up on that still run (they ignored cancellation); they count against max_jobs",
+            registry=registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
-    def watch(self, running: Callable[[], int], watchers: Callable[[], int]) -> None:
-        """Reads the running jobs and open watches when scraped."""
+    def watch(
+        self, running: Callable[[], int], watchers: Callable[[], int], abandoned: Callable[[], int] = lambda: 0
+    ) -> None:
+        """Reads the running jobs, open watches and abandoned jobs when scraped."""
         self.running.set_function(running)
         self.watchers.set_function(watchers)
+        self.abandoned.set_function(abandoned)
+
+    def _type(self, request_type: str) -> str:
+        return request_type if request_type in self.known_types else OTHER_TYPE
 
     # -- ServiceObserver ---------------------------------------------------------------
 
     def submitted_type(self, request_type: str) -> None:
         """A new request was queued."""
-        self.submitted.labels(request_type).inc()
+        self.submitted.labels(self._type(request_type)).inc()
 
     def call_ended(self, method: str, code: str) -> None:
         """A JobService call ended with ``code``."""
@@ -67,15 +86,16 @@ class Metrics:
 
     def job_started(self, request_type: str, waited: float) -> None:
         """An attempt began, ``waited`` seconds after it was due."""
-        self.queue_wait.labels(request_type).observe(max(waited, 0.0))
+        self.queue_wait.labels(self._type(request_type)).observe(max(waited, 0.0))
 
     def job_ended(self, request_type: str, state: RequestState, seconds: float) -> None:
         """An attempt ended in ``state`` (CREATED: handed back for another attempt)."""
-        self.duration.labels(request_type).observe(seconds)
+        label = self._type(request_type)
+        self.duration.labels(label).observe(seconds)
         if state is RequestState.CREATED:
-            self.retried.labels(request_type).inc()
+            self.retried.labels(label).inc()
         else:
-            self.ended.labels(request_type, state.name).inc()
+            self.ended.labels(label, state.name).inc()
 
     # -- HTTP ----------------------------------------------------------------------------
 

@@ -76,6 +76,21 @@ def _frozen(data: Mapping[str, str] | None) -> Mapping[str, str]:
     return MappingProxyType(dict(data or {}))
 
 
+# The longest error message kept; longer ones are cut (a job's exception may say anything).
+MAX_ERROR_MESSAGE = 4096
+
+
+def _storable(text: str) -> str:
+    """``text`` as every store keeps it: U+0000 (which PostgreSQL cannot hold) written out as an escape."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def _check_storable(data: Mapping[str, str], what: str) -> None:
+    for key, value in data.items():
+        if "\x00" in key or "\x00" in value:
+            raise ValueError(f"{what} entry {key!r} holds U+0000 (NUL), which no store can keep")
+
+
 @dataclasses.dataclass(frozen=True)
 class Progress:
     """How far a running job has come: ``fraction`` in [0, 1] and a note."""
@@ -86,6 +101,8 @@ class Progress:
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"progress fraction must be between 0 and 1, got {self.fraction}")
+        if "\x00" in self.message:
+            raise ValueError("a progress message must not hold U+0000 (NUL), which no store can keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +120,15 @@ class ErrorStatus:
     message: str
     reason: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Errors carry what jobs raised: kept readable, storable and bounded.
+        message = _storable(self.message)
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 1] + "…"
+        object.__setattr__(self, "message", message)
+        object.__setattr__(self, "reason", _storable(self.reason))
+        object.__setattr__(self, "metadata", {_storable(key): _storable(value) for key, value in self.metadata.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +190,9 @@ class Update:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
+        _check_storable(self.data, "data")
+        if self.output is not None and "\x00" in self.output.type_url:
+            raise ValueError("an output's type_url must not hold U+0000 (NUL)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -205,7 +205,14 @@ async def slow_stubborn(request: Request, ctx: JobContext) -> None:
     await asyncio.sleep(3600)
 
 
+@job("big_result", retry=NO_RETRY)
+async def big_result(request: Request, ctx: JobContext) -> Mapping[str, str]:
+    """Returns data of data 'bytes' bytes."""
+    return {"blob": "z" * int(request.data["bytes"])}
+
+
 ALL = [
+    big_result,
     noop,
     echo,
     steps,

@@ -9,7 +9,7 @@ FAILED "not supported" Response.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
 from ajs_grpc.errors import AjsError, Code
@@ -31,6 +31,17 @@ class RequestHandler(abc.ABC):
 
     def __init__(self) -> None:
         self._jobs: dict[str, JobPlugin] = {}
+        self.on_released: Callable[[], None] = lambda: None
+        """Called (on the event loop) when work it gave up on ends: see :attr:`abandoned`."""
+
+    @property
+    def abandoned(self) -> int:
+        """Jobs this handler gave up on (their task was cancelled) whose work still runs.
+
+        A plain-function job that ignores cancellation keeps its thread; it counts
+        against the server's ``max_jobs`` until it ends.
+        """
+        return 0
 
     def register(self, plugin: JobPlugin) -> None:
         """Makes this handler run requests of ``plugin.type``."""
@@ -83,6 +94,11 @@ class HandlerChain:
         """How many attempts a new request of ``request_type`` gets (1 for types nobody runs)."""
         plugin = self.plugin_for(request_type)
         return plugin.retry.max_attempts if plugin is not None else 1
+
+    @property
+    def runnable_types(self) -> list[str]:
+        """The types some handler before the last one runs (what a dispatcher may claim)."""
+        return sorted(name for name, _ in self.types)
 
     @property
     def types(self) -> Iterable[tuple[str, RequestHandler]]:

@@ -197,3 +197,44 @@ async def test_draining_one_instance_under_load_loses_no_submit_through_nginx(
             except Exception:
                 await asyncio.sleep(0.1)
     await drain_under_load(cluster, target, x, y)
+
+
+async def test_a_worker_claims_only_the_types_its_chain_runs(cluster: Cluster) -> None:
+    front = cluster.start("frontend")
+    cluster.start("worker", "--handler", "internal=echo")  # runs echo only
+    async with AsyncClient(front.target) as client:
+        countdown = await client.submit("countdown", {"steps": "2", "interval": "0.01"})
+        echo = await client.submit("echo", {"k": "v"})
+        # The echo worker ran the later echo job, so it looked at the queue after the countdown job...
+        assert [r async for r in client.watch(echo.job.request.id)][-1].state is S.FINISHED
+        # ...and left that one, which it cannot run, queued for a worker that can.
+        waiting = await client.get(countdown.job.request.id)
+        assert (waiting.state, waiting.attempt) == (S.CREATED, 0)
+        full = cluster.start("worker")
+        responses = [r async for r in client.watch(countdown.job.request.id)]
+    assert responses[-1].state is S.FINISHED
+    claimed = [r for r in responses if r.state is S.PENDING and r.progress is None]
+    assert [worker_pid(r) for r in claimed] == [full.process.pid]
+
+
+async def test_a_job_cancelled_on_one_instance_stops_on_the_worker_running_it(cluster: Cluster) -> None:
+    front = cluster.start("frontend")
+    worker = cluster.start("worker", "--cancel-grace", "30s")
+    async with AsyncClient(front.target) as client:
+        submitted = await client.submit("countdown", {"steps": "600", "interval": "0.05"})
+        request_id = submitted.job.request.id
+        async for response in client.watch(request_id):
+            if response.progress is not None:
+                break  # it runs on the worker now
+        cancelled = await client.cancel(request_id)
+        assert cancelled.state is S.PENDING
+        assert cancelled.cancel_requested
+        responses = [r async for r in client.watch(request_id)]
+    final = responses[-1]
+    assert final.state is S.CANCELLED
+    assert final.error is not None
+    assert final.error.reason == "CANCELLED_BY_CLIENT"
+    # The worker heard of it (LISTEN/NOTIFY) and stopped the job long before its 30 s grace or its 30 s of steps.
+    progress = [r for r in responses if r.progress is not None]
+    assert len(progress) < 300
+    assert worker.process.poll() is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -11,11 +12,12 @@ import pytest
 
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.dispatcher import Dispatcher
-from ajs_grpc.errors import Code
+from ajs_grpc.errors import Code, ConnectorError, Unavailable
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
 from ajs_grpc.handlers.reject import RejectRequestHandler
-from ajs_grpc.model import Request, RequestState, Response, now
+from ajs_grpc.metrics import Metrics
+from ajs_grpc.model import Request, RequestState, Response, Update, now
 from tests import jobs_for_tests
 from tests.helpers import eventually
 
@@ -95,13 +97,18 @@ async def test_a_bad_return_value_fails_clearly(connector: MemoryConnector, disp
     assert "str to str" in last.error.message
 
 
-async def test_unknown_type_is_rejected_by_the_last_handler(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
-    await submit(connector, "a", "no-such-type")
-    last = await final(connector, "a")
-    assert last.state is S.FAILED
-    assert last.error is not None
-    assert last.error.message == "requests of type 'no-such-type' are not supported"
-    assert last.error.code is Code.UNIMPLEMENTED
+async def test_a_type_the_chain_does_not_run_is_left_for_a_dispatcher_that_does(
+    connector: MemoryConnector, dispatcher: Dispatcher
+) -> None:
+    # Instances share a queue: a worker without a type's plugin must not claim (and fail) its jobs.
+    await submit(connector, "elsewhere", "runs-on-another-worker")
+    await submit(connector, "here", "echo", k="v")
+    assert (await final(connector, "here")).state is S.FINISHED
+    job = await connector.get("elsewhere")
+    assert (job.state, job.attempt) == (S.CREATED, 0)
+    assert "runs-on-another-worker" not in dispatcher.types
+    [claim] = await connector.claim("another-worker", types=["runs-on-another-worker"])
+    assert claim.job.request.id == "elsewhere"
 
 
 async def test_plain_functions_run_in_threads_and_report_progress(
@@ -436,3 +443,114 @@ async def test_an_abandoned_thread_does_not_hold_up_later_thread_jobs(connector:
         jobs_for_tests.deaf_release.set()
         await dispatcher.stop()
         await chain.close()
+
+
+async def test_abandoned_threads_hold_their_slots_until_they_end(connector: MemoryConnector) -> None:
+    # A thread cannot be stopped: repeated cancels of a job that ignores them must not
+    # grow threads without bound. Each abandoned thread holds a slot of max_jobs.
+    jobs_for_tests.deaf_release.clear()
+    observed = Metrics(known_types=["sync_deaf", "echo"])
+    chain = jobs_for_tests.chain([jobs_for_tests.sync_deaf, jobs_for_tests.echo])
+    dispatcher = Dispatcher(connector, chain, max_concurrent_jobs=2, cancel_grace=0.05, shutdown_grace=0.1)
+    observed.watch(lambda: len(dispatcher.running), lambda: 0, lambda: dispatcher.abandoned_count)
+    threads_before = threading.active_count()
+    await dispatcher.start()
+    try:
+        for name in ("deaf-1", "deaf-2"):
+            await submit(connector, name, "sync_deaf")
+        await eventually(lambda: len(dispatcher.running) == 2)
+        for name in ("deaf-1", "deaf-2"):
+            await connector.cancel(name)
+            assert (await asyncio.wait_for(final(connector, name), 5)).state is S.CANCELLED
+        assert dispatcher.abandoned_count == 2
+        assert observed.registry.get_sample_value("ajs_jobs_abandoned") == 2
+        # Both slots are held: more deaf jobs and an echo wait in the queue.
+        for name in ("deaf-3", "deaf-4"):
+            await submit(connector, name, "sync_deaf")
+        await submit(connector, "later", "echo")
+        await asyncio.sleep(0.2)
+        assert [(await connector.get(n)).state for n in ("deaf-3", "deaf-4", "later")] == [S.CREATED] * 3
+        assert threading.active_count() - threads_before <= 2
+        # The threads end: their slots are free, and the queue moves on by itself.
+        jobs_for_tests.deaf_release.set()
+        assert (await asyncio.wait_for(final(connector, "later"), 5)).state is S.FINISHED
+        await eventually(lambda: dispatcher.abandoned_count == 0)
+    finally:
+        jobs_for_tests.deaf_release.set()
+        await dispatcher.stop()
+        await chain.close()
+
+
+class StoreAwayForFinals(MemoryConnector):
+    """A store whose final writes fail UNAVAILABLE for a while, before or after they are stored.
+
+    "After" is a connection that died during COMMIT: the write was stored, its caller cannot know.
+    """
+
+    def __init__(self, away_for: float, stored_anyway: bool) -> None:
+        super().__init__()
+        self.away_for = away_for
+        self.stored_anyway = stored_anyway
+        self.failed = 0
+        self._since: float | None = None
+
+    async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
+        loop = asyncio.get_running_loop()
+        if update.state.is_final:
+            self._since = self._since or loop.time()
+            if loop.time() - self._since < self.away_for:
+                self.failed += 1
+                if self.stored_anyway:
+                    await super().respond(request_id, update, lease_token)
+                raise Unavailable("the connection died during COMMIT", reason="STORAGE_UNAVAILABLE")
+        return await super().respond(request_id, update, lease_token)
+
+
+@pytest.mark.parametrize("stored_anyway", [False, True], ids=["store-away", "reply-lost"])
+async def test_a_final_response_is_retried_until_stored_or_found_stored(stored_anyway: bool) -> None:
+    # The store is away for longer than half a lease: the final Response must not be
+    # dropped (the job would run again after its lease), nor stored twice.
+    store = StoreAwayForFinals(away_for=1.5, stored_anyway=stored_anyway)
+    dispatcher = Dispatcher(store, jobs_for_tests.chain(), lease=1.0, cancel_grace=0.2, shutdown_grace=0.2)
+    await dispatcher.start()
+    try:
+        await submit(store, "once", "steps", n="1")
+        responses = await asyncio.wait_for(_all_responses(store, "once"), 10)
+        # Long enough for a dropped final to have been recovered and run again.
+        await asyncio.sleep(1.5)
+        job = await store.get("once")
+    finally:
+        await dispatcher.stop()
+    assert store.failed >= (1 if stored_anyway else 3)
+    assert [r.state for r in responses] == [S.CREATED, S.PENDING, S.PENDING, S.FINISHED]
+    assert job.state is S.FINISHED
+    assert job.attempt == 1
+    assert len(await store.responses("once", 0, 100)) == 4
+
+
+class RefusesFinished(MemoryConnector):
+    """A store that refuses a FINISHED Response for what it holds (as PostgreSQL refuses some data)."""
+
+    async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
+        if update.state is S.FINISHED:
+            raise ConnectorError("could not write to the queue: invalid byte sequence", reason="STORAGE_ERROR")
+        return await super().respond(request_id, update, lease_token)
+
+
+async def test_a_result_the_store_refuses_ends_the_job_failed_not_again() -> None:
+    store = RefusesFinished()
+    dispatcher = Dispatcher(store, jobs_for_tests.chain(), lease=1.0)
+    await dispatcher.start()
+    try:
+        await submit(store, "refused", "echo", k="v")
+        last = await asyncio.wait_for(final(store, "refused"), 5)
+    finally:
+        await dispatcher.stop()
+    assert last.state is S.FAILED
+    assert last.error is not None
+    assert last.error.reason == "RESULT_NOT_STORED"
+    assert "invalid byte sequence" in last.error.message
+
+
+async def _all_responses(connector: MemoryConnector, request_id: str) -> list[Response]:
+    return [r async for r in connector.watch(request_id)]
