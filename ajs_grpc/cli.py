@@ -219,7 +219,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--tls-ca", default="", metavar="PEM", help="CA to verify the server with")
         command.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate, for mutual TLS")
         command.add_argument("--tls-key", default="", metavar="PEM", help="client key, for mutual TLS")
-        command.add_argument("--tls-server-name", default="", metavar="NAME", help="the name the server proves")
+        command.add_argument(
+            "--tls-server-name", default="", metavar="NAME", help="the name the server's certificate must prove"
+        )
+        command.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow sending the token without TLS to another machine (only on a trusted network)",
+        )
         return command
 
     submit = client_command("submit", "submit a request")
@@ -462,9 +469,9 @@ async def _client_command(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> AsyncClient:
     tls = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
         tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=tls)
+    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=tls, insecure=args.insecure)
 
 
 async def _list(client: AsyncClient, args: argparse.Namespace) -> int:

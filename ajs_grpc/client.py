@@ -50,6 +50,7 @@ __all__ = [
     "TlsOptions",
     "channel_options",
     "channel_target",
+    "is_local",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -143,6 +144,9 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.AjsError:
     cls = _ERRORS.get(error.code(), errors.AjsError)
     if cls is errors.InvalidArgument:
         return errors.InvalidArgument(message, violations, reason=reason, metadata=metadata)
+    if cls is errors.ResourceExhausted:
+        quotas = convert.quota_violations(status) if status is not None else []
+        return errors.ResourceExhausted(message, quotas, reason=reason, metadata=metadata)
     exc = cls(message, reason=reason, metadata=metadata)
     if cls is errors.AjsError:
         exc.code = errors.Code(error.code().value[0])
@@ -172,6 +176,36 @@ class TlsOptions:
 
         return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
 
+    def channel_options(self) -> list[tuple[str, object]]:
+        """Channel options these settings need: the name the server's certificate must prove."""
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _refuse_plaintext_token(target: str, token: str | None, tls: TlsOptions | None, insecure: bool) -> None:
+    if token and tls is None and not insecure and not is_local(target):
+        raise ValueError(
+            f"refusing to send a token in plain text to {target}: connect with TLS (--tls), "
+            "or pass --insecure (insecure=True) if the network is trusted"
+        )
+
+
+def is_local(target: str) -> bool:
+    """True when every address of ``target`` is on this machine (loopback, or a unix socket)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    body = target.partition(":")[2] if target.startswith(("ipv4:", "ipv6:")) else target
+    body = body.removeprefix("dns:///").removeprefix("dns:")
+    for entry in body.split(","):
+        host = entry.strip().rpartition(":")[0].strip("[]") if ":" in entry else entry.strip()
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False  # a name: it may resolve anywhere
+    return True
+
 
 @dataclasses.dataclass(frozen=True)
 class Submitted:
@@ -191,6 +225,11 @@ class AsyncClient:
         channel: use this channel instead of opening one (it is not closed).
         token: a bearer token sent with every call.
         tls: TLS settings; None for a plaintext connection.
+        insecure: allow a token over a plaintext connection to another machine
+            (refused otherwise: anyone on the path could read it).
+
+    Raises:
+        ValueError: a token would cross the network in plain text.
     """
 
     def __init__(
@@ -202,7 +241,10 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
         token: str | None = None,
         tls: TlsOptions | None = None,
+        insecure: bool = False,
     ) -> None:
+        if channel is None:
+            _refuse_plaintext_token(target, token, tls, insecure)
         self.target = channel_target(target)
         self.timeout = timeout
         self.resume_for = resume_for
@@ -215,6 +257,7 @@ class AsyncClient:
     def _open_channel(self, options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
         if self.tls is None:
             return grpc.aio.insecure_channel(self.target, options=options)
+        options = [*(options or []), *self.tls.channel_options()]
         return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=options)
 
     async def __aenter__(self) -> Self:
@@ -279,10 +322,13 @@ class AsyncClient:
         )
         return Submitted(convert.job_from_proto(reply.job), reply.created)
 
-    async def get(self, request_id: str) -> Job:
-        """Returns the job of ``request_id``."""
+    async def get(self, request_id: str, *, full: bool = True) -> Job:
+        """Returns the job of ``request_id`` (without its payloads unless ``full``)."""
+        view = pb.JOB_VIEW_FULL if full else pb.JOB_VIEW_BASIC
         reply = await self._call(
-            self._stub.GetJob(pb.GetJobRequest(request_id=request_id), timeout=self.timeout, metadata=self._metadata)
+            self._stub.GetJob(
+                pb.GetJobRequest(request_id=request_id, view=view), timeout=self.timeout, metadata=self._metadata
+            )
         )
         return convert.job_from_proto(reply.job)
 
@@ -322,14 +368,19 @@ class AsyncClient:
         parent_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        full: bool = False,
     ) -> tuple[list[Job], str]:
-        """Returns one page of jobs and the token of the next ("" on the last)."""
+        """Returns one page of jobs and the token of the next ("" on the last).
+
+        Jobs come without their payloads (data, input, output) unless ``full``.
+        """
         message = pb.ListJobsRequest(
             page_size=page_size,
             page_token=page_token,
             states=[int(s) for s in states],  # type: ignore[misc]
             types=list(types),
             parent_id=parent_id,
+            view=pb.JOB_VIEW_FULL if full else pb.JOB_VIEW_BASIC,
         )
         reply = await self._call(self._stub.ListJobs(message, timeout=self.timeout, metadata=self._metadata))
         return [convert.job_from_proto(job) for job in reply.jobs], reply.next_page_token
@@ -341,12 +392,13 @@ class AsyncClient:
         types: Collection[str] = (),
         parent_id: str = "",
         page_size: int = 0,
+        full: bool = False,
     ) -> AsyncIterator[Job]:
-        """Yields every matching job in submit order, fetching page after page."""
+        """Yields every matching job in submit order, fetching page after page (see :meth:`list_page`)."""
         token = ""
         while True:
             jobs, token = await self.list_page(
-                states=states, types=types, parent_id=parent_id, page_size=page_size, page_token=token
+                states=states, types=types, parent_id=parent_id, page_size=page_size, page_token=token, full=full
             )
             for job in jobs:
                 yield job
@@ -401,13 +453,15 @@ class Client:
         resume_for: float = 30.0,
         token: str | None = None,
         tls: TlsOptions | None = None,
+        insecure: bool = False,
     ) -> None:
+        _refuse_plaintext_token(target, token, tls, insecure)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ajs-client", daemon=True)
         self._thread.start()
 
         async def connect() -> AsyncClient:
-            return AsyncClient(target, timeout=timeout, resume_for=resume_for, token=token, tls=tls)
+            return AsyncClient(target, timeout=timeout, resume_for=resume_for, token=token, tls=tls, insecure=insecure)
 
         self._client = self._run(connect())
 
@@ -455,9 +509,9 @@ class Client:
             )
         )
 
-    def get(self, request_id: str) -> Job:
+    def get(self, request_id: str, *, full: bool = True) -> Job:
         """See :meth:`AsyncClient.get`."""
-        return self._run(self._client.get(request_id))
+        return self._run(self._client.get(request_id, full=full))
 
     def cancel(self, request_id: str) -> Job:
         """See :meth:`AsyncClient.cancel`."""

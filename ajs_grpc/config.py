@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ajs_grpc.connectors._pgnames import check_schema_name
 from ajs_grpc.errors import AjsError
 
 __all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "load"]
@@ -68,6 +69,12 @@ def _integer(value: object) -> int:
     return number
 
 
+def _signed_integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected an integer")
+    return int(value)
+
+
 def _boolean(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -80,6 +87,10 @@ def _string(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
+
+
+def _schema(value: object) -> str:
+    return check_schema_name(_string(value))
 
 
 def _paths(value: object) -> list[str]:
@@ -135,7 +146,7 @@ SETTINGS = [
     Setting("storage", "database", _string, "ajs.db", "sqlite: the database file"),
     Setting("storage", "synchronous", _choice("full", "normal"), "full", "sqlite: full or normal"),
     Setting("storage", "dsn", _string, "", "postgres: the database", secret=True),
-    Setting("storage", "schema", _string, "ajs", "postgres: the schema of the queue"),
+    Setting("storage", "schema", _schema, "ajs", "postgres: the schema of the queue"),
     Setting("storage", "migrate", _boolean, True, "postgres: migrate the schema at start-up"),
     Setting("plugins", "jobs_dirs", _paths, [], "directories of job plugins"),
     Setting("plugins", "handlers_dirs", _paths, [], "directories of handler plugins"),
@@ -151,6 +162,9 @@ SETTINGS = [
     Setting("limits", "max_watches", _integer, 1000, "open WatchJob streams in all"),
     Setting("limits", "max_watches_per_principal", _integer, 100, "open WatchJob streams per principal"),
     Setting("limits", "watch_send_timeout", parse_duration, 30.0, "a watcher not reading this long is dropped"),
+    Setting("limits", "max_queued_per_principal", _integer, 0, "queued jobs of one principal (0: no limit)"),
+    Setting("limits", "max_priority", _signed_integer, 100, "the highest priority a principal may give"),
+    Setting("limits", "max_run_after", parse_duration, 90 * 86400.0, "how far ahead a principal may set run_after"),
     Setting("tls", "cert_file", _string, "", "the server's certificate (PEM); enables TLS"),
     Setting("tls", "key_file", _string, "", "the server's private key (PEM)"),
     Setting("tls", "client_ca_file", _string, "", "CA of client certificates; enables mutual TLS"),

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ajs_grpc.errors import AjsError, Code, FieldViolation, InvalidArgument
+from ajs_grpc.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
 from ajs_grpc.jobs import JobPlugin
 from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
@@ -25,6 +25,7 @@ __all__ = [
     "job_from_proto",
     "job_to_proto",
     "job_type_to_proto",
+    "quota_violations",
     "request_from_proto",
     "request_to_proto",
     "response_from_proto",
@@ -79,16 +80,16 @@ def request_from_proto(message: pb.Request) -> Request:
     )
 
 
-def request_to_proto(request: Request) -> pb.Request:
-    """The wire form of a Request."""
+def request_to_proto(request: Request, *, basic: bool = False) -> pb.Request:
+    """The wire form of a Request; ``basic`` leaves its payloads (data, input) out."""
     return pb.Request(
         id=request.id,
         parent_id=request.parent_id,
         creator=request.creator,
         create_time=_timestamp(request.create_time),
         type=request.type,
-        data=request.data,
-        input=request.input,
+        data=None if basic else request.data,
+        input=None if basic else request.input,
         priority=request.priority,
         run_after=_timestamp(request.run_after),
     )
@@ -134,16 +135,16 @@ def field_violations(status: status_pb2.Status) -> list[FieldViolation]:
     return []
 
 
-def response_to_proto(response: Response) -> pb.Response:
-    """The wire form of a Response."""
+def response_to_proto(response: Response, *, basic: bool = False) -> pb.Response:
+    """The wire form of a Response; ``basic`` leaves its payloads (data, output) out."""
     message = pb.Response(
         request_id=response.request_id,
         sequence=response.sequence,
         create_time=_timestamp(response.create_time),
         state=int(response.state),  # type: ignore[arg-type]
         is_final=response.is_final,
-        data=response.data,
-        output=response.output,
+        data=None if basic else response.data,
+        output=None if basic else response.output,
     )
     if response.progress is not None:
         message.progress.fraction = response.progress.fraction
@@ -170,13 +171,14 @@ def response_from_proto(message: pb.Response) -> Response:
     )
 
 
-def job_to_proto(job: Job) -> pb.Job:
-    """The wire form of a Job."""
+def job_to_proto(job: Job, view: int = pb.JOB_VIEW_FULL) -> pb.Job:
+    """The wire form of a Job in ``view`` (an ``ajs.v1.JobView``; BASIC leaves the payloads out)."""
+    basic = view == pb.JOB_VIEW_BASIC
     return pb.Job(
-        request=request_to_proto(job.request),
+        request=request_to_proto(job.request, basic=basic),
         state=int(job.state),  # type: ignore[arg-type]
         attempt=job.attempt,
-        last_response=response_to_proto(job.last_response),
+        last_response=response_to_proto(job.last_response, basic=basic),
         update_time=_timestamp(job.update_time),
         cancel_requested=job.cancel_requested,
         max_attempts=job.max_attempts,
@@ -211,7 +213,21 @@ def error_to_status(error: AjsError) -> status_pb2.Status:
         for violation in error.violations:
             bad_request.field_violations.add(field=violation.field, description=violation.description)
         status.details.add().Pack(bad_request)
+    if isinstance(error, ResourceExhausted) and error.violations:
+        quota_failure = error_details_pb2.QuotaFailure()
+        for quota in error.violations:
+            quota_failure.violations.add(subject=quota.subject, description=quota.description)
+        status.details.add().Pack(quota_failure)
     return status
+
+
+def quota_violations(status: status_pb2.Status) -> list[QuotaViolation]:
+    """The violations in a status's ``QuotaFailure`` detail, if any."""
+    for detail in status.details:
+        quota_failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(quota_failure):
+            return [QuotaViolation(v.subject, v.description) for v in quota_failure.violations]
+    return []
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -7,7 +7,7 @@
      ├── NotFound                 no such request
      ├── AlreadyExists            same id, different content
      ├── FailedPrecondition       e.g. cancelling a finished job
-     ├── ResourceExhausted        a limit was reached
+     ├── ResourceExhausted        a limit or quota was reached, with quota violations
      ├── Unavailable              the queue cannot be reached now
      ├── Unauthenticated          no valid credentials
      ├── PermissionDenied         not the caller's job, or type
@@ -34,6 +34,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "QuotaViolation",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
@@ -128,10 +129,34 @@ class FailedPrecondition(AjsError):
     code = Code.FAILED_PRECONDITION
 
 
+class QuotaViolation:
+    """One quota a call would exceed (``google.rpc.QuotaFailure.Violation``)."""
+
+    __slots__ = ("description", "subject")
+
+    def __init__(self, subject: str, description: str) -> None:
+        self.subject = subject
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"QuotaViolation({self.subject!r}, {self.description!r})"
+
+
 class ResourceExhausted(AjsError):
-    """A limit was reached; retrying later may succeed."""
+    """A limit or a quota was reached; retrying later may succeed."""
 
     code = Code.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        message: str,
+        violations: Sequence[QuotaViolation] = (),
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations = list(violations)
 
 
 class Unavailable(AjsError):

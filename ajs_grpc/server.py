@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -141,6 +142,9 @@ class ServerConfig:
                 max_watches=settings["limits.max_watches"],
                 max_watches_per_principal=settings["limits.max_watches_per_principal"],
                 watch_send_timeout=settings["limits.watch_send_timeout"],
+                max_queued_per_principal=settings["limits.max_queued_per_principal"],
+                max_priority=settings["limits.max_priority"],
+                max_run_after=settings["limits.max_run_after"],
             ),
             max_message_bytes=settings["limits.max_message_bytes"],
             job_policies=settings.job_policies,
@@ -176,7 +180,7 @@ class AjsServer:
             chain = chain or plugins.chain(config.handlers)
         self.connector = connector
         self.chain = chain
-        self.metrics = Metrics()
+        self.metrics = Metrics(known_types=[name for name, _ in chain.types])
         authenticator = None
         if config.tokens_file or config.tls_client_ca_file:
             authenticator = (
@@ -195,9 +199,28 @@ class AjsServer:
             lease=config.lease,
             retention=config.retention,
             observer=self.metrics,
+            # A job's result must fit, with its request, in the replies that carry it (GetJob, WatchJob).
+            max_result_bytes=max(
+                config.max_message_bytes - config.limits.max_input_bytes - config.limits.max_data_bytes - 65536,
+                65536,
+            ),
         )
-        self.service = JobService(self.connector, self.chain, config.limits, authenticator, self.metrics)
-        self.metrics.watch(lambda: len(self.dispatcher.running), lambda: self.connector.watcher_count)
+        self.authenticated = authenticator is not None
+        self.service = JobService(
+            self.connector,
+            self.chain,
+            config.limits,
+            authenticator,
+            self.metrics,
+            # A frontend cannot know every type its workers run.
+            accept_unknown_types=config.role == "frontend",
+            max_reply_bytes=config.max_message_bytes,
+        )
+        self.metrics.watch(
+            lambda: len(self.dispatcher.running),
+            lambda: self.connector.watcher_count,
+            lambda: self.dispatcher.abandoned_count,
+        )
         self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -248,6 +271,9 @@ class AjsServer:
             self._measuring = asyncio.create_task(self._measure_queue(), name="ajs-queue-depth")
         for name in ("", SERVICE_NAME) if self.serves_jobs else ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        warning = exposure_warning(self.config.address, authenticated=self.authenticated, serves=self.serves_jobs)
+        if warning:
+            log.warning("%s", warning)
         log.info(
             "serving on %s (role %s, connector %s, up to %d jobs at once, types: %s)",
             self.address,
@@ -314,6 +340,27 @@ class AjsServer:
     async def wait_stopped(self) -> None:
         """Returns once :meth:`stop` began."""
         await self._stopped.wait()
+
+
+def exposure_warning(address: str, *, authenticated: bool, serves: bool = True) -> str | None:
+    """What ``ajs serve`` warns of when JobService listens beyond this machine for anyone."""
+    if authenticated or not serves or _is_loopback(address):
+        return None
+    return (
+        f"listening on {address}, beyond this machine, without authentication: anyone who can reach it may "
+        "submit, read and cancel every job (configure auth.tokens_file or tls.client_ca_file)"
+    )
+
+
+def _is_loopback(address: str) -> bool:
+    """True when HOST:PORT listens on this machine only."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or "" / "[::]" for every address
+        return False
 
 
 async def serve(config: ServerConfig, announce: str = "") -> None:

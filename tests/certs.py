@@ -33,8 +33,12 @@ class Authority:
         self.ca_file = directory / f"{name.replace(' ', '-')}.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool) -> tuple[Path, Path]:
-        """A certificate for ``common_name`` (a server's for 127.0.0.1/localhost); returns (cert, key) files."""
+    def issue(self, common_name: str, *, server: bool, san: str = "", names: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        """A certificate for ``common_name``; returns (cert, key) files.
+
+        A server's names 127.0.0.1 and localhost, or ``names`` (DNS names) when given;
+        a client's names ``san`` (a DNS name) when given.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -49,17 +53,22 @@ class Authority:
         if server:
             import ipaddress
 
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            alternatives: list[x509.GeneralName] = (
+                [x509.DNSName(name) for name in names]
+                if names
+                else [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            )
+            builder = builder.add_extension(x509.SubjectAlternativeName(alternatives), critical=False).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
         else:
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            if san:
+                builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        cert_file = self.directory / f"{common_name}.pem"
-        key_file = self.directory / f"{common_name}.key"
+        stem = f"{common_name}-{x509.random_serial_number() % 10**6}"
+        cert_file = self.directory / f"{stem}.pem"
+        key_file = self.directory / f"{stem}.key"
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_file.write_bytes(
             key.private_bytes(

@@ -53,10 +53,10 @@ def test_failed_job_exits_1_with_its_message(served: Served) -> None:
     assert "FAILED: no luck" in result.stdout
 
 
-def test_unsupported_type_exits_1(served: Served) -> None:
+def test_unsupported_type_is_refused_with_exit_5(served: Served) -> None:
     result = ajs("submit", "no-such-job", "--watch", target=served.target)
-    assert result.returncode == 1
-    assert "requests of type 'no-such-job' are not supported" in result.stdout
+    assert result.returncode == 5
+    assert "FAILED_PRECONDITION: no handler here runs requests of type 'no-such-job'" in result.stderr
 
 
 def test_submit_get_list_and_cancel(served: Served) -> None:
@@ -304,3 +304,44 @@ def test_health_exits_non_zero_when_not_serving(tmp_path: Path) -> None:
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(30)
     assert ajs("health", "--timeout", "2", target=server.target).returncode == 4
+
+
+def test_a_bad_schema_name_is_a_configuration_error_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [AJS, "serve", "--connector", "postgres", "--dsn", "postgresql://127.0.0.1:1/none", "--schema", "my-queue"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 7
+    assert result.stderr.strip() == (
+        "ajs serve: flag: storage.schema: 'my-queue' is not a schema name: "
+        "use 1-63 letters, digits and _, not starting with a digit"
+    )
+
+
+def test_a_failure_message_cannot_forge_log_lines(tmp_path: Path) -> None:
+    forged = "2026-11-30 12:00:00,000 WARNING ajs_grpc.auth: token of root accepted"
+    server = start_server(tmp_path, "--connector", "memory", "--log-file", "ajs.log", log_name="ajs.log")
+    try:
+        failed = ajs("submit", "fail", "--id", "liar", "--data", f"message=disk full\n{forged}\r\x1b[2K", "--watch",
+                     target=server.target)  # fmt: skip
+        assert failed.returncode == 1
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(30)
+    lines = (tmp_path / "ajs.log").read_text().splitlines()
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+    assert all(stamp.match(line) for line in lines), lines
+    assert not any(line.startswith(forged) for line in lines)
+    [failure] = [line for line in lines if "disk full" in line]
+    assert failure.endswith(f"disk full\\n{forged}\\r\\x1b[2K")
+
+
+def test_a_token_in_plain_text_to_another_machine_is_refused() -> None:
+    result = ajs("get", "x", "--token", "secret", "--timeout", "1", target="10.255.255.1:50051")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("ajs: refusing to send a token in plain text to 10.255.255.1:50051")
+    insecure = ajs("get", "x", "--token", "secret", "--timeout", "1", "--insecure", target="10.255.255.1:50051")
+    assert insecure.returncode == 4  # it tried: nobody answers there

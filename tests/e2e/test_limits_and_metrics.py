@@ -86,15 +86,20 @@ async def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(limited: Ajs
         assert raised.value.metadata["retry_after_seconds"] == "1"
 
 
-async def test_watches_are_limited_in_all(limited: AjsServer) -> None:
+async def test_one_anonymous_client_holds_only_its_share_of_the_watches(limited: AjsServer) -> None:
+    # Without authentication everyone is the anonymous principal: one client address
+    # may hold max_watches_per_principal (2) of the server's 3 slots, not all of them.
     async with AsyncClient(limited.address) as client:
         await client.submit("block", id="long")
-        watches = [client.watch("long") for _ in range(3)]
+        watches = [client.watch("long") for _ in range(2)]
         for watch in watches:
             assert (await anext(watch)).sequence == 1
         with pytest.raises(ResourceExhausted) as raised:
             await anext(client.watch("long"))
         assert raised.value.reason == "TOO_MANY_WATCHES"
+        [quota] = raised.value.violations
+        assert quota.subject == "principal:anonymous@ipv4:127.0.0.1"
+        assert "at most 2" in quota.description
         for watch in watches:
             await watch.aclose()  # type: ignore[attr-defined]
         await eventually(lambda: not limited.service.watches)
@@ -156,6 +161,25 @@ async def test_metrics_count_jobs_calls_and_the_queue(observed: AjsServer) -> No
     assert _value(text, "ajs_queue_depth") == 1
     assert _value(text, "ajs_jobs_running") == 0
     assert _value(text, "ajs_watchers") == 0
+    assert _value(text, "ajs_jobs_abandoned") == 0
+
+
+async def test_made_up_types_share_one_metric_series() -> None:
+    # A frontend queues types it does not know (its workers may run them); a client that
+    # makes up thousands of types must not make thousands of series that are never freed.
+    frontend = await serve(Limits(), metrics_address="127.0.0.1:0", role="frontend")
+    try:
+        async with AsyncClient(frontend.address) as client:
+            for number in range(50):
+                await client.submit(f"made.up.{number}")
+            await client.submit("echo")
+        url = f"http://127.0.0.1:{frontend.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    finally:
+        await frontend.stop()
+    assert _value(text, 'ajs_jobs_submitted_total{type="other"}') == 50
+    assert _value(text, 'ajs_jobs_submitted_total{type="echo"}') == 1
+    assert "made.up" not in text
 
 
 def _value(text: str, sample: str) -> float:
@@ -182,3 +206,64 @@ async def test_a_burst_of_submits_cannot_slip_past_the_queue_limit(limited: AjsS
     refused = [r for r in results if isinstance(r, ResourceExhausted)]
     assert len(accepted) == 5  # max_queue_depth
     assert len(refused) == 15
+
+
+@pytest.fixture
+async def small_messages() -> AsyncIterator[AjsServer]:
+    server = await serve(Limits(max_data_bytes=10_000), max_message_bytes=256 * 1024)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def test_list_replies_stay_within_the_message_limit_and_leave_payloads_out_by_default(
+    small_messages: AjsServer,
+) -> None:
+    # 60 jobs of ~9 KB data each, done (their final Responses echo the data): ~1 MB in all,
+    # four times the server's 256 KiB message limit.
+    limited = small_messages
+    async with AsyncClient(limited.address) as client:
+        ids = [f"big-{i:02}" for i in range(60)]
+        await asyncio.gather(*(client.submit("echo", {"blob": "x" * 9000}, id=i) for i in ids))
+        for request_id in ids:
+            [r async for r in client.watch(request_id)]
+    async with grpc.aio.insecure_channel(limited.address) as channel:
+        stub = pb_grpc.JobServiceStub(channel)
+        basic = await stub.ListJobs(pb.ListJobsRequest(page_size=1000))
+        order = [job.request.id for job in basic.jobs]  # submit order
+        assert sorted(order) == ids
+        assert not any(job.request.data or job.last_response.data for job in basic.jobs)
+        assert basic.ByteSize() < 64 * 1024
+        listed: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            full = await stub.ListJobs(pb.ListJobsRequest(page_size=1000, page_token=token, view=pb.JOB_VIEW_FULL))
+            assert full.ByteSize() <= 256 * 1024
+            assert all(job.request.data["blob"] == "x" * 9000 for job in full.jobs)
+            listed += [job.request.id for job in full.jobs]
+            pages += 1
+            token = full.next_page_token
+            if not token:
+                break
+        assert listed == order
+        assert pages >= 4
+        one = await stub.GetJob(pb.GetJobRequest(request_id="big-00"))
+        assert one.job.request.data["blob"] == "x" * 9000  # FULL by default for one job
+        lean = await stub.GetJob(pb.GetJobRequest(request_id="big-00", view=pb.JOB_VIEW_BASIC))
+        assert not lean.job.request.data
+
+
+async def test_a_job_result_too_large_for_a_reply_fails_the_job(small_messages: AjsServer) -> None:
+    # With 256 KiB messages, 1 MiB inputs and 10 kB of data allowed, a result gets 64 KiB at most:
+    # any larger one would make GetJob and WatchJob replies outgrow the limit.
+    async with AsyncClient(small_messages.address) as client:
+        fits = await client.submit("big_result", {"bytes": str(60_000)})
+        too_big = await client.submit("big_result", {"bytes": str(70_000)})
+        fits_final = [r async for r in client.watch(fits.job.request.id)][-1]
+        final = [r async for r in client.watch(too_big.job.request.id)][-1]
+    assert fits_final.state is S.FINISHED
+    assert final.state is S.FAILED
+    assert final.error is not None
+    assert "more than the limit of 65536" in final.error.message

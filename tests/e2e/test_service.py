@@ -15,9 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from ajs_grpc.connectors.memory import MemoryConnector
+from ajs_grpc.model import RequestState
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
-from ajs_grpc.server import AjsServer
+from ajs_grpc.server import AjsServer, ServerConfig
+from tests import jobs_for_tests
 from tests.helpers import eventually
 
 State = pb.RequestState
@@ -258,15 +261,31 @@ async def test_missing_request_is_invalid(stub: pb_grpc.JobServiceStub) -> None:
     assert bad_request(raised.value) == [("request", "is required")]
 
 
-async def test_unrunnable_type_fails_through_the_reject_handler(stub: pb_grpc.JobServiceStub) -> None:
-    reply = await stub.SubmitRequest(submit_request("nobody.runs.this"))
-    final = (await watch(stub, reply.job.request.id))[-1]
-    assert final.state == State.REQUEST_STATE_FAILED
-    assert final.error.message == "requests of type 'nobody.runs.this' are not supported"
-    assert final.error.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
-    info = error_details_pb2.ErrorInfo()
-    assert final.error.details[0].Unpack(info)
-    assert info.reason == "TYPE_NOT_SUPPORTED"
+async def test_a_type_no_handler_runs_is_refused_at_submit(server: AjsServer, stub: pb_grpc.JobServiceStub) -> None:
+    # Made-up types are not queued: each would also grow the metric series without bound.
+    for made_up in ("nobody.runs.this", "another.one"):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.SubmitRequest(submit_request(made_up))
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(raised.value)
+        assert info.reason == "TYPE_NOT_SUPPORTED"
+        assert info.metadata["type"] == made_up
+        assert "echo" in info.metadata["known_types"].split(",")
+    assert await server.connector.count_jobs(RequestState.CREATED) == 0
+
+
+async def test_a_frontend_queues_types_it_does_not_know(server_config: ServerConfig) -> None:
+    # Its workers may run types it has no plugin for: it cannot know, so it queues them.
+    config = dataclasses.replace(server_config, role="frontend")
+    frontend = AjsServer(config, connector=MemoryConnector(), chain=jobs_for_tests.chain())
+    await frontend.start()
+    try:
+        async with grpc.aio.insecure_channel(frontend.address) as channel:
+            reply = await pb_grpc.JobServiceStub(channel).SubmitRequest(submit_request("runs.on.a.worker"))
+        assert reply.created
+        assert reply.job.state == State.REQUEST_STATE_CREATED
+    finally:
+        await frontend.stop()
 
 
 async def test_a_raising_job_fails_with_its_message(stub: pb_grpc.JobServiceStub) -> None:

@@ -63,6 +63,34 @@ REQUEST_STATE_CANCELLED: RequestState.ValueType  # 5
 """Ended by cancellation. Final."""
 Global___RequestState: _TypeAlias = RequestState  # noqa: Y015
 
+class _JobView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_VIEW_UNSPECIFIED: _JobView.ValueType  # 0
+    """The method's default: FULL for GetJob, BASIC for ListJobs."""
+    JOB_VIEW_BASIC: _JobView.ValueType  # 1
+    """The job without its payloads: Request.data, Request.input and the last
+    Response's data and output are left out.
+    """
+    JOB_VIEW_FULL: _JobView.ValueType  # 2
+    """Everything."""
+
+class JobView(_JobView, metaclass=_JobViewEnumTypeWrapper):
+    """How much of a job a read returns (AIP-157)."""
+
+JOB_VIEW_UNSPECIFIED: JobView.ValueType  # 0
+"""The method's default: FULL for GetJob, BASIC for ListJobs."""
+JOB_VIEW_BASIC: JobView.ValueType  # 1
+"""The job without its payloads: Request.data, Request.input and the last
+Response's data and output are left out.
+"""
+JOB_VIEW_FULL: JobView.ValueType  # 2
+"""Everything."""
+Global___JobView: _TypeAlias = JobView  # noqa: Y015
+
 @_typing.final
 class Request(_message.Message):
     """A request for work: what a client submits."""
@@ -426,16 +454,20 @@ class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request whose job to return."""
+    view: Global___JobView.ValueType
+    """How much of the job to return; FULL when unspecified."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        view: Global___JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,12 +508,18 @@ class ListJobsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many jobs; 0 means the default (50); larger than 1000 means 1000."""
     page_token: _builtins.str
     """The `next_page_token` of a previous call with the same filters."""
     parent_id: _builtins.str
     """Only children of this request (all jobs when empty)."""
+    view: Global___JobView.ValueType
+    """How much of each job to return; BASIC when unspecified. A page also ends
+    early (with a next_page_token) before its reply would outgrow the server's
+    message size limit.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RequestState.ValueType]:
         """Only jobs in one of these states (all states when empty)."""
@@ -498,10 +536,11 @@ class ListJobsRequest(_message.Message):
         states: _abc.Iterable[Global___RequestState.ValueType] | None = ...,
         types: _abc.Iterable[_builtins.str] | None = ...,
         parent_id: _builtins.str = ...,
+        view: Global___JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "states", b"states", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "states", b"states", "types", b"types", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
