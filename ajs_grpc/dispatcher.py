@@ -326,8 +326,13 @@ class Dispatcher:
             raise
         self._renewed_at = loop.time()
         for request_id in renewal.lost:
+            execution = running[request_id]
+            if execution.task is not None and execution.task.done():
+                # It ended while the renewal was in flight: its final Response (stored, or
+                # being stored and retried) released the lease. Nothing to stop or report.
+                continue
             log.warning("lost the lease on request %s; stopping it", request_id)
-            self._stop_job(running[request_id], _StopReason.LEASE_LOST)
+            self._stop_job(execution, _StopReason.LEASE_LOST)
         for request_id in renewal.cancel_requested:
             self._stop_job(running[request_id], _StopReason.CLIENT)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 
 import pytest
 
+from ajs_grpc.connectors.base import Renewal
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.dispatcher import Dispatcher
 from ajs_grpc.errors import Code, ConnectorError, Unavailable
@@ -554,3 +555,40 @@ async def test_a_result_the_store_refuses_ends_the_job_failed_not_again() -> Non
 
 async def _all_responses(connector: MemoryConnector, request_id: str) -> list[Response]:
     return [r async for r in connector.watch(request_id)]
+
+
+class SlowFinalReplies(MemoryConnector):
+    """A store whose reply to a final Response comes only after a lease renewal ran (a slow commit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final_stored = asyncio.Event()
+        self.renewed_after = asyncio.Event()
+
+    async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
+        response = await super().respond(request_id, update, lease_token)
+        if update.state.is_final:
+            self.final_stored.set()
+            await asyncio.wait_for(self.renewed_after.wait(), 5)
+        return response
+
+    async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
+        renewal = await super().renew(leases, lease)
+        if self.final_stored.is_set():
+            self.renewed_after.set()
+        return renewal
+
+
+async def test_a_job_ending_while_its_lease_is_renewed_is_not_reported_lost(caplog: pytest.LogCaptureFixture) -> None:
+    store = SlowFinalReplies()
+    dispatcher = Dispatcher(store, jobs_for_tests.chain(), lease=0.3)
+    await dispatcher.start()
+    try:
+        await submit(store, "ends", "echo")
+        last = await asyncio.wait_for(final(store, "ends"), 5)
+        await eventually(lambda: "ends" not in dispatcher.running)
+    finally:
+        await dispatcher.stop()
+    assert last.state is S.FINISHED
+    assert store.renewed_after.is_set()  # the renewal did find the lease released
+    assert not [r for r in caplog.records if "lost the lease" in r.getMessage()]
