@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ajs_grpc.auth import Authenticator
+from ajs_grpc.auth import Authenticator, PeerCertificate
 from ajs_grpc.config import SETTINGS, ConfigError, load
 from ajs_grpc.plugins import discover
 from ajs_grpc.server import ServerConfig
@@ -41,6 +41,10 @@ def test_the_example_tokens_file_reads() -> None:
     root = authenticator.authenticate({"authorization": "Bearer root-token"}, None)
     assert (alice.name, alice.admin, alice.types) == ("alice", False, frozenset({"echo", "countdown", "hash"}))
     assert (root.name, root.admin) == ("root", True)
+    mapped = Authenticator.from_file(ROOT / "examples" / "tokens.toml", client_certificates=True)
+    bot = mapped.authenticate({}, PeerCertificate("CN=build-bot,O=Acme"))
+    ops = mapped.authenticate({}, PeerCertificate("CN=anyone", ("ops.clients.example.com",)))
+    assert (bot.name, bot.types, ops.name, ops.admin) == ("build-bot", frozenset({"hash"}), "ops", True)
 
 
 def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path) -> None:
