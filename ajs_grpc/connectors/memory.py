@@ -29,7 +29,8 @@ class _Entry:
     responses: list[Response]
     lease_token: str | None = None
     lease_expires: datetime | None = None
-    # Bumped whenever the job is queued, so stale heap items can be recognised.
+    # The ticket of the job's latest queueing (unique in the connector), so stale heap items
+    # can be recognised, even those of a pruned job whose id was taken again.
     queued: int = 0
 
 
@@ -47,6 +48,8 @@ class MemoryConnector(Connector):
         # Due jobs: (-priority, position, queued, id); not yet due: (due_time, ...).
         self._ready: list[tuple[int, int, int, str]] = []
         self._waiting: list[tuple[datetime, int, int, int, str]] = []
+        # Numbers every queueing: a heap item names one queueing of one entry, never a later entry's.
+        self._tickets = 0
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -64,7 +67,8 @@ class MemoryConnector(Connector):
         self._notify_response(job.request.id)
 
     def _queue(self, entry: _Entry) -> None:
-        entry.queued += 1
+        self._tickets += 1
+        entry.queued = self._tickets
         job = entry.job
         item = (-job.request.priority, entry.position, entry.queued, job.request.id)
         if job.due_time is not None and job.due_time > now():
