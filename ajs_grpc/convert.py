@@ -61,7 +61,9 @@ def state_from_proto(value: int, field: str = "state") -> RequestState:
         return RequestState(value)
     except ValueError:
         raise InvalidArgument(
-            f"unknown request state {value}", [FieldViolation(field, f"unknown request state {value}")]
+            f"unknown request state {value}",
+            [FieldViolation(field, f"unknown request state {value}")],
+            reason="INVALID_FIELDS",
         ) from None
 
 
@@ -200,18 +202,40 @@ def job_from_proto(message: pb.Job) -> Job:
     )
 
 
+# A status travels in trailers, and clients accept little there (gRPC's default: 8 KiB, 16 KiB at
+# most): one that quotes a client's input whole reaches the client as RESOURCE_EXHAUSTED "Stream
+# removed", its code and details lost. Each part is clipped (in UTF-8 bytes) to stay well below.
+MAX_STATUS_MESSAGE_BYTES = 512
+MAX_DETAIL_BYTES = 160
+MAX_METADATA_BYTES = 1024
+MAX_FIELD_VIOLATIONS = 10
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, cut to at most ``limit`` UTF-8 bytes (an ellipsis marks the cut)."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "\u2026"
+
+
 def error_to_status(error: AjsError) -> status_pb2.Status:
     """The ``google.rpc.Status`` the service answers ``error`` with.
 
-    It carries an ``ErrorInfo`` (reason, domain, metadata) when the error has a
-    reason, and a ``BadRequest`` listing the field violations of an
-    :class:`~ajs_grpc.errors.InvalidArgument`.
+    It always carries an ``ErrorInfo`` (reason, domain, metadata; the reason is the
+    code's name when the error has none), and a ``BadRequest`` listing the field
+    violations of an :class:`~ajs_grpc.errors.InvalidArgument`. Every text is
+    clipped, so that the status fits the trailers a client accepts.
     """
-    status = status_to_proto(ErrorStatus(error.code, error.message, error.reason, error.metadata))
+    metadata = {key: clip(value, MAX_METADATA_BYTES) for key, value in error.metadata.items()}
+    message = clip(error.message, MAX_STATUS_MESSAGE_BYTES)
+    status = status_to_proto(ErrorStatus(error.code, message, error.reason or error.code.name, metadata))
     if isinstance(error, InvalidArgument) and error.violations:
         bad_request = error_details_pb2.BadRequest()
-        for violation in error.violations:
-            bad_request.field_violations.add(field=violation.field, description=violation.description)
+        for violation in error.violations[:MAX_FIELD_VIOLATIONS]:
+            bad_request.field_violations.add(
+                field=clip(violation.field, MAX_DETAIL_BYTES), description=clip(violation.description, MAX_DETAIL_BYTES)
+            )
         status.details.add().Pack(bad_request)
     if isinstance(error, ResourceExhausted) and error.violations:
         quota_failure = error_details_pb2.QuotaFailure()

@@ -364,7 +364,9 @@ class JobPlugin:
         if payload is None or not payload.type_url:
             raise _bad_input(f"is required: job type {self.type!r} takes a {expected}")
         if payload.TypeName() != expected:
-            raise _bad_input(f"must hold a {expected}, not a {payload.TypeName() or payload.type_url!r}")
+            given = payload.TypeName() or payload.type_url
+            given = given if len(given) <= 200 else given[:200] + "..."
+            raise _bad_input(f"must hold a {expected}, not a {given!r}")
         message = self.input_type()
         try:
             message.ParseFromString(payload.value)

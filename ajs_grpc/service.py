@@ -106,6 +106,11 @@ def _check_text(value: str, field: str, violations: list[FieldViolation], what: 
         violations.append(FieldViolation(field, f"{what}must not contain U+0000 (NUL): no store can keep it"))
 
 
+def _quoted(text: str, limit: int = 40) -> str:
+    """``text`` quoted for an error message, cut short: errors travel in trailers, which are small."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def _check_id(value: str, field: str, violations: list[FieldViolation], *, required: bool) -> None:
     if not value:
         if required:
@@ -157,7 +162,7 @@ def validate_request(message: pb.Request, limits: Limits | None = None) -> Reque
         violations.append(FieldViolation("request.data", f"holds {size} bytes, more than {limits.max_data_bytes}"))
     else:
         for key, value in message.data.items():
-            _check_text(key + value, "request.data", violations, f"entry {key!r} ")
+            _check_text(key + value, "request.data", violations, f"entry {_quoted(key)} ")
     _check_id(message.id, "request.id", violations, required=False)
     _check_id(message.parent_id, "request.parent_id", violations, required=False)
     if message.id and message.parent_id == message.id:

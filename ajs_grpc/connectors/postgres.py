@@ -632,9 +632,16 @@ class PostgresConnector(Connector):
             # Claims compare due times with the database's clock: say how far away the
             # next one is by that clock, then put it on ours.
             row = await (
-                await connection.execute("SELECT min(due_time) - clock_timestamp() FROM jobs WHERE state = 1")
+                await connection.execute("SELECT min(due_time), clock_timestamp() FROM jobs WHERE state = 1")
             ).fetchone()
-            return None if row is None or row[0] is None else now() + row[0]
+            if row is None or row[0] is None:
+                return None
+            due: datetime = row[0]
+            database_now: datetime = row[1]
+            try:
+                return now() + (due - database_now)
+            except OverflowError:  # due near the end of the calendar (9999-12-31): no clock matters there
+                return due
 
         return await self._read(read)
 
