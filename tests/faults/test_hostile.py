@@ -781,7 +781,7 @@ async def one_pass(channel: grpc.aio.Channel, probes: list[Probe]) -> list[Outco
     return outcomes
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(180 * scale())
 @pytest.mark.parametrize("connector", ["memory", "sqlite", "postgres"])
 async def test_hostile_bytes_never_crash_never_answer_internal(connector: str, tmp_path: Path) -> None:
     print(f"hostile bytes on {connector}: seed {SEED} (AJS_HOSTILE_SEED={SEED} replays it)")
