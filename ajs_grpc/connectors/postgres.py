@@ -450,8 +450,29 @@ class PostgresConnector(Connector):
 
     @staticmethod
     async def _find(connection: psycopg.AsyncConnection[Any], request_id: str, lock: bool = True) -> Any:
-        suffix = " FOR UPDATE OF j" if lock else ""
-        return await (await connection.execute(f"{SELECT_JOBS} WHERE j.id = %s{suffix}", (request_id,))).fetchone()
+        """The row of :data:`SELECT_JOBS` for ``request_id`` (None if none), locked unless ``lock`` is False."""
+        if not lock:
+            return await (await connection.execute(f"{SELECT_JOBS} WHERE j.id = %s", (request_id,))).fetchone()
+        locked = await (
+            await connection.execute("SELECT position FROM jobs WHERE id = %s FOR UPDATE", (request_id,))
+        ).fetchone()
+        if locked is None:
+            return None
+        return await PostgresConnector._read_locked(connection, [locked[0]], one=True)
+
+    @staticmethod
+    async def _read_locked(connection: psycopg.AsyncConnection[Any], positions: list[int], *, one: bool = False) -> Any:
+        """The rows of jobs this transaction has locked, read after the lock.
+
+        Locking and reading are two statements on purpose: a ``FOR UPDATE`` that waits
+        for another transaction re-checks only the locked table's row against its
+        conditions (EvalPlanQual), with the *old* joined Response, so a join with the
+        job's last Response fails once that transaction committed a new one, and the job
+        looked missing (a cancel racing a claim answered NOT_FOUND). A new statement
+        sees what the other transaction committed.
+        """
+        cursor = await connection.execute(f"{SELECT_JOBS} WHERE j.position = ANY(%s) ORDER BY j.position", (positions,))
+        return await (cursor.fetchone() if one else cursor.fetchall())
 
     @staticmethod
     async def _save(
@@ -652,15 +673,16 @@ class PostgresConnector(Connector):
             if found is None:
                 raise self._not_found(request_id)
             _job(found).cancel()  # raises if it already ended, before anything changes
-            rows = await (
+            locked = await (
                 await connection.execute(
                     "WITH RECURSIVE tree(id) AS (SELECT %s::text UNION "
                     "SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id) "
-                    f"{SELECT_JOBS} WHERE j.id IN (SELECT id FROM tree) AND j.state IN (1, 2) "
-                    "ORDER BY j.position FOR UPDATE OF j",
+                    "SELECT position FROM jobs WHERE id IN (SELECT id FROM tree) AND state IN (1, 2) "
+                    "ORDER BY position FOR UPDATE",
                     (request_id,),
                 )
             ).fetchall()
+            rows = await self._read_locked(connection, [row[0] for row in locked])
             done: Done[Job] = Done(_job(found))
             for row in rows:
                 job, response = _job(row).cancel()

@@ -229,3 +229,38 @@ class _WakeListener:
 
     def cancel_requested(self, request_id: str) -> None:
         pass
+
+
+async def test_a_cancel_waiting_for_a_claims_commit_finds_the_job(schema: str) -> None:
+    # Another instance's transaction claims the job (new state, new Response) and holds its
+    # lock; a cancel waits for it. Once it commits, the cancel must see the claimed job:
+    # FOR UPDATE re-checked a join with the old Response and found no row (NOT_FOUND).
+    connector = PostgresConnector(postgres_dsn(), schema, writers=1)
+    await connector.open()
+    try:
+        await connector.enqueue(Request(id="a", type="t"))
+        async with await psycopg.AsyncConnection.connect(postgres_dsn()) as other:
+            await other.execute(psycopg.sql.SQL("SET search_path TO {}").format(psycopg.sql.Identifier(schema)))
+            await other.execute(
+                "UPDATE jobs SET state = 2, attempt = 1, last_sequence = 2, lease_token = 'other' WHERE id = 'a'"
+            )
+            await other.execute(
+                "INSERT INTO responses SELECT position, 2, now(), 2, false, '{}'::jsonb, NULL, NULL, NULL, NULL, NULL "
+                "FROM jobs WHERE id = 'a'"
+            )
+            cancelling = asyncio.create_task(connector.cancel("a"))
+            await eventually(_waiting_for_a_lock)
+            assert not cancelling.done()
+            await other.commit()
+        job = await asyncio.wait_for(cancelling, 10)
+        assert (job.state, job.cancel_requested, job.last_response.sequence) == (S.PENDING, True, 2)
+    finally:
+        await connector.close()
+
+
+def _waiting_for_a_lock() -> bool:
+    with psycopg.connect(postgres_dsn(), autocommit=True) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ajs-grpc' AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return bool(row and row[0])
