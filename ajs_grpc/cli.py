@@ -15,11 +15,10 @@ import json
 import logging
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf import any_pb2, json_format
 from rich.console import Console
@@ -55,8 +54,17 @@ _EXIT_FOR_STATE = {
     RequestState.CANCELLED: EXIT_CANCELLED,
 }
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Everything printed is plain text: server data may hold [brackets], :colons: or links,
+# which rich would otherwise read as markup or emoji codes.
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, pointing at the command's help (as git and kubectl do)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}; see '{self.prog} --help'\n")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -136,6 +144,8 @@ SERVE_FLAGS: list[tuple[str, str, Any, str | None]] = [
     ("--metrics-address", "metrics.address", str, "HOST:PORT"),
 ]
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+# A flag that turns a setting off says what it does, not what the setting does.
+BOOL_FLAG_HELP = {"--no-migrate": "postgres: refuse a schema not at this version instead of migrating it"}
 
 
 def _env_path(name: str) -> Path | None:
@@ -144,7 +154,7 @@ def _env_path(name: str) -> Path | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ajs", description="ajs-grpc: a job server with a gRPC front.")
+    parser = _Parser(prog="ajs", description="ajs-grpc: a job server with a gRPC front.")
     parser.add_argument("--version", action="version", version=f"ajs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -172,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     upgrade = db_commands.add_parser("upgrade", help="create or migrate the queue's schema to this version")
     postgres_options(upgrade)
 
-    plugin_options = argparse.ArgumentParser(add_help=False)
+    plugin_options = _Parser(add_help=False)
     plugin_options.add_argument(
         "--handler",
         dest="handlers",
@@ -199,11 +209,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, default=_env_path("AJS_CONFIG"), help="a TOML file ($AJS_CONFIG)")
     for flag, setting, kind, metavar in SERVE_FLAGS:
-        default_text = f" (default {SETTINGS_BY_NAME[setting].default})" if kind is not bool else ""
+        described = SETTINGS_BY_NAME[setting]
+        shown = described.show(described.default)
+        default_text = f" (default {shown})" if kind is not bool and described.default not in ("", [], None) else ""
         if kind is bool:
-            serve.add_argument(
-                flag, dest=setting, action="store_const", const=False, help=SETTINGS_BY_NAME[setting].help
-            )
+            serve.add_argument(flag, dest=setting, action="store_const", const=False, help=BOOL_FLAG_HELP[flag])
         else:
             serve.add_argument(
                 flag, dest=setting, type=kind, metavar=metavar, help=SETTINGS_BY_NAME[setting].help + default_text
@@ -231,7 +241,9 @@ def _parser() -> argparse.ArgumentParser:
 
     submit = client_command("submit", "submit a request")
     submit.add_argument("type", help="the job type")
-    submit.add_argument("--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
+    submit.add_argument(
+        "--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="a data entry (repeat)"
+    )
     submit.add_argument("--id", default="", help="request id (default: assigned by the server)")
     submit.add_argument("--parent", default="", help="id of the parent request")
     submit.add_argument("--priority", type=int, default=0, help="higher runs first; may be negative (default 0)")
@@ -258,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--type", dest="types", action="append", default=[])
     listing.add_argument("--parent", default="")
     listing.add_argument("--limit", type=int, default=100, help="at most this many jobs (default %(default)s)")
+    listing.add_argument("--oldest-first", action="store_true", help="in submit order (default: newest first)")
 
     cancel = client_command("cancel", "cancel a job")
     cancel.add_argument("request_id")
@@ -316,24 +329,30 @@ def _describe_end(response: Response) -> str:
 
 async def _follow(client: AsyncClient, request_id: str, after: int) -> int:
     last: Response | None = None
-    columns = (
-        TextColumn("[bold]{task.fields[state]:<8}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("", total=1.0, state="WATCHING")
-        async for response in client.watch(request_id, after):
-            last = response
-            bar.update(task, state=response.state.name)
-            if response.progress is not None:  # other Responses keep the last progress shown
-                bar.update(task, completed=response.progress.fraction, description=response.progress.message)
-            elif response.state is RequestState.CREATED and response.sequence > 1:
-                bar.update(task, completed=0, description="queued again")
-            if response.state is RequestState.FINISHED:
-                bar.update(task, completed=1.0)
+    responses = client.watch(request_id, after)
+    # The first Response (or the error: no such job) comes before anything is drawn.
+    first = await anext(responses, None)
+    if first is not None:
+        columns = (
+            TextColumn("{task.fields[state]:<8}", style="bold", markup=False),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}", markup=False),
+        )
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("", total=1.0, state=first.state.name)
+            response: Response | None = first
+            while response is not None:
+                last = response
+                bar.update(task, state=response.state.name)
+                if response.progress is not None:  # other Responses keep the last progress shown
+                    bar.update(task, completed=response.progress.fraction, description=response.progress.message)
+                elif response.state is RequestState.CREATED and response.sequence > 1:
+                    bar.update(task, completed=0, description="queued again")
+                if response.state is RequestState.FINISHED:
+                    bar.update(task, completed=1.0)
+                response = await anext(responses, None)
     if last is None:  # already seen up to the end
         job = await client.get(request_id)
         last = job.last_response
@@ -343,10 +362,18 @@ async def _follow(client: AsyncClient, request_id: str, after: int) -> int:
     return _EXIT_FOR_STATE.get(last.state, EXIT_FAILED)
 
 
+class UsageError(ValueError):
+    """The command line asks for something the client can tell is wrong (exit 2)."""
+
+
 async def _typed_input(client: AsyncClient, job_type: str, text: str) -> any_pb2.Any:
     """The --input-json of a job type, built from the descriptors the server publishes."""
     if text.startswith("@"):
         text = await asyncio.to_thread(Path(text[1:]).read_text)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--input-json is not JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     found = {t.name: t for t in await client.job_types()}
     if job_type not in found:
         raise InvalidArgument(f"the server runs no job type {job_type!r}; it runs: {', '.join(sorted(found))}")
@@ -356,7 +383,7 @@ async def _typed_input(client: AsyncClient, job_type: str, text: str) -> any_pb2
     try:
         return dynamic.from_json(described.file_descriptor_set, described.input_type, text)
     except json_format.ParseError as error:
-        raise InvalidArgument(f"--input-json is not a valid {described.input_type}: {error}") from None
+        raise UsageError(f"--input-json is not a valid {described.input_type}: {error}") from None
 
 
 async def _output_json(client: AsyncClient, output: any_pb2.Any) -> str:
@@ -385,7 +412,9 @@ def _print_types(described: list[JobTypeMessage]) -> None:
 
 def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     if out.is_terminal:
-        table = Table(*header, box=None)
+        table = Table(box=None)
+        for name in header:  # long names wrap within their column rather than being cut
+            table.add_column(name, overflow="fold")
         for row in rows:
             table.add_row(*row)
         out.print(table)
@@ -413,7 +442,13 @@ async def _db_upgrade(args: argparse.Namespace) -> int:
         version = await connector.schema_version()
     finally:
         await connector.close()
-    out.print(f"schema {settings['storage.schema']} is at version {version}")
+    schema, found = settings["storage.schema"], connector.found_version
+    if not found:
+        out.print(f"created schema {schema} at version {version}")
+    elif found < version:
+        out.print(f"migrated schema {schema} from version {found} to {version}")
+    else:
+        out.print(f"schema {schema} is already at version {version}; nothing to do")
     return EXIT_OK
 
 
@@ -477,7 +512,14 @@ def _client(args: argparse.Namespace) -> AsyncClient:
 async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
     header = ("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED")
     rows: list[tuple[str, ...]] = []
-    async for job in client.list(states=args.states, types=args.types, parent_id=args.parent):
+    jobs = client.list(
+        states=args.states,
+        types=args.types,
+        parent_id=args.parent,
+        page_size=min(args.limit, 1000),
+        newest_first=not args.oldest_first,
+    )
+    async for job in jobs:
         rows.append((job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat()))
         if len(rows) >= args.limit:
             break
@@ -485,10 +527,19 @@ async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# What an instance does, from the health of JobService and of its dispatcher.
+_ROLES = {
+    (True, True): "all (serves JobService and runs jobs)",
+    (True, False): "frontend (serves JobService; runs no jobs)",
+    (False, True): "worker (runs jobs; submit, watch and list through an instance with role all or frontend)",
+}
+
+
 async def _health(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         try:
             status = await client.health(args.service)
+            role = await _role(client) if not args.service and status == "SERVING" else None
         except AjsError as error:  # a probe is yes or no: every failure is "not serving"
             what = (
                 f"service {args.service!r} is unknown to the server" if error.code is Code.NOT_FOUND else error.message
@@ -496,7 +547,21 @@ async def _health(args: argparse.Namespace) -> int:
             err.print(f"ajs: {error.code.name}: {what}")
             return EXIT_UNREACHABLE
     out.print(status)
+    if role:
+        out.print(f"role: {role}")
     return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
+
+
+async def _role(client: AsyncClient) -> str | None:
+    from ajs_grpc.server import DISPATCHER_HEALTH
+    from ajs_grpc.service import SERVICE_NAME
+
+    try:
+        serves = await client.health(SERVICE_NAME) == "SERVING"
+        runs = await client.health(DISPATCHER_HEALTH) == "SERVING"
+    except AjsError:  # a server of an older version does not say
+        return None
+    return _ROLES.get((serves, runs))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -510,9 +575,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings["log.level"], settings["log.format"], settings["log.file"])
     config = ServerConfig.from_settings(settings, handlers=args.handlers)
+    logging.getLogger(__name__).debug("effective configuration:\n%s", settings.render())
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(serve(config, announce=f"effective configuration:\n{settings.render()}"))
+        abandoned = loop.run_until_complete(serve(config, announce=settings.summary()))
     finally:
         # Jobs that ignored cancellation were abandoned (their final Response is
         # written); give them one more chance to end, but never wait forever.
@@ -522,12 +588,11 @@ def _serve(args: argparse.Namespace) -> int:
         if stragglers:
             loop.run_until_complete(asyncio.wait(stragglers, timeout=1.0))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
-    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
-    if threads:
-        logging.getLogger(__name__).warning(
-            "%d abandoned job thread(s) still running; exiting without them", len(threads)
-        )
+    if abandoned:
+        # Their threads cannot be stopped, and the interpreter would wait for them.
+        logging.getLogger(__name__).warning("%d abandoned job thread(s) still running; exiting without them", abandoned)
         logging.shutdown()
         os._exit(EXIT_OK)
     return EXIT_OK

@@ -53,7 +53,8 @@ __all__ = [
     "is_local",
 ]
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 T = TypeVar("T")
@@ -67,6 +68,7 @@ _ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
 }
 
 
@@ -103,11 +105,13 @@ def channel_target(target: str) -> str:
     A comma-separated list of HOST:PORT becomes an ``ipv4:`` (or ``ipv6:``) list,
     host names resolved now (gRPC lists take addresses only).
     """
-    if "," not in target or target.startswith(("ipv4:", "ipv6:", "dns:", "unix:")):
+    if target.startswith(("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:")):
         return target
+    if "," not in target:
+        return _host_port(target)
     addresses = []
     for entry in target.split(","):
-        host, _, port = entry.strip().rpartition(":")
+        host, _, port = _host_port(entry.strip()).rpartition(":")
         host = host.strip("[]")
         try:
             ipaddress.ip_address(host)
@@ -118,6 +122,36 @@ def channel_target(target: str) -> str:
     family = "ipv6" if any(":" in host for host, _ in addresses) else "ipv4"
     listed = dict.fromkeys(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     return f"{family}:{','.join(listed)}"
+
+
+def _host_port(target: str) -> str:
+    """``target`` as HOST:PORT, the port 50051 when it names none.
+
+    Raises:
+        ValueError: it is no HOST[:PORT].
+    """
+    bad = ValueError(
+        f"invalid target {target!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 or [::1]:50051 (several: comma-separated)"
+    )
+    if target.startswith("["):  # [v6] or [v6]:port
+        host, closing, rest = target[1:].partition("]")
+        if not closing or (rest and not rest.startswith(":")):
+            raise bad
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+        host = f"[{host}]"
+    else:
+        host, colon, port = target.partition(":")
+        if not colon:
+            port = str(DEFAULT_PORT)
+        if not host or ":" in port or any(c.isspace() or c in "/[]" for c in host):
+            raise bad
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad
+    return f"{host}:{port}"
 
 
 def channel_options(target: str) -> list[tuple[str, object]]:
@@ -369,10 +403,12 @@ class AsyncClient:
         page_size: int = 0,
         page_token: str = "",
         full: bool = False,
+        newest_first: bool = False,
     ) -> tuple[list[Job], str]:
         """Returns one page of jobs and the token of the next ("" on the last).
 
-        Jobs come without their payloads (data, input, output) unless ``full``.
+        Jobs come in submit order (``newest_first``: reversed), without their
+        payloads (data, input, output) unless ``full``.
         """
         message = pb.ListJobsRequest(
             page_size=page_size,
@@ -381,6 +417,7 @@ class AsyncClient:
             types=list(types),
             parent_id=parent_id,
             view=pb.JOB_VIEW_FULL if full else pb.JOB_VIEW_BASIC,
+            order_by="create_time desc" if newest_first else "",
         )
         reply = await self._call(self._stub.ListJobs(message, timeout=self.timeout, metadata=self._metadata))
         return [convert.job_from_proto(job) for job in reply.jobs], reply.next_page_token
@@ -393,12 +430,19 @@ class AsyncClient:
         parent_id: str = "",
         page_size: int = 0,
         full: bool = False,
+        newest_first: bool = False,
     ) -> AsyncIterator[Job]:
-        """Yields every matching job in submit order, fetching page after page (see :meth:`list_page`)."""
+        """Yields every matching job, fetching page after page (see :meth:`list_page`)."""
         token = ""
         while True:
             jobs, token = await self.list_page(
-                states=states, types=types, parent_id=parent_id, page_size=page_size, page_token=token, full=full
+                states=states,
+                types=types,
+                parent_id=parent_id,
+                page_size=page_size,
+                page_token=token,
+                full=full,
+                newest_first=newest_first,
             )
             for job in jobs:
                 yield job

@@ -24,7 +24,7 @@ from typing import Any
 from ajs_grpc.connectors._pgnames import check_schema_name
 from ajs_grpc.errors import AjsError
 
-__all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "load"]
+__all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "format_duration", "load"]
 
 
 class ConfigError(AjsError):
@@ -52,6 +52,17 @@ def parse_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError("a duration must be positive")
     return seconds
+
+
+def format_duration(seconds: float | None) -> str:
+    """A duration as a person writes it: the largest unit it is a whole number of (``7d``, ``30s``, ``1.5s``)."""
+    if seconds is None:
+        return "forever"
+    for unit in ("d", "h", "m", "s", "ms"):
+        count = seconds / _UNITS[unit]
+        if count >= 1 and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _optional_duration(value: object) -> float | None:
@@ -132,6 +143,15 @@ class Setting:
         """``section.key``."""
         return f"{self.section}.{self.key}"
 
+    @property
+    def is_duration(self) -> bool:
+        """True for settings given as durations (``30s``, ``7d``)."""
+        return self.parse in (parse_duration, _optional_duration)
+
+    def show(self, value: Any) -> str:
+        """``value`` as a person would write it (durations with their unit)."""
+        return format_duration(value) if self.is_duration else str(value)
+
 
 SETTINGS = [
     Setting("server", "address", _string, "127.0.0.1:50051", "HOST:PORT to listen on"),
@@ -205,6 +225,27 @@ class Settings:
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 
+    def summary(self) -> str:
+        """One line: the settings that are not at their default, with where each came from."""
+        changed = []
+        for setting in SETTINGS:
+            source = self.sources[setting.name]
+            if source == "default":
+                continue
+            value = self.values[setting.name]
+            shown = (
+                _mask(str(value))
+                if setting.secret and value
+                else _toml(setting.show(value) if setting.is_duration else value)
+            )
+            changed.append(f"{setting.name} = {shown} ({source})")
+        if self.handlers is not None:
+            changed.append(f"{len(self.handlers)} [[handlers]]")
+        if self.job_policies:
+            changed.append(f"[jobs.*] for {', '.join(sorted(self.job_policies))}")
+        body = "; ".join(changed) if changed else "all defaults"
+        return f"configuration: {body} (ajs config check FILE, or --log-level debug, shows every value)"
+
     def render(self) -> str:
         """The effective configuration as TOML, secrets masked, each value's source noted."""
         lines: list[str] = []
@@ -216,6 +257,8 @@ class Settings:
             value = self.values[setting.name]
             if setting.secret and value:
                 value = _mask(str(value))
+            elif setting.is_duration:
+                value = format_duration(value)
             lines.append(f"{setting.key} = {_toml(value)}  # {self.sources[setting.name]}")
         for name, types in self.handlers or []:
             lines += ["\n[[handlers]]", f"name = {_toml(name)}", f"types = {_toml(list(types))}"]

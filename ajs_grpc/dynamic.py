@@ -51,4 +51,5 @@ def to_json(descriptor_set: bytes, payload: any_pb2.Any) -> str:
     """The protobuf JSON of a packed message described by ``descriptor_set``."""
     message = message_class(descriptor_set, payload.TypeName())()
     payload.Unpack(message)
-    return json_format.MessageToJson(message, indent=None)
+    # The .proto's own field names (hex_digest), as everywhere else the CLI prints JSON.
+    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True)

@@ -9,6 +9,7 @@
      ├── FailedPrecondition       e.g. cancelling a finished job
      ├── ResourceExhausted        a limit or quota was reached, with quota violations
      ├── Unavailable              the queue cannot be reached now
+     ├── Unimplemented            not served here (a worker's JobService)
      ├── Unauthenticated          no valid credentials
      ├── PermissionDenied         not the caller's job, or type
      ├── Internal                 a bug or an unexpected failure
@@ -38,6 +39,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
 ]
 
 
@@ -163,6 +165,12 @@ class Unavailable(AjsError):
     """The service cannot serve now (shutting down, queue unreachable); retry."""
 
     code = Code.UNAVAILABLE
+
+
+class Unimplemented(AjsError):
+    """This server does not serve the call (a worker's JobService)."""
+
+    code = Code.UNIMPLEMENTED
 
 
 class Unauthenticated(AjsError):

@@ -10,30 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import ipaddress
 import logging
 import signal
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
+from ajs_grpc import convert
 from ajs_grpc.auth import Authenticator
 from ajs_grpc.config import ConfigError, Settings
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.dispatcher import Dispatcher
-from ajs_grpc.errors import AjsError
+from ajs_grpc.errors import AjsError, Unimplemented
 from ajs_grpc.handlers.base import HandlerChain
 from ajs_grpc.metrics import Metrics
 from ajs_grpc.model import RequestState
 from ajs_grpc.plugins import HandlerSpec, PluginDirs, discover
+from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.service import SERVICE_NAME, JobService, Limits
 
-__all__ = ["ROLES", "AjsServer", "ServerConfig", "serve"]
+__all__ = ["DISPATCHER_HEALTH", "ROLES", "AjsServer", "ServerConfig", "serve"]
 
 ROLES = ("all", "frontend", "worker")
+# The health status name of an instance's dispatcher: SERVING where jobs run.
+DISPATCHER_HEALTH = "ajs.dispatcher"
 # Seconds between counts of the queue for the ajs_queue_depth gauge.
 QUEUE_DEPTH_EVERY = 2.0
 
@@ -229,8 +237,12 @@ class AjsServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
-        """Opens the connector, starts claiming and serving; returns the bound port."""
-        await self.connector.open()
+        """Binds the address, opens the connector, starts claiming and serving; returns the bound port.
+
+        The address is bound first: a taken one stops the server before its store is
+        created or migrated.
+        """
+        check_address_free(self.config.address)
         # Without SO_REUSEPORT a second server on a taken port fails instead of
         # silently sharing it.
         age_ms = int(self.config.max_connection_age * 1000)
@@ -252,6 +264,8 @@ class AjsServer:
         if self.serves_jobs:
             server.add_generic_rpc_handlers((self.service.rpc_handler(),))
             services.insert(0, SERVICE_NAME)
+        else:
+            server.add_generic_rpc_handlers((worker_only_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(services, server)
         try:
@@ -261,16 +275,24 @@ class AjsServer:
             else:
                 self.port = server.add_secure_port(self.config.address, credentials)
         except RuntimeError as error:
-            await self.connector.close()
-            raise OSError(f"cannot listen on {self.config.address}: is the address in use or invalid?") from error
+            raise OSError(f"cannot listen on {self.config.address}: is the address valid?") from error
+        try:
+            await self.connector.open()
+        except BaseException:
+            await server.stop(None)
+            raise
         await server.start()
         if self.runs_jobs:
             await self.dispatcher.start()
         if self.config.metrics_address:
             self.metrics_port = self.metrics.serve(self.config.metrics_address)
             self._measuring = asyncio.create_task(self._measure_queue(), name="ajs-queue-depth")
-        for name in ("", SERVICE_NAME) if self.serves_jobs else ("",):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Health per service: JobService only where it is served, the dispatcher only where
+        # jobs run (ajs health tells the role from them).
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", serving)
+        await self.health.set(SERVICE_NAME, serving if self.serves_jobs else not_serving)
+        await self.health.set(DISPATCHER_HEALTH, serving if self.runs_jobs else not_serving)
         warning = exposure_warning(self.config.address, authenticated=self.authenticated, serves=self.serves_jobs)
         if warning:
             log.warning("%s", warning)
@@ -342,6 +364,55 @@ class AjsServer:
         await self._stopped.wait()
 
 
+def check_address_free(address: str) -> None:
+    """Raises OSError, in one line, if HOST:PORT is taken (gRPC would log its own error line first)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # port 0 picks a free one; gRPC judges other forms
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return  # gRPC says what is wrong with the name
+    for family, kind, protocol, _, where in found:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(where)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot listen on {address}: the address is in use") from None
+                raise OSError(f"cannot listen on {address}: {error.strerror}") from None
+
+
+def worker_only_handler() -> grpc.GenericRpcHandler:
+    """JobService on a worker: every call is answered, in one line, where to make it instead."""
+    error = Unimplemented(
+        "this instance only runs jobs (role worker): submit, watch and list jobs through an instance "
+        "with role all or frontend",
+        reason="WORKER_ONLY",
+    )
+
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        await context.abort_with_status(rpc_status.to_status(convert.error_to_status(error)))
+
+    async def refuse_stream(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+        await refuse(request, context)
+        yield b""  # never reached: it makes this a generator
+
+    methods = pb.DESCRIPTOR.services_by_name["JobService"].methods
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            method.name: grpc.unary_stream_rpc_method_handler(refuse_stream)
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler(refuse)
+            for method in methods
+        },
+    )
+
+
 def exposure_warning(address: str, *, authenticated: bool, serves: bool = True) -> str | None:
     """What ``ajs serve`` warns of when JobService listens beyond this machine for anyone."""
     if authenticated or not serves or _is_loopback(address):
@@ -363,8 +434,12 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-async def serve(config: ServerConfig, announce: str = "") -> None:
-    """Runs a server until SIGTERM or SIGINT, then drains it and returns; logs ``announce`` once it serves."""
+async def serve(config: ServerConfig, announce: str = "") -> int:
+    """Runs a server until SIGTERM or SIGINT, then drains it; logs ``announce`` once it serves.
+
+    Returns:
+        How many abandoned jobs (which ignored cancellation) still run in threads.
+    """
     server = AjsServer(config)
     await server.start()
     if announce:
@@ -378,3 +453,4 @@ async def serve(config: ServerConfig, announce: str = "") -> None:
         log.info("signal received")
     finally:
         await server.stop()
+    return server.dispatcher.abandoned_count

@@ -179,20 +179,36 @@ def validate_request(message: pb.Request, limits: Limits | None = None) -> Reque
     return dataclasses.replace(request, id=request.id or str(uuid.uuid4()), creator=ANONYMOUS.name, create_time=None)
 
 
-def _filter_digest(job_filter: JobFilter) -> str:
-    key = json.dumps(
-        [sorted(int(s) for s in job_filter.states), sorted(job_filter.types), job_filter.parent_id, job_filter.creator]
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+def _filter_digest(job_filter: JobFilter, newest_first: bool = False) -> str:
+    fields: list[object] = [
+        sorted(int(s) for s in job_filter.states),
+        sorted(job_filter.types),
+        job_filter.parent_id,
+        job_filter.creator,
+    ]
+    if newest_first:  # (tokens of the default order are as they always were)
+        fields.append("desc")
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def encode_page_token(cursor: int, job_filter: JobFilter) -> str:
-    """An opaque token for the page after ``cursor``, bound to the filter (AIP-158)."""
-    body = json.dumps({"v": _TOKEN_VERSION, "c": cursor, "f": _filter_digest(job_filter)}, separators=(",", ":"))
+def encode_page_token(cursor: int, job_filter: JobFilter, newest_first: bool = False) -> str:
+    """An opaque token for the page after ``cursor``, bound to the filter and order (AIP-158)."""
+    digest = _filter_digest(job_filter, newest_first)
+    body = json.dumps({"v": _TOKEN_VERSION, "c": cursor, "f": digest}, separators=(",", ":"))
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, job_filter: JobFilter) -> int:
+def _newest_first(order_by: str) -> bool:
+    """Whether ``order_by`` (AIP-132) asks for the newest jobs first."""
+    words = order_by.split()
+    if not words:
+        return False
+    if words[0] == "create_time" and len(words) <= 2 and words[1:] in ([], ["asc"], ["desc"]):
+        return words[1:] == ["desc"]
+    raise _invalid([FieldViolation("order_by", 'must be "create_time" or "create_time desc"')])
+
+
+def decode_page_token(token: str, job_filter: JobFilter, newest_first: bool = False) -> int:
     """The cursor of a page token.
 
     Raises:
@@ -209,7 +225,7 @@ def decode_page_token(token: str, job_filter: JobFilter) -> int:
             [FieldViolation("page_token", "malformed")],
             reason="INVALID_PAGE_TOKEN",
         )
-    if body.get("f") != _filter_digest(job_filter):
+    if body.get("f") != _filter_digest(job_filter, newest_first):
         raise InvalidArgument(
             "page_token was issued for different filters; repeat the filters of the first call",
             [FieldViolation("page_token", "does not match the filters")],
@@ -590,6 +606,7 @@ class JobService:
         if violations:
             raise _invalid(violations)
         view = _view(message.view, pb.JOB_VIEW_BASIC)
+        newest_first = _newest_first(message.order_by)
         states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
         if RequestState.UNSPECIFIED in states:
             raise _invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
@@ -607,9 +624,9 @@ class JobService:
                 if parent is not None and await self._owns(principal, parent):
                     creator = ""
         job_filter = JobFilter(states=states, types=frozenset(message.types), parent_id=parent_id, creator=creator)
-        after = decode_page_token(message.page_token, job_filter) if message.page_token else 0
+        after = decode_page_token(message.page_token, job_filter, newest_first) if message.page_token else 0
         page_size = min(message.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        page = await self.connector.list_jobs(job_filter, page_size, after)
+        page = await self.connector.list_jobs(job_filter, page_size, after, newest_first=newest_first)
         reply = pb.ListJobsResponse()
         budget = self.max_reply_bytes - REPLY_OVERHEAD
         next_cursor = page.next_cursor
@@ -621,7 +638,8 @@ class JobService:
                 next_cursor = page.cursors[index - 1]
                 break
             reply.jobs.append(item)
-        reply.next_page_token = encode_page_token(next_cursor, job_filter) if next_cursor is not None else ""
+        if next_cursor is not None:
+            reply.next_page_token = encode_page_token(next_cursor, job_filter, newest_first)
         return reply
 
     async def cancel_job(self, message: pb.CancelJobRequest, caller: Caller) -> pb.CancelJobResponse:

@@ -21,6 +21,7 @@ from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Re
 
 __all__ = [
     "JOB_WIDTH",
+    "MAX_POSITION",
     "RESPONSE_COLUMNS",
     "SELECT_JOBS",
     "Decoding",
@@ -48,6 +49,8 @@ SELECT_JOBS = (
     "JOIN responses r ON r.position = j.position AND r.sequence = j.last_sequence"
 )
 JOB_WIDTH = JOB_COLUMNS.count(",") + 1
+# Above every job's position: the cursor of a newest-first listing's first page.
+MAX_POSITION = 2**63 - 1
 RESPONSE_WIDTH = RESPONSE_COLUMNS.count(",") + 1
 
 

@@ -233,8 +233,14 @@ class Connector(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
-        """Returns up to ``page_size`` matching jobs submitted after cursor ``after``."""
+    async def list_jobs(
+        self, job_filter: JobFilter, page_size: int, after: int = 0, *, newest_first: bool = False
+    ) -> Page:
+        """Returns up to ``page_size`` matching jobs in submit order, from cursor ``after`` on.
+
+        ``after`` is 0 or a cursor of an earlier page (of the same order). With
+        ``newest_first`` the order is reversed: the newest jobs come first.
+        """
 
     @abc.abstractmethod
     async def count_jobs(self, state: RequestState, creator: str = "") -> int:

@@ -232,11 +232,19 @@ class MemoryConnector(Connector):
         return self._entry(request_id).job
 
     @override
-    async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
+    async def list_jobs(
+        self, job_filter: JobFilter, page_size: int, after: int = 0, *, newest_first: bool = False
+    ) -> Page:
+        # A job at index i has the cursor (position) i + 1; "after" bounds it from below, or
+        # newest first from above (0: no bound).
+        if newest_first:
+            indexes: range = range((after or len(self._order) + 1) - 2, -1, -1)
+        else:
+            indexes = range(max(after, 0), len(self._order))
         jobs: list[Job] = []
         cursors: list[int] = []
-        for position in range(max(after, 0), len(self._order)):
-            request_id = self._order[position]
+        for index in indexes:
+            request_id = self._order[index]
             if not request_id:
                 continue  # pruned
             job = self._entries[request_id].job
@@ -245,7 +253,7 @@ class MemoryConnector(Connector):
             if len(jobs) == page_size:
                 return Page(jobs, cursors[-1], cursors)
             jobs.append(job)
-            cursors.append(position + 1)
+            cursors.append(index + 1)
         return Page(jobs, None, cursors)
 
     @override

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from ajs_grpc.connectors._pgnames import channel_name, check_schema_name
 from ajs_grpc.connectors._sql import (
+    MAX_POSITION,
     RESPONSE_COLUMNS,
     SELECT_JOBS,
     Decoding,
@@ -75,6 +76,8 @@ MAX_BATCH = 256
 POOL_TIMEOUT = 5.0
 # What the server's connections are called in pg_stat_activity.
 APPLICATION_NAME = "ajs-grpc"
+# Seconds the first connection may take (a database that does not answer at all).
+PROBE_TIMEOUT = 10
 # Seconds between attempts to re-establish the listening connection.
 RELISTEN_BACKOFF = 0.5
 # Any constant: instances take this advisory lock while they migrate.
@@ -219,6 +222,8 @@ class PostgresConnector(Connector):
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()
         """Set while the LISTEN connection is up (tests wait on it)."""
+        self.found_version: int | None = None
+        """The schema's version before :meth:`upgrade` ran (0: there was none)."""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -229,6 +234,7 @@ class PostgresConnector(Connector):
 
     @override
     async def open(self) -> None:
+        await self._probe()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.dsn,
             min_size=2,
@@ -256,6 +262,21 @@ class PostgresConnector(Connector):
             raise
         self._tasks = [asyncio.create_task(self._write_loop(), name="ajs-pg-writer") for _ in range(self.writers)]
         self._tasks.append(asyncio.create_task(self._listen_loop(), name="ajs-pg-listener"))
+
+    async def _probe(self) -> None:
+        """One connection first: a database that answers with a refusal is reported at once, with its cause.
+
+        (The pool would retry for its whole timeout, warning at each attempt, and then
+        hide the cause.)
+        """
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self.dsn, connect_timeout=PROBE_TIMEOUT, application_name=APPLICATION_NAME
+            )
+        except psycopg.Error as error:
+            cause = " ".join(str(error).split()) or type(error).__name__
+            raise ConnectorError(f"cannot connect to PostgreSQL: {cause}", reason="STORAGE_UNREACHABLE") from None
+        await connection.close()
 
     async def schema_version(self) -> int:
         """The schema's version in the database (0 if it has none)."""
@@ -299,6 +320,7 @@ class PostgresConnector(Connector):
             await connection.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             await connection.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             version = await self._version(connection)
+            self.found_version = version
             if version > SCHEMA_VERSION:
                 raise ConnectorError(
                     f"schema {self.schema!r} is at version {version}, newer than this ajs-grpc knows "
@@ -742,9 +764,11 @@ class PostgresConnector(Connector):
         return await self._read(read)
 
     @override
-    async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
-        condition = "j.position > %s"
-        args: list[Any] = [after]
+    async def list_jobs(
+        self, job_filter: JobFilter, page_size: int, after: int = 0, *, newest_first: bool = False
+    ) -> Page:
+        condition = f"j.position {'<' if newest_first else '>'} %s"
+        args: list[Any] = [after or MAX_POSITION if newest_first else after]
         if job_filter.states:
             condition += " AND j.state = ANY(%s)"
             args.append([int(state) for state in job_filter.states])
@@ -758,10 +782,12 @@ class PostgresConnector(Connector):
             condition += " AND j.creator = %s"
             args.append(job_filter.creator)
 
+        order = "DESC" if newest_first else "ASC"
+
         async def read(connection: psycopg.AsyncConnection[Any]) -> Page:
             rows = await (
                 await connection.execute(
-                    f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position LIMIT %s", (*args, page_size + 1)
+                    f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position {order} LIMIT %s", (*args, page_size + 1)
                 )
             ).fetchall()
             more = len(rows) > page_size

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from typing_extensions import override
 
 from ajs_grpc.connectors._sql import (
+    MAX_POSITION,
     RESPONSE_COLUMNS,
     SELECT_JOBS,
     Decoding,
@@ -719,9 +720,11 @@ class SqliteConnector(Connector):
         return await self._read(read)
 
     @override
-    async def list_jobs(self, job_filter: JobFilter, page_size: int, after: int = 0) -> Page:
-        condition = "j.position > ?"
-        args: list[Any] = [after]
+    async def list_jobs(
+        self, job_filter: JobFilter, page_size: int, after: int = 0, *, newest_first: bool = False
+    ) -> Page:
+        condition = f"j.position {'<' if newest_first else '>'} ?"
+        args: list[Any] = [after or MAX_POSITION if newest_first else after]
         if job_filter.states:
             condition += f" AND j.state IN ({', '.join('?' * len(job_filter.states))})"
             args += [int(state) for state in job_filter.states]
@@ -735,9 +738,11 @@ class SqliteConnector(Connector):
             condition += " AND j.creator = ?"
             args.append(job_filter.creator)
 
+        order = "DESC" if newest_first else "ASC"
+
         def read(connection: sqlite3.Connection) -> Page:
             rows = connection.execute(
-                f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position LIMIT ?", (*args, page_size + 1)
+                f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position {order} LIMIT ?", (*args, page_size + 1)
             ).fetchall()
             more = len(rows) > page_size
             rows = rows[:page_size]

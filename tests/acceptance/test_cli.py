@@ -44,7 +44,7 @@ def test_submit_countdown_watch_shows_progress_and_finishes(served: Served) -> N
 def test_health_serving(served: Served) -> None:
     result = ajs("health", target=served.target)
     assert result.returncode == 0
-    assert result.stdout.strip() == "SERVING"
+    assert result.stdout.splitlines() == ["SERVING", "role: all (serves JobService and runs jobs)"]
 
 
 def test_failed_job_exits_1_with_its_message(served: Served) -> None:
@@ -183,13 +183,13 @@ def test_submit_a_typed_hash_job_from_json(served: Served) -> None:
     expected = b"hello"
     for _ in range(1000):
         expected = hashlib.sha256(expected).digest()
-    assert json.loads(result.stdout.splitlines()[-1]) == {"hexDigest": expected.hex()}
+    assert json.loads(result.stdout.splitlines()[-1]) == {"hex_digest": expected.hex()}
     assert "1000/1000 rounds" in result.stderr
 
 
 def test_a_wrong_typed_input_is_refused(served: Served) -> None:
     bad = ajs("submit", "hash", "--input-json", '{"rounds": "many"}', target=served.target)
-    assert bad.returncode == 5
+    assert bad.returncode == 2  # the client tells, from the descriptors: a usage error
     assert "is not a valid ajs.examples.v1.HashRequest" in bad.stderr
     missing = ajs("submit", "hash", target=served.target)
     assert missing.returncode == 5
@@ -283,12 +283,14 @@ def test_serve_with_a_config_file_json_logs_and_a_log_file(tmp_path: Path) -> No
     try:
         failed = ajs("submit", "fail", "--id", "will-fail", "--watch", target=server.target)
         assert failed.returncode == 1
-        assert ajs("health", target=server.target).stdout.strip() == "SERVING"
+        assert ajs("health", target=server.target).stdout.startswith("SERVING\n")
     finally:
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(30)
     lines = [json.loads(line) for line in (tmp_path / "ajs.log").read_text().splitlines()]
-    assert any("effective configuration" in line["message"] and "max_jobs = 2" in line["message"] for line in lines)
+    [summary] = [line["message"] for line in lines if line["message"].startswith("configuration: ")]
+    assert "server.max_jobs = 2 (ajs.toml)" in summary
+    assert 'log.format = "json" (ajs.toml)' in summary
     failure = [line for line in lines if line.get("request_id") == "will-fail"]
     assert failure
     assert "failed as asked" in failure[0]["message"]

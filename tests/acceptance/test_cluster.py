@@ -80,13 +80,13 @@ async def test_submitted_on_a_frontend_run_on_a_worker_watched_on_another_fronte
     assert [worker_pid(r) for r in claimed] == [b.process.pid]
 
 
-async def test_a_worker_only_serves_health(cluster: Cluster) -> None:
+async def test_a_worker_reports_job_service_not_serving_so_balancers_skip_it(cluster: Cluster) -> None:
     cluster.start("all")
     worker = cluster.start("worker")
     async with AsyncClient(worker.target, timeout=2) as client:
         assert await client.health() == "SERVING"
-        with pytest.raises(AjsError, match=r"NOT_FOUND|unknown service"):
-            await client.health("ajs.v1.JobService")
+        assert await client.health("ajs.v1.JobService") == "NOT_SERVING"
+        assert await client.health("ajs.dispatcher") == "SERVING"
 
 
 async def test_sigkill_of_the_worker_mid_job_another_worker_finishes_it(cluster: Cluster) -> None:

@@ -293,6 +293,29 @@ async def test_list_filters_by_state_type_and_parent(connector: Connector) -> No
     assert await ids(JobFilter(types=frozenset({"none"}))) == []
 
 
+@pytest.mark.parametrize("newest_first", [False, True], ids=["oldest-first", "newest-first"])
+async def test_list_pages_in_either_order_with_filters_and_early_ends(connector: Connector, newest_first: bool) -> None:
+    for i in range(9):
+        await connector.enqueue(request(f"r{i}", "odd" if i % 2 else "even"))
+    expected = [f"r{i}" for i in range(0, 9, 2)]
+    expected = expected[::-1] if newest_first else expected
+    seen: list[str] = []
+    cursor = 0
+    while True:
+        page = await connector.list_jobs(JobFilter(types=frozenset({"even"})), 2, cursor, newest_first=newest_first)
+        assert len(page.cursors) == len(page.jobs)
+        seen += [job.request.id for job in page.jobs]
+        if page.next_cursor is None:
+            break
+        assert page.next_cursor == page.cursors[-1]
+        cursor = page.next_cursor
+    assert seen == expected
+    # A caller may end a page early at any job: the cursor of that job starts the rest.
+    whole = await connector.list_jobs(JobFilter(), 9, newest_first=newest_first)
+    rest = await connector.list_jobs(JobFilter(), 9, whole.cursors[3], newest_first=newest_first)
+    assert [job.request.id for job in rest.jobs] == [job.request.id for job in whole.jobs[4:]]
+
+
 async def test_a_full_last_page_has_no_next_cursor(connector: Connector) -> None:
     for i in range(3):
         await connector.enqueue(request(f"r{i}"))

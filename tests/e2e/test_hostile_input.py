@@ -99,6 +99,7 @@ async def test_reads_refuse_what_no_store_can_hold(stub: pb_grpc.JobServiceStub)
         "after_sequence": stub.WatchJob(pb.WatchJobRequest(request_id="known", after_sequence=2**63)).read(),
         "request_id": stub.GetJob(pb.GetJobRequest(request_id="kno\x00wn")),
         "view": stub.GetJob(pb.GetJobRequest(request_id="known", view=7)),  # type: ignore[arg-type]
+        "order_by": stub.ListJobs(pb.ListJobsRequest(order_by="priority desc")),
     }
     for field, call in calls.items():
         with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -509,6 +509,7 @@ class ListJobsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many jobs; 0 means the default (50); larger than 1000 means 1000."""
     page_token: _builtins.str
@@ -519,6 +520,10 @@ class ListJobsRequest(_message.Message):
     """How much of each job to return; BASIC when unspecified. A page also ends
     early (with a next_page_token) before its reply would outgrow the server's
     message size limit.
+    """
+    order_by: _builtins.str
+    """The order (AIP-132): "create_time" (oldest first, the default) or
+    "create_time desc" (newest first).
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RequestState.ValueType]:
@@ -537,10 +542,11 @@ class ListJobsRequest(_message.Message):
         types: _abc.Iterable[_builtins.str] | None = ...,
         parent_id: _builtins.str = ...,
         view: Global___JobView.ValueType = ...,
+        order_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "states", b"states", "types", b"types", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "states", b"states", "types", b"types", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -97,7 +97,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists jobs in submit order, filtered, a page at a time (AIP-158).
+        """Lists jobs in submit order (or newest first), filtered, a page at a time (AIP-158).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

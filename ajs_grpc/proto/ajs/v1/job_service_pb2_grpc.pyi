@@ -50,7 +50,7 @@ class JobServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """Returns one job."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
-    """Lists jobs in submit order, filtered, a page at a time (AIP-158)."""
+    """Lists jobs in submit order (or newest first), filtered, a page at a time (AIP-158)."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
     """Cancels a job. A queued job ends CANCELLED at once; a running job is
     signalled and ends CANCELLED when it stops (or after the grace period).
@@ -79,7 +79,7 @@ class JobServiceAsyncStub(JobServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists jobs in submit order, filtered, a page at a time (AIP-158)."""
+    """Lists jobs in submit order (or newest first), filtered, a page at a time (AIP-158)."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a job. A queued job ends CANCELLED at once; a running job is
     signalled and ends CANCELLED when it stops (or after the grace period).
@@ -129,7 +129,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.ListJobsResponse, _abc.Awaitable[_job_service_pb2.ListJobsResponse]]:
-        """Lists jobs in submit order, filtered, a page at a time (AIP-158)."""
+        """Lists jobs in submit order (or newest first), filtered, a page at a time (AIP-158)."""
 
     @_abc_1.abstractmethod
     def CancelJob(
