@@ -1,36 +1,57 @@
-"""What the SQL connectors share: columns, rows to Jobs, answering a committed batch.
+"""The SQL core: every rule of the SQL connectors, written once, over named queries per dialect.
 
-SQLite and PostgreSQL store the same fields; only their encodings differ (times
-as microseconds or ``timestamptz``, maps as JSON text or ``jsonb``), so each
-connector passes a :class:`Decoding`.
+SQLite and PostgreSQL keep the same rows and follow the same rules; what differs is
+the text of their statements, how values are encoded (times as microseconds or
+``timestamptz``, maps as JSON text or ``jsonb``), how writes are scheduled (a writer
+thread, an async pool) and how driver errors translate. So:
+
+* each store's statements live in ``connectors/queries/<dialect>.sql``, under a
+  name with one line of why (as procrastinate keeps ``sql/queries.sql``); states are
+  written ``${CREATED}``, ``${FINISHED}`` ... and filled in from
+  :class:`~ajs_grpc.model.RequestState`, so no SQL holds a state number of its own;
+* a :class:`Dialect` says how values are encoded and decoded;
+* :class:`SqlConnector` implements the Connector contract once, as operations on a
+  :class:`Session` (run one named query); a subclass only schedules them
+  (:meth:`SqlConnector._write` in a group-committed transaction, each operation in a
+  savepoint of its own; :meth:`SqlConnector._read`).
+
+The operations are ``async`` so that PostgreSQL's can await the driver. SQLite's
+driver is synchronous: its session never awaits, so its writer thread runs each
+operation to completion with :func:`run_to_completion`, without an event loop.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+import re
+import string
+import uuid
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from importlib import resources
+from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf import any_pb2
+from typing_extensions import override
 
-from ajs_grpc.connectors.base import Connector
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
 from ajs_grpc.errors import Code
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
+from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
 
 __all__ = [
     "JOB_WIDTH",
     "MAX_POSITION",
-    "RESPONSE_COLUMNS",
-    "SELECT_JOBS",
     "Decoding",
+    "Dialect",
     "Done",
     "Outcome",
+    "Session",
+    "SqlConnector",
     "deliver",
-    "error_fields",
-    "job_from_row",
-    "response_from_row",
+    "load_queries",
+    "run_to_completion",
 ]
 
 T = TypeVar("T")
@@ -43,15 +64,49 @@ RESPONSE_COLUMNS = (
     "r.sequence, r.create_time, r.state, r.is_final, r.data, r.output_type_url, r.output_value, "
     "r.progress_fraction, r.progress_message, r.error"
 )
-# A job, its last Response, and its lease token (the row's last column).
+# A job, its last Response, and its lease token (the row's last column): ${JOB} in the queries.
 SELECT_JOBS = (
     f"SELECT {JOB_COLUMNS}, {RESPONSE_COLUMNS}, j.lease_token FROM jobs j "
     "JOIN responses r ON r.position = j.position AND r.sequence = j.last_sequence"
 )
 JOB_WIDTH = JOB_COLUMNS.count(",") + 1
+RESPONSE_WIDTH = RESPONSE_COLUMNS.count(",") + 1
 # Above every job's position: the cursor of a newest-first listing's first page.
 MAX_POSITION = 2**63 - 1
-RESPONSE_WIDTH = RESPONSE_COLUMNS.count(",") + 1
+
+S = RequestState
+# The final states are the highest: "state >= ${FINISHED}" is "ended" (as the indexes of
+# databases made before states were named in the queries say it too).
+assert {state for state in S if state.is_final} == {state for state in S if state >= S.FINISHED}
+# What ${NAME} stands for in the query files.
+SUBSTITUTIONS = {
+    **{state.name: str(int(state)) for state in RequestState},
+    "JOB": SELECT_JOBS,
+    "RESPONSE_COLUMNS": RESPONSE_COLUMNS,
+}
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(dialect: str) -> dict[str, tuple[str, ...]]:
+    """The named queries of ``connectors/queries/<dialect>.sql``, each as its statements.
+
+    Raises:
+        ValueError: a query refers to a ``${NAME}`` that is not defined.
+    """
+    text = resources.files("ajs_grpc.connectors").joinpath(f"queries/{dialect}.sql").read_text()
+    parts = _NAME.split(text)  # [preamble, name, body, name, body, ...]
+    queries: dict[str, tuple[str, ...]] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [line for line in body.splitlines() if not line.startswith("--")]
+        try:
+            filled = string.Template("\n".join(lines)).substitute(SUBSTITUTIONS)
+        except KeyError as unknown:
+            raise ValueError(f"query {name} of {dialect}.sql refers to an unknown ${{{unknown.args[0]}}}") from None
+        queries[name] = tuple(statement.strip() for statement in filled.split(";") if statement.strip())
+    return queries
+
+
+# -- rows ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +116,29 @@ class Decoding:
     time: Callable[[Any], datetime | None]
     mapping: Callable[[Any], dict[str, str]]
     record: Callable[[Any], dict[str, Any] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """One store's statements and encodings.
+
+    Attributes:
+        name: the dialect's name (``sqlite``, ``postgres``).
+        queries: its named queries (:func:`load_queries`).
+        time: a datetime (or None) as a query parameter.
+        mapping: a string map (Request or Response data) as a query parameter.
+        record: an error record (a dict, or None) as a query parameter.
+        array: a list (states, types, positions) as a query parameter.
+        decoding: how stored values read back.
+    """
+
+    name: str
+    queries: Mapping[str, tuple[str, ...]]
+    time: Callable[[datetime | None], Any]
+    mapping: Callable[[Mapping[str, str]], Any]
+    record: Callable[[dict[str, Any] | None], Any]
+    array: Callable[[Sequence[Any]], Any]
+    decoding: Decoding
 
 
 def error_fields(error: ErrorStatus | None) -> dict[str, Any] | None:
@@ -101,7 +179,7 @@ def response_from_row(request_id: str, row: Sequence[Any], decoding: Decoding) -
 
 
 def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
-    """A Job from a row of :data:`SELECT_JOBS`."""
+    """A Job from a row of ``${JOB}``."""
     (_, request_id, parent_id, type_, creator, created, data, type_url, value, priority, run_after, max_attempts,
      state, attempt, cancel_requested, updated, due) = row[:JOB_WIDTH]  # fmt: skip
     request = Request(
@@ -127,6 +205,19 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
     )
 
 
+# -- running operations -----------------------------------------------------------------
+
+
+class Session(Protocol):
+    """Runs a dialect's named queries inside the current transaction."""
+
+    async def fetch(self, name: str, params: Mapping[str, Any]) -> list[Sequence[Any]]:
+        """The rows of query ``name`` (of its last statement)."""
+
+    async def execute(self, name: str, params: Mapping[str, Any]) -> int:
+        """Runs query ``name``; how many rows its last statement changed."""
+
+
 @dataclasses.dataclass
 class Done(Generic[T]):
     """What a write did: its result, and whom to tell once it is committed."""
@@ -141,8 +232,26 @@ class Done(Generic[T]):
         return [f"r:{i}" for i in self.responses] + (["w:"] if self.work else []) + [f"c:{i}" for i in self.cancels]
 
 
+Operation = Callable[[Session], Coroutine[Any, Any, T]]
+"""A read, or a write (returning :class:`Done`), on a session."""
+
 Outcome = tuple["asyncio.Future[Any]", Done[Any] | None, BaseException | None]
 """A write's caller, what the committed write did (None if it failed), and its error."""
+
+
+def run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Runs an operation whose session never awaits (SQLite's) to its end, in this thread, without a loop.
+
+    Raises:
+        RuntimeError: the operation awaited something that would need an event loop.
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        result: T = finished.value
+        return result
+    coroutine.close()
+    raise RuntimeError("an operation on a synchronous store awaited something else")
 
 
 def deliver(connector: Connector, outcomes: Iterable[Outcome]) -> None:
@@ -162,3 +271,280 @@ def deliver(connector: Connector, outcomes: Iterable[Outcome]) -> None:
         else:
             assert done is not None
             future.set_result(done.result)
+
+
+# -- the rules, once ----------------------------------------------------------------------
+
+
+class SqlConnector(Connector, abc.ABC):
+    """The Connector contract over a dialect's named queries; subclasses schedule the operations."""
+
+    dialect: Dialect
+
+    @abc.abstractmethod
+    async def _write(self, operation: Operation[Done[T]]) -> T:
+        """Runs a write in a transaction (group-committed, in a savepoint of its own); answers after the commit."""
+
+    @abc.abstractmethod
+    async def _read(self, operation: Operation[T]) -> T:
+        """Runs a read."""
+
+    # -- rows and parameters -------------------------------------------------------------
+
+    def _job(self, row: Sequence[Any]) -> Job:
+        return job_from_row(row, self.dialect.decoding)
+
+    def _response_params(self, response: Response) -> dict[str, Any]:
+        d, output = self.dialect, response.output
+        return {
+            "sequence": response.sequence,
+            "r_create_time": d.time(response.create_time),
+            "r_state": int(response.state),
+            "r_is_final": response.is_final,
+            "r_data": d.mapping(response.data),
+            "r_output_type_url": output.type_url if output is not None else None,
+            "r_output_value": output.value if output is not None else None,
+            "r_progress_fraction": response.progress.fraction if response.progress else None,
+            "r_progress_message": response.progress.message if response.progress else None,
+            "r_error": d.record(error_fields(response.error)),
+        }
+
+    def _state_params(self, job: Job) -> dict[str, Any]:
+        return {
+            "state": int(job.state),
+            "attempt": job.attempt,
+            "cancel_requested": job.cancel_requested,
+            "update_time": self.dialect.time(job.update_time),
+            "due_time": self.dialect.time(job.due_time),
+        }
+
+    async def _save(
+        self, session: Session, position: int, job: Job, response: Response, lease: Mapping[str, Any] | None = None
+    ) -> None:
+        """Stores a job's new state and its new Response.
+
+        ``lease`` (``lease_token``, ``lease_seconds``, ``worker``, ``now``) starts a new
+        lease (a claim); without it a running job keeps its lease and any other releases it.
+        """
+        if lease is not None:
+            query = "save_job_claimed"
+        else:
+            query = "save_job" if job.state is S.PENDING else "save_job_released"
+        params = {"position": position, **self._state_params(job), **self._response_params(response), **(lease or {})}
+        await session.execute(query, params)
+
+    async def _locked(self, session: Session, positions: list[int]) -> list[Sequence[Any]]:
+        return await session.fetch("jobs_at", {"positions": self.dialect.array(positions)})
+
+    async def _find_locked(self, session: Session, request_id: str) -> Sequence[Any] | None:
+        """The row of a job about to change, locked (None if there is none)."""
+        locked = await session.fetch("lock_job", {"id": request_id})
+        if not locked:
+            return None
+        rows = await self._locked(session, [locked[0][0]])
+        return rows[0] if rows else None
+
+    async def _expire_rows(self, session: Session, query: str) -> Done[int]:
+        """Applies :meth:`~ajs_grpc.model.Job.expire` to the jobs ``query`` finds."""
+        rows = await session.fetch(query, {"now": self.dialect.time(now())})
+        done: Done[int] = Done(len(rows))
+        at = now()
+        for row in rows:
+            job, response = self._job(row).expire(at)
+            await self._save(session, row[0], job, response)
+            done.responses.append(job.request.id)
+            done.work = done.work or job.state is S.CREATED
+        return done
+
+    # -- the queue -------------------------------------------------------------------------
+
+    @override
+    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
+        async def write(session: Session) -> Done[tuple[Job, bool]]:
+            found = await session.fetch("find_job", {"id": request.id})
+            if found:
+                return Done(resubmitted(self._job(found[0]), request))
+            if request.parent_id and not await session.fetch("job_exists", {"id": request.parent_id}):
+                raise parent_not_found(request.parent_id)
+            job, first = Job.create(request, max_attempts)
+            stored, d = job.request, self.dialect
+            params = {
+                "id": stored.id,
+                "parent_id": stored.parent_id,
+                "type": stored.type,
+                "creator": stored.creator,
+                "create_time": d.time(stored.create_time),
+                "data": d.mapping(stored.data),
+                "input_type_url": stored.input.type_url if stored.input is not None else None,
+                "input_value": stored.input.value if stored.input is not None else None,
+                "priority": stored.priority,
+                "run_after": d.time(stored.run_after),
+                "max_attempts": max_attempts,
+                **self._state_params(job),
+                **self._response_params(first),
+            }
+            await session.execute("insert_job", params)
+            return Done((job, True), work=True)
+
+        return await self._write(write)
+
+    @override
+    async def claim(
+        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+    ) -> list[Claim]:
+        type_list = sorted(types) if types is not None else []
+
+        async def write(session: Session) -> Done[list[Claim]]:
+            at = now()
+            params = {
+                "now": self.dialect.time(at),
+                "limit": limit,
+                "any_type": types is None,
+                "types": self.dialect.array(type_list),
+            }
+            done: Done[list[Claim]] = Done([])
+            for row in await session.fetch("claim_due", params):
+                job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
+                token = uuid.uuid4().hex
+                held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": self.dialect.time(at)}
+                await self._save(session, row[0], job, response, held)
+                done.result.append(Claim(job, token))
+                done.responses.append(job.request.id)
+            return done
+
+        return await self._write(write)
+
+    @override
+    async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
+        async def write(session: Session) -> Done[Response]:
+            found = await self._find_locked(session, request_id)
+            if found is None:
+                raise self._not_found(request_id)
+            self._check_lease(request_id, found[-1], lease_token)
+            job, response = self._job(found).advance(update)
+            await self._save(session, found[0], job, response)
+            return Done(response, [request_id], work=job.state is S.CREATED)
+
+        return await self._write(write)
+
+    @override
+    async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
+        held = dict(leases)
+
+        async def write(session: Session) -> Done[Renewal]:
+            params = {"leases": self.dialect.mapping(held), "lease_seconds": lease, "now": self.dialect.time(now())}
+            rows = await session.fetch("renew_leases", params)
+            kept = {row[0] for row in rows}
+            cancelled = frozenset(row[0] for row in rows if row[1])
+            return Done(Renewal(frozenset(set(held) - kept), cancelled))
+
+        return await self._write(write)
+
+    @override
+    async def recover_expired(self) -> int:
+        return await self._write(lambda session: self._expire_rows(session, "expired_jobs"))
+
+    @override
+    async def next_due_time(self) -> datetime | None:
+        async def read(session: Session) -> datetime | None:
+            # Claims compare due times with the store's clock: say how far away the next
+            # one is by that clock, then put it on ours.
+            at = now()
+            rows = await session.fetch("next_due", {"now": self.dialect.time(at)})
+            due, store_now = (self.dialect.decoding.time(value) for value in rows[0])
+            if due is None or store_now is None:
+                return None
+            try:  # (a store that compares with our clock answers at: due itself)
+                return at + (due - store_now)
+            except OverflowError:  # due near the end of the calendar (9999-12-31): no clock matters there
+                return due
+
+        return await self._read(read)
+
+    @override
+    async def cancel(self, request_id: str) -> Job:
+        async def write(session: Session) -> Done[Job]:
+            found = await self._find_locked(session, request_id)
+            if found is None:
+                raise self._not_found(request_id)
+            self._job(found).cancel()  # raises if it already ended, before anything changes
+            tree = await session.fetch("cancel_tree", {"id": request_id})
+            done: Done[Job] = Done(self._job(found))
+            for row in await self._locked(session, [row[0] for row in tree]):
+                job, response = self._job(row).cancel()
+                if response is not None:
+                    await self._save(session, row[0], job, response)
+                    done.responses.append(job.request.id)
+                else:
+                    await session.execute("mark_cancel_requested", {"position": row[0]})
+                    done.cancels.append(job.request.id)
+                if job.request.id == request_id:
+                    done.result = job
+            return done
+
+        return await self._write(write)
+
+    @override
+    async def prune(self, before: datetime) -> int:
+        async def write(session: Session) -> Done[int]:
+            # Leaves first, again and again: a job with a child left keeps its id taken.
+            total = 0
+            while deleted := await session.execute("delete_ended", {"before": self.dialect.time(before)}):
+                total += deleted
+            return Done(total)
+
+        return await self._write(write)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @override
+    async def get(self, request_id: str) -> Job:
+        async def read(session: Session) -> Job:
+            rows = await session.fetch("find_job", {"id": request_id})
+            if not rows:
+                raise self._not_found(request_id)
+            return self._job(rows[0])
+
+        return await self._read(read)
+
+    @override
+    async def list_jobs(
+        self, job_filter: JobFilter, page_size: int, after: int = 0, *, newest_first: bool = False
+    ) -> Page:
+        d = self.dialect
+        params = {
+            "after": (after or MAX_POSITION) if newest_first else after,
+            "states": d.array(sorted(int(state) for state in job_filter.states)),
+            "types": d.array(sorted(job_filter.types)),
+            "parent_id": job_filter.parent_id,
+            "creator": job_filter.creator,
+            "limit": page_size + 1,
+        }
+        query = "list_jobs_newest_first" if newest_first else "list_jobs"
+
+        async def read(session: Session) -> Page:
+            rows = await session.fetch(query, params)
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            return Page([self._job(row) for row in rows], rows[-1][0] if more else None, [row[0] for row in rows])
+
+        return await self._read(read)
+
+    @override
+    async def count_jobs(self, state: RequestState, creator: str = "") -> int:
+        async def read(session: Session) -> int:
+            rows = await session.fetch("count_jobs", {"state": int(state), "creator": creator})
+            return int(rows[0][0])
+
+        return await self._read(read)
+
+    @override
+    async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:
+        async def read(session: Session) -> list[Response]:
+            params = {"id": request_id, "after": after_sequence, "limit": limit}
+            rows = await session.fetch("responses_after", params)
+            if not rows and not await session.fetch("job_exists", {"id": request_id}):
+                raise self._not_found(request_id)
+            return [response_from_row(request_id, row, self.dialect.decoding) for row in rows]
+
+        return await self._read(read)

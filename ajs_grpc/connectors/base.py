@@ -19,10 +19,19 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from datetime import datetime
 from typing import ClassVar, Protocol
 
-from ajs_grpc.errors import FailedPrecondition, NotFound
+from ajs_grpc.errors import AlreadyExists, FailedPrecondition, NotFound
 from ajs_grpc.model import Job, Request, RequestState, Response, Update
 
-__all__ = ["Claim", "Connector", "ConnectorListener", "JobFilter", "Page", "Renewal"]
+__all__ = [
+    "Claim",
+    "Connector",
+    "ConnectorListener",
+    "JobFilter",
+    "Page",
+    "Renewal",
+    "parent_not_found",
+    "resubmitted",
+]
 
 # Responses read from storage per round trip of a watch. It bounds what one watcher
 # holds at once: on SQLite and PostgreSQL each watcher reads its own copies, so a few
@@ -31,6 +40,28 @@ __all__ = ["Claim", "Connector", "ConnectorListener", "JobFilter", "Page", "Rene
 # (issue 9, defect 14: +2.4 MiB per 300 streams on a running job); 32 keeps it
 # small, at one more read per 32 Responses replayed.
 WATCH_BATCH = 32
+
+
+def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
+    """The answer to a submit whose id is taken: the existing job, if it asks for the same work.
+
+    Raises:
+        AlreadyExists: the id is taken by a request with other content.
+    """
+    if existing.request.same_content(request):
+        return existing, False
+    raise AlreadyExists(
+        f"request {request.id!r} exists with different content",
+        reason="REQUEST_ID_TAKEN",
+        metadata={"request_id": request.id},
+    )
+
+
+def parent_not_found(parent_id: str) -> NotFound:
+    """The error of a submit whose parent does not exist."""
+    return NotFound(
+        f"parent request {parent_id!r} does not exist", reason="PARENT_NOT_FOUND", metadata={"parent_id": parent_id}
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,7 @@ from datetime import datetime, timedelta
 
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
-from ajs_grpc.errors import AlreadyExists, NotFound
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
 from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
 
 __all__ = ["MemoryConnector"]
@@ -85,19 +84,9 @@ class MemoryConnector(Connector):
     async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
         existing = self._entries.get(request.id)
         if existing is not None:
-            if existing.job.request.same_content(request):
-                return existing.job, False
-            raise AlreadyExists(
-                f"request {request.id!r} exists with different content",
-                reason="REQUEST_ID_TAKEN",
-                metadata={"request_id": request.id},
-            )
+            return resubmitted(existing.job, request)
         if request.parent_id and request.parent_id not in self._entries:
-            raise NotFound(
-                f"parent request {request.parent_id!r} does not exist",
-                reason="PARENT_NOT_FOUND",
-                metadata={"parent_id": request.parent_id},
-            )
+            raise parent_not_found(request.parent_id)
         job, first = Job.create(request, max_attempts)
         self._order.append(request.id)
         entry = _Entry(job, len(self._order), [first])

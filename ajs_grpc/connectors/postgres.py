@@ -24,37 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from typing_extensions import override
 
 from ajs_grpc.connectors._pgnames import channel_name, check_schema_name
-from ajs_grpc.connectors._sql import (
-    MAX_POSITION,
-    RESPONSE_COLUMNS,
-    SELECT_JOBS,
-    Decoding,
-    Done,
-    Outcome,
-    deliver,
-    error_fields,
-    job_from_row,
-    response_from_row,
-)
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal
-from ajs_grpc.errors import (
-    AjsError,
-    AlreadyExists,
-    ConnectorError,
-    Internal,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
-from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
+from ajs_grpc.connectors._sql import Decoding, Dialect, Done, Operation, Outcome, SqlConnector, deliver, load_queries
+from ajs_grpc.errors import AjsError, ConnectorError, Internal, ResourceExhausted, Unavailable
 
 try:
     import psycopg
@@ -83,95 +60,24 @@ RELISTEN_BACKOFF = 0.5
 # Any constant: instances take this advisory lock while they migrate.
 MIGRATION_LOCK = 0x414A5331
 
-MIGRATIONS: list[str] = [
-    # 1: jobs and their Responses.
-    """
-    CREATE TABLE schema_version (
-        version      integer PRIMARY KEY,
-        applied_time timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE jobs (
-        position         bigserial PRIMARY KEY,
-        id               text        NOT NULL UNIQUE,
-        parent_id        text        NOT NULL,
-        type             text        NOT NULL,
-        creator          text        NOT NULL,
-        create_time      timestamptz NOT NULL,
-        data             jsonb       NOT NULL,
-        input_type_url   text,
-        input_value      bytea,
-        priority         integer     NOT NULL,
-        run_after        timestamptz,
-        max_attempts     integer     NOT NULL,
-        state            smallint    NOT NULL,
-        attempt          integer     NOT NULL,
-        cancel_requested boolean     NOT NULL,
-        update_time      timestamptz NOT NULL,
-        due_time         timestamptz,
-        last_sequence    integer     NOT NULL,
-        lease_token      text,
-        lease_expires    timestamptz,
-        worker           text
-    );
-    CREATE INDEX jobs_ready ON jobs (priority DESC, position) WHERE state = 1;
-    CREATE INDEX jobs_due ON jobs (due_time) WHERE state = 1;
-    CREATE INDEX jobs_leases ON jobs (lease_expires) WHERE state = 2;
-    CREATE INDEX jobs_ended ON jobs (update_time) WHERE state >= 3;
-    CREATE INDEX jobs_parent ON jobs (parent_id, position) WHERE parent_id <> '';
-    CREATE INDEX jobs_state ON jobs (state, position);
-    CREATE TABLE responses (
-        position          bigint      NOT NULL REFERENCES jobs (position) ON DELETE CASCADE,
-        sequence          integer     NOT NULL,
-        create_time       timestamptz NOT NULL,
-        state             smallint    NOT NULL,
-        is_final          boolean     NOT NULL,
-        data              jsonb       NOT NULL,
-        output_type_url   text,
-        output_value      bytea,
-        progress_fraction double precision,
-        progress_message  text,
-        error             jsonb,
-        PRIMARY KEY (position, sequence)
-    )
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+QUERIES = load_queries("postgres")
+SCHEMA_VERSION = sum(name.startswith("migration_") for name in QUERIES)
 
 
 def _jsonb(record: dict[str, Any] | None) -> Jsonb | None:
     return None if record is None else Jsonb(record)
 
 
-_RESPONSE_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
-
-
-def _response_values(response: Response) -> tuple[Any, ...]:
-    """A Response's columns after ``position``, in table order."""
-    output = response.output
-    return (
-        response.sequence,
-        response.create_time,
-        int(response.state),
-        response.is_final,
-        Jsonb(dict(response.data)),
-        output.type_url if output is not None else None,
-        output.value if output is not None else None,
-        response.progress.fraction if response.progress else None,
-        response.progress.message if response.progress else None,
-        _jsonb(error_fields(response.error)),
-    )
-
-
 # psycopg reads timestamptz and jsonb back as datetimes and dicts already.
-_DECODING = Decoding(time=lambda value: value, mapping=lambda value: value, record=lambda value: value)
-
-
-def _job(row: Sequence[Any]) -> Job:
-    return job_from_row(row, _DECODING)
-
-
-def _response(request_id: str, row: Sequence[Any]) -> Response:
-    return response_from_row(request_id, row, _DECODING)
+DIALECT = Dialect(
+    name="postgres",
+    queries=QUERIES,
+    time=lambda at: at,
+    mapping=lambda mapping: Jsonb(dict(mapping)),
+    record=_jsonb,
+    array=list,
+    decoding=Decoding(time=lambda value: value, mapping=lambda value: value, record=lambda value: value),
+)
 
 
 def translate(error: psycopg.Error, doing: str) -> AjsError:
@@ -184,10 +90,27 @@ def translate(error: psycopg.Error, doing: str) -> AjsError:
     return ConnectorError(message, reason="STORAGE_ERROR")
 
 
-_Write = Callable[[psycopg.AsyncConnection[Any]], Awaitable[Done[Any]]]
+class _Session:
+    """Runs named queries on a pooled connection."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        self.connection = connection
+
+    async def fetch(self, name: str, params: Mapping[str, Any]) -> list[Sequence[Any]]:
+        [statement] = QUERIES[name]
+        cursor = await self.connection.execute(statement, params)
+        rows: list[Sequence[Any]] = await cursor.fetchall()
+        return rows
+
+    async def execute(self, name: str, params: Mapping[str, Any]) -> int:
+        [statement] = QUERIES[name]
+        return (await self.connection.execute(statement, params)).rowcount
 
 
-class PostgresConnector(Connector):
+_Write = Operation[Done[Any]]
+
+
+class PostgresConnector(SqlConnector):
     """The shared queue in PostgreSQL.
 
     Args:
@@ -200,6 +123,7 @@ class PostgresConnector(Connector):
     """
 
     name = "postgres"
+    dialect = DIALECT
 
     def __init__(
         self,
@@ -328,9 +252,8 @@ class PostgresConnector(Connector):
                     reason="SCHEMA_TOO_NEW",
                 )
             for number in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[number - 1].split(";"):
-                    if statement.strip():
-                        await connection.execute(statement)
+                for statement in QUERIES[f"migration_{number}"]:
+                    await connection.execute(statement)
                 await connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
                 log.info("migrated schema %s to version %d", self.schema, number)
         return max(version, SCHEMA_VERSION)
@@ -395,11 +318,12 @@ class PostgresConnector(Connector):
 
     # -- writing -----------------------------------------------------------------------
 
-    async def _write(self, write: Callable[[psycopg.AsyncConnection[Any]], Awaitable[Done[T]]]) -> T:
+    @override
+    async def _write(self, operation: Operation[Done[T]]) -> T:
         if self._pool is None:
             raise Unavailable("the PostgreSQL connector is not open", reason="STORAGE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((write, future))
+        self._queue.put_nowait((operation, future))
         return await future
 
     async def _write_loop(self) -> None:
@@ -430,8 +354,9 @@ class PostgresConnector(Connector):
         outcomes: list[Outcome] = []
         async with self._pool.connection() as connection, connection.transaction():
             events: list[str] = []
+            session = _Session(connection)
             for write, future in batch:
-                done, error = await self._apply(connection, write)
+                done, error = await self._apply(connection, session, write)
                 outcomes.append((future, done, error))
                 if done is not None:
                     events += done.events()
@@ -443,7 +368,7 @@ class PostgresConnector(Connector):
 
     @staticmethod
     async def _apply(
-        connection: psycopg.AsyncConnection[Any], write: _Write
+        connection: psycopg.AsyncConnection[Any], session: _Session, write: _Write
     ) -> tuple[Done[Any] | None, AjsError | None]:
         """Runs one write of a batch in a savepoint of its own, so that it fails alone.
 
@@ -454,7 +379,7 @@ class PostgresConnector(Connector):
         for attempt in range(3):
             try:
                 async with connection.transaction():  # a SAVEPOINT inside the batch's transaction
-                    return await write(connection), None
+                    return await write(session), None
             except AjsError as error:  # the write's own refusal; its savepoint was rolled back
                 return None, error
             except (psycopg.errors.IntegrityError, psycopg.errors.TransactionRollback) as error:
@@ -470,360 +395,19 @@ class PostgresConnector(Connector):
                 return None, Internal(f"could not write to the queue: {error}", reason="INTERNAL_ERROR")
         raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _find(connection: psycopg.AsyncConnection[Any], request_id: str, lock: bool = True) -> Any:
-        """The row of :data:`SELECT_JOBS` for ``request_id`` (None if none), locked unless ``lock`` is False."""
-        if not lock:
-            return await (await connection.execute(f"{SELECT_JOBS} WHERE j.id = %s", (request_id,))).fetchone()
-        locked = await (
-            await connection.execute("SELECT position FROM jobs WHERE id = %s FOR UPDATE", (request_id,))
-        ).fetchone()
-        if locked is None:
-            return None
-        return await PostgresConnector._read_locked(connection, [locked[0]], one=True)
-
-    @staticmethod
-    async def _read_locked(connection: psycopg.AsyncConnection[Any], positions: list[int], *, one: bool = False) -> Any:
-        """The rows of jobs this transaction has locked, read after the lock.
-
-        Locking and reading are two statements on purpose: a ``FOR UPDATE`` that waits
-        for another transaction re-checks only the locked table's row against its
-        conditions (EvalPlanQual), with the *old* joined Response, so a join with the
-        job's last Response fails once that transaction committed a new one, and the job
-        looked missing (a cancel racing a claim answered NOT_FOUND). A new statement
-        sees what the other transaction committed.
-        """
-        cursor = await connection.execute(f"{SELECT_JOBS} WHERE j.position = ANY(%s) ORDER BY j.position", (positions,))
-        return await (cursor.fetchone() if one else cursor.fetchall())
-
-    @staticmethod
-    async def _save(
-        connection: psycopg.AsyncConnection[Any],
-        position: int,
-        job: Job,
-        response: Response,
-        lease: tuple[str, float, str] | None = None,
-    ) -> None:
-        """Stores a job's new state and Response in one statement; ``lease`` is (token, seconds, worker)."""
-        if lease is not None:
-            token, seconds, worker = lease
-            lease_sql = ", lease_token = %s, lease_expires = clock_timestamp() + %s * interval '1 second', worker = %s"
-            lease_args: tuple[Any, ...] = (token, seconds, worker)
-        elif job.state is RequestState.PENDING:
-            lease_sql, lease_args = "", ()
-        else:
-            lease_sql, lease_args = ", lease_token = NULL, lease_expires = NULL, worker = NULL", ()
-        await connection.execute(
-            "WITH saved AS (UPDATE jobs SET state = %s, attempt = %s, cancel_requested = %s, update_time = %s, "
-            f"due_time = %s, last_sequence = %s{lease_sql} WHERE position = %s RETURNING position) "
-            f"INSERT INTO responses SELECT saved.position, {_RESPONSE_VALUES} FROM saved",
-            (
-                int(job.state),
-                job.attempt,
-                job.cancel_requested,
-                job.update_time,
-                job.due_time,
-                response.sequence,
-                *lease_args,
-                position,
-                *_response_values(response),
-            ),
-        )
-
-    # -- the queue -------------------------------------------------------------------------
-
-    @override
-    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[tuple[Job, bool]]:
-            found = await self._find(connection, request.id, lock=False)
-            if found is not None:
-                existing = _job(found)
-                if existing.request.same_content(request):
-                    return Done((existing, False))
-                raise AlreadyExists(
-                    f"request {request.id!r} exists with different content",
-                    reason="REQUEST_ID_TAKEN",
-                    metadata={"request_id": request.id},
-                )
-            if (
-                request.parent_id
-                and not await (
-                    await connection.execute("SELECT 1 FROM jobs WHERE id = %s", (request.parent_id,))
-                ).fetchone()
-            ):
-                raise NotFound(
-                    f"parent request {request.parent_id!r} does not exist",
-                    reason="PARENT_NOT_FOUND",
-                    metadata={"parent_id": request.parent_id},
-                )
-            job, first = Job.create(request, max_attempts)
-            stored = job.request
-            await connection.execute(
-                "WITH added AS (INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, "
-                "input_value, priority, run_after, max_attempts, state, attempt, cancel_requested, update_time, "
-                "due_time, last_sequence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, false, %s, %s, 1) "
-                f"RETURNING position) INSERT INTO responses SELECT added.position, {_RESPONSE_VALUES} FROM added",
-                (
-                    stored.id,
-                    stored.parent_id,
-                    stored.type,
-                    stored.creator,
-                    stored.create_time,
-                    Jsonb(dict(stored.data)),
-                    stored.input.type_url if stored.input is not None else None,
-                    stored.input.value if stored.input is not None else None,
-                    stored.priority,
-                    stored.run_after,
-                    max_attempts,
-                    int(job.state),
-                    job.update_time,
-                    job.due_time,
-                    *_response_values(first),
-                ),
-            )
-            return Done((job, True), work=True)
-
-        return await self._write(write)
-
-    @override
-    async def claim(
-        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
-    ) -> list[Claim]:
-        type_list = list(types) if types is not None else None
-
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[list[Claim]]:
-            condition = "j.state = 1 AND j.due_time <= clock_timestamp()"
-            args: list[Any] = []
-            if type_list is not None:
-                condition += " AND j.type = ANY(%s)"
-                args.append(type_list)
-            rows = await (
-                await connection.execute(
-                    f"{SELECT_JOBS} WHERE {condition} ORDER BY j.priority DESC, j.position LIMIT %s "
-                    "FOR UPDATE OF j SKIP LOCKED",
-                    (*args, limit),
-                )
-            ).fetchall()
-            done: Done[list[Claim]] = Done([])
-            at = now()
-            for row in rows:
-                job, response = _job(row).advance(Update(RequestState.PENDING, data={"worker": worker}), at)
-                token = uuid.uuid4().hex
-                await self._save(connection, row[0], job, response, (token, lease, worker))
-                done.result.append(Claim(job, token))
-                done.responses.append(job.request.id)
-            return done
-
-        return await self._write(write)
-
-    @override
-    async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[Response]:
-            found = await self._find(connection, request_id)
-            if found is None:
-                raise self._not_found(request_id)
-            self._check_lease(request_id, found[-1], lease_token)
-            job, response = _job(found).advance(update)
-            await self._save(connection, found[0], job, response)
-            return Done(response, [request_id], work=job.state is RequestState.CREATED)
-
-        return await self._write(write)
-
-    @override
-    async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
-        ids, tokens = list(leases), [leases[i] for i in leases]
-
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[Renewal]:
-            rows = await (
-                await connection.execute(
-                    "UPDATE jobs j SET lease_expires = clock_timestamp() + %s * interval '1 second' "
-                    "FROM unnest(%s::text[], %s::text[]) AS held(id, token) "
-                    "WHERE j.id = held.id AND j.lease_token = held.token AND j.state = 2 "
-                    "RETURNING j.id, j.cancel_requested",
-                    (lease, ids, tokens),
-                )
-            ).fetchall()
-            held = {row[0] for row in rows}
-            cancelled = frozenset(row[0] for row in rows if row[1])
-            return Done(Renewal(frozenset(set(ids) - held), cancelled))
-
-        return await self._write(write)
-
-    @override
-    async def recover_expired(self) -> int:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[int]:
-            rows = await (
-                await connection.execute(
-                    f"{SELECT_JOBS} WHERE j.state = 2 AND j.lease_expires <= clock_timestamp() "
-                    "FOR UPDATE OF j SKIP LOCKED"
-                )
-            ).fetchall()
-            done: Done[int] = Done(len(rows))
-            at = now()
-            for row in rows:
-                job, response = _job(row).expire(at)
-                await self._save(connection, row[0], job, response)
-                done.responses.append(job.request.id)
-                done.work = done.work or job.state is RequestState.CREATED
-            return done
-
-        return await self._write(write)
-
-    @override
-    async def next_due_time(self) -> datetime | None:
-        async def read(connection: psycopg.AsyncConnection[Any]) -> datetime | None:
-            # Claims compare due times with the database's clock: say how far away the
-            # next one is by that clock, then put it on ours.
-            row = await (
-                await connection.execute("SELECT min(due_time), clock_timestamp() FROM jobs WHERE state = 1")
-            ).fetchone()
-            if row is None or row[0] is None:
-                return None
-            due: datetime = row[0]
-            database_now: datetime = row[1]
-            try:
-                return now() + (due - database_now)
-            except OverflowError:  # due near the end of the calendar (9999-12-31): no clock matters there
-                return due
-
-        return await self._read(read)
-
-    @override
-    async def cancel(self, request_id: str) -> Job:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[Job]:
-            found = await self._find(connection, request_id)
-            if found is None:
-                raise self._not_found(request_id)
-            _job(found).cancel()  # raises if it already ended, before anything changes
-            locked = await (
-                await connection.execute(
-                    "WITH RECURSIVE tree(id) AS (SELECT %s::text UNION "
-                    "SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id) "
-                    "SELECT position FROM jobs WHERE id IN (SELECT id FROM tree) AND state IN (1, 2) "
-                    "ORDER BY position FOR UPDATE",
-                    (request_id,),
-                )
-            ).fetchall()
-            rows = await self._read_locked(connection, [row[0] for row in locked])
-            done: Done[Job] = Done(_job(found))
-            for row in rows:
-                job, response = _job(row).cancel()
-                if response is not None:
-                    await self._save(connection, row[0], job, response)
-                    done.responses.append(job.request.id)
-                else:
-                    await connection.execute("UPDATE jobs SET cancel_requested = true WHERE position = %s", (row[0],))
-                    done.cancels.append(job.request.id)
-                if job.request.id == request_id:
-                    done.result = job
-            return done
-
-        return await self._write(write)
-
-    @override
-    async def prune(self, before: datetime) -> int:
-        async def write(connection: psycopg.AsyncConnection[Any]) -> Done[int]:
-            # Leaves first, again and again: a job with a child left keeps its id taken.
-            total = 0
-            while True:
-                cursor = await connection.execute(
-                    "DELETE FROM jobs j WHERE state >= 3 AND update_time < %s "
-                    "AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id)",
-                    (before,),
-                )
-                if not cursor.rowcount:
-                    return Done(total)
-                total += cursor.rowcount
-
-        return await self._write(write)
-
     # -- reading -----------------------------------------------------------------------------
 
-    async def _read(self, read: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+    @override
+    async def _read(self, operation: Operation[T]) -> T:
         if self._pool is None:
             raise Unavailable("the PostgreSQL connector is not open", reason="STORAGE_CLOSED")
         for attempt in range(2):
             try:
                 async with self._pool.connection() as connection:
-                    return await read(connection)
+                    return await operation(_Session(connection))
             except psycopg.OperationalError as error:
                 if attempt:  # the second connection failed too: the database is away
                     raise translate(error, "could not read the queue") from error
             except psycopg.Error as error:
                 raise translate(error, "could not read the queue") from error
         raise AssertionError("unreachable")
-
-    @override
-    async def get(self, request_id: str) -> Job:
-        async def read(connection: psycopg.AsyncConnection[Any]) -> Job:
-            row = await self._find(connection, request_id, lock=False)
-            if row is None:
-                raise self._not_found(request_id)
-            return _job(row)
-
-        return await self._read(read)
-
-    @override
-    async def list_jobs(
-        self, job_filter: JobFilter, page_size: int, after: int = 0, *, newest_first: bool = False
-    ) -> Page:
-        condition = f"j.position {'<' if newest_first else '>'} %s"
-        args: list[Any] = [after or MAX_POSITION if newest_first else after]
-        if job_filter.states:
-            condition += " AND j.state = ANY(%s)"
-            args.append([int(state) for state in job_filter.states])
-        if job_filter.types:
-            condition += " AND j.type = ANY(%s)"
-            args.append(list(job_filter.types))
-        if job_filter.parent_id:
-            condition += " AND j.parent_id = %s"
-            args.append(job_filter.parent_id)
-        if job_filter.creator:
-            condition += " AND j.creator = %s"
-            args.append(job_filter.creator)
-
-        order = "DESC" if newest_first else "ASC"
-
-        async def read(connection: psycopg.AsyncConnection[Any]) -> Page:
-            rows = await (
-                await connection.execute(
-                    f"{SELECT_JOBS} WHERE {condition} ORDER BY j.position {order} LIMIT %s", (*args, page_size + 1)
-                )
-            ).fetchall()
-            more = len(rows) > page_size
-            rows = rows[:page_size]
-            return Page([_job(row) for row in rows], rows[-1][0] if more else None, [row[0] for row in rows])
-
-        return await self._read(read)
-
-    @override
-    async def count_jobs(self, state: RequestState, creator: str = "") -> int:
-        async def read(connection: psycopg.AsyncConnection[Any]) -> int:
-            row = await (
-                await connection.execute(
-                    "SELECT count(*) FROM jobs WHERE state = %s AND (%s = '' OR creator = %s)",
-                    (int(state), creator, creator),
-                )
-            ).fetchone()
-            return int(row[0]) if row else 0
-
-        return await self._read(read)
-
-    @override
-    async def responses(self, request_id: str, after_sequence: int, limit: int) -> list[Response]:
-        async def read(connection: psycopg.AsyncConnection[Any]) -> list[Response]:
-            found = await (
-                await connection.execute("SELECT position FROM jobs WHERE id = %s", (request_id,))
-            ).fetchone()
-            if found is None:
-                raise self._not_found(request_id)
-            rows = await (
-                await connection.execute(
-                    f"SELECT {RESPONSE_COLUMNS} FROM responses r WHERE r.position = %s AND r.sequence > %s "
-                    "ORDER BY r.sequence LIMIT %s",
-                    (found[0], after_sequence, limit),
-                )
-            ).fetchall()
-            return [_response(request_id, row) for row in rows]
-
-        return await self._read(read)

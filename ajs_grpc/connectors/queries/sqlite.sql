@@ -1,0 +1,192 @@
+-- The SQLite connector's statements, by name (see ajs_grpc/connectors/sqlcore.py).
+--
+-- A query is introduced by "-- name: NAME" and one line of why; it holds one statement
+-- or several (run in order, the last one's rows answered). Parameters are :named.
+-- ${CREATED}, ${PENDING}, ${FINISHED} ... are the states of ajs_grpc.model.RequestState,
+-- ${JOB} selects a job with its last Response and its lease token (one row layout for
+-- every SQL connector, ajs_grpc/connectors/_sql.py). Times are microseconds since the
+-- epoch (integers), maps and lists JSON text. The writer thread holds the database's
+-- write lock for a whole batch, so "lock" queries need no row locks here.
+
+-- name: migration_1
+-- Schema version 1: jobs and their Responses; partial indexes for the queue's hot paths.
+CREATE TABLE schema_version (
+    version      INTEGER PRIMARY KEY,
+    applied_time INTEGER NOT NULL
+);
+CREATE TABLE jobs (
+    position         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT    NOT NULL UNIQUE,
+    parent_id        TEXT    NOT NULL,
+    type             TEXT    NOT NULL,
+    creator          TEXT    NOT NULL,
+    create_time      INTEGER NOT NULL,
+    data             TEXT    NOT NULL,
+    input_type_url   TEXT,
+    input_value      BLOB,
+    priority         INTEGER NOT NULL,
+    run_after        INTEGER,
+    max_attempts     INTEGER NOT NULL,
+    state            INTEGER NOT NULL,
+    attempt          INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL,
+    update_time      INTEGER NOT NULL,
+    due_time         INTEGER,
+    last_sequence    INTEGER NOT NULL,
+    lease_token      TEXT,
+    lease_expires    INTEGER,
+    worker           TEXT
+);
+CREATE INDEX jobs_ready ON jobs (priority DESC, position) WHERE state = ${CREATED};
+CREATE INDEX jobs_due ON jobs (due_time) WHERE state = ${CREATED};
+CREATE INDEX jobs_leases ON jobs (lease_expires) WHERE state = ${PENDING};
+CREATE INDEX jobs_ended ON jobs (update_time) WHERE state >= ${FINISHED};
+CREATE INDEX jobs_parent ON jobs (parent_id, position) WHERE parent_id != '';
+CREATE INDEX jobs_state ON jobs (state, position);
+CREATE TABLE responses (
+    position          INTEGER NOT NULL,
+    sequence          INTEGER NOT NULL,
+    create_time       INTEGER NOT NULL,
+    state             INTEGER NOT NULL,
+    is_final          INTEGER NOT NULL,
+    data              TEXT    NOT NULL,
+    output_type_url   TEXT,
+    output_value      BLOB,
+    progress_fraction REAL,
+    progress_message  TEXT,
+    error             TEXT,
+    PRIMARY KEY (position, sequence)
+) WITHOUT ROWID
+
+-- name: find_job
+-- A job by id, for reads and for the idempotence check of a submit.
+${JOB} WHERE j.id = :id
+
+-- name: lock_job
+-- The position of a job about to change (the writer already holds the database's lock).
+SELECT position FROM jobs WHERE id = :id
+
+-- name: jobs_at
+-- Jobs by position, read after they were locked.
+${JOB} WHERE j.position IN (SELECT value FROM json_each(:positions)) ORDER BY j.position
+
+-- name: job_exists
+-- Whether a parent named by a submit exists.
+SELECT 1 FROM jobs WHERE id = :id
+
+-- name: insert_job
+-- A new job and its first Response.
+INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, priority,
+                  run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time,
+                  last_sequence)
+VALUES (:id, :parent_id, :type, :creator, :create_time, :data, :input_type_url, :input_value, :priority,
+        :run_after, :max_attempts, :state, :attempt, :cancel_requested, :update_time, :due_time, :sequence);
+INSERT INTO responses VALUES (last_insert_rowid(), :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
+                              :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
+                              :r_error)
+
+-- name: save_job
+-- A running job's new Response (progress): its lease stays.
+UPDATE jobs SET state = :state, attempt = :attempt, cancel_requested = :cancel_requested,
+                update_time = :update_time, due_time = :due_time, last_sequence = :sequence
+ WHERE position = :position;
+INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
+                              :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
+                              :r_error)
+
+-- name: save_job_claimed
+-- A job claimed: PENDING under a new lease of :lease_seconds from :now.
+UPDATE jobs SET state = :state, attempt = :attempt, cancel_requested = :cancel_requested,
+                update_time = :update_time, due_time = :due_time, last_sequence = :sequence,
+                lease_token = :lease_token, lease_expires = :now + CAST(:lease_seconds * 1000000 AS INTEGER),
+                worker = :worker
+ WHERE position = :position;
+INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
+                              :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
+                              :r_error)
+
+-- name: save_job_released
+-- A job no longer running (queued again, or ended): its lease is released.
+UPDATE jobs SET state = :state, attempt = :attempt, cancel_requested = :cancel_requested,
+                update_time = :update_time, due_time = :due_time, last_sequence = :sequence,
+                lease_token = NULL, lease_expires = NULL, worker = NULL
+ WHERE position = :position;
+INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
+                              :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
+                              :r_error)
+
+-- name: claim_due
+-- Due queued jobs, highest priority first, then in submit order; only :types unless :any_type.
+${JOB}
+ WHERE j.state = ${CREATED} AND j.due_time <= :now
+   AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+ ORDER BY j.priority DESC, j.position
+ LIMIT :limit
+
+-- name: renew_leases
+-- Extends the leases still held ({id: token} in :leases); says which were asked to cancel.
+UPDATE jobs SET lease_expires = :now + CAST(:lease_seconds * 1000000 AS INTEGER)
+  FROM json_each(:leases) AS held
+ WHERE jobs.id = held.key AND jobs.lease_token = held.value AND jobs.state = ${PENDING}
+RETURNING jobs.id, jobs.cancel_requested
+
+-- name: expired_jobs
+-- Running jobs whose lease ran out (their server died or hung).
+${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= :now
+
+-- name: orphaned_jobs
+-- At open: every running job belonged to the previous server (the file lock proves it gone).
+${JOB} WHERE j.state = ${PENDING}
+
+-- name: next_due
+-- The earliest due time of the queued jobs, and the clock it compares with.
+SELECT min(due_time), :now FROM jobs WHERE state = ${CREATED}
+
+-- name: cancel_tree
+-- A job and its unfinished descendants, to cancel them together.
+WITH RECURSIVE tree(id) AS (SELECT :id UNION SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id)
+SELECT position FROM jobs WHERE id IN tree AND state IN (${CREATED}, ${PENDING}) ORDER BY position
+
+-- name: mark_cancel_requested
+-- A running job a client cancelled: its dispatcher stops it.
+UPDATE jobs SET cancel_requested = 1 WHERE position = :position
+
+-- name: delete_ended
+-- Ended jobs older than :before without children left (leaves first: run until none is left).
+DELETE FROM responses WHERE position IN (
+    SELECT position FROM jobs j WHERE state >= ${FINISHED} AND update_time < :before
+       AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id));
+DELETE FROM jobs WHERE position IN (
+    SELECT position FROM jobs j WHERE state >= ${FINISHED} AND update_time < :before
+       AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id))
+
+-- name: list_jobs
+-- A page of jobs in submit order after cursor :after; an empty filter matches anything.
+${JOB}
+ WHERE j.position > :after
+   AND (:states = '[]' OR j.state IN (SELECT value FROM json_each(:states)))
+   AND (:types = '[]' OR j.type IN (SELECT value FROM json_each(:types)))
+   AND (:parent_id = '' OR j.parent_id = :parent_id)
+   AND (:creator = '' OR j.creator = :creator)
+ ORDER BY j.position
+ LIMIT :limit
+
+-- name: list_jobs_newest_first
+-- A page of jobs, newest first, before cursor :after; an empty filter matches anything.
+${JOB}
+ WHERE j.position < :after
+   AND (:states = '[]' OR j.state IN (SELECT value FROM json_each(:states)))
+   AND (:types = '[]' OR j.type IN (SELECT value FROM json_each(:types)))
+   AND (:parent_id = '' OR j.parent_id = :parent_id)
+   AND (:creator = '' OR j.creator = :creator)
+ ORDER BY j.position DESC
+ LIMIT :limit
+
+-- name: count_jobs
+-- Jobs in one state (the queue depth, a principal's queued jobs).
+SELECT count(*) FROM jobs WHERE state = :state AND (:creator = '' OR creator = :creator)
+
+-- name: responses_after
+-- A job's stored Responses after a sequence, in order (a page of a watch).
+SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.position
+ WHERE j.id = :id AND r.sequence > :after ORDER BY r.sequence LIMIT :limit
