@@ -5,7 +5,7 @@ them in a connector, runs them through an ordered chain of request handlers,
 and streams each job's Responses live to anyone who watches.
 """
 
-from ajs_grpc.errors import (
+from ajs_grpc.core.errors import (
     AjsError,
     AlreadyExists,
     Code,
@@ -15,7 +15,7 @@ from ajs_grpc.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ajs_grpc.jobs import (
+from ajs_grpc.core.jobs import (
     NO_RETRY,
     JobCancelled,
     JobContext,
@@ -27,7 +27,7 @@ from ajs_grpc.jobs import (
     SyncJobContext,
     job,
 )
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response
 
 __all__ = [
     "NO_RETRY",

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.model import RequestState
+from ajs_grpc.core.model import RequestState
 
 
 def start_server(connector: str, max_jobs: int, workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:

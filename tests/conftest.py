@@ -13,8 +13,8 @@ import pytest
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.connectors.sqlite import SqliteConnector
+from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
-from ajs_grpc.server import AjsServer, ServerConfig
 from tests import jobs_for_tests
 
 POSTGRES_DSN = os.environ.get("AJS_TEST_POSTGRES_DSN", "")

@@ -9,9 +9,10 @@ from collections.abc import Mapping
 
 from google.protobuf import wrappers_pb2
 
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
-from ajs_grpc.handlers.reject import RejectRequestHandler
+from ajs_grpc.core.model import Request
+from ajs_grpc.engine.handlers.base import HandlerChain
+from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.engine.handlers.reject import RejectRequestHandler
 from ajs_grpc.jobs import (
     NO_RETRY,
     JobContext,
@@ -23,7 +24,6 @@ from ajs_grpc.jobs import (
     SyncJobContext,
     job,
 )
-from ajs_grpc.model import Request
 
 started: dict[str, float] = {}
 """Request id -> time.monotonic() when the job began (for start-latency checks)."""

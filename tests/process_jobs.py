@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 from google.protobuf import wrappers_pb2
 
+from ajs_grpc.core.model import Request
 from ajs_grpc.jobs import NO_RETRY, RetryPolicy, job
-from ajs_grpc.model import Request
 
 
 @job("proc_steps", handler="process", retry=NO_RETRY)

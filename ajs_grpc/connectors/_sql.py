@@ -8,7 +8,7 @@ thread, an async pool) and how driver errors translate. So:
 * each store's statements live in ``connectors/queries/<dialect>.sql``, under a
   name with one line of why (as procrastinate keeps ``sql/queries.sql``); states are
   written ``${CREATED}``, ``${FINISHED}`` ... and filled in from
-  :class:`~ajs_grpc.model.RequestState`, so no SQL holds a state number of its own;
+  :class:`~ajs_grpc.core.model.RequestState`, so no SQL holds a state number of its own;
 * a :class:`Dialect` says how values are encoded and decoded;
 * :class:`SqlConnector` implements the Connector contract once, as operations on a
   :class:`Session` (run one named query); a subclass only schedules them
@@ -37,8 +37,8 @@ from google.protobuf import any_pb2
 from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
-from ajs_grpc.errors import Code
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.core.errors import Code
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
 
 __all__ = [
     "JOB_WIDTH",
@@ -345,7 +345,7 @@ class SqlConnector(Connector, abc.ABC):
         return rows[0] if rows else None
 
     async def _expire_rows(self, session: Session, query: str) -> Done[int]:
-        """Applies :meth:`~ajs_grpc.model.Job.expire` to the jobs ``query`` finds."""
+        """Applies :meth:`~ajs_grpc.core.model.Job.expire` to the jobs ``query`` finds."""
         rows = await session.fetch(query, {"now": self.dialect.time(now())})
         done: Done[int] = Done(len(rows))
         at = now()

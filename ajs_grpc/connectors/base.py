@@ -7,7 +7,7 @@ cancel and watch. Every connector passes the same contract test suite
 (``tests/contract``); the in-memory connector is a full connector, not a mock.
 
 State rules are not a connector's business: it stores what
-:meth:`ajs_grpc.model.Job.advance` returns, atomically with its checks.
+:meth:`ajs_grpc.core.model.Job.advance` returns, atomically with its checks.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Collection, Mapping
 from datetime import datetime
 from typing import ClassVar, Protocol
 
-from ajs_grpc.errors import AlreadyExists, FailedPrecondition, NotFound
-from ajs_grpc.model import Job, Request, RequestState, Response, Update
+from ajs_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from ajs_grpc.core.model import Job, Request, RequestState, Response, Update
 
 __all__ = [
     "Claim",
@@ -220,7 +220,7 @@ class Connector(abc.ABC):
 
     @abc.abstractmethod
     async def recover_expired(self) -> int:
-        """Applies :meth:`~ajs_grpc.model.Job.expire` to running jobs whose lease expired.
+        """Applies :meth:`~ajs_grpc.core.model.Job.expire` to running jobs whose lease expired.
 
         Returns:
             How many jobs were recovered (requeued or ended).

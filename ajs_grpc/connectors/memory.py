@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
-from ajs_grpc.model import Job, Request, RequestState, Response, Update, now
+from ajs_grpc.core.model import Job, Request, RequestState, Response, Update, now
 
 __all__ = ["MemoryConnector"]
 

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from ajs_grpc.connectors._pgnames import channel_name, check_schema_name
 from ajs_grpc.connectors._sql import Decoding, Dialect, Done, Operation, Outcome, SqlConnector, deliver, load_queries
-from ajs_grpc.errors import AjsError, ConnectorError, Internal, ResourceExhausted, Unavailable
+from ajs_grpc.core.errors import AjsError, ConnectorError, Internal, ResourceExhausted, Unavailable
 
 try:
     import psycopg

@@ -51,14 +51,14 @@ from ajs_grpc.connectors._sql import (
     load_queries,
     run_to_completion,
 )
-from ajs_grpc.errors import (
+from ajs_grpc.core.errors import (
     AjsError,
     ConnectorError,
     Internal,
     ResourceExhausted,
     Unavailable,
 )
-from ajs_grpc.model import now
+from ajs_grpc.core.model import now
 
 __all__ = ["SCHEMA_VERSION", "SqliteConnector"]
 

@@ -324,7 +324,7 @@ def test_a_bad_schema_name_is_a_configuration_error_in_one_line(tmp_path: Path) 
 
 
 def test_a_failure_message_cannot_forge_log_lines(tmp_path: Path) -> None:
-    forged = "2026-11-30 12:00:00,000 WARNING ajs_grpc.auth: token of root accepted"
+    forged = "2026-11-30 12:00:00,000 WARNING ajs_grpc.edge.auth: token of root accepted"
     server = start_server(tmp_path, "--connector", "memory", "--log-file", "ajs.log", log_name="ajs.log")
     try:
         failed = ajs("submit", "fail", "--id", "liar", "--data", f"message=disk full\n{forged}\r\x1b[2K", "--watch",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.model import RequestState, Response
+from ajs_grpc.core.model import RequestState, Response
 from tests.conftest import drop_schema, postgres_dsn, unique_schema
 from tests.serve_process import Served, free_port, start_server
 

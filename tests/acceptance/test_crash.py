@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.errors import Unavailable
-from ajs_grpc.model import RequestState, Response, now
+from ajs_grpc.core.errors import Unavailable
+from ajs_grpc.core.model import RequestState, Response, now
 from tests.serve_process import Served, free_port, start_server
 
 S = RequestState

@@ -13,8 +13,8 @@ import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Renewal
-from ajs_grpc.errors import AlreadyExists, Code, FailedPrecondition, NotFound
-from ajs_grpc.model import ErrorStatus, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.core.errors import AlreadyExists, Code, FailedPrecondition, NotFound
+from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Response, Update, now
 
 S = RequestState
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ajs_grpc.client import AsyncClient, Client, channel_target
-from ajs_grpc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from ajs_grpc.model import RequestState
-from ajs_grpc.server import AjsServer
+from ajs_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge.server import AjsServer
 from tests.helpers import eventually
 from tests.proxy import CuttableProxy
 

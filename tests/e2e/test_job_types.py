@@ -10,11 +10,11 @@ import pytest
 from google.protobuf import descriptor_pb2, json_format
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ajs_grpc import dynamic
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.errors import InvalidArgument
-from ajs_grpc.model import RequestState
-from ajs_grpc.server import AjsServer, ServerConfig
+from ajs_grpc.core.errors import InvalidArgument
+from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge import dynamic
+from ajs_grpc.edge.server import AjsServer, ServerConfig
 
 S = RequestState
 

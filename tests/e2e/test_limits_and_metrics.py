@@ -12,12 +12,12 @@ import pytest
 
 from ajs_grpc.client import AsyncClient
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.errors import AjsError, InvalidArgument, ResourceExhausted
-from ajs_grpc.model import RequestState
+from ajs_grpc.core.errors import AjsError, InvalidArgument, ResourceExhausted
+from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge.server import AjsServer, ServerConfig
+from ajs_grpc.edge.service import Limits
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
-from ajs_grpc.server import AjsServer, ServerConfig
-from ajs_grpc.service import Limits
 from tests import jobs_for_tests
 from tests.helpers import eventually
 
@@ -191,7 +191,7 @@ def _value(text: str, sample: str) -> float:
 def _far_future():  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from ajs_grpc.model import now
+    from ajs_grpc.core.model import now
 
     return now() + timedelta(days=1)
 

@@ -11,13 +11,13 @@ from google.protobuf import any_pb2, wrappers_pb2
 
 from ajs_grpc.client import AsyncClient
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.errors import Code
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
-from ajs_grpc.handlers.process import ProcessPoolRequestHandler
-from ajs_grpc.handlers.reject import RejectRequestHandler
-from ajs_grpc.model import RequestState
-from ajs_grpc.server import AjsServer, ServerConfig
+from ajs_grpc.core.errors import Code
+from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge.server import AjsServer, ServerConfig
+from ajs_grpc.engine.handlers.base import HandlerChain
+from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.engine.handlers.process import ProcessPoolRequestHandler
+from ajs_grpc.engine.handlers.reject import RejectRequestHandler
 from tests import jobs_for_tests, process_jobs
 from tests.helpers import eventually
 

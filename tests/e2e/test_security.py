@@ -14,13 +14,13 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ajs_grpc.auth import token_hash
 from ajs_grpc.client import AsyncClient, Submitted, TlsOptions
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.errors import AjsError, AlreadyExists, Code, ResourceExhausted, Unavailable
-from ajs_grpc.model import RequestState, now
-from ajs_grpc.server import AjsServer, ServerConfig
-from ajs_grpc.service import Limits
+from ajs_grpc.core.errors import AjsError, AlreadyExists, Code, ResourceExhausted, Unavailable
+from ajs_grpc.core.model import RequestState, now
+from ajs_grpc.edge.auth import token_hash
+from ajs_grpc.edge.server import AjsServer, ServerConfig
+from ajs_grpc.edge.service import Limits
 from tests import jobs_for_tests
 from tests.certs import Authority
 
@@ -301,8 +301,8 @@ async def test_one_authorization_header_only(secured: Secured) -> None:
 
 
 def test_tokens_file_lists_must_be_lists(tmp_path: Path) -> None:
-    from ajs_grpc.auth import Authenticator
-    from ajs_grpc.config import ConfigError
+    from ajs_grpc.edge.auth import Authenticator
+    from ajs_grpc.edge.config import ConfigError
 
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(f'[[tokens]]\nsha256 = "{token_hash("x")}"\nprincipal = "p"\nroles = "admin"\n')
@@ -459,8 +459,8 @@ async def test_certificates_are_mapped_explicitly_and_never_take_a_tokens_name(m
 
 
 def test_a_certificate_may_not_name_a_tokens_principal(tmp_path: Path) -> None:
-    from ajs_grpc.auth import Authenticator
-    from ajs_grpc.config import ConfigError
+    from ajs_grpc.edge.auth import Authenticator
+    from ajs_grpc.edge.config import ConfigError
 
     tokens = tmp_path / "tokens.toml"
     tokens.write_text(
@@ -524,7 +524,7 @@ async def test_a_token_is_not_sent_in_plain_text_beyond_this_machine(target: str
 
 
 def test_serve_warns_when_anyone_beyond_this_machine_may_call_it() -> None:
-    from ajs_grpc.server import exposure_warning
+    from ajs_grpc.edge.server import exposure_warning
 
     assert "without authentication" in (exposure_warning("0.0.0.0:50051", authenticated=False) or "")
     assert exposure_warning("[::]:50051", authenticated=False)

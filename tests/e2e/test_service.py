@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.model import RequestState
+from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
-from ajs_grpc.server import AjsServer, ServerConfig
 from tests import jobs_for_tests
 from tests.helpers import eventually
 

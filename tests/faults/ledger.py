@@ -24,8 +24,8 @@ import itertools
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.errors import AjsError, Code
-from ajs_grpc.model import RequestState, Response
+from ajs_grpc.core.errors import AjsError, Code
+from ajs_grpc.core.model import RequestState, Response
 from tests.faults import report
 
 __all__ = ["Expectation", "Ledger", "Tally", "Workload", "countdown_expectation", "read_back"]

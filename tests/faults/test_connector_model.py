@@ -9,7 +9,7 @@ cancels of queued and running trees, lease expiries (a claim with a negative
 lease is expired on every connector's clock at once), renewals, prunes and, on
 the stores that keep anything, restarts. Every call's result is checked against
 :class:`Reference`, a plain model of dictionaries written here and independent
-of :mod:`ajs_grpc.model`'s rules, and after every step the connector's whole
+of :mod:`ajs_grpc.core.model`'s rules, and after every step the connector's whole
 queue (every job, the counts per state, the Responses of every job that
 changed) must equal the model's.
 
@@ -56,8 +56,8 @@ from hypothesis.stateful import (
 )
 
 from ajs_grpc.connectors.base import Connector, JobFilter, Renewal
-from ajs_grpc.errors import AjsError, AlreadyExists, Code, FailedPrecondition, NotFound
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.core.errors import AjsError, AlreadyExists, Code, FailedPrecondition, NotFound
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
 from tests.conftest import CONNECTORS, postgres_dsn, unique_schema
 from tests.faults import report, scale
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.model import RequestState, Response, now
+from ajs_grpc.core.model import RequestState, Response, now
 from tests.conftest import drop_schema, postgres_dsn, unique_schema
 from tests.faults import scale
 from tests.faults.ledger import Ledger, Workload, countdown_expectation, read_back

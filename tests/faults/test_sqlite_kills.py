@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from ajs_grpc.client import AsyncClient
-from ajs_grpc.errors import Code
-from ajs_grpc.model import ErrorStatus, Progress, RequestState, Response
+from ajs_grpc.core.errors import Code
+from ajs_grpc.core.model import ErrorStatus, Progress, RequestState, Response
 from tests.faults import scale
 from tests.faults.ledger import Ledger, Workload, countdown_expectation, read_back
 from tests.serve_process import Served, free_port, start_server

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from ajs_grpc.connectors.postgres import SCHEMA_VERSION, PostgresConnector
-from ajs_grpc.errors import ConnectorError, NotFound
-from ajs_grpc.model import Request, RequestState, Update
+from ajs_grpc.core.errors import ConnectorError, NotFound
+from ajs_grpc.core.model import Request, RequestState, Update
 from tests.conftest import drop_schema, postgres_dsn, unique_schema
 from tests.helpers import eventually
 

@@ -21,11 +21,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ajs_grpc.connectors.sqlite import SCHEMA_VERSION, SqliteConnector
-from ajs_grpc.errors import AlreadyExists, ConnectorError, ResourceExhausted
-from ajs_grpc.model import Request, RequestState
+from ajs_grpc.core.errors import AlreadyExists, ConnectorError, ResourceExhausted
+from ajs_grpc.core.model import Request, RequestState
+from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
-from ajs_grpc.server import AjsServer, ServerConfig
 from tests import jobs_for_tests
 from tests.serve_process import AJS, start_server
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
-from ajs_grpc.handlers.process import ProcessPoolRequestHandler
-from ajs_grpc.handlers.reject import RejectRequestHandler
-from ajs_grpc.plugins import HandlerSpec, PluginError, build_chain, discover
+from ajs_grpc.engine.handlers.base import HandlerChain
+from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.engine.handlers.process import ProcessPoolRequestHandler
+from ajs_grpc.engine.handlers.reject import RejectRequestHandler
+from ajs_grpc.engine.plugins import HandlerSpec, PluginError, build_chain, discover
 from tests import jobs_for_tests
 
 

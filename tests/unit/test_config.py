@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ajs_grpc.auth import Authenticator, PeerCertificate
-from ajs_grpc.config import SETTINGS, ConfigError, load
-from ajs_grpc.plugins import discover
-from ajs_grpc.server import ServerConfig
+from ajs_grpc.edge.auth import Authenticator, PeerCertificate
+from ajs_grpc.edge.config import SETTINGS, ConfigError, load
+from ajs_grpc.edge.server import ServerConfig
+from ajs_grpc.engine.plugins import discover
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ajs.toml"

@@ -12,13 +12,13 @@ import pytest
 
 from ajs_grpc.connectors.base import Renewal
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.dispatcher import Dispatcher
-from ajs_grpc.errors import Code, ConnectorError, Unavailable
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
-from ajs_grpc.handlers.reject import RejectRequestHandler
-from ajs_grpc.metrics import Metrics
-from ajs_grpc.model import Request, RequestState, Response, Update, now
+from ajs_grpc.core.errors import Code, ConnectorError, Unavailable
+from ajs_grpc.core.model import Request, RequestState, Response, Update, now
+from ajs_grpc.edge.metrics import Metrics
+from ajs_grpc.engine.dispatcher import Dispatcher
+from ajs_grpc.engine.handlers.base import HandlerChain
+from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.engine.handlers.reject import RejectRequestHandler
 from tests import jobs_for_tests
 from tests.helpers import eventually
 

@@ -10,12 +10,12 @@ from datetime import timedelta
 from ajs_grpc.connectors._sql import Done
 from ajs_grpc.connectors.base import Connector, Renewal
 from ajs_grpc.connectors.sqlite import SqliteConnector
-from ajs_grpc.dispatcher import Dispatcher
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
-from ajs_grpc.handlers.reject import RejectRequestHandler
+from ajs_grpc.core.model import Request, RequestState, Response, now
+from ajs_grpc.engine.dispatcher import Dispatcher
+from ajs_grpc.engine.handlers.base import HandlerChain
+from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
+from ajs_grpc.engine.handlers.reject import RejectRequestHandler
 from ajs_grpc.jobs import JobContext, JobPlugin, RetryPolicy
-from ajs_grpc.model import Request, RequestState, Response, now
 from tests.helpers import eventually
 
 runs: list[tuple[str, int]] = []

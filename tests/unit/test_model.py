@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ajs_grpc.errors import Code, FailedPrecondition
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Update
+from ajs_grpc.core.errors import Code, FailedPrecondition
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Update
 
 S = RequestState
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ajs_grpc.handlers.base import RequestHandler
-from ajs_grpc.plugins import HandlerSpec, PluginDirs, PluginError, discover
+from ajs_grpc.engine.handlers.base import RequestHandler
+from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, PluginError, discover
 
 
 def write(directory: Path, name: str, code: str) -> Path:
@@ -53,7 +53,7 @@ def test_handlers_and_connectors_come_from_directories(tmp_path: Path) -> None:
         tmp_path / "handlers",
         "loud.py",
         """
-        from ajs_grpc.handlers.internal import InternalAsyncRequestHandler
+        from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
 
         class LoudHandler(InternalAsyncRequestHandler):
             name = "loud"

@@ -10,7 +10,7 @@ import pytest
 
 from ajs_grpc.connectors import _sql
 from ajs_grpc.connectors.sqlite import SqliteConnector
-from ajs_grpc.model import RequestState
+from ajs_grpc.core.model import RequestState
 
 PACKAGE = Path(_sql.__file__).resolve().parents[1]
 DIALECTS = ("sqlite", "postgres")

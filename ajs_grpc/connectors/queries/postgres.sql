@@ -2,7 +2,7 @@
 --
 -- A query is introduced by "-- name: NAME" and one line of why. Parameters are
 -- %(named)s. ${CREATED}, ${PENDING}, ${FINISHED} ... are the states of
--- ajs_grpc.model.RequestState, ${JOB} selects a job with its last Response and its lease
+-- ajs_grpc.core.model.RequestState, ${JOB} selects a job with its last Response and its lease
 -- token (one row layout for every SQL connector, ajs_grpc/connectors/_sql.py). Leases
 -- and due times are compared with the database's clock (clock_timestamp()), never an
 -- instance's, so clock skew between instances cannot expire a lease early.

@@ -2,7 +2,7 @@
 --
 -- A query is introduced by "-- name: NAME" and one line of why; it holds one statement
 -- or several (run in order, the last one's rows answered). Parameters are :named.
--- ${CREATED}, ${PENDING}, ${FINISHED} ... are the states of ajs_grpc.model.RequestState,
+-- ${CREATED}, ${PENDING}, ${FINISHED} ... are the states of ajs_grpc.core.model.RequestState,
 -- ${JOB} selects a job with its last Response and its lease token (one row layout for
 -- every SQL connector, ajs_grpc/connectors/_sql.py). Times are microseconds since the
 -- epoch (integers), maps and lists JSON text. The writer thread holds the database's

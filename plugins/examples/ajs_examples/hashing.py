@@ -6,8 +6,8 @@ import hashlib
 from collections.abc import Callable
 
 from ajs_examples.proto.ajs.examples.v1.hash_pb2 import Algorithm, HashRequest, HashResponse
+from ajs_grpc import Request
 from ajs_grpc.jobs import PermanentError, RetryPolicy, SyncJobContext, job
-from ajs_grpc.model import Request
 
 _ALGORITHMS: dict[int, Callable[[bytes], bytes]] = {
     Algorithm.ALGORITHM_SHA256: lambda data: hashlib.sha256(data).digest(),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ajs_grpc import Request
 from ajs_grpc.jobs import NO_RETRY, JobContext, PermanentError, RetryPolicy, job
-from ajs_grpc.model import Request
 
 
 @job("echo")

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 from google.protobuf import any_pb2
 
-from ajs_grpc.errors import Code, FailedPrecondition
+from ajs_grpc.core.errors import Code, FailedPrecondition
 
 __all__ = [
     "ErrorStatus",

@@ -15,8 +15,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from ajs_grpc.handlers.base import RequestHandler
-from ajs_grpc.jobs import JobContext, JobReturn, SyncJobContext
+from ajs_grpc.core.jobs import JobContext, JobReturn, SyncJobContext
+from ajs_grpc.engine.handlers.base import RequestHandler
 
 __all__ = ["InternalAsyncRequestHandler"]
 

@@ -40,9 +40,8 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from ajs_grpc.connectors.base import Claim, Connector
-from ajs_grpc.errors import AjsError, Code, FailedPrecondition, Unavailable
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.jobs import (
+from ajs_grpc.core.errors import AjsError, Code, FailedPrecondition, Unavailable
+from ajs_grpc.core.jobs import (
     NO_RETRY,
     CancelSignal,
     JobContext,
@@ -53,8 +52,9 @@ from ajs_grpc.jobs import (
     failure,
     to_update,
 )
-from ajs_grpc.logs import current_request_id
-from ajs_grpc.model import ErrorStatus, RequestState, Update, now
+from ajs_grpc.core.logs import current_request_id
+from ajs_grpc.core.model import ErrorStatus, RequestState, Update, now
+from ajs_grpc.engine.handlers.base import HandlerChain
 
 __all__ = ["Dispatcher", "JobObserver"]
 

@@ -13,7 +13,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from ajs_grpc.model import RequestState
+from ajs_grpc.core.model import RequestState
 
 __all__ = ["Metrics"]
 

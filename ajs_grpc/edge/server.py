@@ -24,18 +24,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from ajs_grpc import convert
-from ajs_grpc.auth import Authenticator
-from ajs_grpc.config import ConfigError, Settings
 from ajs_grpc.connectors.base import Connector
-from ajs_grpc.dispatcher import Dispatcher
-from ajs_grpc.errors import AjsError, Unimplemented
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.metrics import Metrics
-from ajs_grpc.model import RequestState
-from ajs_grpc.plugins import HandlerSpec, PluginDirs, discover
+from ajs_grpc.core.errors import AjsError, Unimplemented
+from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge import convert
+from ajs_grpc.edge.auth import Authenticator
+from ajs_grpc.edge.config import ConfigError, Settings
+from ajs_grpc.edge.metrics import Metrics
+from ajs_grpc.edge.service import SERVICE_NAME, JobService, Limits
+from ajs_grpc.engine.dispatcher import Dispatcher
+from ajs_grpc.engine.handlers.base import HandlerChain
+from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
-from ajs_grpc.service import SERVICE_NAME, JobService, Limits
 
 __all__ = ["DISPATCHER_HEALTH", "ROLES", "AjsServer", "ServerConfig", "serve"]
 
@@ -76,7 +76,7 @@ class ServerConfig:
         job_policies: per job type, overrides of its retry policy and timeout.
         tls_cert_file, tls_key_file: the server's certificate and key (PEM): TLS.
         tls_client_ca_file: CA of client certificates: mutual TLS.
-        tokens_file: bearer tokens (see :mod:`ajs_grpc.auth`): authentication.
+        tokens_file: bearer tokens (see :mod:`ajs_grpc.edge.auth`): authentication.
         admin_role: the role that may see and cancel every job.
         metrics_address: HOST:PORT of the Prometheus endpoint; empty for none.
     """

@@ -37,9 +37,9 @@ from typing import Any
 from google.protobuf import any_pb2
 from typing_extensions import override
 
-from ajs_grpc.handlers.base import RequestHandler
-from ajs_grpc.jobs import CancelSignal, JobContext, JobPlugin, JobReturn, Result, SyncJobContext, to_update
-from ajs_grpc.model import Request, Update
+from ajs_grpc.core.jobs import CancelSignal, JobContext, JobPlugin, JobReturn, Result, SyncJobContext, to_update
+from ajs_grpc.core.model import Request, Update
+from ajs_grpc.engine.handlers.base import RequestHandler
 
 __all__ = ["ProcessPoolRequestHandler", "WorkerCrashed"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ajs_grpc.connectors._pgnames import check_schema_name
-from ajs_grpc.errors import AjsError
+from ajs_grpc.core.errors import AjsError
 
 __all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "format_duration", "load"]
 

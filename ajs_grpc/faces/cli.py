@@ -25,15 +25,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ajs_grpc import __version__, convert, dynamic
-from ajs_grpc.auth import new_token
-from ajs_grpc.client import DEFAULT_TARGET, AsyncClient, TlsOptions
-from ajs_grpc.config import SETTINGS, ConfigError, Settings
-from ajs_grpc.config import load as load_settings
-from ajs_grpc.errors import AjsError, Code, InvalidArgument
-from ajs_grpc.logs import setup_logging
-from ajs_grpc.model import Job, RequestState, Response
-from ajs_grpc.plugins import HandlerSpec, PluginDirs, PluginError, discover
+from ajs_grpc import __version__
+from ajs_grpc.core.errors import AjsError, Code, InvalidArgument
+from ajs_grpc.core.logs import setup_logging
+from ajs_grpc.core.model import Job, RequestState, Response
+from ajs_grpc.edge import convert, dynamic
+from ajs_grpc.edge.auth import new_token
+from ajs_grpc.edge.config import SETTINGS, ConfigError, Settings
+from ajs_grpc.edge.config import load as load_settings
+from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, PluginError, discover
+from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, TlsOptions
 from ajs_grpc.proto.ajs.v1.job_service_pb2 import JobType as JobTypeMessage
 
 __all__ = ["main"]
@@ -553,8 +554,8 @@ async def _health(args: argparse.Namespace) -> int:
 
 
 async def _role(client: AsyncClient) -> str | None:
-    from ajs_grpc.server import DISPATCHER_HEALTH
-    from ajs_grpc.service import SERVICE_NAME
+    from ajs_grpc.edge.server import DISPATCHER_HEALTH
+    from ajs_grpc.edge.service import SERVICE_NAME
 
     try:
         serves = await client.health(SERVICE_NAME) == "SERVING"
@@ -570,7 +571,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ajs_grpc.server import ServerConfig, serve
+    from ajs_grpc.edge.server import ServerConfig, serve
 
     settings = _settings(args)
     setup_logging(settings["log.level"], settings["log.format"], settings["log.file"])

@@ -12,8 +12,8 @@ import abc
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
-from ajs_grpc.errors import AjsError, Code
-from ajs_grpc.jobs import JobContext, JobPlugin, JobReturn
+from ajs_grpc.core.errors import AjsError, Code
+from ajs_grpc.core.jobs import JobContext, JobPlugin, JobReturn
 
 __all__ = ["HandlerChain", "NotSupported", "RequestHandler"]
 

@@ -29,9 +29,9 @@ from types import ModuleType
 from typing import Any, Literal
 
 from ajs_grpc.connectors.base import Connector
-from ajs_grpc.errors import AjsError
-from ajs_grpc.handlers.base import HandlerChain, RequestHandler
-from ajs_grpc.jobs import JobPlugin
+from ajs_grpc.core.errors import AjsError
+from ajs_grpc.core.jobs import JobPlugin
+from ajs_grpc.engine.handlers.base import HandlerChain, RequestHandler
 
 __all__ = [
     "HandlerSpec",

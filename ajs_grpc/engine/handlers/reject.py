@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing_extensions import override
 
-from ajs_grpc.handlers.base import NotSupported, RequestHandler
-from ajs_grpc.jobs import JobContext, JobReturn
+from ajs_grpc.core.jobs import JobContext, JobReturn
+from ajs_grpc.engine.handlers.base import NotSupported, RequestHandler
 
 __all__ = ["RejectRequestHandler"]
 

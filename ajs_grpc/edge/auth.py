@@ -38,8 +38,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ajs_grpc.config import ConfigError
-from ajs_grpc.errors import PermissionDenied, Unauthenticated
+from ajs_grpc.core.errors import PermissionDenied, Unauthenticated
+from ajs_grpc.edge.config import ConfigError
 
 __all__ = [
     "ANONYMOUS",

@@ -12,9 +12,9 @@ from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ajs_grpc.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
-from ajs_grpc.jobs import JobPlugin
-from ajs_grpc.model import ErrorStatus, Job, Progress, Request, RequestState, Response
+from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
+from ajs_grpc.core.jobs import JobPlugin
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
@@ -224,7 +224,7 @@ def error_to_status(error: AjsError) -> status_pb2.Status:
 
     It always carries an ``ErrorInfo`` (reason, domain, metadata; the reason is the
     code's name when the error has none), and a ``BadRequest`` listing the field
-    violations of an :class:`~ajs_grpc.errors.InvalidArgument`. Every text is
+    violations of an :class:`~ajs_grpc.core.errors.InvalidArgument`. Every text is
     clipped, so that the status fits the trailers a client accepts.
     """
     metadata = {key: clip(value, MAX_METADATA_BYTES) for key, value in error.metadata.items()}

@@ -16,7 +16,7 @@
      └── ConnectorError           a connector's driver failed (Internal)
 
 Nothing here imports gRPC: the gRPC edge maps ``AjsError`` to a ``google.rpc.Status``
-in one place (``ajs_grpc.service``).
+in one place (``ajs_grpc.edge.service``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ it parsed them). Project errors become a ``google.rpc.Status`` with details in
 one place, :func:`abort`.
 
 Who sees what: each principal names requests in a namespace of its own
-(:meth:`~ajs_grpc.auth.Principal.qualify`), and a job the caller may not see is
+(:meth:`~ajs_grpc.edge.auth.Principal.qualify`), and a job the caller may not see is
 answered NOT_FOUND exactly as an unknown id is (AIP-211), so ids cannot be probed.
 Quotas per principal (queued jobs, a priority ceiling, a ``run_after`` horizon,
 a share of the watch slots) are refused with RESOURCE_EXHAUSTED and a
@@ -34,10 +34,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
-from ajs_grpc import convert
-from ajs_grpc.auth import ANONYMOUS, Authenticator, PeerCertificate, Principal
 from ajs_grpc.connectors.base import Connector, JobFilter
-from ajs_grpc.errors import (
+from ajs_grpc.core.errors import (
     AjsError,
     AlreadyExists,
     FailedPrecondition,
@@ -51,9 +49,11 @@ from ajs_grpc.errors import (
     Unauthenticated,
     Unavailable,
 )
-from ajs_grpc.handlers.base import HandlerChain
-from ajs_grpc.logs import current_request_id
-from ajs_grpc.model import Job, Request, RequestState, now
+from ajs_grpc.core.logs import current_request_id
+from ajs_grpc.core.model import Job, Request, RequestState, now
+from ajs_grpc.edge import convert
+from ajs_grpc.edge.auth import ANONYMOUS, Authenticator, PeerCertificate, Principal
+from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["SERVICE_NAME", "Caller", "JobService", "Limits", "ServiceObserver", "abort"]

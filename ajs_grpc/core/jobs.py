@@ -1,0 +1,470 @@
+"""The job plugin API: what a job is, what it gets while it runs, what it returns.
+
+A job is a function of a request and a context, declared with :func:`job`::
+
+    from ajs_grpc.core.jobs import JobContext, job
+
+    @job("countdown", description="Counts down, one progress Response per step.")
+    async def countdown(request, ctx: JobContext):
+        for step in range(3):
+            ctx.raise_if_cancelled()
+            await ctx.progress((step + 1) / 3, f"step {step + 1}")
+        return {"done": "yes"}
+
+``async def`` jobs run as asyncio tasks and get a :class:`JobContext`; plain
+functions run in a thread pool and get a :class:`SyncJobContext`, whose calls
+block instead of being awaited. Returning ends the job FINISHED (a mapping of
+strings becomes the Response's ``data``, a protobuf message its ``output``,
+:class:`Result` gives both); raising ends it FAILED with the error's message.
+
+Plugins register through the entry-point group ``ajs_grpc.core.jobs``, each entry
+naming a :class:`JobPlugin` (what :func:`job` returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import inspect
+import random
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeAlias
+
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument
+from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Update
+
+__all__ = [
+    "NO_RETRY",
+    "CancelSignal",
+    "JobCancelled",
+    "JobContext",
+    "JobPlugin",
+    "JobReturn",
+    "JobTimeout",
+    "PermanentError",
+    "Result",
+    "Retry",
+    "RetryPolicy",
+    "SyncJobContext",
+    "failure",
+    "job",
+    "to_update",
+]
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`JobContext.raise_if_cancelled` once cancellation was asked for."""
+
+
+class Retry(Exception):
+    """Raised by a job to ask to run again later (within its ``max_attempts``).
+
+    Args:
+        message: why, for the retry's Response.
+        delay: seconds to wait before the next attempt; None uses the policy's backoff.
+    """
+
+    def __init__(self, message: str = "the job asked to be retried", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(Exception):
+    """Raised by a job (or a base class of its errors) to fail without retries."""
+
+
+class JobTimeout(Exception):
+    """The job ran longer than its type's ``timeout``; retried like any error by default."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """When and how a failed job runs again.
+
+    A job is claimed at most ``max_attempts`` times in all, whether an attempt
+    failed with an error or ended because its server died (its lease expired).
+    Between attempts that failed with an error the job waits
+    ``initial_backoff * multiplier ** (attempt - 1)`` seconds, at most
+    ``max_backoff``, spread by +/- ``jitter`` (a fraction).
+
+    Attributes:
+        max_attempts: claims allowed in all; 1 means never retry.
+        initial_backoff: seconds before the second attempt.
+        max_backoff: the longest wait between attempts.
+        multiplier: how much the wait grows per attempt.
+        jitter: random spread of each wait, as a fraction of it (0 to 1).
+        retry_on: the error types that retry; others fail at once.
+            :class:`PermanentError` never retries; :class:`Retry` always does.
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 1.0
+    max_backoff: float = 300.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must not be negative and multiplier must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+
+    def retries(self, error: BaseException) -> bool:
+        """True when ``error`` may be retried (attempts aside)."""
+        if isinstance(error, Retry):
+            return True
+        if isinstance(error, PermanentError) or (isinstance(error, AjsError) and error.code in _PERMANENT_CODES):
+            return False
+        return isinstance(error, self.retry_on)
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(attempt - 1, 0))
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+# Project errors whose cause another attempt cannot remove (bad input, a type nobody runs, ...).
+_PERMANENT_CODES = frozenset(
+    {
+        Code.INVALID_ARGUMENT,
+        Code.NOT_FOUND,
+        Code.ALREADY_EXISTS,
+        Code.PERMISSION_DENIED,
+        Code.FAILED_PRECONDITION,
+        Code.UNIMPLEMENTED,
+        Code.UNAUTHENTICATED,
+    }
+)
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+"""The policy of jobs that must never run twice."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a job may return: ``data`` (strings) and/or a typed ``output``."""
+
+    data: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    output: Message | None = None
+
+
+JobReturn: TypeAlias = Result | Mapping[str, str] | Message | None
+Reporter: TypeAlias = Callable[[Update], Coroutine[Any, Any, None]]
+
+
+class CancelSignal:
+    """Set once when the job is to stop: polled from any thread, awaited on the loop."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        """Asks the job to stop. Call on the event loop."""
+        self._flag.set()
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """True once :meth:`set` was called."""
+        return self._flag.is_set()
+
+    async def wait(self) -> None:
+        """Returns once :meth:`set` was called."""
+        await self._event.wait()
+
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """Blocks a thread until set or ``timeout``; returns whether it was set."""
+        return self._flag.wait(timeout)
+
+
+class _BaseContext:
+    """What every job context holds."""
+
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        cancel: CancelSignal,
+        input: Message | None = None,  # noqa: A002 - the contract's name
+    ) -> None:
+        self.request = request
+        """The request being run."""
+        self.attempt = attempt
+        """1 on the first run; higher when the job runs again."""
+        self.input = input
+        """``request.input`` decoded as the job's ``input_type`` (None if it has none)."""
+        self._cancel = cancel
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation was asked for; a long job should then stop."""
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raises :class:`JobCancelled` if cancellation was asked for."""
+        if self._cancel.is_set():
+            raise JobCancelled(f"request {self.request.id!r} was cancelled")
+
+
+def _progress_update(fraction: float, message: str, data: Mapping[str, str] | None) -> Update:
+    return Update(RequestState.PENDING, data=_check_data(data or {}), progress=Progress(fraction, message))
+
+
+class JobContext(_BaseContext):
+    """The context of an ``async def`` job.
+
+    Args:
+        request: the request being run.
+        attempt: 1 on the first run.
+        report: stores an Update (a coroutine function).
+        cancel: the job's cancel signal.
+        input: the decoded typed input, if the job declares one.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        report: Reporter,
+        cancel: CancelSignal,
+        input: Message | None = None,  # noqa: A002 - the contract's name
+    ) -> None:
+        super().__init__(request, attempt, cancel, input)
+        self._report = report
+
+    async def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
+        """Reports progress as an intermediate Response; returns once it is stored.
+
+        Args:
+            fraction: how much is done, from 0 to 1.
+            message: a human-readable note.
+            data: extra strings for the Response.
+        """
+        await self._report(_progress_update(fraction, message, data))
+
+    async def wait_cancelled(self) -> None:
+        """Returns once cancellation was asked for (use with ``asyncio.wait``)."""
+        await self._cancel.wait()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or raises :class:`JobCancelled` as soon as the job is cancelled."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cancel.wait(), seconds)
+        self.raise_if_cancelled()
+
+
+class SyncJobContext(_BaseContext):
+    """The context of a plain-function job, in a worker thread or a worker process.
+
+    Args:
+        request, attempt, cancel, input: as for :class:`JobContext`.
+        deliver: stores an Update, blocking until it is stored.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        attempt: int,
+        cancel: CancelSignal,
+        input: Message | None,  # noqa: A002 - the contract's name
+        deliver: Callable[[Update], None],
+    ) -> None:
+        super().__init__(request, attempt, cancel, input)
+        self._deliver = deliver
+
+    @classmethod
+    def in_thread(cls, context: JobContext, loop: asyncio.AbstractEventLoop) -> SyncJobContext:
+        """The blocking twin of ``context``, for a job running in a thread beside ``loop``."""
+
+        def deliver(update: Update) -> None:
+            asyncio.run_coroutine_threadsafe(context._report(update), loop).result()
+
+        return cls(context.request, context.attempt, context._cancel, context.input, deliver)
+
+    def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
+        """Reports progress; blocks until the Response is stored. See :meth:`JobContext.progress`."""
+        self._deliver(_progress_update(fraction, message, data))
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleeps until cancellation is asked for or ``timeout`` passes; True if cancelled."""
+        return self._cancel.wait_blocking(timeout)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleeps ``seconds``, or raises :class:`JobCancelled` as soon as the job is cancelled."""
+        self._cancel.wait_blocking(seconds)
+        self.raise_if_cancelled()
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlugin:
+    """A job type and the function that runs it (the seed's Job plugin).
+
+    Attributes:
+        type: the request type this job runs.
+        function: ``async def f(request, ctx: JobContext)`` or
+            ``def f(request, ctx: SyncJobContext)``.
+        description: one line for humans.
+        retry: when it runs again after a failure or a crash.
+        timeout: seconds an attempt may run before it is cancelled and fails
+            with DEADLINE_EXCEEDED; None for no limit.
+        input_type: the protobuf message ``Request.input`` must hold (checked at
+            submit; the job gets it decoded as ``ctx.input``); None if the job
+            takes no typed input.
+        output_type: the protobuf message the job returns (packed into the final
+            ``Response.output``); None if it returns none.
+        handler: the handler that runs it when the configuration names none
+            (``internal``, or ``process`` for CPU-bound plain functions).
+    """
+
+    type: str
+    function: Callable[..., Any]
+    description: str = ""
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None
+    input_type: builtins.type[Message] | None = None
+    output_type: builtins.type[Message] | None = None
+    handler: str = "internal"
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if not callable(self.function):
+            raise TypeError(f"job {self.type!r}: its function is not callable")
+        try:
+            inspect.signature(self.function).bind(None, None)
+        except TypeError:
+            raise TypeError(f"job {self.type!r}: its function must take (request, ctx)") from None
+        except ValueError:  # no signature to inspect (a builtin): trust it
+            pass
+        for name, declared in (("input_type", self.input_type), ("output_type", self.output_type)):
+            if declared is not None and not (isinstance(declared, type) and issubclass(declared, Message)):
+                raise TypeError(f"job {self.type!r}: {name} must be a protobuf message class")
+
+    def decode_input(self, payload: any_pb2.Any | None) -> Message | None:
+        """Checks a request's ``input`` against ``input_type`` and decodes it.
+
+        Raises:
+            InvalidArgument: with a field violation on ``request.input``.
+        """
+        if self.input_type is None:
+            if payload is not None and payload.type_url:
+                raise _bad_input(f"job type {self.type!r} takes no typed input (use data)")
+            return None
+        expected = self.input_type.DESCRIPTOR.full_name
+        if payload is None or not payload.type_url:
+            raise _bad_input(f"is required: job type {self.type!r} takes a {expected}")
+        if payload.TypeName() != expected:
+            given = payload.TypeName() or payload.type_url
+            given = given if len(given) <= 200 else given[:200] + "..."
+            raise _bad_input(f"must hold a {expected}, not a {given!r}")
+        message = self.input_type()
+        try:
+            message.ParseFromString(payload.value)
+        except DecodeError as error:
+            raise _bad_input(f"is not a valid {expected}: {error}") from None
+        return message
+
+    def check_output(self, output: Message | None) -> None:
+        """Raises TypeError unless ``output`` is what ``output_type`` declares."""
+        if self.output_type is None or output is None:
+            return
+        name = output.TypeName() if isinstance(output, any_pb2.Any) else output.DESCRIPTOR.full_name
+        if name != self.output_type.DESCRIPTOR.full_name:
+            raise TypeError(
+                f"job {self.type!r} returned a {name}, not the {self.output_type.DESCRIPTOR.full_name} it declares"
+            )
+
+    @property
+    def is_async(self) -> bool:
+        """True for ``async def`` jobs."""
+        return inspect.iscoroutinefunction(self.function)
+
+
+def _bad_input(description: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"invalid request: request.input: {description}",
+        [FieldViolation("request.input", description)],
+        reason="INVALID_INPUT",
+    )
+
+
+def job(
+    type: str,  # noqa: A002
+    *,
+    description: str = "",
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    input_type: type[Message] | None = None,
+    output_type: type[Message] | None = None,
+    handler: str = "internal",
+) -> Callable[[Callable[..., Any]], JobPlugin]:
+    """Declares a function as the job plugin for ``type``; the arguments are :class:`JobPlugin`'s.
+
+    ``description`` defaults to the first line of the function's docstring.
+    """
+
+    def declare(function: Callable[..., Any]) -> JobPlugin:
+        doc = (inspect.getdoc(function) or "").splitlines()
+        return JobPlugin(
+            type,
+            function,
+            description or (doc[0] if doc else ""),
+            retry or RetryPolicy(),
+            timeout,
+            input_type,
+            output_type,
+            handler,
+        )
+
+    return declare
+
+
+def _check_data(data: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"job data must be a mapping of strings, not {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"job data must map str to str; got {key!r}: {type(value).__name__}")
+    return dict(data)
+
+
+def _pack(output: Message) -> any_pb2.Any:
+    if isinstance(output, any_pb2.Any):
+        return output
+    packed = any_pb2.Any()
+    packed.Pack(output)
+    return packed
+
+
+def to_update(returned: JobReturn) -> Update:
+    """The final FINISHED Update for what a job returned.
+
+    Raises:
+        TypeError: the job returned something that is not a :data:`JobReturn`.
+    """
+    if returned is None:
+        return Update(RequestState.FINISHED)
+    if isinstance(returned, Result):
+        if returned.output is not None and not isinstance(returned.output, Message):
+            raise TypeError(f"Result.output must be a protobuf message, not {type(returned.output).__name__}")
+        output = _pack(returned.output) if returned.output is not None else None
+        return Update(RequestState.FINISHED, data=_check_data(returned.data), output=output)
+    if isinstance(returned, Message):
+        return Update(RequestState.FINISHED, output=_pack(returned))
+    return Update(RequestState.FINISHED, data=_check_data(returned))
+
+
+def failure(error: BaseException) -> ErrorStatus:
+    """The error of a job that raised ``error``."""
+    message = str(error) or type(error).__name__
+    return ErrorStatus(Code.UNKNOWN, message, reason="JOB_FAILED", metadata={"exception": type(error).__name__})

@@ -1,0 +1,1 @@
+"""Faces: the Python client and the ``ajs`` command line."""
