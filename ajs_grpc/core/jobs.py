@@ -36,7 +36,16 @@ from typing import Any, TypeAlias
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
-from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument
+from ajs_grpc.core.errors import (
+    AjsError,
+    Code,
+    FieldViolation,
+    InvalidArgument,
+    JobCancelled,
+    JobTimeout,
+    PermanentError,
+    Retry,
+)
 from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Update
 
 __all__ = [
@@ -56,31 +65,6 @@ __all__ = [
     "job",
     "to_update",
 ]
-
-
-class JobCancelled(Exception):
-    """Raised by :meth:`JobContext.raise_if_cancelled` once cancellation was asked for."""
-
-
-class Retry(Exception):
-    """Raised by a job to ask to run again later (within its ``max_attempts``).
-
-    Args:
-        message: why, for the retry's Response.
-        delay: seconds to wait before the next attempt; None uses the policy's backoff.
-    """
-
-    def __init__(self, message: str = "the job asked to be retried", *, delay: float | None = None) -> None:
-        super().__init__(message)
-        self.delay = delay
-
-
-class PermanentError(Exception):
-    """Raised by a job (or a base class of its errors) to fail without retries."""
-
-
-class JobTimeout(Exception):
-    """The job ran longer than its type's ``timeout``; retried like any error by default."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,13 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ajs_grpc.connectors._pgnames import check_schema_name
-from ajs_grpc.core.errors import AjsError
+from ajs_grpc.core.errors import ConfigError
 
 __all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "format_duration", "load"]
-
-
-class ConfigError(AjsError):
-    """The configuration is invalid; the message names the key."""
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

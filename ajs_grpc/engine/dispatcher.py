@@ -40,15 +40,12 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from ajs_grpc.connectors.base import Claim, Connector
-from ajs_grpc.core.errors import AjsError, Code, FailedPrecondition, Unavailable
+from ajs_grpc.core.errors import AjsError, Code, FailedPrecondition, JobTimeout, PermanentError, Retry, Unavailable
 from ajs_grpc.core.jobs import (
     NO_RETRY,
     CancelSignal,
     JobContext,
     JobReturn,
-    JobTimeout,
-    PermanentError,
-    Retry,
     failure,
     to_update,
 )
@@ -555,12 +552,9 @@ class Dispatcher:
 
 
 def _status(error: BaseException) -> ErrorStatus:
+    """The Status of a failed attempt: the project's errors carry theirs (job signals too)."""
     if isinstance(error, AjsError):
         return ErrorStatus(error.code, error.message, reason=error.reason, metadata=error.metadata)
-    if isinstance(error, JobTimeout):
-        return ErrorStatus(Code.DEADLINE_EXCEEDED, str(error), reason="JOB_TIMEOUT")
-    if isinstance(error, Retry):
-        return ErrorStatus(Code.UNAVAILABLE, str(error), reason="RETRY_REQUESTED")
     return failure(error)
 
 

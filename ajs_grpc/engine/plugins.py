@@ -26,10 +26,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 from ajs_grpc.connectors.base import Connector
-from ajs_grpc.core.errors import AjsError
+from ajs_grpc.core.errors import PluginError, PluginKind
 from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.engine.handlers.base import HandlerChain, RequestHandler
 
@@ -45,7 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["config", "connector", "handler", "job"]
+Kind = PluginKind
 
 GROUPS: dict[Kind, str] = {
     "connector": "ajs_grpc.connectors",
@@ -56,18 +56,6 @@ GROUPS: dict[Kind, str] = {
 REJECT = "reject"
 # The handler that runs jobs asking for no other handler when the configuration lists none.
 INTERNAL = "internal"
-
-
-class PluginError(AjsError):
-    """A plugin is missing, broken, or in conflict with another.
-
-    Attributes:
-        kind: ``config``, ``connector``, ``handler`` or ``job``: what failed.
-    """
-
-    def __init__(self, kind: Kind, message: str) -> None:
-        super().__init__(message, reason=f"{kind.upper()}_PLUGIN_ERROR")
-        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)

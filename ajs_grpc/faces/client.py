@@ -60,19 +60,6 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 T = TypeVar("T")
 
-_ERRORS: dict[grpc.StatusCode, type[errors.AjsError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
-}
-
-
 # UNAVAILABLE (an instance draining or gone) and CANCELLED (a stream a proxy or a stopping
 # server reset; a call the client itself cancels is never retried) are retried, on another
 # instance when there are several. Retrying SubmitRequest is safe because the client
@@ -167,25 +154,20 @@ def channel_options(target: str) -> list[tuple[str, object]]:
 
 
 def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.AjsError:
-    """The project exception for a failed call, with the server's reason and details."""
+    """The project exception for a failed call, with the server's reason and details.
+
+    Every status code maps to its class through the one table of :mod:`ajs_grpc.core.errors`.
+    """
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    reason, metadata = "", {}
-    violations: list[errors.FieldViolation] = []
-    if status is not None:
-        model_status = convert.status_from_proto(status)
-        reason, metadata = model_status.reason, dict(model_status.metadata)
-        violations = convert.field_violations(status)
-    message = error.details() or error.code().name
-    cls = _ERRORS.get(error.code(), errors.AjsError)
-    if cls is errors.InvalidArgument:
-        return errors.InvalidArgument(message, violations, reason=reason, metadata=metadata)
-    if cls is errors.ResourceExhausted:
-        quotas = convert.quota_violations(status) if status is not None else []
-        return errors.ResourceExhausted(message, quotas, reason=reason, metadata=metadata)
-    exc = cls(message, reason=reason, metadata=metadata)
-    if cls is errors.AjsError:
-        exc.code = errors.Code(error.code().value[0])
-    return exc
+    model_status = convert.status_from_proto(status) if status is not None else None
+    return errors.from_status(
+        errors.Code(error.code().value[0]),
+        error.details() or error.code().name,
+        reason=model_status.reason if model_status is not None else "",
+        metadata=model_status.metadata if model_status is not None else None,
+        field_violations=convert.field_violations(status) if status is not None else (),
+        quota_violations=convert.quota_violations(status) if status is not None else (),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

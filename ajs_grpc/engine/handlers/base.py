@@ -12,16 +12,10 @@ import abc
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
-from ajs_grpc.core.errors import AjsError, Code
+from ajs_grpc.core.errors import NotSupported
 from ajs_grpc.core.jobs import JobContext, JobPlugin, JobReturn
 
 __all__ = ["HandlerChain", "NotSupported", "RequestHandler"]
-
-
-class NotSupported(AjsError):
-    """No handler runs the request's type."""
-
-    code = Code.UNIMPLEMENTED
 
 
 class RequestHandler(abc.ABC):

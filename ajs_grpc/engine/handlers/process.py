@@ -37,6 +37,7 @@ from typing import Any
 from google.protobuf import any_pb2
 from typing_extensions import override
 
+from ajs_grpc.core.errors import WorkerCrashed
 from ajs_grpc.core.jobs import CancelSignal, JobContext, JobPlugin, JobReturn, Result, SyncJobContext, to_update
 from ajs_grpc.core.model import Request, Update
 from ajs_grpc.engine.handlers.base import RequestHandler
@@ -46,10 +47,6 @@ __all__ = ["ProcessPoolRequestHandler", "WorkerCrashed"]
 log = logging.getLogger(__name__)
 
 _SPAWN = multiprocessing.get_context("spawn")
-
-
-class WorkerCrashed(Exception):
-    """The worker process running the job died; retried like any error by default."""
 
 
 # -- what crosses the pipe ------------------------------------------------------------
