@@ -30,6 +30,7 @@ __all__ = [
     "Page",
     "Renewal",
     "parent_not_found",
+    "request_not_found",
     "resubmitted",
 ]
 
@@ -54,6 +55,13 @@ def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
         f"request {request.id!r} exists with different content",
         reason="REQUEST_ID_TAKEN",
         metadata={"request_id": request.id},
+    )
+
+
+def request_not_found(request_id: str) -> NotFound:
+    """The error for an unknown request id (and, at the edge, for one the caller may not see)."""
+    return NotFound(
+        f"no request with id {request_id!r}", reason="REQUEST_NOT_FOUND", metadata={"request_id": request_id}
     )
 
 
@@ -354,9 +362,7 @@ class Connector(abc.ABC):
     @staticmethod
     def _not_found(request_id: str) -> NotFound:
         """The error for an unknown request id."""
-        return NotFound(
-            f"no request with id {request_id!r}", reason="REQUEST_NOT_FOUND", metadata={"request_id": request_id}
-        )
+        return request_not_found(request_id)
 
     @staticmethod
     def _check_lease(request_id: str, held: str | None, given: str) -> None:

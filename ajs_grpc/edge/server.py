@@ -31,18 +31,17 @@ from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import Authenticator
 from ajs_grpc.edge.config import ConfigError, Settings
 from ajs_grpc.edge.metrics import Metrics
-from ajs_grpc.edge.service import SERVICE_NAME, JobService, Limits
+from ajs_grpc.edge.service import SERVICE, SERVICE_NAME, JobService, Limits
 from ajs_grpc.engine.dispatcher import Dispatcher
 from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
-from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["DISPATCHER_HEALTH", "ROLES", "AjsServer", "ServerConfig", "serve"]
 
 ROLES = ("all", "frontend", "worker")
 # The health status name of an instance's dispatcher: SERVING where jobs run.
 DISPATCHER_HEALTH = "ajs.dispatcher"
-# Seconds between counts of the queue for the ajs_queue_depth gauge.
+# Seconds between counts of the queue for the ajs_queue_depth gauge (ServerConfig.queue_depth_every).
 QUEUE_DEPTH_EVERY = 2.0
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ class ServerConfig:
         tokens_file: bearer tokens (see :mod:`ajs_grpc.edge.auth`): authentication.
         admin_role: the role that may see and cancel every job.
         metrics_address: HOST:PORT of the Prometheus endpoint; empty for none.
+        queue_depth_every: seconds between counts of the queue for the
+            ``ajs_queue_depth`` gauge.
     """
 
     def __post_init__(self) -> None:
@@ -107,6 +108,7 @@ class ServerConfig:
     tokens_file: str = ""
     admin_role: str = "admin"
     metrics_address: str = ""
+    queue_depth_every: float = QUEUE_DEPTH_EVERY
 
     @classmethod
     def from_settings(cls, settings: Settings, handlers: list[HandlerSpec] | None = None) -> ServerConfig:
@@ -328,7 +330,7 @@ class AjsServer:
                 self.metrics.queue_depth.set(await self.connector.count_jobs(RequestState.CREATED))
             except AjsError as error:
                 log.warning("could not count the queue: %s", error)
-            await asyncio.sleep(QUEUE_DEPTH_EVERY)
+            await asyncio.sleep(self.config.queue_depth_every)
 
     @property
     def address(self) -> str:
@@ -401,14 +403,13 @@ def worker_only_handler() -> grpc.GenericRpcHandler:
         await refuse(request, context)
         yield b""  # never reached: it makes this a generator
 
-    methods = pb.DESCRIPTOR.services_by_name["JobService"].methods
     return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
+        SERVICE.full_name,
         {
             method.name: grpc.unary_stream_rpc_method_handler(refuse_stream)
             if method.server_streaming
             else grpc.unary_unary_rpc_method_handler(refuse)
-            for method in methods
+            for method in SERVICE.methods
         },
     )
 

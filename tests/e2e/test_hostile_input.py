@@ -17,8 +17,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ajs_grpc.edge.paging import encode_page_token
 from ajs_grpc.edge.server import AjsServer, ServerConfig
-from ajs_grpc.edge.service import encode_page_token
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 from tests import jobs_for_tests

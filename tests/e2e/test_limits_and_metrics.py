@@ -19,7 +19,7 @@ from ajs_grpc.edge.service import Limits
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 from tests import jobs_for_tests
-from tests.helpers import eventually
+from tests.helpers import eventually, eventually_reads
 
 S = RequestState
 
@@ -33,7 +33,7 @@ async def serve(limits: Limits, **settings: object) -> AjsServer:
 
 @pytest.fixture
 async def observed() -> AsyncIterator[AjsServer]:
-    server = await serve(Limits(), metrics_address="127.0.0.1:0")
+    server = await serve(Limits(), metrics_address="127.0.0.1:0", queue_depth_every=0.05)
     try:
         yield server
     finally:
@@ -79,7 +79,7 @@ async def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(limited: Ajs
     async with AsyncClient(limited.address) as client:
         for i in range(5):
             await client.submit("echo", id=f"later-{i}", run_after=_far_future())
-        await asyncio.sleep(0.3)  # the cached depth expires
+        # Each admission adds to the cached count: the sixth is refused without waiting for a recount.
         with pytest.raises(ResourceExhausted) as raised:
             await client.submit("echo")
         assert raised.value.reason == "QUEUE_FULL"
@@ -146,9 +146,13 @@ async def test_metrics_count_jobs_calls_and_the_queue(observed: AjsServer) -> No
         with pytest.raises(AjsError):
             await client.get("ghost")
         await client.submit("echo", id="waiting", run_after=_far_future())
-    await asyncio.sleep(2.5)  # the queue depth gauge is refreshed every 2 s
     url = f"http://127.0.0.1:{observed.metrics_port}/metrics"
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    async def scrape() -> str:
+        return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    # The queue depth gauge is counted every queue_depth_every (0.05 s here).
+    text = await eventually_reads(scrape, lambda text: _value(text, "ajs_queue_depth") == 1)
     assert _value(text, 'ajs_jobs_submitted_total{type="echo"}') == 4
     assert _value(text, 'ajs_jobs_ended_total{state="FINISHED",type="echo"}') == 3
     assert _value(text, 'ajs_jobs_ended_total{state="FAILED",type="boom"}') == 1
