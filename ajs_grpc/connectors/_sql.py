@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
 from ajs_grpc.core.errors import Code
-from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update
 
 __all__ = [
     "JOB_WIDTH",
@@ -130,6 +130,10 @@ class Dialect:
         record: an error record (a dict, or None) as a query parameter.
         array: a list (states, types, positions) as a query parameter.
         decoding: how stored values read back.
+        own_clock: the store compares leases and due times with a clock of its own
+            when the connector was given none: its queries then get ``now`` as NULL
+            (PostgreSQL's ``clock_timestamp()``, so clock skew between instances
+            cannot expire a lease early).
     """
 
     name: str
@@ -139,6 +143,7 @@ class Dialect:
     record: Callable[[dict[str, Any] | None], Any]
     array: Callable[[Sequence[Any]], Any]
     decoding: Decoding
+    own_clock: bool = False
 
 
 def error_fields(error: ErrorStatus | None) -> dict[str, Any] | None:
@@ -294,6 +299,12 @@ class SqlConnector(Connector, abc.ABC):
     def _job(self, row: Sequence[Any]) -> Job:
         return job_from_row(row, self.dialect.decoding)
 
+    def _store_now(self, at: datetime) -> Any:
+        """``at`` as a query's ``now``: NULL when the store keeps its own clock and no clock was given."""
+        if self._clock is None and self.dialect.own_clock:
+            return None
+        return self.dialect.time(at)
+
     def _response_params(self, response: Response) -> dict[str, Any]:
         d, output = self.dialect, response.output
         return {
@@ -346,9 +357,9 @@ class SqlConnector(Connector, abc.ABC):
 
     async def _expire_rows(self, session: Session, query: str) -> Done[int]:
         """Applies :meth:`~ajs_grpc.core.model.Job.expire` to the jobs ``query`` finds."""
-        rows = await session.fetch(query, {"now": self.dialect.time(now())})
+        at = self._now()
+        rows = await session.fetch(query, {"now": self._store_now(at)})
         done: Done[int] = Done(len(rows))
-        at = now()
         for row in rows:
             job, response = self._job(row).expire(at)
             await self._save(session, row[0], job, response)
@@ -395,9 +406,9 @@ class SqlConnector(Connector, abc.ABC):
         type_list = sorted(types) if types is not None else []
 
         async def write(session: Session) -> Done[list[Claim]]:
-            at = now()
+            at = self._now()
             params = {
-                "now": self.dialect.time(at),
+                "now": self._store_now(at),
                 "limit": limit,
                 "any_type": types is None,
                 "types": self.dialect.array(type_list),
@@ -406,7 +417,7 @@ class SqlConnector(Connector, abc.ABC):
             for row in await session.fetch("claim_due", params):
                 job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
                 token = uuid.uuid4().hex
-                held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": self.dialect.time(at)}
+                held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": self._store_now(at)}
                 await self._save(session, row[0], job, response, held)
                 done.result.append(Claim(job, token))
                 done.responses.append(job.request.id)
@@ -432,7 +443,7 @@ class SqlConnector(Connector, abc.ABC):
         held = dict(leases)
 
         async def write(session: Session) -> Done[Renewal]:
-            params = {"leases": self.dialect.mapping(held), "lease_seconds": lease, "now": self.dialect.time(now())}
+            params = {"leases": self.dialect.mapping(held), "lease_seconds": lease, "now": self._store_now(self._now())}
             rows = await session.fetch("renew_leases", params)
             kept = {row[0] for row in rows}
             cancelled = frozenset(row[0] for row in rows if row[1])
@@ -449,8 +460,8 @@ class SqlConnector(Connector, abc.ABC):
         async def read(session: Session) -> datetime | None:
             # Claims compare due times with the store's clock: say how far away the next
             # one is by that clock, then put it on ours.
-            at = now()
-            rows = await session.fetch("next_due", {"now": self.dialect.time(at)})
+            at = self._now()
+            rows = await session.fetch("next_due", {"now": self._store_now(at)})
             due, store_now = (self.dialect.decoding.time(value) for value in rows[0])
             if due is None or store_now is None:
                 return None

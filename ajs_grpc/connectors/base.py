@@ -15,15 +15,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from datetime import datetime
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeAlias
 
 from ajs_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
-from ajs_grpc.core.model import Job, Request, RequestState, Response, Update
+from ajs_grpc.core.model import Job, Request, RequestState, Response, Update, now
 
 __all__ = [
     "Claim",
+    "Clock",
     "Connector",
     "ConnectorListener",
     "JobFilter",
@@ -33,6 +34,9 @@ __all__ = [
     "request_not_found",
     "resubmitted",
 ]
+
+Clock: TypeAlias = Callable[[], datetime]
+"""Where a connector reads the time: a callable returning the current aware datetime."""
 
 # Responses read from storage per round trip of a watch. It bounds what one watcher
 # holds at once: on SQLite and PostgreSQL each watcher reads its own copies, so a few
@@ -154,13 +158,24 @@ class Connector(abc.ABC):
 
     Subclasses implement storage; this base class implements :meth:`watch` and
     the wake-ups on top of it, so every connector streams the same way.
+
+    Args:
+        clock: what leases and due times are compared with (see :meth:`_now`);
+            None for the process's clock (:func:`ajs_grpc.core.model.now`), or the
+            store's own where it has one. Tests pass a clock they move forward, so
+            a lease runs out without waiting for it.
     """
 
     name: ClassVar[str]
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock | None = None) -> None:
         self._listeners: list[ConnectorListener] = []
         self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._clock = clock
+
+    def _now(self) -> datetime:
+        """The time a claim, a renewal or an expiry is measured from: the given clock's, else the process's."""
+        return now() if self._clock is None else self._clock()
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepares storage. Called once before anything else."""

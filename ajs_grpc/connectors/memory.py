@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
-from ajs_grpc.core.model import Job, Request, RequestState, Response, Update, now
+from ajs_grpc.connectors.base import Claim, Clock, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
+from ajs_grpc.core.model import Job, Request, RequestState, Response, Update
 
 __all__ = ["MemoryConnector"]
 
@@ -34,12 +34,16 @@ class _Entry:
 
 
 class MemoryConnector(Connector):
-    """Holds the queue in dictionaries and heaps; no call awaits anything."""
+    """Holds the queue in dictionaries and heaps; no call awaits anything.
+
+    Args:
+        clock: what leases and due times are compared with; None for the process's clock.
+    """
 
     name = "memory"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        super().__init__(clock=clock)
         self._entries: dict[str, _Entry] = {}
         # Submit order, for listing; positions start at 1 (0 is "before the first").
         self._order: list[str] = []
@@ -70,7 +74,7 @@ class MemoryConnector(Connector):
         entry.queued = self._tickets
         job = entry.job
         item = (-job.request.priority, entry.position, entry.queued, job.request.id)
-        if job.due_time is not None and job.due_time > now():
+        if job.due_time is not None and job.due_time > self._now():
             heapq.heappush(self._waiting, (job.due_time, *item))
         else:
             heapq.heappush(self._ready, item)
@@ -100,7 +104,7 @@ class MemoryConnector(Connector):
     async def claim(
         self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
     ) -> list[Claim]:
-        at = now()
+        at = self._now()
         while self._waiting and self._waiting[0][0] <= at:
             heapq.heappush(self._ready, heapq.heappop(self._waiting)[1:])
         claims: list[Claim] = []
@@ -133,7 +137,7 @@ class MemoryConnector(Connector):
 
     @override
     async def renew(self, leases: Mapping[str, str], lease: float) -> Renewal:
-        until = now() + timedelta(seconds=lease)
+        until = self._now() + timedelta(seconds=lease)
         lost: set[str] = set()
         cancelled: set[str] = set()
         for request_id, token in leases.items():
@@ -148,7 +152,7 @@ class MemoryConnector(Connector):
 
     @override
     async def recover_expired(self) -> int:
-        at = now()
+        at = self._now()
         expired = [
             entry
             for entry in self._entries.values()
@@ -167,7 +171,7 @@ class MemoryConnector(Connector):
         while self._waiting and not self._is_current(self._waiting[0][4], self._waiting[0][3]):
             heapq.heappop(self._waiting)
         if self._ready:
-            return now()
+            return self._now()
         return self._waiting[0][0] if self._waiting else None
 
     @override

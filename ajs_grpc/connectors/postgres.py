@@ -7,7 +7,8 @@ Procrastinate use PostgreSQL:
   submit order, so instances never wait for each other or share a job.
 * Leases expire on the database's clock (``clock_timestamp()``): clock skew
   between instances cannot make a lease look expired early. Any instance
-  recovers expired leases.
+  recovers expired leases. (A connector given a ``clock``, as tests do, uses
+  that one instead.)
 * Writes are group-committed: a few writer tasks each take every operation
   queued meanwhile and run them in one transaction.
 * ``LISTEN/NOTIFY`` on one channel per schema wakes idle dispatchers on
@@ -31,6 +32,7 @@ from typing_extensions import override
 
 from ajs_grpc.connectors._pgnames import channel_name, check_schema_name
 from ajs_grpc.connectors._sql import Decoding, Dialect, Done, Operation, Outcome, SqlConnector, deliver, load_queries
+from ajs_grpc.connectors.base import Clock
 from ajs_grpc.core.errors import AjsError, ConnectorError, Internal, ResourceExhausted, Unavailable
 
 try:
@@ -77,6 +79,7 @@ DIALECT = Dialect(
     record=_jsonb,
     array=list,
     decoding=Decoding(time=lambda value: value, mapping=lambda value: value, record=lambda value: value),
+    own_clock=True,
 )
 
 
@@ -120,6 +123,8 @@ class PostgresConnector(SqlConnector):
             this version is refused (run ``ajs db upgrade``).
         pool_size: connections at most.
         writers: concurrent write transactions (each group-commits its batch).
+        clock: what leases and due times are compared with; None for the database's
+            clock (``clock_timestamp()``), which every instance shares.
     """
 
     name = "postgres"
@@ -133,8 +138,9 @@ class PostgresConnector(SqlConnector):
         migrate: bool = True,
         pool_size: int = 10,
         writers: int = 4,
+        clock: Clock | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(clock=clock)
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.migrate = migrate

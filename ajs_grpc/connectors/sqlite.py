@@ -51,6 +51,7 @@ from ajs_grpc.connectors._sql import (
     load_queries,
     run_to_completion,
 )
+from ajs_grpc.connectors.base import Clock
 from ajs_grpc.core.errors import (
     AjsError,
     ConnectorError,
@@ -274,13 +275,16 @@ class SqliteConnector(SqlConnector):
         path: the database file; created (with its schema) if missing.
         synchronous: ``FULL`` (default: a commit survives power loss) or
             ``NORMAL`` (survives a killed server; faster).
+        clock: what leases and due times are compared with; None for the process's clock.
     """
 
     name = "sqlite"
     dialect = DIALECT
 
-    def __init__(self, path: str | os.PathLike[str] = "ajs.db", synchronous: str = "FULL") -> None:
-        super().__init__()
+    def __init__(
+        self, path: str | os.PathLike[str] = "ajs.db", synchronous: str = "FULL", *, clock: Clock | None = None
+    ) -> None:
+        super().__init__(clock=clock)
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         if self.synchronous not in ("FULL", "NORMAL"):

@@ -5,7 +5,9 @@
 -- ajs_grpc.core.model.RequestState, ${JOB} selects a job with its last Response and its lease
 -- token (one row layout for every SQL connector, ajs_grpc/connectors/_sql.py). Leases
 -- and due times are compared with the database's clock (clock_timestamp()), never an
--- instance's, so clock skew between instances cannot expire a lease early.
+-- instance's, so clock skew between instances cannot expire a lease early: "now" is
+-- COALESCE(%(now)s::timestamptz, clock_timestamp()), and %(now)s is NULL unless the
+-- connector was given a clock of its own (tests move time forward with one).
 
 -- name: migration_1
 -- Schema version 1: jobs and their Responses; partial indexes for the queue's hot paths.
@@ -107,7 +109,8 @@ WITH saved AS (
     UPDATE jobs SET state = %(state)s, attempt = %(attempt)s, cancel_requested = %(cancel_requested)s,
                     update_time = %(update_time)s, due_time = %(due_time)s, last_sequence = %(sequence)s,
                     lease_token = %(lease_token)s,
-                    lease_expires = clock_timestamp() + %(lease_seconds)s * interval '1 second',
+                    lease_expires = COALESCE(%(now)s::timestamptz, clock_timestamp())
+                                    + %(lease_seconds)s * interval '1 second',
                     worker = %(worker)s
      WHERE position = %(position)s RETURNING position)
 INSERT INTO responses
@@ -131,7 +134,7 @@ SELECT saved.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_fina
 -- Due queued jobs, highest priority first, then in submit order; instances never wait for
 -- each other nor share a job (SKIP LOCKED). Only %(types)s unless %(any_type)s.
 ${JOB}
- WHERE j.state = ${CREATED} AND j.due_time <= clock_timestamp()
+ WHERE j.state = ${CREATED} AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
    AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
  ORDER BY j.priority DESC, j.position
  LIMIT %(limit)s
@@ -139,19 +142,20 @@ ${JOB}
 
 -- name: renew_leases
 -- Extends the leases still held ({id: token} in %(leases)s); says which were asked to cancel.
-UPDATE jobs j SET lease_expires = clock_timestamp() + %(lease_seconds)s * interval '1 second'
+UPDATE jobs j
+   SET lease_expires = COALESCE(%(now)s::timestamptz, clock_timestamp()) + %(lease_seconds)s * interval '1 second'
   FROM jsonb_each_text(%(leases)s) AS held(id, token)
  WHERE j.id = held.id AND j.lease_token = held.token AND j.state = ${PENDING}
 RETURNING j.id, j.cancel_requested
 
 -- name: expired_jobs
 -- Running jobs whose lease ran out on the database's clock; any instance recovers them.
-${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= clock_timestamp()
+${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= COALESCE(%(now)s::timestamptz, clock_timestamp())
    FOR UPDATE OF j SKIP LOCKED
 
 -- name: next_due
 -- The earliest due time of the queued jobs, and the database's clock it compares with.
-SELECT min(due_time), clock_timestamp() FROM jobs WHERE state = ${CREATED}
+SELECT min(due_time), COALESCE(%(now)s::timestamptz, clock_timestamp()) FROM jobs WHERE state = ${CREATED}
 
 -- name: cancel_tree
 -- Locks a job and its unfinished descendants, to cancel them together.
