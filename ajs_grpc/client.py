@@ -1,8 +1,10 @@
 """The Python client (public path): Client, AsyncClient, TlsOptions ...
 
 It lives in :mod:`ajs_grpc.faces.client`; this module is the stable import path for users.
+``JobType``, what ``job_types()`` returns, is the core model's (re-exported here).
 """
 
+from ajs_grpc.core.model import JobType
 from ajs_grpc.faces.client import (
     DEFAULT_TARGET,
     AsyncClient,
@@ -18,6 +20,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "AsyncClient",
     "Client",
+    "JobType",
     "Submitted",
     "TlsOptions",
     "channel_options",

@@ -1,4 +1,4 @@
-"""The core model: Request, Response, RequestState, Job, and the rules between them.
+"""The core model: Request, Response, RequestState, Job, JobType, and the rules between them.
 
 Every state rule of the project lives here, in :meth:`Job.advance`: Responses of a
 request are numbered 1, 2, 3 ... without gaps, a request has exactly one final
@@ -16,6 +16,7 @@ import enum
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import Any
 
 from google.protobuf import any_pb2
 
@@ -24,10 +25,12 @@ from ajs_grpc.core.errors import Code, FailedPrecondition
 __all__ = [
     "ErrorStatus",
     "Job",
+    "JobType",
     "Progress",
     "Request",
     "RequestState",
     "Response",
+    "RetrySchedule",
     "Update",
     "now",
 ]
@@ -70,6 +73,10 @@ _NEXT_STATES: Mapping[RequestState, frozenset[RequestState]] = {
         }
     ),
 }
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
 
 
 def _frozen(data: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -221,6 +228,22 @@ class Response:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
 
+    def as_dict(self) -> dict[str, Any]:
+        """Its JSON form, as ``ajs get`` shows a job's last Response (``json.dumps`` takes it).
+
+        States and error codes by name; the typed ``output`` is left out.
+        """
+        return {
+            "sequence": self.sequence,
+            "state": self.state.name,
+            "is_final": self.is_final,
+            "data": dict(self.data),
+            "progress": {"fraction": self.progress.fraction, "message": self.progress.message}
+            if self.progress
+            else None,
+            "error": {"code": self.error.code.name, "message": self.error.message} if self.error else None,
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -256,6 +279,31 @@ class Job:
         first = Response(request.id, 1, at, RequestState.CREATED)
         due = max(request.run_after or at, at)
         return cls(request, RequestState.CREATED, 0, first, at, max_attempts=max_attempts, due_time=due), first
+
+    def as_dict(self) -> dict[str, Any]:
+        """Its JSON form, as ``ajs get`` prints it (``json.dumps`` takes it).
+
+        Times in ISO 8601 (None when unset), states by name, the last Response as
+        :meth:`Response.as_dict`; the typed ``input`` is left out.
+        """
+        request = self.request
+        return {
+            "id": request.id,
+            "type": request.type,
+            "state": self.state.name,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "priority": request.priority,
+            "run_after": _iso(request.run_after),
+            "due_time": _iso(self.due_time),
+            "parent_id": request.parent_id,
+            "creator": request.creator,
+            "create_time": _iso(request.create_time),
+            "update_time": self.update_time.isoformat(),
+            "cancel_requested": self.cancel_requested,
+            "data": dict(request.data),
+            "last_response": self.last_response.as_dict(),
+        }
 
     @property
     def attempts_left(self) -> bool:
@@ -352,3 +400,52 @@ class Job:
                 reason="REQUEST_ALREADY_FINAL",
                 metadata={"request_id": self.request.id, "state": self.state.name},
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrySchedule:
+    """How a job type's failed attempts run again, as a server publishes it.
+
+    The published part of a plugin's :class:`~ajs_grpc.core.jobs.RetryPolicy`: which
+    errors retry stays with the plugin. Durations are in seconds.
+
+    Attributes:
+        max_attempts: claims allowed in all; 1 means never retried.
+        initial_backoff: the wait before the second attempt.
+        max_backoff: the longest wait between attempts.
+        multiplier: how much the wait grows per attempt.
+        jitter: the random spread of each wait, as a fraction of it.
+    """
+
+    max_attempts: int = 1
+    initial_backoff: float = 0.0
+    max_backoff: float = 0.0
+    multiplier: float = 1.0
+    jitter: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class JobType:
+    """A job type a server runs, with its typed contract (an entry of ``ListJobTypes``).
+
+    Attributes:
+        name: the request type, as in :attr:`Request.type`.
+        description: one line for humans.
+        handler: the request handler that runs it.
+        input_type: the full name of the message :attr:`Request.input` must hold; "" for none.
+        output_type: the full name of the message the final :attr:`Response.output` holds; "" for none.
+        retry_policy: when a failed attempt runs again.
+        timeout: seconds one attempt may run; None for no limit.
+        file_descriptor_set: a serialized ``FileDescriptorSet`` defining ``input_type`` and
+            ``output_type`` with their dependencies (empty when the type declares neither);
+            :mod:`ajs_grpc.edge.dynamic` builds their message classes from it.
+    """
+
+    name: str
+    description: str = ""
+    handler: str = ""
+    input_type: str = ""
+    output_type: str = ""
+    retry_policy: RetrySchedule = dataclasses.field(default_factory=RetrySchedule)
+    timeout: float | None = None
+    file_descriptor_set: bytes = b""

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
 from ajs_grpc.core.jobs import JobPlugin
-from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response
+from ajs_grpc.core.model import ErrorStatus, Job, JobType, Progress, Request, RequestState, Response, RetrySchedule
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "field_violations",
     "job_from_proto",
     "job_to_proto",
+    "job_type_from_plugin",
+    "job_type_from_proto",
     "job_type_to_proto",
     "quota_violations",
     "request_from_proto",
@@ -260,6 +262,10 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
+def _seconds(value: duration_pb2.Duration) -> float:
+    return value.ToTimedelta().total_seconds()
+
+
 def descriptor_set(*messages: type[Message]) -> bytes:
     """A serialized FileDescriptorSet of the files defining ``messages`` and all their dependencies.
 
@@ -281,16 +287,42 @@ def descriptor_set(*messages: type[Message]) -> bytes:
     return files.SerializeToString()
 
 
-def job_type_to_proto(plugin: JobPlugin, handler: str) -> pb.JobType:
-    """The wire description of a job plugin, run by ``handler``."""
+def job_type_from_plugin(plugin: JobPlugin, handler: str) -> JobType:
+    """The model description of a job plugin, run by ``handler``."""
     policy = plugin.retry
     declared = [t for t in (plugin.input_type, plugin.output_type) if t is not None]
-    return pb.JobType(
+    return JobType(
         name=plugin.type,
         description=plugin.description,
         handler=handler,
         input_type=plugin.input_type.DESCRIPTOR.full_name if plugin.input_type else "",
         output_type=plugin.output_type.DESCRIPTOR.full_name if plugin.output_type else "",
+        retry_policy=RetrySchedule(
+            max_attempts=policy.max_attempts,
+            initial_backoff=policy.initial_backoff,
+            max_backoff=policy.max_backoff,
+            multiplier=policy.multiplier,
+            jitter=policy.jitter,
+        ),
+        timeout=plugin.timeout,
+        file_descriptor_set=descriptor_set(*declared) if declared else b"",
+    )
+
+
+def job_type_to_proto(job_type: JobType | JobPlugin, handler: str = "") -> pb.JobType:
+    """The wire form of a JobType.
+
+    A JobPlugin is described first, as run by ``handler`` (see :func:`job_type_from_plugin`).
+    """
+    if not isinstance(job_type, JobType):
+        job_type = job_type_from_plugin(job_type, handler)
+    policy = job_type.retry_policy
+    return pb.JobType(
+        name=job_type.name,
+        description=job_type.description,
+        handler=job_type.handler,
+        input_type=job_type.input_type,
+        output_type=job_type.output_type,
         retry_policy=pb.RetryPolicy(
             max_attempts=policy.max_attempts,
             initial_backoff=_duration(policy.initial_backoff),
@@ -298,6 +330,27 @@ def job_type_to_proto(plugin: JobPlugin, handler: str) -> pb.JobType:
             multiplier=policy.multiplier,
             jitter=policy.jitter,
         ),
-        timeout=_duration(plugin.timeout) if plugin.timeout is not None else None,
-        file_descriptor_set=descriptor_set(*declared) if declared else b"",
+        timeout=_duration(job_type.timeout) if job_type.timeout is not None else None,
+        file_descriptor_set=job_type.file_descriptor_set,
+    )
+
+
+def job_type_from_proto(message: pb.JobType) -> JobType:
+    """A model JobType from the wire."""
+    policy = message.retry_policy
+    return JobType(
+        name=message.name,
+        description=message.description,
+        handler=message.handler,
+        input_type=message.input_type,
+        output_type=message.output_type,
+        retry_policy=RetrySchedule(
+            max_attempts=policy.max_attempts,
+            initial_backoff=_seconds(policy.initial_backoff),
+            max_backoff=_seconds(policy.max_backoff),
+            multiplier=policy.multiplier,
+            jitter=policy.jitter,
+        ),
+        timeout=_seconds(message.timeout) if message.HasField("timeout") else None,
+        file_descriptor_set=message.file_descriptor_set,
     )

@@ -28,14 +28,13 @@ from rich.table import Table
 from ajs_grpc import __version__
 from ajs_grpc.core.errors import AjsError, Code, InvalidArgument
 from ajs_grpc.core.logs import setup_logging
-from ajs_grpc.core.model import Job, RequestState, Response
+from ajs_grpc.core.model import JobType, RequestState, Response
 from ajs_grpc.edge import convert, dynamic
 from ajs_grpc.edge.auth import new_token
 from ajs_grpc.edge.config import SETTINGS, ConfigError, Settings
 from ajs_grpc.edge.config import load as load_settings
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, PluginError, discover
 from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, TlsOptions
-from ajs_grpc.proto.ajs.v1.job_service_pb2 import JobType as JobTypeMessage
 
 __all__ = ["main"]
 
@@ -289,36 +288,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _job_dict(job: Job) -> dict[str, object]:
-    last = job.last_response
-    return {
-        "id": job.request.id,
-        "type": job.request.type,
-        "state": job.state.name,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "priority": job.request.priority,
-        "run_after": job.request.run_after.isoformat() if job.request.run_after else None,
-        "due_time": job.due_time.isoformat() if job.due_time else None,
-        "parent_id": job.request.parent_id,
-        "creator": job.request.creator,
-        "create_time": job.request.create_time.isoformat() if job.request.create_time else None,
-        "update_time": job.update_time.isoformat(),
-        "cancel_requested": job.cancel_requested,
-        "data": dict(job.request.data),
-        "last_response": {
-            "sequence": last.sequence,
-            "state": last.state.name,
-            "is_final": last.is_final,
-            "data": dict(last.data),
-            "progress": {"fraction": last.progress.fraction, "message": last.progress.message}
-            if last.progress
-            else None,
-            "error": {"code": last.error.code.name, "message": last.error.message} if last.error else None,
-        },
-    }
-
-
 def _describe_end(response: Response) -> str:
     text = response.state.name
     if response.error is not None:
@@ -394,7 +363,7 @@ async def _output_json(client: AsyncClient, output: any_pb2.Any) -> str:
     return f"(output of type {output.TypeName()}, {len(output.value)} bytes)"
 
 
-def _print_types(described: list[JobTypeMessage]) -> None:
+def _print_types(described: Sequence[JobType]) -> None:
     header = ("TYPE", "HANDLER", "INPUT", "OUTPUT", "ATTEMPTS", "TIMEOUT", "DESCRIPTION")
     rows = [
         (
@@ -403,7 +372,7 @@ def _print_types(described: list[JobTypeMessage]) -> None:
             t.input_type or "-",
             t.output_type or "-",
             str(t.retry_policy.max_attempts),
-            f"{t.timeout.ToTimedelta().total_seconds():g}s" if t.HasField("timeout") else "-",
+            f"{t.timeout:g}s" if t.timeout is not None else "-",
             t.description,
         )
         for t in described
@@ -456,7 +425,13 @@ async def _db_upgrade(args: argparse.Namespace) -> int:
 def _local_types(args: argparse.Namespace) -> int:
     plugins = discover(_plugin_dirs(args))
     chain = plugins.chain(args.handlers)
-    _print_types([convert.job_type_to_proto(handler.plugin(name), handler.name) for name, handler in chain.types])  # type: ignore[arg-type]
+    _print_types(
+        [
+            convert.job_type_from_plugin(plugin, handler.name)
+            for name, handler in chain.types
+            if (plugin := handler.plugin(name)) is not None
+        ]
+    )
     out.print(f"connectors: {', '.join(sorted(plugins.connectors))}")
     out.print(f"handlers: {', '.join(h.name for h in chain.handlers)} (in chain order)")
     return EXIT_OK
@@ -488,7 +463,7 @@ async def _client_command(args: argparse.Namespace) -> int:
         if args.command == "watch":
             return await _follow(client, args.request_id, args.after)
         if args.command == "get":
-            out.print_json(json.dumps(_job_dict(await client.get(args.request_id))))
+            out.print_json(json.dumps((await client.get(args.request_id)).as_dict()))
             return EXIT_OK
         if args.command == "list":
             return await _list(client, args)

@@ -1,7 +1,8 @@
 """The Python client of JobService, for asyncio (:class:`AsyncClient`) and plain code (:class:`Client`).
 
-Both speak the core model: they return :class:`~ajs_grpc.core.model.Job` and
-:class:`~ajs_grpc.core.model.Response` objects and raise the project's exceptions
+Both speak the core model: they return :class:`~ajs_grpc.core.model.Job`,
+:class:`~ajs_grpc.core.model.Response` and :class:`~ajs_grpc.core.model.JobType`
+objects (never ``ajs.v1`` messages) and raise the project's exceptions
 (:class:`~ajs_grpc.core.errors.NotFound`, :class:`~ajs_grpc.core.errors.Unavailable`, ...)
 instead of ``grpc.RpcError``. :meth:`AsyncClient.watch` survives dropped streams:
 it reconnects and resumes after the last sequence it saw, so the caller sees
@@ -10,8 +11,8 @@ every Response exactly once.
 Example::
 
     with Client("127.0.0.1:50051") as client:
-        job, _ = client.submit("countdown", {"steps": "3"})
-        for response in client.watch(job.request.id):
+        submitted = client.submit("countdown", {"steps": "3"})
+        for response in client.watch(submitted.job.request.id):
             print(response.sequence, response.state.name)
 """
 
@@ -38,7 +39,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from ajs_grpc.core import errors
-from ajs_grpc.core.model import Job, Request, RequestState, Response
+from ajs_grpc.core.model import Job, JobType, Request, RequestState, Response
 from ajs_grpc.edge import convert
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
@@ -358,12 +359,12 @@ class AsyncClient:
         )
         return convert.job_from_proto(reply.job)
 
-    async def job_types(self) -> list[pb.JobType]:
+    async def job_types(self) -> list[JobType]:
         """The job types the server runs, with their typed contracts (see :mod:`ajs_grpc.edge.dynamic`)."""
         reply = await self._call(
             self._stub.ListJobTypes(pb.ListJobTypesRequest(), timeout=self.timeout, metadata=self._metadata)
         )
-        return list(reply.job_types)
+        return [convert.job_type_from_proto(job_type) for job_type in reply.job_types]
 
     async def health(self, service: str = "") -> str:
         """The server's ``grpc.health.v1`` status (SERVING, NOT_SERVING, ...) for ``service``."""
@@ -544,7 +545,7 @@ class Client:
         """See :meth:`AsyncClient.cancel`."""
         return self._run(self._client.cancel(request_id))
 
-    def job_types(self) -> list[pb.JobType]:
+    def job_types(self) -> list[JobType]:
         """See :meth:`AsyncClient.job_types`."""
         return self._run(self._client.job_types())
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import pytest
 
 from ajs_grpc.core.errors import Code, FailedPrecondition
-from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Update
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update
 
 S = RequestState
 
@@ -141,3 +144,56 @@ def test_a_refunded_hand_back_does_not_use_up_an_attempt() -> None:
     job, _ = job.advance(Update(S.PENDING))
     assert job.attempt == 1
     assert not job.attempts_left
+
+
+def test_as_dict_is_the_json_form_ajs_get_prints() -> None:
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    request = Request("r1", "echo", {"k": "v"}, parent_id="p", creator="alice", create_time=at, priority=3)
+    error = ErrorStatus(Code.ABORTED, "boom", "WHY", {"m": "n"})
+    last = Response("r1", 5, at, S.FAILED, is_final=True, data={"x": "y"}, progress=Progress(0.5, "half"), error=error)
+    job = Job(request, S.FAILED, 2, last, at, cancel_requested=True, max_attempts=3, due_time=None)
+    stamp = "2026-01-02T03:04:05+00:00"
+    assert job.as_dict() == {
+        "id": "r1",
+        "type": "echo",
+        "state": "FAILED",
+        "attempt": 2,
+        "max_attempts": 3,
+        "priority": 3,
+        "run_after": None,
+        "due_time": None,
+        "parent_id": "p",
+        "creator": "alice",
+        "create_time": stamp,
+        "update_time": stamp,
+        "cancel_requested": True,
+        "data": {"k": "v"},
+        "last_response": {
+            "sequence": 5,
+            "state": "FAILED",
+            "is_final": True,
+            "data": {"x": "y"},
+            "progress": {"fraction": 0.5, "message": "half"},
+            "error": {"code": "ABORTED", "message": "boom"},
+        },
+    }
+    # `ajs get` prints the keys in this order.
+    assert list(job.as_dict()) == [
+        "id",
+        "type",
+        "state",
+        "attempt",
+        "max_attempts",
+        "priority",
+        "run_after",
+        "due_time",
+        "parent_id",
+        "creator",
+        "create_time",
+        "update_time",
+        "cancel_requested",
+        "data",
+        "last_response",
+    ]
+    assert list(last.as_dict()) == ["sequence", "state", "is_final", "data", "progress", "error"]
+    assert json.loads(json.dumps(job.as_dict())) == job.as_dict()
