@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import pytest
 
-from ajs_grpc.connectors.base import Connector
+from ajs_grpc.connectors.base import Clock, Connector
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.connectors.sqlite import SqliteConnector
 from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
 from tests import jobs_for_tests
+from tests.helpers import FakeClock
 
 POSTGRES_DSN = os.environ.get("AJS_TEST_POSTGRES_DSN", "")
 
@@ -42,17 +44,27 @@ def drop_schema(schema: str) -> None:
         connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-CONNECTORS: dict[str, Callable[[Path], Connector]] = {
-    "memory": lambda _: MemoryConnector(),
-    "sqlite": lambda tmp: SqliteConnector(tmp / "contract.db", synchronous="NORMAL"),
-    "postgres": lambda _: _postgres(),
-}
+class MakeConnector(Protocol):
+    """Makes a connector of one kind (not yet open), its files under ``tmp``, on ``clock`` if given."""
+
+    def __call__(self, tmp: Path, clock: Clock | None = None) -> Connector: ...
 
 
-def _postgres() -> Connector:
+def _memory(tmp: Path, clock: Clock | None = None) -> Connector:
+    return MemoryConnector(clock=clock)
+
+
+def _sqlite(tmp: Path, clock: Clock | None = None) -> Connector:
+    return SqliteConnector(tmp / "contract.db", synchronous="NORMAL", clock=clock)
+
+
+def _postgres(tmp: Path, clock: Clock | None = None) -> Connector:
     from ajs_grpc.connectors.postgres import PostgresConnector
 
-    return PostgresConnector(postgres_dsn(), schema=unique_schema(), writers=2)
+    return PostgresConnector(postgres_dsn(), schema=unique_schema(), writers=2, clock=clock)
+
+
+CONNECTORS: dict[str, MakeConnector] = {"memory": _memory, "sqlite": _sqlite, "postgres": _postgres}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,9 +78,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def connector(connector_name: str, tmp_path: Path) -> AsyncIterator[Connector]:
-    """An open connector of each kind (the contract suite runs once per kind)."""
-    made = CONNECTORS[connector_name](tmp_path)
+def clock() -> FakeClock:
+    """A clock the test moves forward; a test that asks for it gets a ``connector`` on it."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def connector(connector_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Connector]:
+    """An open connector of each kind (the contract suite runs once per kind).
+
+    On the ``clock`` fixture if the test uses it, else on the connector's own clock.
+    """
+    clock: FakeClock | None = request.getfixturevalue("clock") if "clock" in request.fixturenames else None
+    made = CONNECTORS[connector_name](tmp_path, clock)
     await made.open()
     try:
         yield made

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import eventually_sync
 from tests.serve_process import AJS, Served, start_server
 
 
@@ -127,7 +128,8 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--shutdown-grace", "0.5", "--cancel-grace", "0.5")
     submitted = ajs("submit", "countdown", "--data", "steps=1000", "--data", "interval=0.05", target=server.target)
     assert submitted.returncode == 0
-    time.sleep(0.3)
+    request_id = submitted.stdout.strip()
+    eventually_sync(lambda: json.loads(ajs("get", request_id, target=server.target).stdout)["state"] == "PENDING")
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(20) == 0
     log = server.log.read_text()

@@ -15,6 +15,7 @@ from google.protobuf import any_pb2, wrappers_pb2
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Renewal
 from ajs_grpc.core.errors import AlreadyExists, Code, FailedPrecondition, NotFound
 from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Response, Update, now
+from tests.helpers import FakeClock, eventually
 
 S = RequestState
 
@@ -352,7 +353,7 @@ async def test_watch_finished_job_replays_and_ends(connector: Connector) -> None
 async def test_watch_streams_live_responses_until_final(connector: Connector) -> None:
     await connector.enqueue(request("a"))
     watching = asyncio.create_task(collect(connector, "a"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: connector.watcher_count == 1)
     assert connector.watcher_count == 1
     await finish(connector, "a", 3)
     responses = await asyncio.wait_for(watching, 5)
@@ -364,7 +365,7 @@ async def test_watch_streams_live_responses_until_final(connector: Connector) ->
 async def test_many_watchers_see_the_same_responses(connector: Connector) -> None:
     await connector.enqueue(request("a"))
     watchers = [asyncio.create_task(collect(connector, "a", after=i % 2)) for i in range(10)]
-    await asyncio.sleep(0.01)
+    await eventually(lambda: connector.watcher_count == 10)
     await finish(connector, "a", 2)
     results = await asyncio.wait_for(asyncio.gather(*watchers), 5)
     for i, responses in enumerate(results):
@@ -381,8 +382,9 @@ async def test_resuming_a_watch_misses_nothing_and_repeats_nothing(connector: Co
         if response.sequence == 2:
             break  # the client drops the stream
     await connector.respond("a", Update(S.PENDING, progress=Progress(0.5)), claim.lease_token)
+    await eventually(lambda: connector.watcher_count == 0)  # the dropped stream is closed
     resumed = asyncio.create_task(collect(connector, "a", after=seen[-1]))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: connector.watcher_count == 1)
     await connector.respond("a", Update(S.FINISHED), claim.lease_token)
     seen += [r.sequence for r in await asyncio.wait_for(resumed, 5)]
     assert seen == [1, 2, 3, 4]
@@ -398,7 +400,7 @@ async def test_watch_unknown_is_not_found(connector: Connector) -> None:
 async def test_cancelled_watch_leaves_no_watcher(connector: Connector) -> None:
     await connector.enqueue(request("a"))
     watching = asyncio.create_task(collect(connector, "a"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: connector.watcher_count == 1)
     assert connector.watcher_count == 1
     watching.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -426,7 +428,7 @@ async def test_higher_priority_first_fifo_within_a_priority(connector: Connector
     assert [c.job.request.id for c in claims] == ["high", "mid1", "mid2", "low"]
 
 
-async def test_run_after_delays_the_claim(connector: Connector) -> None:
+async def test_run_after_delays_the_claim(connector: Connector, clock: FakeClock) -> None:
     later = now() + timedelta(seconds=0.3)
     job, _ = await connector.enqueue(Request(id="later", type="t", run_after=later))
     await connector.enqueue(Request(id="past", type="t", run_after=now() - timedelta(days=365)))
@@ -435,7 +437,7 @@ async def test_run_after_delays_the_claim(connector: Connector) -> None:
     due = await connector.next_due_time()
     assert due is not None
     assert abs((due - later).total_seconds()) < 0.05  # a shared queue translates the database's clock
-    await asyncio.sleep((later - now()).total_seconds() + 0.01)
+    clock.advance(0.31)
     assert [c.job.request.id for c in await connector.claim("w1", limit=10)] == ["later"]
     assert await connector.next_due_time() is None
 
@@ -450,7 +452,7 @@ async def test_next_due_time(connector: Connector) -> None:
     assert await connector.next_due_time() is None
 
 
-async def test_handing_back_with_run_after_delays_the_next_claim(connector: Connector) -> None:
+async def test_handing_back_with_run_after_delays_the_next_claim(connector: Connector, clock: FakeClock) -> None:
     await connector.enqueue(request("a"))
     claim = await claim_one(connector)
     assert claim is not None
@@ -458,7 +460,7 @@ async def test_handing_back_with_run_after_delays_the_next_claim(connector: Conn
     await connector.respond("a", Update(S.CREATED, run_after=retry_at), claim.lease_token)
     assert (await connector.get("a")).due_time == retry_at
     assert await claim_one(connector) is None
-    await asyncio.sleep(0.25)
+    clock.advance(0.25)
     again = await claim_one(connector)
     assert again is not None
     assert again.job.attempt == 2
@@ -467,12 +469,12 @@ async def test_handing_back_with_run_after_delays_the_next_claim(connector: Conn
 # -- leases ------------------------------------------------------------------------
 
 
-async def test_renew_keeps_a_lease_alive(connector: Connector) -> None:
+async def test_renew_keeps_a_lease_alive(connector: Connector, clock: FakeClock) -> None:
     await connector.enqueue(request("a"))
     claim = await claim_one(connector, lease=0.2)
     assert claim is not None
     for _ in range(3):
-        await asyncio.sleep(0.1)
+        clock.advance(0.1)
         assert await connector.renew({"a": claim.lease_token}, 0.2) == Renewal()
     assert await connector.recover_expired() == 0
     assert (await connector.get("a")).state is S.PENDING
@@ -494,11 +496,11 @@ async def test_renew_reports_cancellations_of_held_jobs(connector: Connector) ->
     assert renewal == Renewal(lost=frozenset(), cancel_requested=frozenset({"a"}))
 
 
-async def test_an_expired_lease_requeues_the_job_for_another_attempt(connector: Connector) -> None:
+async def test_an_expired_lease_requeues_the_job_for_another_attempt(connector: Connector, clock: FakeClock) -> None:
     await connector.enqueue(request("a"), max_attempts=2)
     first = await claim_one(connector, lease=0.05)
     assert first is not None
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     assert await connector.recover_expired() == 1
     job = await connector.get("a")
     assert job.state is S.CREATED
@@ -513,10 +515,10 @@ async def test_an_expired_lease_requeues_the_job_for_another_attempt(connector: 
     assert (await connector.renew({"a": first.lease_token}, 30)).lost == {"a"}
 
 
-async def test_an_expired_lease_without_attempts_left_fails_the_job(connector: Connector) -> None:
+async def test_an_expired_lease_without_attempts_left_fails_the_job(connector: Connector, clock: FakeClock) -> None:
     await connector.enqueue(request("a"), max_attempts=1)
     await claim_one(connector, lease=0.05)
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     assert await connector.recover_expired() == 1
     job = await connector.get("a")
     assert job.state is S.FAILED
@@ -526,11 +528,11 @@ async def test_an_expired_lease_without_attempts_left_fails_the_job(connector: C
     assert [r.sequence for r in await connector.responses("a", 0, 10)] == [1, 2, 3]
 
 
-async def test_an_expired_lease_of_a_cancelled_job_ends_it_cancelled(connector: Connector) -> None:
+async def test_an_expired_lease_of_a_cancelled_job_ends_it_cancelled(connector: Connector, clock: FakeClock) -> None:
     await connector.enqueue(request("a"), max_attempts=5)
     await claim_one(connector, lease=0.05)
     await connector.cancel("a")
-    await asyncio.sleep(0.1)
+    clock.advance(0.1)
     assert await connector.recover_expired() == 1
     assert (await connector.get("a")).state is S.CANCELLED
 

@@ -434,7 +434,7 @@ async def test_submits_are_refused_while_draining(server: AjsServer, stub: pb_gr
     await stub.SubmitRequest(submit_request("stubborn", "busy"))
     await eventually(lambda: "busy" in server.dispatcher.running)
     stopping = asyncio.create_task(server.stop())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: not server.service.accepting)  # draining
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.SubmitRequest(submit_request("echo"))
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE

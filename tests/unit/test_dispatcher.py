@@ -20,7 +20,7 @@ from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
 from ajs_grpc.engine.handlers.reject import RejectRequestHandler
 from tests import jobs_for_tests
-from tests.helpers import eventually
+from tests.helpers import FakeClock, eventually
 
 S = RequestState
 
@@ -125,7 +125,7 @@ async def test_plain_functions_run_in_threads_and_report_progress(
 async def test_never_more_than_max_concurrent_jobs(connector: MemoryConnector, dispatcher: Dispatcher) -> None:
     for i in range(5):
         await submit(connector, f"b{i}", "block")
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(dispatcher.running) == 2)
     assert len(dispatcher.running) == 2
     assert [(await connector.get(f"b{i}")).state for i in range(5)] == [S.PENDING] * 2 + [S.CREATED] * 3
     # Ending one job frees a slot for the next in line.
@@ -187,7 +187,7 @@ async def test_a_job_swallowing_cancellation_is_abandoned(connector: MemoryConne
     jobs_for_tests.mortal_again.set()
     for task in list(dispatcher.abandoned):
         task.cancel()
-    await asyncio.sleep(0.01)
+    await eventually(lambda: not dispatcher.abandoned)
     assert not dispatcher.abandoned
 
 
@@ -363,10 +363,11 @@ async def test_a_job_whose_lease_was_lost_is_stopped_without_writing(connector: 
         await dispatcher.stop()
 
 
-async def test_start_recovers_jobs_whose_server_died(connector: MemoryConnector) -> None:
+async def test_start_recovers_jobs_whose_server_died(clock: FakeClock) -> None:
+    connector = MemoryConnector(clock=clock)
     await connector.enqueue(Request(id="orphan", type="echo"), max_attempts=2)
     await connector.claim("dead-server", lease=0.01)
-    await asyncio.sleep(0.02)
+    clock.advance(0.02)
     dispatcher = Dispatcher(connector, jobs_for_tests.chain())
     await dispatcher.start()
     try:
