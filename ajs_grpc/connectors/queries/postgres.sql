@@ -1,4 +1,4 @@
--- The PostgreSQL connector's statements, by name (see ajs_grpc/connectors/sqlcore.py).
+-- The PostgreSQL connector's statements, by name (see ajs_grpc/connectors/_sql.py).
 --
 -- A query is introduced by "-- name: NAME" and one line of why. Parameters are
 -- %(named)s. ${CREATED}, ${PENDING}, ${FINISHED} ... are the states of

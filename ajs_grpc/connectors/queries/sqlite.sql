@@ -1,4 +1,4 @@
--- The SQLite connector's statements, by name (see ajs_grpc/connectors/sqlcore.py).
+-- The SQLite connector's statements, by name (see ajs_grpc/connectors/_sql.py).
 --
 -- A query is introduced by "-- name: NAME" and one line of why; it holds one statement
 -- or several (run in order, the last one's rows answered). Parameters are :named.
