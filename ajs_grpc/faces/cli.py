@@ -5,17 +5,22 @@ error; 3 the job was CANCELLED; 4 the server is unreachable or not serving;
 5 the server refused the call (bad input, no such job, ...); 6 ``ajs serve``
 could not start (address taken, unusable database); 7 the configuration is
 invalid; 8, 9, 10 a connector, handler or job plugin is missing or broken.
+
+Each command is one function; :func:`_commands` is the table the parser is built
+from, and :func:`_local` and :func:`_remote` turn a command's failures into these codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -153,139 +158,303 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ajs", description="ajs-grpc: a job server with a gRPC front.")
-    parser.add_argument("--version", action="version", version=f"ajs {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# The arguments of a command, as add_argument takes them: names or flags, then options.
+_Arg = tuple[tuple[str, ...], dict[str, Any]]
+_Run = Callable[[argparse.Namespace], int]
 
-    def postgres_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument(
-            "--dsn",
-            dest="storage.dsn",
-            help="postgres: the database, e.g. postgresql://user@host/db ($AJS_STORAGE_DSN or $AJS_POSTGRES_DSN)",
-        )
-        command.add_argument("--schema", dest="storage.schema", help="postgres: the schema of the queue (ajs)")
 
-    token = commands.add_parser("token", help="make bearer tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="TOKEN_COMMAND")
-    new_token = token_commands.add_parser("new", help="print a new token and its tokens-file entry")
-    new_token.add_argument("principal")
-    new_token.add_argument("--role", dest="roles", action="append", default=[], help="a role (repeat)")
+def _arg(*names: str, **options: Any) -> _Arg:
+    return names, options
 
-    config = commands.add_parser("config", help="check a configuration file")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="CONFIG_COMMAND")
-    check = config_commands.add_parser("check", help="validate FILE and print the effective configuration")
-    check.add_argument("file", type=Path)
 
-    db = commands.add_parser("db", help="manage the PostgreSQL schema")
-    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
-    upgrade = db_commands.add_parser("upgrade", help="create or migrate the queue's schema to this version")
-    postgres_options(upgrade)
-
-    plugin_options = _Parser(add_help=False)
-    plugin_options.add_argument(
+POSTGRES_OPTIONS = (
+    _arg(
+        "--dsn",
+        dest="storage.dsn",
+        help="postgres: the database, e.g. postgresql://user@host/db ($AJS_STORAGE_DSN or $AJS_POSTGRES_DSN)",
+    ),
+    _arg("--schema", dest="storage.schema", help="postgres: the schema of the queue (ajs)"),
+)
+PLUGIN_OPTIONS = (
+    _arg(
         "--handler",
         dest="handlers",
         action="append",
         type=_handler_spec,
         metavar="NAME=TYPE,...",
         help="a handler and the job types it runs, in chain order (repeat; default: each job on its own handler)",
-    )
-    for kind in ("jobs", "handlers", "connectors"):
-        plugin_options.add_argument(
+    ),
+    *(
+        _arg(
             f"--{kind}-dir",
             dest=f"plugins.{kind}_dirs",
             action="append",
             metavar="DIR",
             help=f"a directory of {kind[:-1]} plugin modules (repeat)",
         )
+        for kind in ("jobs", "handlers", "connectors")
+    ),
+)
 
-    serve = commands.add_parser(
-        "serve",
-        parents=[plugin_options],
-        help="run a server until SIGTERM or Ctrl+C",
-        description="Flags override $AJS_<SECTION>_<KEY>, which override the --config file, "
-        "which overrides the defaults (see examples/ajs.toml).",
-    )
-    serve.add_argument("--config", type=Path, default=_env_path("AJS_CONFIG"), help="a TOML file ($AJS_CONFIG)")
+
+def _serve_options() -> list[_Arg]:
+    """--config and a flag per setting of SERVE_FLAGS (read now: --config defaults to $AJS_CONFIG)."""
+    options = [_arg("--config", type=Path, default=_env_path("AJS_CONFIG"), help="a TOML file ($AJS_CONFIG)")]
     for flag, setting, kind, metavar in SERVE_FLAGS:
+        if kind is bool:
+            options.append(_arg(flag, dest=setting, action="store_const", const=False, help=BOOL_FLAG_HELP[flag]))
+            continue
         described = SETTINGS_BY_NAME[setting]
         shown = described.show(described.default)
-        default_text = f" (default {shown})" if kind is not bool and described.default not in ("", [], None) else ""
-        if kind is bool:
-            serve.add_argument(flag, dest=setting, action="store_const", const=False, help=BOOL_FLAG_HELP[flag])
-        else:
-            serve.add_argument(
-                flag, dest=setting, type=kind, metavar=metavar, help=SETTINGS_BY_NAME[setting].help + default_text
-            )
-    postgres_options(serve)
+        default_text = f" (default {shown})" if described.default not in ("", [], None) else ""
+        options.append(_arg(flag, dest=setting, type=kind, metavar=metavar, help=described.help + default_text))
+    return options
 
-    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
-        command.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)")
-        command.add_argument("--token", default=os.environ.get("AJS_TOKEN"), help="bearer token ($AJS_TOKEN)")
-        command.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-* options)")
-        command.add_argument("--tls-ca", default="", metavar="PEM", help="CA to verify the server with")
-        command.add_argument("--tls-cert", default="", metavar="PEM", help="client certificate, for mutual TLS")
-        command.add_argument("--tls-key", default="", metavar="PEM", help="client key, for mutual TLS")
-        command.add_argument(
-            "--tls-server-name", default="", metavar="NAME", help="the name the server's certificate must prove"
-        )
-        command.add_argument(
+
+def _client_options() -> list[_Arg]:
+    """The options of every command that calls a server (read now: --token defaults to $AJS_TOKEN)."""
+    return [
+        _arg("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)"),
+        _arg("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)"),
+        _arg("--token", default=os.environ.get("AJS_TOKEN"), help="bearer token ($AJS_TOKEN)"),
+        _arg("--tls", action="store_true", help="connect with TLS (implied by the --tls-* options)"),
+        _arg("--tls-ca", default="", metavar="PEM", help="CA to verify the server with"),
+        _arg("--tls-cert", default="", metavar="PEM", help="client certificate, for mutual TLS"),
+        _arg("--tls-key", default="", metavar="PEM", help="client key, for mutual TLS"),
+        _arg("--tls-server-name", default="", metavar="NAME", help="the name the server's certificate must prove"),
+        _arg(
             "--insecure",
             action="store_true",
             help="allow sending the token without TLS to another machine (only on a trusted network)",
-        )
-        return command
+        ),
+    ]
 
-    submit = client_command("submit", "submit a request")
-    submit.add_argument("type", help="the job type")
-    submit.add_argument(
-        "--data", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="a data entry (repeat)"
+
+# Commands that start something here (a server, a schema, plugins) or call a server:
+# each kind turns its failures into the exit codes of the module's docstring.
+
+
+def _local(run: _Run) -> _Run:
+    """``run``, its start-up failures printed in one line and answered with exit codes 6 to 10."""
+
+    @functools.wraps(run)
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except PluginError as error:
+            err.print(f"ajs {args.command}: {error.message}")
+            return EXIT_PLUGIN[error.kind]
+        except ConfigError as error:
+            err.print(f"ajs {args.command}: {error.message}")
+            return EXIT_CONFIG
+        except (AjsError, OSError) as error:
+            err.print(f"ajs {args.command}: {error.message if isinstance(error, AjsError) else error}")
+            return EXIT_STARTUP
+        except KeyboardInterrupt:
+            return 130
+
+    return command
+
+
+def _remote(call: Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]) -> _Run:
+    """``call``, run with a client of the server the options name; a refusal exits 5, no server 4."""
+
+    async def with_client(args: argparse.Namespace) -> int:
+        async with _client(args) as client:
+            return await call(client, args)
+
+    @functools.wraps(call)
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(with_client(args))
+        except AjsError as error:
+            err.print(f"ajs: {error.code.name}: {error.message}")
+            unreachable = error.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
+            return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
+        except (OSError, ValueError) as error:
+            err.print(f"ajs: {error}")
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            return 130
+
+    return command
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    secret, entry = new_token(args.principal, args.roles)
+    err.print("# add this entry to the tokens file; give the token (shown once) to the client:")
+    print(entry)
+    print(f"# token: {secret}")
+    return EXIT_OK
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    out.print(load_settings(args.file).render(), end="")
+    return EXIT_OK
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    return asyncio.run(_upgrade_schema(args))
+
+
+async def _upgrade_schema(args: argparse.Namespace) -> int:
+    settings = load_settings(None, flags={k: v for k, v in vars(args).items() if "." in k and v is not None})
+    if not settings["storage.dsn"]:
+        raise PluginError("config", "ajs db upgrade needs --dsn (or $AJS_STORAGE_DSN)")
+    from ajs_grpc.connectors.postgres import PostgresConnector
+
+    connector = PostgresConnector(settings["storage.dsn"], settings["storage.schema"], migrate=True)
+    await connector.open()
+    try:
+        version = await connector.schema_version()
+    finally:
+        await connector.close()
+    schema, found = settings["storage.schema"], connector.found_version
+    if not found:
+        out.print(f"created schema {schema} at version {version}")
+    elif found < version:
+        out.print(f"migrated schema {schema} from version {found} to {version}")
+    else:
+        out.print(f"schema {schema} is already at version {version}; nothing to do")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ajs_grpc.edge.server import ServerConfig, serve
+
+    settings = _settings(args)
+    setup_logging(settings["log.level"], settings["log.format"], settings["log.file"])
+    config = ServerConfig.from_settings(settings, handlers=args.handlers)
+    logging.getLogger(__name__).debug("effective configuration:\n%s", settings.render())
+    loop = asyncio.new_event_loop()
+    try:
+        abandoned = loop.run_until_complete(serve(config, announce=settings.summary()))
+    finally:
+        # Jobs that ignored cancellation were abandoned (their final Response is
+        # written); give them one more chance to end, but never wait forever.
+        stragglers = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in stragglers:
+            task.cancel()
+        if stragglers:
+            loop.run_until_complete(asyncio.wait(stragglers, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+    if abandoned:
+        # Their threads cannot be stopped, and the interpreter would wait for them.
+        logging.getLogger(__name__).warning("%d abandoned job thread(s) still running; exiting without them", abandoned)
+        logging.shutdown()
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {name: value for name, value in vars(args).items() if "." in name and value is not None}
+    return load_settings(args.config, flags=flags)
+
+
+async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
+    run_after = args.run_after
+    if args.delay is not None:
+        run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
+    payload = await _typed_input(client, args.type, args.input_json) if args.input_json else None
+    submitted = await client.submit(
+        args.type,
+        dict(args.data),
+        id=args.id,
+        parent_id=args.parent,
+        input=payload,
+        priority=args.priority,
+        run_after=run_after,
     )
-    submit.add_argument("--id", default="", help="request id (default: assigned by the server)")
-    submit.add_argument("--parent", default="", help="id of the parent request")
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first; may be negative (default 0)")
-    submit.add_argument(
-        "--run-after", type=_time, metavar="TIME", help="not before this ISO 8601 time (2026-12-01T08:00:00+00:00)"
+    request_id = submitted.job.request.id
+    note = "" if submitted.created else " (already submitted)"
+    err.print(f"submitted {request_id}{note}")
+    if not args.watch:
+        out.print(request_id)
+        return EXIT_OK
+    return await _follow(client, request_id, 0)
+
+
+async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
+    return await _follow(client, args.request_id, args.after)
+
+
+async def _get(client: AsyncClient, args: argparse.Namespace) -> int:
+    job = await client.get(args.request_id)
+    out.print_json(json.dumps(job.as_dict()))
+    return EXIT_OK
+
+
+async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
+    header = ("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED")
+    rows: list[tuple[str, ...]] = []
+    jobs = client.list(
+        states=args.states,
+        types=args.types,
+        parent_id=args.parent,
+        page_size=min(args.limit, 1000),
+        newest_first=not args.oldest_first,
     )
-    submit.add_argument("--delay", type=_duration, metavar="DURATION", help="not before this long from now (e.g. 5m)")
-    submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
-    submit.add_argument(
-        "--input-json",
-        metavar="JSON",
-        help="the typed input as protobuf JSON (or @FILE); its message type is asked of the server",
+    async for job in jobs:
+        rows.append((job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat()))
+        if len(rows) >= args.limit:
+            break
+    _print_rows(header, rows)
+    return EXIT_OK
+
+
+async def _cancel(client: AsyncClient, args: argparse.Namespace) -> int:
+    job = await client.cancel(args.request_id)
+    pending = " (cancellation requested; the job is stopping)" if job.cancel_requested else ""
+    out.print(f"{job.request.id} {job.state.name}{pending}")
+    return EXIT_OK
+
+
+async def _health(client: AsyncClient, args: argparse.Namespace) -> int:
+    try:
+        status = await client.health(args.service)
+        role = await _role(client) if not args.service and status == "SERVING" else None
+    except AjsError as error:  # a probe is yes or no: every failure is "not serving"
+        what = f"service {args.service!r} is unknown to the server" if error.code is Code.NOT_FOUND else error.message
+        err.print(f"ajs: {error.code.name}: {what}")
+        return EXIT_UNREACHABLE
+    out.print(status)
+    if role:
+        out.print(f"role: {role}")
+    return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
+
+
+def _types(args: argparse.Namespace) -> int:
+    """``ajs types``: asks the server, or with --local loads the plugins here (a start-up of sorts)."""
+    return _local(_local_types)(args) if args.local else _remote(_server_types)(args)
+
+
+async def _server_types(client: AsyncClient, args: argparse.Namespace) -> int:
+    _print_types(await client.job_types())
+    return EXIT_OK
+
+
+def _local_types(args: argparse.Namespace) -> int:
+    plugins = discover(_plugin_dirs(args))
+    chain = plugins.chain(args.handlers)
+    _print_types(
+        [
+            convert.job_type_from_plugin(plugin, handler.name)
+            for name, handler in chain.types
+            if (plugin := handler.plugin(name)) is not None
+        ]
     )
+    out.print(f"connectors: {', '.join(sorted(plugins.connectors))}")
+    out.print(f"handlers: {', '.join(h.name for h in chain.handlers)} (in chain order)")
+    return EXIT_OK
 
-    watch = client_command("watch", "follow a job until it ends")
-    watch.add_argument("request_id")
-    watch.add_argument("--after", type=int, default=0, help="skip Responses up to this sequence")
 
-    get = client_command("get", "show a job as JSON")
-    get.add_argument("request_id")
-
-    listing = client_command("list", "list jobs")
-    listing.add_argument("--state", dest="states", action="append", type=_state, default=[])
-    listing.add_argument("--type", dest="types", action="append", default=[])
-    listing.add_argument("--parent", default="")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many jobs (default %(default)s)")
-    listing.add_argument("--oldest-first", action="store_true", help="in submit order (default: newest first)")
-
-    cancel = client_command("cancel", "cancel a job")
-    cancel.add_argument("request_id")
-
-    health = client_command("health", "exit 0 if the server is SERVING (a container health probe)")
-    health.add_argument(
-        "--service", default="", help="a service's status, e.g. ajs.v1.JobService (default: the server's)"
-    )
-
-    types = client_command("types", "list the job types a server runs (or, with --local, the plugins found here)")
-    types.add_argument("--local", action="store_true", help="load the plugins here, as ajs serve would, and list them")
-    for action in plugin_options._actions:
-        if action.dest != "help":
-            types._add_action(action)
-    return parser
+def _client(args: argparse.Namespace) -> AsyncClient:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=tls, insecure=args.insecure)
 
 
 def _describe_end(response: Response) -> str:
@@ -400,132 +569,12 @@ def _plugin_dirs(args: argparse.Namespace) -> PluginDirs:
     return PluginDirs(connectors=paths("connectors"), handlers=paths("handlers"), jobs=paths("jobs"))
 
 
-async def _db_upgrade(args: argparse.Namespace) -> int:
-    settings = load_settings(None, flags={k: v for k, v in vars(args).items() if "." in k and v is not None})
-    if not settings["storage.dsn"]:
-        raise PluginError("config", "ajs db upgrade needs --dsn (or $AJS_STORAGE_DSN)")
-    from ajs_grpc.connectors.postgres import PostgresConnector
-
-    connector = PostgresConnector(settings["storage.dsn"], settings["storage.schema"], migrate=True)
-    await connector.open()
-    try:
-        version = await connector.schema_version()
-    finally:
-        await connector.close()
-    schema, found = settings["storage.schema"], connector.found_version
-    if not found:
-        out.print(f"created schema {schema} at version {version}")
-    elif found < version:
-        out.print(f"migrated schema {schema} from version {found} to {version}")
-    else:
-        out.print(f"schema {schema} is already at version {version}; nothing to do")
-    return EXIT_OK
-
-
-def _local_types(args: argparse.Namespace) -> int:
-    plugins = discover(_plugin_dirs(args))
-    chain = plugins.chain(args.handlers)
-    _print_types(
-        [
-            convert.job_type_from_plugin(plugin, handler.name)
-            for name, handler in chain.types
-            if (plugin := handler.plugin(name)) is not None
-        ]
-    )
-    out.print(f"connectors: {', '.join(sorted(plugins.connectors))}")
-    out.print(f"handlers: {', '.join(h.name for h in chain.handlers)} (in chain order)")
-    return EXIT_OK
-
-
-async def _client_command(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        if args.command == "submit":
-            run_after = args.run_after
-            if args.delay is not None:
-                run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
-            payload = await _typed_input(client, args.type, args.input_json) if args.input_json else None
-            submitted = await client.submit(
-                args.type,
-                dict(args.data),
-                id=args.id,
-                parent_id=args.parent,
-                input=payload,
-                priority=args.priority,
-                run_after=run_after,
-            )
-            request_id = submitted.job.request.id
-            note = "" if submitted.created else " (already submitted)"
-            err.print(f"submitted {request_id}{note}")
-            if not args.watch:
-                out.print(request_id)
-                return EXIT_OK
-            return await _follow(client, request_id, 0)
-        if args.command == "watch":
-            return await _follow(client, args.request_id, args.after)
-        if args.command == "get":
-            out.print_json(json.dumps((await client.get(args.request_id)).as_dict()))
-            return EXIT_OK
-        if args.command == "list":
-            return await _list(client, args)
-        if args.command == "types":
-            _print_types(await client.job_types())
-            return EXIT_OK
-        if args.command == "cancel":
-            job = await client.cancel(args.request_id)
-            pending = " (cancellation requested; the job is stopping)" if job.cancel_requested else ""
-            out.print(f"{job.request.id} {job.state.name}{pending}")
-            return EXIT_OK
-    raise AssertionError(args.command)
-
-
-def _client(args: argparse.Namespace) -> AsyncClient:
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
-        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=tls, insecure=args.insecure)
-
-
-async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
-    header = ("ID", "TYPE", "STATE", "ATTEMPT", "UPDATED")
-    rows: list[tuple[str, ...]] = []
-    jobs = client.list(
-        states=args.states,
-        types=args.types,
-        parent_id=args.parent,
-        page_size=min(args.limit, 1000),
-        newest_first=not args.oldest_first,
-    )
-    async for job in jobs:
-        rows.append((job.request.id, job.request.type, job.state.name, str(job.attempt), job.update_time.isoformat()))
-        if len(rows) >= args.limit:
-            break
-    _print_rows(header, rows)
-    return EXIT_OK
-
-
 # What an instance does, from the health of JobService and of its dispatcher.
 _ROLES = {
     (True, True): "all (serves JobService and runs jobs)",
     (True, False): "frontend (serves JobService; runs no jobs)",
     (False, True): "worker (runs jobs; submit, watch and list through an instance with role all or frontend)",
 }
-
-
-async def _health(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        try:
-            status = await client.health(args.service)
-            role = await _role(client) if not args.service and status == "SERVING" else None
-        except AjsError as error:  # a probe is yes or no: every failure is "not serving"
-            what = (
-                f"service {args.service!r} is unknown to the server" if error.code is Code.NOT_FOUND else error.message
-            )
-            err.print(f"ajs: {error.code.name}: {what}")
-            return EXIT_UNREACHABLE
-    out.print(status)
-    if role:
-        out.print(f"role: {role}")
-    return EXIT_OK if status == "SERVING" else EXIT_UNREACHABLE
 
 
 async def _role(client: AsyncClient) -> str | None:
@@ -540,81 +589,178 @@ async def _role(client: AsyncClient) -> str | None:
     return _ROLES.get((serves, runs))
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    flags = {name: value for name, value in vars(args).items() if "." in name and value is not None}
-    return load_settings(args.config, flags=flags)
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """A command of ``ajs``: its help, its arguments in help order, and what runs it or its subcommands."""
+
+    name: str
+    help: str
+    run: _Run | None = None
+    arguments: Sequence[_Arg] = ()
+    subcommands: Sequence[_Command] = ()
+    description: str | None = None
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from ajs_grpc.edge.server import ServerConfig, serve
+def _commands() -> list[_Command]:
+    """Every command, in the order ``ajs --help`` lists them (built per parser: defaults read the environment)."""
+    client = _client_options()
+    return [
+        _Command(
+            "token",
+            "make bearer tokens",
+            subcommands=[
+                _Command(
+                    "new",
+                    "print a new token and its tokens-file entry",
+                    _token_new,
+                    [
+                        _arg("principal"),
+                        _arg("--role", dest="roles", action="append", default=[], help="a role (repeat)"),
+                    ],
+                )
+            ],
+        ),
+        _Command(
+            "config",
+            "check a configuration file",
+            subcommands=[
+                _Command(
+                    "check",
+                    "validate FILE and print the effective configuration",
+                    _local(_config_check),
+                    [_arg("file", type=Path)],
+                )
+            ],
+        ),
+        _Command(
+            "db",
+            "manage the PostgreSQL schema",
+            subcommands=[
+                _Command(
+                    "upgrade",
+                    "create or migrate the queue's schema to this version",
+                    _local(_db_upgrade),
+                    POSTGRES_OPTIONS,
+                )
+            ],
+        ),
+        _Command(
+            "serve",
+            "run a server until SIGTERM or Ctrl+C",
+            _local(_serve),
+            [*PLUGIN_OPTIONS, *_serve_options(), *POSTGRES_OPTIONS],
+            description="Flags override $AJS_<SECTION>_<KEY>, which override the --config file, "
+            "which overrides the defaults (see examples/ajs.toml).",
+        ),
+        _Command(
+            "submit",
+            "submit a request",
+            _remote(_submit),
+            [
+                *client,
+                _arg("type", help="the job type"),
+                _arg(
+                    "--data",
+                    action="append",
+                    type=_key_value,
+                    default=[],
+                    metavar="KEY=VALUE",
+                    help="a data entry (repeat)",
+                ),
+                _arg("--id", default="", help="request id (default: assigned by the server)"),
+                _arg("--parent", default="", help="id of the parent request"),
+                _arg("--priority", type=int, default=0, help="higher runs first; may be negative (default 0)"),
+                _arg(
+                    "--run-after",
+                    type=_time,
+                    metavar="TIME",
+                    help="not before this ISO 8601 time (2026-12-01T08:00:00+00:00)",
+                ),
+                _arg("--delay", type=_duration, metavar="DURATION", help="not before this long from now (e.g. 5m)"),
+                _arg("--watch", action="store_true", help="follow the job until it ends"),
+                _arg(
+                    "--input-json",
+                    metavar="JSON",
+                    help="the typed input as protobuf JSON (or @FILE); its message type is asked of the server",
+                ),
+            ],
+        ),
+        _Command(
+            "watch",
+            "follow a job until it ends",
+            _remote(_watch),
+            [
+                *client,
+                _arg("request_id"),
+                _arg("--after", type=int, default=0, help="skip Responses up to this sequence"),
+            ],
+        ),
+        _Command("get", "show a job as JSON", _remote(_get), [*client, _arg("request_id")]),
+        _Command(
+            "list",
+            "list jobs",
+            _remote(_list),
+            [
+                *client,
+                _arg("--state", dest="states", action="append", type=_state, default=[]),
+                _arg("--type", dest="types", action="append", default=[]),
+                _arg("--parent", default=""),
+                _arg("--limit", type=int, default=100, help="at most this many jobs (default %(default)s)"),
+                _arg("--oldest-first", action="store_true", help="in submit order (default: newest first)"),
+            ],
+        ),
+        _Command("cancel", "cancel a job", _remote(_cancel), [*client, _arg("request_id")]),
+        _Command(
+            "health",
+            "exit 0 if the server is SERVING (a container health probe)",
+            _remote(_health),
+            [
+                *client,
+                _arg(
+                    "--service",
+                    default="",
+                    help="a service's status, e.g. ajs.v1.JobService (default: the server's)",
+                ),
+            ],
+        ),
+        _Command(
+            "types",
+            "list the job types a server runs (or, with --local, the plugins found here)",
+            _types,
+            [
+                *client,
+                _arg("--local", action="store_true", help="load the plugins here, as ajs serve would, and list them"),
+                *PLUGIN_OPTIONS,
+            ],
+        ),
+    ]
 
-    settings = _settings(args)
-    setup_logging(settings["log.level"], settings["log.format"], settings["log.file"])
-    config = ServerConfig.from_settings(settings, handlers=args.handlers)
-    logging.getLogger(__name__).debug("effective configuration:\n%s", settings.render())
-    loop = asyncio.new_event_loop()
-    try:
-        abandoned = loop.run_until_complete(serve(config, announce=settings.summary()))
-    finally:
-        # Jobs that ignored cancellation were abandoned (their final Response is
-        # written); give them one more chance to end, but never wait forever.
-        stragglers = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in stragglers:
-            task.cancel()
-        if stragglers:
-            loop.run_until_complete(asyncio.wait(stragglers, timeout=1.0))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
-    if abandoned:
-        # Their threads cannot be stopped, and the interpreter would wait for them.
-        logging.getLogger(__name__).warning("%d abandoned job thread(s) still running; exiting without them", abandoned)
-        logging.shutdown()
-        os._exit(EXIT_OK)
-    return EXIT_OK
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ajs", description="ajs-grpc: a job server with a gRPC front.")
+    parser.add_argument("--version", action="version", version=f"ajs {__version__}")
+    _add_commands(parser, "command", _commands())
+    return parser
+
+
+def _add_commands(parser: argparse.ArgumentParser, dest: str, commands: Sequence[_Command]) -> None:
+    """Adds ``commands`` to ``parser``: one is required; each sets ``func`` to what runs it."""
+    subparsers = parser.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+    for command in commands:
+        subparser = subparsers.add_parser(command.name, help=command.help, description=command.description)
+        for names, options in command.arguments:
+            subparser.add_argument(*names, **options)
+        if command.subcommands:
+            _add_commands(subparser, f"{command.name}_command", command.subcommands)
+        else:
+            subparser.set_defaults(func=command.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "token":
-        secret, entry = new_token(args.principal, args.roles)
-        err.print("# add this entry to the tokens file; give the token (shown once) to the client:")
-        print(entry)
-        print(f"# token: {secret}")
-        return EXIT_OK
-    if args.command in ("serve", "db", "config") or (args.command == "types" and args.local):
-        try:
-            if args.command == "config":
-                out.print(load_settings(args.file).render(), end="")
-                return EXIT_OK
-            if args.command == "db":
-                return asyncio.run(_db_upgrade(args))
-            return _serve(args) if args.command == "serve" else _local_types(args)
-        except PluginError as error:
-            err.print(f"ajs {args.command}: {error.message}")
-            return EXIT_PLUGIN[error.kind]
-        except ConfigError as error:
-            err.print(f"ajs {args.command}: {error.message}")
-            return EXIT_CONFIG
-        except (AjsError, OSError) as error:
-            err.print(f"ajs {args.command}: {error.message if isinstance(error, AjsError) else error}")
-            return EXIT_STARTUP
-        except KeyboardInterrupt:
-            return 130
-    try:
-        if args.command == "health":
-            return asyncio.run(_health(args))
-        return asyncio.run(_client_command(args))
-    except AjsError as error:
-        err.print(f"ajs: {error.code.name}: {error.message}")
-        unreachable = error.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
-        return EXIT_UNREACHABLE if unreachable else EXIT_REFUSED
-    except (OSError, ValueError) as error:
-        err.print(f"ajs: {error}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    run: _Run = args.func
+    return run(args)
 
 
 if __name__ == "__main__":
