@@ -309,13 +309,8 @@ def job_type_from_plugin(plugin: JobPlugin, handler: str) -> JobType:
     )
 
 
-def job_type_to_proto(job_type: JobType | JobPlugin, handler: str = "") -> pb.JobType:
-    """The wire form of a JobType.
-
-    A JobPlugin is described first, as run by ``handler`` (see :func:`job_type_from_plugin`).
-    """
-    if not isinstance(job_type, JobType):
-        job_type = job_type_from_plugin(job_type, handler)
+def job_type_to_proto(job_type: JobType) -> pb.JobType:
+    """The wire form of a JobType."""
     policy = job_type.retry_policy
     return pb.JobType(
         name=job_type.name,

@@ -168,7 +168,7 @@ class JobService:
     async def list_job_types(self, message: pb.ListJobTypesRequest, caller: Caller) -> pb.ListJobTypesResponse:
         """Describes every runnable job type with its typed contract."""
         types = [
-            convert.job_type_to_proto(plugin, handler.name)
+            convert.job_type_to_proto(convert.job_type_from_plugin(plugin, handler.name))
             for name, handler in sorted(self.chain.types, key=lambda pair: pair[0])
             if (plugin := handler.plugin(name)) is not None
         ]

@@ -46,8 +46,6 @@ def test_a_job_type_survives_the_wire(plugin: JobPlugin) -> None:
     described = convert.job_type_from_plugin(plugin, "process")
     message = convert.job_type_to_proto(described)
     assert convert.job_type_from_proto(message) == described
-    # The form the servicer uses (a plugin and its handler) builds the same message.
-    assert convert.job_type_to_proto(plugin, "process") == message
 
 
 def test_a_type_without_contract_or_limit() -> None:
