@@ -5,6 +5,8 @@
     AjsError                      (code: the canonical status; UNKNOWN here)
      ├── Cancelled                CANCELLED: the call was cancelled
      ├── InvalidArgument          INVALID_ARGUMENT: bad input, with field violations
+     │    ├── ConfigError         the configuration is invalid (startup)
+     │    └── UsageError          the ajs command line is wrong (exit 2)
      ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call ran out of time
      ├── NotFound                 NOT_FOUND: no such request
      ├── AlreadyExists            ALREADY_EXISTS: same id, different content
@@ -21,7 +23,6 @@
      ├── Unavailable              UNAVAILABLE: the queue cannot be reached now; retry
      ├── DataLoss                 DATA_LOSS
      ├── Unauthenticated          UNAUTHENTICATED: no valid credentials
-     ├── ConfigError              INVALID_ARGUMENT: the configuration is invalid (startup)
      └── JobSignal                how one attempt of a job ends, raised by the job or for it
           ├── Retry               UNAVAILABLE, RETRY_REQUESTED: run again (within max_attempts)
           ├── JobTimeout          DEADLINE_EXCEEDED, JOB_TIMEOUT: ran past the type's timeout
@@ -72,6 +73,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "UsageError",
     "WorkerCrashed",
     "from_status",
 ]
@@ -262,10 +264,8 @@ class DataLoss(AjsError):
 # -- raised at startup --------------------------------------------------------------
 
 
-class ConfigError(AjsError):
+class ConfigError(InvalidArgument):
     """The configuration is invalid; the message names the key."""
-
-    code = Code.INVALID_ARGUMENT
 
 
 PluginKind = Literal["config", "connector", "handler", "job"]
@@ -285,6 +285,10 @@ class PluginError(FailedPrecondition):
 
 class NotSupported(Unimplemented):
     """No handler runs the request's type."""
+
+
+class UsageError(InvalidArgument):
+    """The ``ajs`` command line asks for something the client can tell is wrong (exit 2)."""
 
 
 # -- how a job's attempt ends ---------------------------------------------------------

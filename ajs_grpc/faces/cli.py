@@ -31,14 +31,14 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from ajs_grpc import __version__
-from ajs_grpc.core.errors import AjsError, Code, InvalidArgument
+from ajs_grpc.core.errors import AjsError, Code, ConfigError, InvalidArgument, PluginError, UsageError
 from ajs_grpc.core.logs import setup_logging
 from ajs_grpc.core.model import JobType, RequestState, Response
 from ajs_grpc.edge import convert, dynamic
 from ajs_grpc.edge.auth import new_token
-from ajs_grpc.edge.config import SETTINGS, ConfigError, Settings
+from ajs_grpc.edge.config import SETTINGS, Settings
 from ajs_grpc.edge.config import load as load_settings
-from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, PluginError, discover
+from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
 from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, TlsOptions
 
 __all__ = ["main"]
@@ -104,10 +104,6 @@ def _time(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {text!r}") from None
     return at if at.tzinfo is not None else at.astimezone()  # a naive time is local time
-
-
-def _retention(text: str) -> float | None:
-    return None if text.strip().lower() == "forever" else _duration(text)
 
 
 def _handler_spec(text: str) -> HandlerSpec:
@@ -267,6 +263,9 @@ def _remote(call: Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]) -
     def command(args: argparse.Namespace) -> int:
         try:
             return asyncio.run(with_client(args))
+        except UsageError as error:
+            err.print(f"ajs: {error.message}")
+            return EXIT_USAGE
         except AjsError as error:
             err.print(f"ajs: {error.code.name}: {error.message}")
             unreachable = error.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
@@ -281,7 +280,11 @@ def _remote(call: Callable[[AsyncClient, argparse.Namespace], Awaitable[int]]) -
 
 
 def _token_new(args: argparse.Namespace) -> int:
-    secret, entry = new_token(args.principal, args.roles)
+    try:
+        secret, entry = new_token(args.principal, args.roles)
+    except InvalidArgument as error:
+        err.print(f"ajs token new: {error.message}")
+        return EXIT_USAGE
     err.print("# add this entry to the tokens file; give the token (shown once) to the client:")
     print(entry)
     print(f"# token: {secret}")
@@ -499,10 +502,6 @@ async def _follow(client: AsyncClient, request_id: str, after: int) -> int:
     if last.output is not None:
         out.print(await _output_json(client, last.output))
     return _EXIT_FOR_STATE.get(last.state, EXIT_FAILED)
-
-
-class UsageError(ValueError):
-    """The command line asks for something the client can tell is wrong (exit 2)."""
 
 
 async def _typed_input(client: AsyncClient, job_type: str, text: str) -> any_pb2.Any:
