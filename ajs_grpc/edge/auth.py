@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import tomllib
@@ -38,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ajs_grpc.core.errors import PermissionDenied, Unauthenticated
+from ajs_grpc.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 from ajs_grpc.edge.config import ConfigError
 
 __all__ = [
@@ -139,9 +140,16 @@ def token_hash(token: str) -> str:
 
 
 def new_token(principal: str, roles: Iterable[str] = ()) -> tuple[str, str]:
-    """A fresh random token and its tokens-file entry."""
+    """A fresh random token and its tokens-file entry.
+
+    Raises:
+        InvalidArgument: the principal's name is one the tokens file refuses.
+    """
+    if not PRINCIPAL_NAME.fullmatch(principal):
+        description = "must be 1-64 letters, digits and ._@+- (starting with a letter or digit)"
+        raise InvalidArgument(f"principal {principal!r} {description}", [FieldViolation("principal", description)])
     token = secrets.token_urlsafe(32)
-    role_list = ", ".join(f'"{role}"' for role in roles)
+    role_list = ", ".join(json.dumps(role) for role in roles)  # a JSON string is a TOML basic string
     entry = f'[[tokens]]\nsha256 = "{token_hash(token)}"\nprincipal = "{principal}"\nroles = [{role_list}]\n'
     return token, entry
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from ajs_grpc.edge.auth import Authenticator
 from ajs_grpc.faces import cli
 
 COMMANDS = [
@@ -39,3 +42,21 @@ def test_a_group_without_its_subcommand_is_a_one_line_usage_error(capsys: pytest
     assert capsys.readouterr().err == (
         "ajs db: the following arguments are required: DB_COMMAND; see 'ajs db --help'\n"
     )
+
+
+def test_a_token_for_a_name_the_tokens_file_refuses_is_not_made(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["token", "new", "bad name"]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert "token:" not in captured.out
+    assert captured.err.startswith("ajs token new: principal 'bad name' must be 1-64 letters")
+
+
+def test_a_new_token_entry_reads_back_as_the_tokens_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["token", "new", "alice", "--role", 'ops"x', "--role", "admin"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    entry, token = out.split("# token: ")
+    path = tmp_path / "tokens.toml"
+    path.write_text(entry)
+    principal = Authenticator.from_file(path).authenticate({"authorization": f"Bearer {token.strip()}"}, None)
+    assert principal.name == "alice"
+    assert principal.roles == frozenset({'ops"x', "admin"})
