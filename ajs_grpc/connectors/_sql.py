@@ -36,7 +36,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from google.protobuf import any_pb2
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, plan_submits
 from ajs_grpc.core.errors import Code
 from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update
 
@@ -371,33 +371,48 @@ class SqlConnector(Connector, abc.ABC):
 
     @override
     async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        async def write(session: Session) -> Done[tuple[Job, bool]]:
-            found = await session.fetch("find_job", {"id": request.id})
-            if found:
-                return Done(resubmitted(self._job(found[0]), request))
-            if request.parent_id and not await session.fetch("job_exists", {"id": request.parent_id}):
-                raise parent_not_found(request.parent_id)
-            job, first = Job.create(request, max_attempts)
-            stored, d = job.request, self.dialect
-            params = {
-                "id": stored.id,
-                "parent_id": stored.parent_id,
-                "type": stored.type,
-                "creator": stored.creator,
-                "create_time": d.time(stored.create_time),
-                "data": d.mapping(stored.data),
-                "input_type_url": stored.input.type_url if stored.input is not None else None,
-                "input_value": stored.input.value if stored.input is not None else None,
-                "priority": stored.priority,
-                "run_after": d.time(stored.run_after),
-                "max_attempts": max_attempts,
-                **self._state_params(job),
-                **self._response_params(first),
-            }
-            await session.execute("insert_job", params)
-            return Done((job, True), work=True)
+        [result] = await self._enqueue([(request, max_attempts)], indexed=False)
+        return result
+
+    @override
+    async def enqueue_many(self, submits: Sequence[tuple[Request, int]]) -> list[tuple[Job, bool]]:
+        # One write: its savepoint makes the batch all or nothing inside the group commit.
+        return await self._enqueue(submits, indexed=True)
+
+    async def _enqueue(self, submits: Sequence[tuple[Request, int]], *, indexed: bool) -> list[tuple[Job, bool]]:
+        async def write(session: Session) -> Done[list[tuple[Job, bool]]]:
+            async def find(request_id: str) -> Job | None:
+                found = await session.fetch("find_job", {"id": request_id})
+                return self._job(found[0]) if found else None
+
+            async def exists(request_id: str) -> bool:
+                return bool(await session.fetch("job_exists", {"id": request_id}))
+
+            plan = await plan_submits(submits, find, exists, indexed=indexed)
+            for planned in plan:
+                if planned.created and planned.first is not None:
+                    await session.execute("insert_job", self._insert_params(planned.job, planned.first))
+            return Done([(p.job, p.created) for p in plan], work=any(p.created for p in plan))
 
         return await self._write(write)
+
+    def _insert_params(self, job: Job, first: Response) -> dict[str, Any]:
+        stored, d = job.request, self.dialect
+        return {
+            "id": stored.id,
+            "parent_id": stored.parent_id,
+            "type": stored.type,
+            "creator": stored.creator,
+            "create_time": d.time(stored.create_time),
+            "data": d.mapping(stored.data),
+            "input_type_url": stored.input.type_url if stored.input is not None else None,
+            "input_value": stored.input.value if stored.input is not None else None,
+            "priority": stored.priority,
+            "run_after": d.time(stored.run_after),
+            "max_attempts": job.max_attempts,
+            **self._state_params(job),
+            **self._response_params(first),
+        }
 
     @override
     async def claim(

@@ -15,11 +15,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import ClassVar, Protocol, TypeAlias
 
-from ajs_grpc.core.errors import AlreadyExists, FailedPrecondition, NotFound
+from ajs_grpc.core.errors import AjsError, AlreadyExists, FailedPrecondition, NotFound
 from ajs_grpc.core.model import Job, Request, RequestState, Response, Update, now
 
 __all__ = [
@@ -29,8 +29,10 @@ __all__ = [
     "ConnectorListener",
     "JobFilter",
     "Page",
+    "Planned",
     "Renewal",
     "parent_not_found",
+    "plan_submits",
     "request_not_found",
     "resubmitted",
 ]
@@ -60,6 +62,60 @@ def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
         reason="REQUEST_ID_TAKEN",
         metadata={"request_id": request.id},
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """What one submit of a batch comes to: its job, and the first Response to store if new."""
+
+    job: Job
+    created: bool
+    first: Response | None = None
+
+
+async def plan_submits(
+    submits: Sequence[tuple[Request, int]],
+    find: Callable[[str], Awaitable[Job | None]],
+    exists: Callable[[str], Awaitable[bool]],
+    *,
+    indexed: bool,
+) -> list[Planned]:
+    """The rules of enqueueing, for one submit or an atomic batch, before anything is stored.
+
+    A stored id with the same content answers its job (``created`` False), with other
+    content ALREADY_EXISTS; an id repeated in the batch answers as if the earlier one
+    were stored; a parent must be stored or come earlier in the batch.
+
+    Args:
+        submits: each request (server-set fields filled in) with its ``max_attempts``.
+        find: the stored job of an id, or None.
+        exists: whether a request id is stored.
+        indexed: name the refused submit's position in its error's ``metadata["index"]``.
+
+    Raises:
+        AlreadyExists, NotFound: the first refused submit's error; nothing is to be stored.
+    """
+    planned: list[Planned] = []
+    new: dict[str, Job] = {}
+    for index, (request, max_attempts) in enumerate(submits):
+        try:
+            earlier = new.get(request.id)
+            existing = earlier if earlier is not None else await find(request.id)
+            if existing is not None:
+                job, _ = resubmitted(existing, request)
+                planned.append(Planned(job, False))
+                continue
+            parent = request.parent_id
+            if parent and parent not in new and not await exists(parent):
+                raise parent_not_found(parent)
+            job, first = Job.create(request, max_attempts)
+            new[request.id] = job
+            planned.append(Planned(job, True, first))
+        except AjsError as error:
+            if indexed:
+                error.metadata = {**error.metadata, "index": str(index)}
+            raise
+    return planned
 
 
 def request_not_found(request_id: str) -> NotFound:
@@ -200,6 +256,25 @@ class Connector(abc.ABC):
         Raises:
             AlreadyExists: the id is taken by a request with different content.
             NotFound: ``request.parent_id`` names no stored request.
+        """
+
+    @abc.abstractmethod
+    async def enqueue_many(self, submits: Sequence[tuple[Request, int]]) -> list[tuple[Job, bool]]:
+        """Stores several requests atomically: all of them, or none (AIP-233).
+
+        Each is as :meth:`enqueue`'s (an id already stored, or earlier in the batch,
+        with the same content answers that job with False); a parent may come earlier
+        in the batch.
+
+        Args:
+            submits: each request (server-set fields filled in) with its ``max_attempts``.
+
+        Returns:
+            One ``(job, created)`` per request, in order.
+
+        Raises:
+            AlreadyExists, NotFound: as :meth:`enqueue`, for the first refused request,
+                with its position in ``metadata["index"]``; nothing was stored.
         """
 
     @abc.abstractmethod

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Clock, Connector, JobFilter, Page, Renewal, parent_not_found, resubmitted
+from ajs_grpc.connectors.base import Claim, Clock, Connector, JobFilter, Page, Planned, Renewal, plan_submits
 from ajs_grpc.core.model import Job, Request, RequestState, Response, Update
 
 __all__ = ["MemoryConnector"]
@@ -86,19 +86,35 @@ class MemoryConnector(Connector):
 
     @override
     async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        existing = self._entries.get(request.id)
-        if existing is not None:
-            return resubmitted(existing.job, request)
-        if request.parent_id and request.parent_id not in self._entries:
-            raise parent_not_found(request.parent_id)
-        job, first = Job.create(request, max_attempts)
-        self._order.append(request.id)
-        entry = _Entry(job, len(self._order), [first])
-        self._entries[request.id] = entry
-        if request.parent_id:
-            self._children.setdefault(request.parent_id, []).append(request.id)
+        [planned] = await plan_submits([(request, max_attempts)], self._find, self._exists, indexed=False)
+        self._add(planned)
+        return planned.job, planned.created
+
+    @override
+    async def enqueue_many(self, submits: Sequence[tuple[Request, int]]) -> list[tuple[Job, bool]]:
+        # Planned in full before anything is stored, with no await in between: all or none.
+        plan = await plan_submits(submits, self._find, self._exists, indexed=True)
+        for planned in plan:
+            self._add(planned)
+        return [(planned.job, planned.created) for planned in plan]
+
+    async def _find(self, request_id: str) -> Job | None:
+        entry = self._entries.get(request_id)
+        return entry.job if entry is not None else None
+
+    async def _exists(self, request_id: str) -> bool:
+        return request_id in self._entries
+
+    def _add(self, planned: Planned) -> None:
+        if not planned.created or planned.first is None:
+            return
+        job = planned.job
+        self._order.append(job.request.id)
+        entry = _Entry(job, len(self._order), [planned.first])
+        self._entries[job.request.id] = entry
+        if job.request.parent_id:
+            self._children.setdefault(job.request.parent_id, []).append(job.request.id)
         self._queue(entry)
-        return job, True
 
     @override
     async def claim(

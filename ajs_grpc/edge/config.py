@@ -175,6 +175,7 @@ SETTINGS = [
     Setting("limits", "max_data_bytes", _integer, 64 * 1024, "bytes of keys and values in Request.data"),
     Setting("limits", "max_input_bytes", _integer, 1024 * 1024, "bytes of Request.input"),
     Setting("limits", "max_queue_depth", _integer, 0, "queued jobs at most (0: no limit)"),
+    Setting("limits", "max_batch_requests", _integer, 1000, "requests in one BatchSubmitRequests call"),
     Setting("limits", "max_watches", _integer, 1000, "open WatchJob streams in all"),
     Setting("limits", "max_watches_per_principal", _integer, 100, "open WatchJob streams per principal"),
     Setting("limits", "watch_send_timeout", parse_duration, 30.0, "a watcher not reading this long is dropped"),

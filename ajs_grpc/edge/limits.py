@@ -35,6 +35,8 @@ class Limits:
     max_input_bytes: int = MAX_INPUT_BYTES
     max_queue_depth: int = 0
     """Queued (CREATED) jobs at most; 0 for no limit."""
+    max_batch_requests: int = 1000
+    """Requests in one BatchSubmitRequests call."""
     max_watches: int = 1000
     max_watches_per_principal: int = 100
     """Open WatchJob streams of one principal (without authentication: of one client address)."""
@@ -60,17 +62,17 @@ class _Count:
         self._value = (0, -1.0)
         self._lock = asyncio.Lock()
 
-    async def admit(self, limit: int) -> int | None:
-        """Counts one more and returns None while below ``limit``; else the count found."""
+    async def admit(self, limit: int, more: int = 1) -> int | None:
+        """Counts ``more`` and returns None while that stays within ``limit``; else the count found."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             count, measured = self._value
             if loop.time() - measured > self._ttl:
                 count, measured = await self._count(), loop.time()
-            if count >= limit:
+            if count + more > limit:
                 self._value = (count, measured)
                 return count
-            self._value = (count + 1, measured)
+            self._value = (count + more, measured)
             return None
 
 
@@ -122,16 +124,16 @@ class Admission:
                 metadata={"max_run_after_seconds": f"{limits.max_run_after:g}"},
             )
 
-    async def admit(self, principal: Principal, limits: Limits) -> None:
-        """Counts one more queued job, if the queue and the principal's quota have room."""
-        await self._check_queue_depth(limits.max_queue_depth)
+    async def admit(self, principal: Principal, limits: Limits, more: int = 1) -> None:
+        """Counts ``more`` queued jobs, if the queue and the principal's quota have room for them."""
+        await self._check_queue_depth(limits.max_queue_depth, more)
         if not principal.admin and limits.max_queued_per_principal:
-            await self._check_queued_quota(principal, limits.max_queued_per_principal)
+            await self._check_queued_quota(principal, limits.max_queued_per_principal, more)
 
-    async def _check_queue_depth(self, limit: int) -> None:
+    async def _check_queue_depth(self, limit: int, more: int) -> None:
         if not limit:
             return
-        depth = await self._depth.admit(limit)
+        depth = await self._depth.admit(limit, more)
         if depth is not None:
             raise ResourceExhausted(
                 f"the queue holds {depth} jobs, its limit is {limit}; retry later",
@@ -140,14 +142,14 @@ class Admission:
                 metadata={"retry_after_seconds": "1"},
             )
 
-    async def _check_queued_quota(self, principal: Principal, limit: int) -> None:
+    async def _check_queued_quota(self, principal: Principal, limit: int, more: int) -> None:
         name = principal.name
         counter = self._queued.get(name)
         if counter is None:
             counter = self._queued[name] = _Count(
                 lambda: self._connector.count_jobs(RequestState.CREATED, name), self._ttl
             )
-        found = await counter.admit(limit)
+        found = await counter.admit(limit, more)
         if found is not None:
             raise ResourceExhausted(
                 f"{name} has {found} queued jobs, its quota is {limit}; retry later",

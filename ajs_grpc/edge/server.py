@@ -149,6 +149,7 @@ class ServerConfig:
                 max_data_bytes=settings["limits.max_data_bytes"],
                 max_input_bytes=settings["limits.max_input_bytes"],
                 max_queue_depth=settings["limits.max_queue_depth"],
+                max_batch_requests=settings["limits.max_batch_requests"],
                 max_watches=settings["limits.max_watches"],
                 max_watches_per_principal=settings["limits.max_watches_per_principal"],
                 watch_send_timeout=settings["limits.watch_send_timeout"],

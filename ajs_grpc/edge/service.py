@@ -18,6 +18,7 @@ import grpc
 
 from ajs_grpc.connectors.base import Connector, JobFilter
 from ajs_grpc.core.errors import (
+    AjsError,
     AlreadyExists,
     FailedPrecondition,
     FieldViolation,
@@ -26,13 +27,22 @@ from ajs_grpc.core.errors import (
     Unavailable,
 )
 from ajs_grpc.core.logs import current_request_id
-from ajs_grpc.core.model import RequestState
+from ajs_grpc.core.model import Job, Request, RequestState
 from ajs_grpc.edge import convert, paging
 from ajs_grpc.edge.auth import Authenticator, Principal
 from ajs_grpc.edge.limits import COUNT_TTL, Admission, Limits, WatchSlots
 from ajs_grpc.edge.ownership import Ownership
 from ajs_grpc.edge.pipeline import Caller, NoObserver, Pipeline, ServiceObserver
-from ajs_grpc.edge.validation import MAX_SEQUENCE, check_id, check_type, invalid, required_id, validate_request, view
+from ajs_grpc.edge.validation import (
+    MAX_SEQUENCE,
+    at_index,
+    check_id,
+    check_type,
+    invalid,
+    required_id,
+    validate_request,
+    view,
+)
 from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
@@ -101,8 +111,64 @@ class JobService:
     async def submit_request(self, message: pb.SubmitRequestRequest, caller: Caller) -> pb.SubmitRequestResponse:
         """Validates and enqueues a request (idempotent on its id)."""
         principal = caller.principal
+        self._check_accepting()
+        request = await self._prepare(message, principal, frozenset())
+        await self.admission.admit(principal, self.limits)
+        try:
+            job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
+        except AlreadyExists as error:
+            raise await self._taken_or(error, principal, request) from None
+        return await self._submitted(principal, request, job, created)
+
+    async def batch_submit_requests(
+        self, message: pb.BatchSubmitRequestsRequest, caller: Caller
+    ) -> pb.BatchSubmitRequestsResponse:
+        """Validates and enqueues several requests atomically (AIP-233): all or none."""
+        principal = caller.principal
+        self._check_accepting()
+        limit = self.limits.max_batch_requests
+        if len(message.requests) > limit:
+            raise invalid([FieldViolation("requests", f"has {len(message.requests)} requests, more than {limit}")])
+        requests: list[Request] = []
+        named: set[str] = set()
+        for index, item in enumerate(message.requests):
+            try:
+                request = await self._prepare(item, principal, frozenset(named))
+            except AjsError as error:
+                raise at_index(index, error) from None
+            named.add(request.id)
+            requests.append(request)
+        if not requests:
+            return pb.BatchSubmitRequestsResponse()
+        await self.admission.admit(principal, self.limits, len(requests))
+        submits = [(request, self.chain.max_attempts(request.type)) for request in requests]
+        try:
+            results = await self.connector.enqueue_many(submits)
+        except AlreadyExists as error:
+            index = int(error.metadata.get("index", "0"))
+            raise at_index(index, await self._taken_or(error, principal, requests[index])) from None
+        except AjsError as error:
+            raise at_index(int(error.metadata.get("index", "0")), error) from None
+        replies = []
+        for index, (request, (job, created)) in enumerate(zip(requests, results, strict=True)):
+            try:
+                replies.append(await self._submitted(principal, request, job, created))
+            except AjsError as error:
+                raise at_index(index, error) from None
+        return pb.BatchSubmitRequestsResponse(responses=replies)
+
+    def _check_accepting(self) -> None:
         if not self.accepting:
             raise Unavailable("the server is shutting down; submit to another instance", reason="DRAINING")
+
+    async def _prepare(self, message: pb.SubmitRequestRequest, principal: Principal, batch: frozenset[str]) -> Request:
+        """The request to store for a submit, checked: fields, namespace, type, input, quotas, parent.
+
+        Args:
+            message: the submit.
+            principal: the caller.
+            batch: stored ids submitted earlier in the same batch (a parent may be one).
+        """
         if not message.HasField("request"):
             raise invalid([FieldViolation("request", "is required")])
         request = validate_request(message.request, self.limits)
@@ -126,7 +192,7 @@ class JobService:
         if plugin is not None:  # a type only workers know is checked when it runs
             plugin.decode_input(request.input)
         self.admission.check_request_quotas(principal, request, self.limits)
-        if request.parent_id:  # children go only under one's own jobs
+        if request.parent_id and request.parent_id not in batch:  # children go only under one's own jobs
             try:
                 await self.ownership.visible_job(principal, request.parent_id)
             except NotFound:
@@ -135,16 +201,24 @@ class JobService:
                     reason="PARENT_NOT_FOUND",
                     metadata={"parent_id": message.request.parent_id},
                 ) from None
-        await self.admission.admit(principal, self.limits)
-        taken = AlreadyExists(f"request id {principal.unqualify(request.id)!r} is taken", reason="REQUEST_ID_TAKEN")
-        try:
-            job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
-        except AlreadyExists:
-            if principal.admin or await self.ownership.owns(principal, await self.connector.get(request.id)):
-                raise
-            raise taken from None  # the same answer whatever another's job holds
+        return request
+
+    async def _taken_or(self, error: AlreadyExists, principal: Principal, request: Request) -> AlreadyExists:
+        """``error`` for the owner of the stored job; the same answer whatever another's job holds."""
+        if principal.admin or await self.ownership.owns(principal, await self.connector.get(request.id)):
+            return error
+        return self._taken(principal, request)
+
+    @staticmethod
+    def _taken(principal: Principal, request: Request) -> AlreadyExists:
+        return AlreadyExists(f"request id {principal.unqualify(request.id)!r} is taken", reason="REQUEST_ID_TAKEN")
+
+    async def _submitted(
+        self, principal: Principal, request: Request, job: Job, created: bool
+    ) -> pb.SubmitRequestResponse:
+        """The reply to one submit, once stored (another's job with the same id is not shown)."""
         if not created and not await self.ownership.owns(principal, job):
-            raise taken
+            raise self._taken(principal, request)
         if created:
             self.observer.submitted_type(request.type)
             log.debug("queued request %s of type %s", job.request.id, job.request.type)

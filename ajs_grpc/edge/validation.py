@@ -5,6 +5,7 @@ Nothing here looks at the store or the caller: a message is valid or not by itse
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import uuid
@@ -12,7 +13,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from ajs_grpc.core.errors import FieldViolation, InvalidArgument
+from ajs_grpc.core.errors import AjsError, FieldViolation, InvalidArgument
 from ajs_grpc.core.model import Request
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import ANONYMOUS
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MAX_SEQUENCE",
     "MAX_TYPE_LENGTH",
+    "at_index",
     "check_id",
     "check_type",
     "invalid",
@@ -54,6 +56,22 @@ def parse(message_type: type[In], raw: bytes) -> In:
             reason="UNDECODABLE_REQUEST",
         ) from None
     return message
+
+
+def at_index(index: int, error: AjsError, field: str = "requests") -> AjsError:
+    """``error`` of the item at ``index`` of a batch: said of ``requests[index]``, its fields under it.
+
+    The message starts with ``requests[3]: ``, field violations name ``requests[3].request.type``
+    (AIP-233), and the index is in the metadata (``index``) for errors without fields.
+    """
+    prefix = f"{field}[{index}]"
+    renamed = copy.copy(error)  # the same error object may answer several callers
+    renamed.message = f"{prefix}: {error.message}"
+    renamed.args = (renamed.message,)
+    renamed.metadata = {**error.metadata, "index": str(index)}
+    if isinstance(renamed, InvalidArgument):
+        renamed.violations = [FieldViolation(f"{prefix}.{v.field}", v.description) for v in renamed.violations]
+    return renamed
 
 
 def invalid(violations: list[FieldViolation]) -> InvalidArgument:

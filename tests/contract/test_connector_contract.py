@@ -84,6 +84,69 @@ async def test_unknown_parent_is_not_found_and_nothing_is_stored(connector: Conn
         await connector.get("child")
 
 
+# -- enqueue_many (an atomic batch) -------------------------------------------------------
+
+
+async def test_a_batch_is_stored_in_order_with_each_result(connector: Connector) -> None:
+    await connector.enqueue(request("old", k="v"))
+    results = await connector.enqueue_many([(request("b1"), 1), (request("old", k="v"), 1), (request("b2"), 3)])
+    assert [(job.request.id, created) for job, created in results] == [("b1", True), ("old", False), ("b2", True)]
+    assert (await connector.get("b2")).max_attempts == 3
+    page = await connector.list_jobs(JobFilter(), 10, 0)
+    assert [job.request.id for job in page.jobs] == ["old", "b1", "b2"]
+    assert await connector.count_jobs(S.CREATED) == 3
+
+
+async def test_an_id_repeated_in_a_batch_is_one_job(connector: Connector) -> None:
+    results = await connector.enqueue_many([(request("x", k="v"), 1), (request("x", k="v"), 1)])
+    assert [created for _, created in results] == [True, False]
+    assert results[0][0] == results[1][0]
+    assert await connector.count_jobs(S.CREATED) == 1
+
+
+@pytest.mark.parametrize(
+    ("batch", "error", "index"),
+    [
+        ([request("ok1"), request("stored", k="other"), request("ok2")], AlreadyExists, 1),
+        ([request("ok1"), request("ok2"), request("ok1", k="other")], AlreadyExists, 2),
+        ([request("ok1"), Request(id="orphan", type="echo", parent_id="nobody")], NotFound, 1),
+    ],
+    ids=["taken by a stored job", "taken earlier in the batch", "unknown parent"],
+)
+async def test_a_refused_request_stores_nothing_of_its_batch(
+    connector: Connector, batch: list[Request], error: type[Exception], index: int
+) -> None:
+    await connector.enqueue(request("stored", k="v"))
+    with pytest.raises(error) as raised:
+        await connector.enqueue_many([(r, 1) for r in batch])
+    assert raised.value.metadata["index"] == str(index)  # type: ignore[attr-defined]
+    for r in batch:
+        if r.id != "stored":
+            with pytest.raises(NotFound):
+                await connector.get(r.id)
+    assert await connector.count_jobs(S.CREATED) == 1
+
+
+async def test_a_parent_may_come_earlier_in_the_batch(connector: Connector) -> None:
+    results = await connector.enqueue_many([(request("p"), 1), (Request(id="c", type="echo", parent_id="p"), 1)])
+    assert [created for _, created in results] == [True, True]
+    assert (await connector.get("c")).request.parent_id == "p"
+
+
+async def test_a_batch_wakes_listeners_and_its_jobs_are_claimed(connector: Connector) -> None:
+    listener = Listener()
+    connector.add_listener(listener)
+    await connector.enqueue_many([(request(f"j{i}"), 1) for i in range(5)])
+    await eventually(lambda: listener.work > 0)
+    claims = await connector.claim("w1", limit=10)
+    assert sorted(c.job.request.id for c in claims) == [f"j{i}" for i in range(5)]
+
+
+async def test_an_empty_batch_stores_nothing(connector: Connector) -> None:
+    assert await connector.enqueue_many([]) == []
+    assert await connector.count_jobs(S.CREATED) == 0
+
+
 async def test_enqueue_wakes_listeners(connector: Connector) -> None:
     listener = Listener()
     connector.add_listener(listener)

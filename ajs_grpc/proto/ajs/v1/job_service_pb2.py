@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61js/v1/job_service.proto\x12\x06\x61js.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb4\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tparent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reator\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x06 \x03(\x0b\x32\x19.ajs.v1.Request.DataEntry\x12#\n\x05input\x18\x07 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12-\n\trun_after\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x08Progress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x02\n\x08Response\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.ajs.v1.RequestState\x12\x10\n\x08is_final\x18\x05 \x01(\x08\x12(\n\x04\x64\x61ta\x18\x06 \x03(\x0b\x32\x1a.ajs.v1.Response.DataEntry\x12$\n\x06output\x18\x07 \x01(\x0b\x32\x14.google.protobuf.Any\x12\"\n\x08progress\x18\x08 \x01(\x0b\x32\x10.ajs.v1.Progress\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x02\n\x03Job\x12 \n\x07request\x18\x01 \x01(\x0b\x32\x0f.ajs.v1.Request\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.ajs.v1.RequestState\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\'\n\rlast_response\x18\x04 \x01(\x0b\x32\x10.ajs.v1.Response\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x06 \x01(\x08\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12,\n\x08\x64ue_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x14SubmitRequestRequest\x12 \n\x07request\x18\x01 \x01(\x0b\x32\x0f.ajs.v1.Request\"B\n\x15SubmitRequestResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ajs.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x0fWatchJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"6\n\x10WatchJobResponse\x12\"\n\x08response\x18\x01 \x01(\x0b\x32\x10.ajs.v1.Response\"B\n\rGetJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x04view\x18\x02 \x01(\x0e\x32\x0f.ajs.v1.JobView\"*\n\x0eGetJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ajs.v1.Job\"\xb1\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x06states\x18\x03 \x03(\x0e\x32\x14.ajs.v1.RequestState\x12\r\n\x05types\x18\x04 \x03(\t\x12\x11\n\tparent_id\x18\x05 \x01(\t\x12\x1d\n\x04view\x18\x06 \x01(\x0e\x32\x0f.ajs.v1.JobView\x12\x10\n\x08order_by\x18\x07 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.ajs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"-\n\x11\x43\x61ncelJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ajs.v1.Job\"\x15\n\x13ListJobTypesRequest\":\n\x14ListJobTypesResponse\x12\"\n\tjob_types\x18\x01 \x03(\x0b\x32\x0f.ajs.v1.JobType\"\xda\x01\n\x07JobType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x12\n\ninput_type\x18\x04 \x01(\t\x12\x13\n\x0boutput_type\x18\x05 \x01(\t\x12)\n\x0cretry_policy\x18\x06 \x01(\x0b\x32\x13.ajs.v1.RetryPolicy\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x66ile_descriptor_set\x18\x08 \x01(\x0c\"\xab\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmultiplier\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01*\xb6\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_CREATED\x10\x01\x12\x19\n\x15REQUEST_STATE_PENDING\x10\x02\x12\x1a\n\x16REQUEST_STATE_FINISHED\x10\x03\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x04\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x05*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02\x32\xa0\x03\n\nJobService\x12L\n\rSubmitRequest\x12\x1c.ajs.v1.SubmitRequestRequest\x1a\x1d.ajs.v1.SubmitRequestResponse\x12?\n\x08WatchJob\x12\x17.ajs.v1.WatchJobRequest\x1a\x18.ajs.v1.WatchJobResponse0\x01\x12\x37\n\x06GetJob\x12\x15.ajs.v1.GetJobRequest\x1a\x16.ajs.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.ajs.v1.ListJobsRequest\x1a\x18.ajs.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.ajs.v1.CancelJobRequest\x1a\x19.ajs.v1.CancelJobResponse\x12I\n\x0cListJobTypes\x12\x1b.ajs.v1.ListJobTypesRequest\x1a\x1c.ajs.v1.ListJobTypesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61js/v1/job_service.proto\x12\x06\x61js.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb4\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tparent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reator\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x06 \x03(\x0b\x32\x19.ajs.v1.Request.DataEntry\x12#\n\x05input\x18\x07 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12-\n\trun_after\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"-\n\x08Progress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xdc\x02\n\x08Response\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.ajs.v1.RequestState\x12\x10\n\x08is_final\x18\x05 \x01(\x08\x12(\n\x04\x64\x61ta\x18\x06 \x03(\x0b\x32\x1a.ajs.v1.Response.DataEntry\x12$\n\x06output\x18\x07 \x01(\x0b\x32\x14.google.protobuf.Any\x12\"\n\x08progress\x18\x08 \x01(\x0b\x32\x10.ajs.v1.Progress\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x02\n\x03Job\x12 \n\x07request\x18\x01 \x01(\x0b\x32\x0f.ajs.v1.Request\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.ajs.v1.RequestState\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\'\n\rlast_response\x18\x04 \x01(\x0b\x32\x10.ajs.v1.Response\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x06 \x01(\x08\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12,\n\x08\x64ue_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x14SubmitRequestRequest\x12 \n\x07request\x18\x01 \x01(\x0b\x32\x0f.ajs.v1.Request\"B\n\x15SubmitRequestResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ajs.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"L\n\x1a\x42\x61tchSubmitRequestsRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.ajs.v1.SubmitRequestRequest\"O\n\x1b\x42\x61tchSubmitRequestsResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.ajs.v1.SubmitRequestResponse\"=\n\x0fWatchJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"6\n\x10WatchJobResponse\x12\"\n\x08response\x18\x01 \x01(\x0b\x32\x10.ajs.v1.Response\"B\n\rGetJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1d\n\x04view\x18\x02 \x01(\x0e\x32\x0f.ajs.v1.JobView\"*\n\x0eGetJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ajs.v1.Job\"\xb1\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x06states\x18\x03 \x03(\x0e\x32\x14.ajs.v1.RequestState\x12\r\n\x05types\x18\x04 \x03(\t\x12\x11\n\tparent_id\x18\x05 \x01(\t\x12\x1d\n\x04view\x18\x06 \x01(\x0e\x32\x0f.ajs.v1.JobView\x12\x10\n\x08order_by\x18\x07 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.ajs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"-\n\x11\x43\x61ncelJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ajs.v1.Job\"\x15\n\x13ListJobTypesRequest\":\n\x14ListJobTypesResponse\x12\"\n\tjob_types\x18\x01 \x03(\x0b\x32\x0f.ajs.v1.JobType\"\xda\x01\n\x07JobType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x12\n\ninput_type\x18\x04 \x01(\t\x12\x13\n\x0boutput_type\x18\x05 \x01(\t\x12)\n\x0cretry_policy\x18\x06 \x01(\x0b\x32\x13.ajs.v1.RetryPolicy\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13\x66ile_descriptor_set\x18\x08 \x01(\x0c\"\xab\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmultiplier\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01*\xb6\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_CREATED\x10\x01\x12\x19\n\x15REQUEST_STATE_PENDING\x10\x02\x12\x1a\n\x16REQUEST_STATE_FINISHED\x10\x03\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x04\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x05*J\n\x07JobView\x12\x18\n\x14JOB_VIEW_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_VIEW_BASIC\x10\x01\x12\x11\n\rJOB_VIEW_FULL\x10\x02\x32\x80\x04\n\nJobService\x12L\n\rSubmitRequest\x12\x1c.ajs.v1.SubmitRequestRequest\x1a\x1d.ajs.v1.SubmitRequestResponse\x12^\n\x13\x42\x61tchSubmitRequests\x12\".ajs.v1.BatchSubmitRequestsRequest\x1a#.ajs.v1.BatchSubmitRequestsResponse\x12?\n\x08WatchJob\x12\x17.ajs.v1.WatchJobRequest\x1a\x18.ajs.v1.WatchJobResponse0\x01\x12\x37\n\x06GetJob\x12\x15.ajs.v1.GetJobRequest\x1a\x16.ajs.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.ajs.v1.ListJobsRequest\x1a\x18.ajs.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.ajs.v1.CancelJobRequest\x1a\x19.ajs.v1.CancelJobResponse\x12I\n\x0cListJobTypes\x12\x1b.ajs.v1.ListJobTypesRequest\x1a\x1c.ajs.v1.ListJobTypesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUEST_DATAENTRY']._serialized_options = b'8\001'
   _globals['_RESPONSE_DATAENTRY']._loaded_options = None
   _globals['_RESPONSE_DATAENTRY']._serialized_options = b'8\001'
-  _globals['_REQUESTSTATE']._serialized_start=2317
-  _globals['_REQUESTSTATE']._serialized_end=2499
-  _globals['_JOBVIEW']._serialized_start=2501
-  _globals['_JOBVIEW']._serialized_end=2575
+  _globals['_REQUESTSTATE']._serialized_start=2476
+  _globals['_REQUESTSTATE']._serialized_end=2658
+  _globals['_JOBVIEW']._serialized_start=2660
+  _globals['_JOBVIEW']._serialized_end=2734
   _globals['_REQUEST']._serialized_start=154
   _globals['_REQUEST']._serialized_end=462
   _globals['_REQUEST_DATAENTRY']._serialized_start=419
@@ -59,30 +59,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUESTREQUEST']._serialized_end=1198
   _globals['_SUBMITREQUESTRESPONSE']._serialized_start=1200
   _globals['_SUBMITREQUESTRESPONSE']._serialized_end=1266
-  _globals['_WATCHJOBREQUEST']._serialized_start=1268
-  _globals['_WATCHJOBREQUEST']._serialized_end=1329
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1331
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1385
-  _globals['_GETJOBREQUEST']._serialized_start=1387
-  _globals['_GETJOBREQUEST']._serialized_end=1453
-  _globals['_GETJOBRESPONSE']._serialized_start=1455
-  _globals['_GETJOBRESPONSE']._serialized_end=1497
-  _globals['_LISTJOBSREQUEST']._serialized_start=1500
-  _globals['_LISTJOBSREQUEST']._serialized_end=1677
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1679
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1749
-  _globals['_CANCELJOBREQUEST']._serialized_start=1751
-  _globals['_CANCELJOBREQUEST']._serialized_end=1789
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1791
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1836
-  _globals['_LISTJOBTYPESREQUEST']._serialized_start=1838
-  _globals['_LISTJOBTYPESREQUEST']._serialized_end=1859
-  _globals['_LISTJOBTYPESRESPONSE']._serialized_start=1861
-  _globals['_LISTJOBTYPESRESPONSE']._serialized_end=1919
-  _globals['_JOBTYPE']._serialized_start=1922
-  _globals['_JOBTYPE']._serialized_end=2140
-  _globals['_RETRYPOLICY']._serialized_start=2143
-  _globals['_RETRYPOLICY']._serialized_end=2314
-  _globals['_JOBSERVICE']._serialized_start=2578
-  _globals['_JOBSERVICE']._serialized_end=2994
+  _globals['_BATCHSUBMITREQUESTSREQUEST']._serialized_start=1268
+  _globals['_BATCHSUBMITREQUESTSREQUEST']._serialized_end=1344
+  _globals['_BATCHSUBMITREQUESTSRESPONSE']._serialized_start=1346
+  _globals['_BATCHSUBMITREQUESTSRESPONSE']._serialized_end=1425
+  _globals['_WATCHJOBREQUEST']._serialized_start=1427
+  _globals['_WATCHJOBREQUEST']._serialized_end=1488
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1490
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1544
+  _globals['_GETJOBREQUEST']._serialized_start=1546
+  _globals['_GETJOBREQUEST']._serialized_end=1612
+  _globals['_GETJOBRESPONSE']._serialized_start=1614
+  _globals['_GETJOBRESPONSE']._serialized_end=1656
+  _globals['_LISTJOBSREQUEST']._serialized_start=1659
+  _globals['_LISTJOBSREQUEST']._serialized_end=1836
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1838
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1908
+  _globals['_CANCELJOBREQUEST']._serialized_start=1910
+  _globals['_CANCELJOBREQUEST']._serialized_end=1948
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1950
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1995
+  _globals['_LISTJOBTYPESREQUEST']._serialized_start=1997
+  _globals['_LISTJOBTYPESREQUEST']._serialized_end=2018
+  _globals['_LISTJOBTYPESRESPONSE']._serialized_start=2020
+  _globals['_LISTJOBTYPESRESPONSE']._serialized_end=2078
+  _globals['_JOBTYPE']._serialized_start=2081
+  _globals['_JOBTYPE']._serialized_end=2299
+  _globals['_RETRYPOLICY']._serialized_start=2302
+  _globals['_RETRYPOLICY']._serialized_end=2473
+  _globals['_JOBSERVICE']._serialized_start=2737
+  _globals['_JOBSERVICE']._serialized_end=3249
 # @@protoc_insertion_point(module_scope)

@@ -398,6 +398,54 @@ class SubmitRequestResponse(_message.Message):
 Global___SubmitRequestResponse: _TypeAlias = SubmitRequestResponse  # noqa: Y015
 
 @_typing.final
+class BatchSubmitRequestsRequest(_message.Message):
+    """The request of JobService.BatchSubmitRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitRequestRequest]:
+        """The requests to enqueue, in order."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SubmitRequestRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchSubmitRequestsRequest: _TypeAlias = BatchSubmitRequestsRequest  # noqa: Y015
+
+@_typing.final
+class BatchSubmitRequestsResponse(_message.Message):
+    """The response of JobService.BatchSubmitRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitRequestResponse]:
+        """One per request, in request order."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___SubmitRequestResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchSubmitRequestsResponse: _TypeAlias = BatchSubmitRequestsResponse  # noqa: Y015
+
+@_typing.final
 class WatchJobRequest(_message.Message):
     """The request of JobService.WatchJob."""
 

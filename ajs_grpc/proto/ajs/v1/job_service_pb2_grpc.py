@@ -40,6 +40,11 @@ class JobServiceStub:
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.SubmitRequestRequest.SerializeToString,
                 response_deserializer=ajs_dot_v1_dot_job__service__pb2.SubmitRequestResponse.FromString,
                 _registered_method=True)
+        self.BatchSubmitRequests = channel.unary_unary(
+                '/ajs.v1.JobService/BatchSubmitRequests',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.BatchSubmitRequestsRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.BatchSubmitRequestsResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/ajs.v1.JobService/WatchJob',
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
@@ -75,6 +80,19 @@ class JobServiceServicer:
         """Enqueues a request. Idempotent on `request.id`: submitting the same request
         again returns the existing job with `created = false`; the same id with
         different content fails with ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchSubmitRequests(self, request, context):
+        """Enqueues several requests atomically (AIP-233): all are stored in one
+        transaction, or none is. The responses are in request order, each as
+        SubmitRequest's (`created = false` for an id already stored with the same
+        content, or repeated earlier in the batch). A refused request fails the whole
+        call, with its index in the BadRequest field path (`requests[3].request.type`)
+        or in the ErrorInfo metadata (`index`). More requests than the server's limit
+        (1,000 by default) is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +145,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.SubmitRequest,
                     request_deserializer=ajs_dot_v1_dot_job__service__pb2.SubmitRequestRequest.FromString,
                     response_serializer=ajs_dot_v1_dot_job__service__pb2.SubmitRequestResponse.SerializeToString,
+            ),
+            'BatchSubmitRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSubmitRequests,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.BatchSubmitRequestsRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.BatchSubmitRequestsResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -182,6 +205,33 @@ class JobService:
             '/ajs.v1.JobService/SubmitRequest',
             ajs_dot_v1_dot_job__service__pb2.SubmitRequestRequest.SerializeToString,
             ajs_dot_v1_dot_job__service__pb2.SubmitRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSubmitRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/BatchSubmitRequests',
+            ajs_dot_v1_dot_job__service__pb2.BatchSubmitRequestsRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.BatchSubmitRequestsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,15 @@ class JobServiceStub:
     again returns the existing job with `created = false`; the same id with
     different content fails with ALREADY_EXISTS.
     """
+    BatchSubmitRequests: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.BatchSubmitRequestsRequest, _job_service_pb2.BatchSubmitRequestsResponse]
+    """Enqueues several requests atomically (AIP-233): all are stored in one
+    transaction, or none is. The responses are in request order, each as
+    SubmitRequest's (`created = false` for an id already stored with the same
+    content, or repeated earlier in the batch). A refused request fails the whole
+    call, with its index in the BadRequest field path (`requests[3].request.type`)
+    or in the ErrorInfo metadata (`index`). More requests than the server's limit
+    (1,000 by default) is INVALID_ARGUMENT.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]
     """Streams every stored Response with `sequence > after_sequence`, then the live
     ones, and ends after the final Response. Watching a finished job replays its
@@ -70,6 +79,15 @@ class JobServiceAsyncStub(JobServiceStub):
     """Enqueues a request. Idempotent on `request.id`: submitting the same request
     again returns the existing job with `created = false`; the same id with
     different content fails with ALREADY_EXISTS.
+    """
+    BatchSubmitRequests: _aio.UnaryUnaryMultiCallable[_job_service_pb2.BatchSubmitRequestsRequest, _job_service_pb2.BatchSubmitRequestsResponse]  # type: ignore[assignment]
+    """Enqueues several requests atomically (AIP-233): all are stored in one
+    transaction, or none is. The responses are in request order, each as
+    SubmitRequest's (`created = false` for an id already stored with the same
+    content, or repeated earlier in the batch). A refused request fails the whole
+    call, with its index in the BadRequest field path (`requests[3].request.type`)
+    or in the ErrorInfo metadata (`index`). More requests than the server's limit
+    (1,000 by default) is INVALID_ARGUMENT.
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams every stored Response with `sequence > after_sequence`, then the live
@@ -102,6 +120,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Enqueues a request. Idempotent on `request.id`: submitting the same request
         again returns the existing job with `created = false`; the same id with
         different content fails with ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchSubmitRequests(
+        self,
+        request: _job_service_pb2.BatchSubmitRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.BatchSubmitRequestsResponse, _abc.Awaitable[_job_service_pb2.BatchSubmitRequestsResponse]]:
+        """Enqueues several requests atomically (AIP-233): all are stored in one
+        transaction, or none is. The responses are in request order, each as
+        SubmitRequest's (`created = false` for an id already stored with the same
+        content, or repeated earlier in the batch). A refused request fails the whole
+        call, with its index in the BadRequest field path (`requests[3].request.type`)
+        or in the ErrorInfo metadata (`index`). More requests than the server's limit
+        (1,000 by default) is INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
