@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,13 +34,14 @@ from rich.table import Table
 from ajs_grpc import __version__
 from ajs_grpc.core.errors import AjsError, Code, ConfigError, InvalidArgument, PluginError, UsageError
 from ajs_grpc.core.logs import setup_logging
-from ajs_grpc.core.model import JobType, RequestState, Response
+from ajs_grpc.core.model import JobType, Request, RequestState, Response
 from ajs_grpc.edge import convert, dynamic
 from ajs_grpc.edge.auth import new_token
 from ajs_grpc.edge.config import SETTINGS, Settings
 from ajs_grpc.edge.config import load as load_settings
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
 from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, TlsOptions
+from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["main"]
 
@@ -357,6 +359,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
+    if args.jsonl is not None or args.count != 1:
+        return await _submit_many(client, args)
     run_after = args.run_after
     if args.delay is not None:
         run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
@@ -377,6 +381,76 @@ async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
         out.print(request_id)
         return EXIT_OK
     return await _follow(client, request_id, 0)
+
+
+async def _submit_many(client: AsyncClient, args: argparse.Namespace) -> int:
+    """``--count N`` copies of one request, or one request per JSON line: in atomic batches."""
+    if args.watch:
+        raise UsageError("--watch follows one job; it does not go with --count or --jsonl")
+    if args.count < 1 or args.batch_size < 1:
+        raise UsageError("--count and --batch-size must be at least 1")
+    if args.jsonl is not None:
+        requests = await asyncio.to_thread(_read_jsonl, args.jsonl, args.type)
+    else:
+        run_after = args.run_after
+        if args.delay is not None:
+            run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
+        payload = await _typed_input(client, args.type, args.input_json) if args.input_json else None
+        common = Request(
+            id="",
+            type=args.type,
+            data=dict(args.data),
+            input=payload,
+            parent_id=args.parent,
+            priority=args.priority,
+            run_after=run_after,
+        )
+        requests = [
+            dataclasses.replace(common, id=f"{args.id}-{number}" if args.id else str(uuid.uuid4()))
+            for number in range(1, args.count + 1)
+        ]
+    new = 0
+    for start in range(0, len(requests), args.batch_size):
+        try:
+            submitted = await client.submit_many(requests[start : start + args.batch_size])
+        except AjsError as error:
+            if start:
+                err.print(f"ajs: the first {start} requests were queued; the batch from request {start + 1} was not")
+            raise _numbered(error, start) from None
+        for answer in submitted:
+            new += answer.created
+            out.print(answer.job.request.id)
+    err.print(f"submitted {len(requests)} requests ({new} new, {len(requests) - new} already submitted)")
+    return EXIT_OK
+
+
+def _read_jsonl(path: str, default_type: str) -> list[Request]:
+    """Requests from JSON lines (``-``: standard input), each the protobuf JSON of an ``ajs.v1.Request``."""
+    lines = sys.stdin.read().splitlines() if path == "-" else Path(path).read_text().splitlines()
+    requests: list[Request] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        message = pb.Request()
+        try:
+            json_format.Parse(line, message)
+        except json_format.ParseError as error:
+            raise UsageError(f"line {number} of {path} is not an ajs.v1.Request in JSON: {error}") from None
+        request = convert.request_from_proto(message)
+        requests.append(
+            dataclasses.replace(request, id=request.id or str(uuid.uuid4()), type=request.type or default_type)
+        )
+    return requests
+
+
+def _numbered(error: AjsError, start: int) -> AjsError:
+    """``error`` of a batch starting at request ``start``, naming the request by its number in the whole run."""
+    index = error.metadata.get("index")
+    if index is None or not index.isdigit():
+        return error
+    error.message = error.message.removeprefix(f"requests[{index}]: ")
+    error.message = f"request {start + int(index) + 1}: {error.message}"
+    return error
 
 
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -598,6 +672,8 @@ class _Command:
     arguments: Sequence[_Arg] = ()
     subcommands: Sequence[_Command] = ()
     description: str | None = None
+    check: Callable[[argparse.Namespace], str | None] | None = None
+    """What the arguments must satisfy beyond their own parsing: a usage error, or None."""
 
 
 def _commands() -> list[_Command]:
@@ -657,7 +733,7 @@ def _commands() -> list[_Command]:
             _remote(_submit),
             [
                 *client,
-                _arg("type", help="the job type"),
+                _arg("type", nargs="?", default="", help="the job type (with --jsonl: of lines that name none)"),
                 _arg(
                     "--data",
                     action="append",
@@ -682,7 +758,27 @@ def _commands() -> list[_Command]:
                     metavar="JSON",
                     help="the typed input as protobuf JSON (or @FILE); its message type is asked of the server",
                 ),
+                _arg(
+                    "--count",
+                    type=int,
+                    default=1,
+                    metavar="N",
+                    help="submit N such requests in atomic batches (ids ID-1 ... ID-N with --id); prints their ids",
+                ),
+                _arg(
+                    "--jsonl",
+                    metavar="FILE",
+                    help="submit one request per line of FILE (- for stdin), each an ajs.v1.Request in JSON",
+                ),
+                _arg(
+                    "--batch-size",
+                    type=int,
+                    default=1000,
+                    metavar="N",
+                    help="requests per BatchSubmitRequests call, each all or nothing (default 1000)",
+                ),
             ],
+            check=lambda args: None if args.type or args.jsonl else "the following arguments are required: type",
         ),
         _Command(
             "watch",
@@ -752,12 +848,14 @@ def _add_commands(parser: argparse.ArgumentParser, dest: str, commands: Sequence
         if command.subcommands:
             _add_commands(subparser, f"{command.name}_command", command.subcommands)
         else:
-            subparser.set_defaults(func=command.run)
+            subparser.set_defaults(func=command.run, check=command.check, parser=subparser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``ajs`` command; returns its exit code."""
     args = _parser().parse_args(argv)
+    if args.check is not None and (problem := args.check(args)) is not None:
+        args.parser.error(problem)
     run: _Run = args.func
     return run(args)
 

@@ -349,3 +349,54 @@ def test_a_token_in_plain_text_to_another_machine_is_refused() -> None:
     assert result.stderr.strip().startswith("ajs: refusing to send a token in plain text to 10.255.255.1:50051")
     insecure = ajs("get", "x", "--token", "secret", "--timeout", "1", "--insecure", target="10.255.255.1:50051")
     assert insecure.returncode == 4  # it tried: nobody answers there
+
+
+def test_submit_count_queues_n_requests_in_batches_and_prints_their_ids(served: Served) -> None:
+    result = ajs("submit", "echo", "--count", "25", "--batch-size", "10", "--id", "many", target=served.target)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"many-{n}" for n in range(1, 26)]
+    assert "submitted 25 requests (25 new, 0 already submitted)" in result.stderr
+    again = ajs("submit", "echo", "--count", "25", "--id", "many", target=served.target)
+    assert "(0 new, 25 already submitted)" in again.stderr
+    watched = ajs("watch", "many-25", target=served.target)
+    assert watched.returncode == 0
+    assert "many-25 FINISHED" in watched.stdout
+
+
+def test_submit_jsonl_from_stdin_and_a_bad_line_queues_nothing_of_its_batch(served: Served) -> None:
+    lines = [
+        json.dumps({"id": "line-1", "type": "echo", "data": {"n": "1"}}),
+        json.dumps({"id": "line-2", "data": {"n": "2"}}),  # the TYPE argument's type
+        json.dumps({"id": "line-3", "type": "echo", "priority": 5}),
+    ]
+    result = subprocess.run(
+        [AJS, "submit", "echo", "--jsonl", "-", "--target", served.target],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["line-1", "line-2", "line-3"]
+    got = json.loads(ajs("get", "line-3", target=served.target).stdout)
+    assert got["priority"] == 5
+    bad = [json.dumps({"id": "ok-1", "type": "echo"}), json.dumps({"id": "bad one", "type": "echo"})]
+    refused = subprocess.run(
+        [AJS, "submit", "--jsonl", "-", "--target", served.target],
+        input="\n".join(bad),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 5
+    assert "request 2: invalid request: request.id: must be printable ASCII without spaces" in refused.stderr
+    assert ajs("get", "ok-1", target=served.target).returncode == 5  # nothing of the batch was queued
+    unreadable = subprocess.run(
+        [AJS, "submit", "--jsonl", "-", "--target", served.target],
+        input="{not json\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unreadable.returncode == 2
+    assert unreadable.stderr.startswith("ajs: line 1 of - is not an ajs.v1.Request in JSON")
