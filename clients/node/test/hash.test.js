@@ -58,3 +58,25 @@ test('a wrong input is refused with INVALID_ARGUMENT and a BadRequest on request
     },
   );
 });
+
+test('submitMany queues a batch atomically, in order, and names the refused request', async (t) => {
+  const { server, target } = await startServer();
+  t.after(() => server.kill('SIGTERM'));
+  const client = new AjsClient(target);
+  t.after(() => client.close());
+  const answers = await client.submitMany([
+    { type: 'echo', id: 'n1', data: { n: '1' } },
+    { type: 'echo', id: 'n1', data: { n: '1' } },
+    { type: 'hash', input: { data: Buffer.from('hi').toString('base64'), algorithm: 'ALGORITHM_SHA256', rounds: 1 } },
+  ]);
+  assert.deepStrictEqual(answers.map((a) => a.created), [true, false, true]);
+  assert.strictEqual(answers[0].job.request.id, 'n1');
+  const final = await client.watch(answers[2].job.request.id);
+  assert.strictEqual(final.state, 'REQUEST_STATE_FINISHED');
+  await assert.rejects(client.submitMany([{ type: 'echo', id: 'n2' }, { type: '' }]), (error) => {
+    assert.strictEqual(error.code, 3); // INVALID_ARGUMENT
+    assert.match(error.details, /^requests\[1\]: invalid request: request\.type: must not be empty/);
+    return true;
+  });
+  await assert.rejects(client.call('GetJob', { request_id: 'n2' }), (error) => error.code === 5); // nothing queued
+});
