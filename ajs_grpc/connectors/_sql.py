@@ -222,6 +222,9 @@ class Session(Protocol):
     async def execute(self, name: str, params: Mapping[str, Any]) -> int:
         """Runs query ``name``; how many rows its last statement changed."""
 
+    async def execute_many(self, name: str, params: Sequence[Mapping[str, Any]]) -> None:
+        """Runs query ``name`` once per item of ``params``, each statement for all of them at once."""
+
 
 @dataclasses.dataclass
 class Done(Generic[T]):
@@ -341,18 +344,19 @@ class SqlConnector(Connector, abc.ABC):
             query = "save_job_claimed"
         else:
             query = "save_job" if job.state is S.PENDING else "save_job_released"
-        params = {"position": position, **self._state_params(job), **self._response_params(response), **(lease or {})}
-        await session.execute(query, params)
+        await session.execute(query, self._save_params(position, job, response, lease))
+
+    def _save_params(
+        self, position: int, job: Job, response: Response, lease: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {"position": position, **self._state_params(job), **self._response_params(response), **(lease or {})}
 
     async def _locked(self, session: Session, positions: list[int]) -> list[Sequence[Any]]:
         return await session.fetch("jobs_at", {"positions": self.dialect.array(positions)})
 
     async def _find_locked(self, session: Session, request_id: str) -> Sequence[Any] | None:
         """The row of a job about to change, locked (None if there is none)."""
-        locked = await session.fetch("lock_job", {"id": request_id})
-        if not locked:
-            return None
-        rows = await self._locked(session, [locked[0][0]])
+        rows = await session.fetch("find_job_locked", {"id": request_id})
         return rows[0] if rows else None
 
     async def _expire_rows(self, session: Session, query: str) -> Done[int]:
@@ -381,17 +385,20 @@ class SqlConnector(Connector, abc.ABC):
 
     async def _enqueue(self, submits: Sequence[tuple[Request, int]], *, indexed: bool) -> list[tuple[Job, bool]]:
         async def write(session: Session) -> Done[list[tuple[Job, bool]]]:
-            async def find(request_id: str) -> Job | None:
-                found = await session.fetch("find_job", {"id": request_id})
-                return self._job(found[0]) if found else None
+            async def find(request_ids: list[str]) -> dict[str, Job]:
+                if len(request_ids) == 1:
+                    rows = await session.fetch("find_job", {"id": request_ids[0]})
+                else:
+                    rows = await session.fetch("find_jobs", {"ids": self.dialect.array(request_ids)})
+                return {job.request.id: job for job in map(self._job, rows)}
 
             async def exists(request_id: str) -> bool:
                 return bool(await session.fetch("job_exists", {"id": request_id}))
 
             plan = await plan_submits(submits, find, exists, indexed=indexed)
-            for planned in plan:
-                if planned.created and planned.first is not None:
-                    await session.execute("insert_job", self._insert_params(planned.job, planned.first))
+            added = [self._insert_params(p.job, p.first) for p in plan if p.created and p.first is not None]
+            if added:
+                await session.execute_many("insert_job", added)
             return Done([(p.job, p.created) for p in plan], work=any(p.created for p in plan))
 
         return await self._write(write)
@@ -429,13 +436,17 @@ class SqlConnector(Connector, abc.ABC):
                 "types": self.dialect.array(type_list),
             }
             done: Done[list[Claim]] = Done([])
+            saves = []
+            store_now = self._store_now(at)
             for row in await session.fetch("claim_due", params):
                 job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
                 token = uuid.uuid4().hex
-                held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": self._store_now(at)}
-                await self._save(session, row[0], job, response, held)
+                held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": store_now}
+                saves.append(self._save_params(row[0], job, response, held))
                 done.result.append(Claim(job, token))
                 done.responses.append(job.request.id)
+            if saves:  # every claimed job's PENDING Response, each statement once for all of them
+                await session.execute_many("save_job_claimed", saves)
             return done
 
         return await self._write(write)

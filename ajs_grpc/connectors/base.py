@@ -75,7 +75,7 @@ class Planned:
 
 async def plan_submits(
     submits: Sequence[tuple[Request, int]],
-    find: Callable[[str], Awaitable[Job | None]],
+    find: Callable[[list[str]], Awaitable[dict[str, Job]]],
     exists: Callable[[str], Awaitable[bool]],
     *,
     indexed: bool,
@@ -88,7 +88,7 @@ async def plan_submits(
 
     Args:
         submits: each request (server-set fields filled in) with its ``max_attempts``.
-        find: the stored job of an id, or None.
+        find: the stored jobs of some ids, by id (those not stored left out); asked once.
         exists: whether a request id is stored.
         indexed: name the refused submit's position in its error's ``metadata["index"]``.
 
@@ -97,10 +97,11 @@ async def plan_submits(
     """
     planned: list[Planned] = []
     new: dict[str, Job] = {}
+    stored = await find(list(dict.fromkeys(request.id for request, _ in submits))) if submits else {}
     for index, (request, max_attempts) in enumerate(submits):
         try:
             earlier = new.get(request.id)
-            existing = earlier if earlier is not None else await find(request.id)
+            existing = earlier if earlier is not None else stored.get(request.id)
             if existing is not None:
                 job, _ = resubmitted(existing, request)
                 planned.append(Planned(job, False))

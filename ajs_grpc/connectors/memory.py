@@ -98,9 +98,8 @@ class MemoryConnector(Connector):
             self._add(planned)
         return [(planned.job, planned.created) for planned in plan]
 
-    async def _find(self, request_id: str) -> Job | None:
-        entry = self._entries.get(request_id)
-        return entry.job if entry is not None else None
+    async def _find(self, request_ids: list[str]) -> dict[str, Job]:
+        return {i: entry.job for i in request_ids if (entry := self._entries.get(i)) is not None}
 
     async def _exists(self, request_id: str) -> bool:
         return request_id in self._entries

@@ -99,15 +99,25 @@ class _Session:
     def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
         self.connection = connection
 
+    async def _run(self, name: str, params: Mapping[str, Any]) -> psycopg.AsyncCursor[Any]:
+        cursor = None
+        for statement in QUERIES[name]:
+            cursor = await self.connection.execute(statement, params)
+        assert cursor is not None
+        return cursor
+
     async def fetch(self, name: str, params: Mapping[str, Any]) -> list[Sequence[Any]]:
-        [statement] = QUERIES[name]
-        cursor = await self.connection.execute(statement, params)
-        rows: list[Sequence[Any]] = await cursor.fetchall()
+        rows: list[Sequence[Any]] = await (await self._run(name, params)).fetchall()
         return rows
 
     async def execute(self, name: str, params: Mapping[str, Any]) -> int:
-        [statement] = QUERIES[name]
-        return (await self.connection.execute(statement, params)).rowcount
+        return (await self._run(name, params)).rowcount
+
+    async def execute_many(self, name: str, params: Sequence[Mapping[str, Any]]) -> None:
+        # psycopg sends them in pipeline mode: one round trip, not one per item.
+        async with self.connection.cursor() as cursor:
+            for statement in QUERIES[name]:
+                await cursor.executemany(statement, params)
 
 
 _Write = Operation[Done[Any]]

@@ -149,6 +149,10 @@ class _Session:
     async def execute(self, name: str, params: Mapping[str, Any]) -> int:
         return self._run(name, params).rowcount
 
+    async def execute_many(self, name: str, params: Sequence[Mapping[str, Any]]) -> None:
+        for statement in QUERIES[name]:
+            self.connection.executemany(statement, params)
+
 
 # -- threads -------------------------------------------------------------------------
 

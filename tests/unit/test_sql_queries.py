@@ -20,7 +20,8 @@ STATE_LITERAL = re.compile(r"\bstate\s*(=|<>|!=|>=|<=|>|<|\bIN\b)\s*\(?\s*\d", r
 CORE_QUERIES = {
     "migration_1",
     "find_job",
-    "lock_job",
+    "find_job_locked",
+    "find_jobs",
     "jobs_at",
     "job_exists",
     "insert_job",

@@ -63,11 +63,17 @@ CREATE TABLE responses (
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = %(id)s
 
--- name: lock_job
--- Locks a job about to change. Alone on purpose: FOR UPDATE in a statement that joins the
--- last Response re-checks only the locked row after waiting (EvalPlanQual), with the old
--- Response, and loses the job; the next statement (jobs_at) sees what the other committed.
-SELECT position FROM jobs WHERE id = %(id)s FOR UPDATE
+-- name: find_jobs
+-- Jobs by id, for the idempotence check of a batch of submits.
+${JOB} WHERE j.id = ANY(%(ids)s::text[])
+
+-- name: find_job_locked
+-- A job about to change: locked alone first, then read with its last Response. The lock is
+-- alone on purpose: FOR UPDATE in a statement that joins the last Response re-checks only the
+-- locked row after waiting (EvalPlanQual), with the old Response, and loses the job; the next
+-- statement sees what the other committed.
+SELECT position FROM jobs WHERE id = %(id)s FOR UPDATE;
+${JOB} WHERE j.id = %(id)s
 
 -- name: jobs_at
 -- Jobs by position, read after they were locked.

@@ -62,9 +62,13 @@ CREATE TABLE responses (
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = :id
 
--- name: lock_job
--- The position of a job about to change (the writer already holds the database's lock).
-SELECT position FROM jobs WHERE id = :id
+-- name: find_jobs
+-- Jobs by id (a JSON array), for the idempotence check of a batch of submits.
+${JOB} WHERE j.id IN (SELECT value FROM json_each(:ids))
+
+-- name: find_job_locked
+-- A job about to change, in one statement (the writer already holds the database's lock).
+${JOB} WHERE j.id = :id
 
 -- name: jobs_at
 -- Jobs by position, read after they were locked.
@@ -75,13 +79,14 @@ ${JOB} WHERE j.position IN (SELECT value FROM json_each(:positions)) ORDER BY j.
 SELECT 1 FROM jobs WHERE id = :id
 
 -- name: insert_job
--- A new job and its first Response.
+-- A new job and its first Response (found by id, so that many run as two executemany calls).
 INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, priority,
                   run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time,
                   last_sequence)
 VALUES (:id, :parent_id, :type, :creator, :create_time, :data, :input_type_url, :input_value, :priority,
         :run_after, :max_attempts, :state, :attempt, :cancel_requested, :update_time, :due_time, :sequence);
-INSERT INTO responses VALUES (last_insert_rowid(), :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
+INSERT INTO responses VALUES ((SELECT position FROM jobs WHERE id = :id), :sequence, :r_create_time, :r_state,
+                              :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
                               :r_error)
 
@@ -117,11 +122,16 @@ INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r
 
 -- name: claim_due
 -- Due queued jobs, highest priority first, then in submit order; only :types unless :any_type.
+-- Read in the order of jobs_ready, so a claim stops after :limit (left to itself the planner
+-- takes jobs_state and sorts every queued job: 14 ms a claim at 20,000 queued, 0.45 this way).
 ${JOB}
- WHERE j.state = ${CREATED} AND j.due_time <= :now
-   AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+ WHERE j.position IN (
+       SELECT j.position FROM jobs AS j INDEXED BY jobs_ready
+        WHERE j.state = ${CREATED} AND j.due_time <= :now
+          AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+        ORDER BY j.priority DESC, j.position
+        LIMIT :limit)
  ORDER BY j.priority DESC, j.position
- LIMIT :limit
 
 -- name: renew_leases
 -- Extends the leases still held ({id: token} in :leases); says which were asked to cancel.
@@ -140,7 +150,7 @@ ${JOB} WHERE j.state = ${PENDING}
 
 -- name: next_due
 -- The earliest due time of the queued jobs, and the clock it compares with.
-SELECT min(due_time), :now FROM jobs WHERE state = ${CREATED}
+SELECT min(due_time), :now FROM jobs INDEXED BY jobs_due WHERE state = ${CREATED}
 
 -- name: cancel_tree
 -- A job and its unfinished descendants, to cancel them together.
