@@ -399,9 +399,13 @@ class SqlConnector(Connector, abc.ABC):
             added = [self._insert_params(p.job, p.first) for p in plan if p.created and p.first is not None]
             if added:
                 await session.execute_many("insert_job", added)
+                self._inserted(len(added))
             return Done([(p.job, p.created) for p in plan], work=any(p.created for p in plan))
 
         return await self._write(write)
+
+    def _inserted(self, count: int) -> None:
+        """Told of ``count`` new jobs being stored (a store whose planner needs fresh statistics counts them)."""
 
     def _insert_params(self, job: Job, first: Response) -> dict[str, Any]:
         stored, d = job.request, self.dialect

@@ -55,6 +55,8 @@ MAX_BATCH = 256
 POOL_TIMEOUT = 5.0
 # What the server's connections are called in pg_stat_activity.
 APPLICATION_NAME = "ajs-grpc"
+# New jobs after which the queue's statistics are refreshed (ANALYZE), so claims keep their index.
+ANALYZE_AFTER = 10_000
 # Seconds the first connection may take (a database that does not answer at all).
 PROBE_TIMEOUT = 10
 # Seconds between attempts to re-establish the listening connection.
@@ -164,6 +166,9 @@ class PostgresConnector(SqlConnector):
         """Set while the LISTEN connection is up (tests wait on it)."""
         self.found_version: int | None = None
         """The schema's version before :meth:`upgrade` ran (0: there was none)."""
+        self._unanalyzed = 0
+        self._analyzed_rows = 0
+        self._analyzing: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -274,8 +279,37 @@ class PostgresConnector(SqlConnector):
                 log.info("migrated schema %s to version %d", self.schema, number)
         return max(version, SCHEMA_VERSION)
 
+    # -- statistics --------------------------------------------------------------------
+
+    @override
+    def _inserted(self, count: int) -> None:
+        # A queue filled faster than autovacuum analyzes it (once a minute at best) leaves the
+        # planner thinking it holds a few jobs: it then sorts the whole queue for every claim
+        # (72 ms a claim at 20,000 queued, 0.09 ms after ANALYZE). Analyze after every
+        # ANALYZE_AFTER new jobs, or a quarter of those counted at the last analyze.
+        self._unanalyzed += count
+        if self._unanalyzed < max(ANALYZE_AFTER, self._analyzed_rows // 4):
+            return
+        if self._analyzing is None or self._analyzing.done():
+            self._analyzed_rows += self._unanalyzed
+            self._unanalyzed = 0
+            self._analyzing = asyncio.get_running_loop().create_task(self._analyze(), name="ajs-pg-analyze")
+
+    async def _analyze(self) -> None:
+        if self._pool is None:
+            return
+        try:
+            async with self._pool.connection() as connection:
+                await connection.execute("ANALYZE jobs")
+        except psycopg.Error as error:  # statistics are an optimisation: the next batch tries again
+            log.warning("could not analyze the queue: %s", error)
+
     @override
     async def close(self) -> None:
+        if self._analyzing is not None:
+            self._analyzing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._analyzing
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

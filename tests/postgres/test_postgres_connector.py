@@ -264,3 +264,29 @@ def _waiting_for_a_lock() -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ajs-grpc' AND wait_event_type = 'Lock'"
         ).fetchone()
     return bool(row and row[0])
+
+
+async def test_a_queue_filled_in_bulk_is_analyzed_so_claims_keep_their_index(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ajs_grpc.connectors import postgres
+
+    monkeypatch.setattr(postgres, "ANALYZE_AFTER", 300)
+    connector = PostgresConnector(postgres_dsn(), schema)
+    await connector.open()
+    try:
+
+        def analyzed() -> int:
+            with psycopg.connect(postgres_dsn(), autocommit=True) as connection:
+                row = connection.execute(
+                    "SELECT analyze_count FROM pg_stat_user_tables WHERE schemaname = %s AND relname = 'jobs'",
+                    (schema,),
+                ).fetchone()
+                return int(row[0]) if row else 0
+
+        await connector.enqueue_many([(Request(id=f"a{i}", type="t"), 1) for i in range(200)])
+        assert analyzed() == 0  # below the threshold: left to autovacuum
+        await connector.enqueue_many([(Request(id=f"b{i}", type="t"), 1) for i in range(200)])
+        await eventually(lambda: analyzed() == 1, within=10)
+    finally:
+        await connector.close()
