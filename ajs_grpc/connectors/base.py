@@ -41,8 +41,9 @@ Clock: TypeAlias = Callable[[], datetime]
 """Where a connector reads the time: a callable returning the current aware datetime."""
 
 # Responses read from storage per round trip of a watch. It bounds what one watcher
-# holds at once: on SQLite and PostgreSQL each watcher reads its own copies, so a few
-# hundred streams opened on a long job hold watchers x WATCH_BATCH Responses together.
+# holds at once: on SQLite and PostgreSQL watchers that are not at the same place of a
+# job read their own copies, so a few hundred streams opened on a long job may hold
+# watchers x WATCH_BATCH Responses together (those at the same place share one read).
 # At 256 that peak grew with the job's length and RSS kept its high-water mark
 # (issue 9, defect 14: +2.4 MiB per 300 streams on a running job); 32 keeps it
 # small, at one more read per 32 Responses replayed.
@@ -228,6 +229,10 @@ class Connector(abc.ABC):
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._listeners: list[ConnectorListener] = []
         self._watchers: dict[str, set[asyncio.Event]] = {}
+        # Per watched request: how many Responses were announced, and the reads in flight
+        # (by the sequence they read after, with that count when they started).
+        self._announced: dict[str, int] = {}
+        self._reads: dict[tuple[str, int], tuple[int, asyncio.Future[list[Response]]]] = {}
         self._clock = clock
 
     def _now(self) -> datetime:
@@ -401,7 +406,7 @@ class Connector(abc.ABC):
                 # Cleared before reading: a Response stored while we read or while
                 # the caller holds a yielded one sets it again, so none is missed.
                 changed.clear()
-                batch = await self.responses(request_id, seen, WATCH_BATCH)
+                batch = await self._shared_read(request_id, seen)
                 for response in batch:
                     yield response
                     seen = response.sequence
@@ -418,6 +423,36 @@ class Connector(abc.ABC):
                 waiting.discard(changed)
                 if not waiting:
                     del self._watchers[request_id]
+                    self._announced.pop(request_id, None)
+
+    async def _shared_read(self, request_id: str, after: int) -> list[Response]:
+        """:meth:`responses` after ``after``, one read for every watcher at that place.
+
+        A thousand streams on one job wake together at each new Response: they share
+        one read of the store instead of making a thousand. A watcher joins a read in
+        flight only if no Response was announced since it started (so the read sees
+        every Response announced before the watcher cleared its wake-up); otherwise it
+        starts a newer one.
+        """
+        key = (request_id, after)
+        announced = self._announced.get(request_id, 0)
+        found = self._reads.get(key)
+        read: asyncio.Future[list[Response]]
+        if found is None or found[0] != announced:
+            read = asyncio.ensure_future(self.responses(request_id, after, WATCH_BATCH))
+            self._reads[key] = (announced, read)
+            read.add_done_callback(lambda done: self._forget_read(key, done))
+        else:
+            read = found[1]
+        # Shielded: a watcher that goes away does not cancel the others' read.
+        return list(await asyncio.shield(read))
+
+    def _forget_read(self, key: tuple[str, int], read: asyncio.Future[list[Response]]) -> None:
+        found = self._reads.get(key)
+        if found is not None and found[1] is read:
+            del self._reads[key]
+        if not read.cancelled():
+            read.exception()  # retrieved: a failed read nobody awaits any more is not logged as lost
 
     @property
     def watcher_count(self) -> int:
@@ -437,8 +472,11 @@ class Connector(abc.ABC):
 
     def _notify_response(self, request_id: str) -> None:
         """Wakes the watchers of ``request_id``; call after a Response is stored."""
-        for event in self._watchers.get(request_id, ()):
-            event.set()
+        waiting = self._watchers.get(request_id)
+        if waiting:
+            self._announced[request_id] = self._announced.get(request_id, 0) + 1
+            for event in waiting:
+                event.set()
 
     def _notify_work(self) -> None:
         """Tells listeners a request may be ready; call after one is queued."""

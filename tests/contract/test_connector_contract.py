@@ -687,3 +687,31 @@ async def test_prune_keeps_an_old_parent_while_a_child_is_left(connector: Connec
     assert await connector.prune(now() + timedelta(seconds=1)) == 3  # leaves first, then up
     with pytest.raises(NotFound):
         await connector.get("parent")
+
+
+async def test_watchers_at_the_same_place_share_one_read_of_each_new_response(connector: Connector) -> None:
+    await connector.enqueue(request("shared"))
+    claim = await claim_one(connector)
+    assert claim is not None
+    watchers = [connector.watch("shared") for _ in range(20)]
+    for watch in watchers:
+        assert (await anext(watch)).sequence == 1
+        assert (await anext(watch)).sequence == 2
+    reads: list[int] = []
+    original = connector.responses
+
+    async def counted(request_id: str, after_sequence: int, limit: int) -> list[Response]:
+        reads.append(after_sequence)
+        return await original(request_id, after_sequence, limit)
+
+    connector.responses = counted  # type: ignore[method-assign]
+    pending = [asyncio.ensure_future(anext(watch)) for watch in watchers]
+    await eventually(lambda: bool(reads))  # they look for what follows 2 (together)
+    await connector.respond("shared", Update(S.PENDING, progress=Progress(0.5, "half")), claim.lease_token)
+    got = await asyncio.gather(*pending)
+    assert [r.sequence for r in got] == [3] * 20
+    # Each watcher alone read twice (40 reads): nothing new, then the new Response. Shared,
+    # a read serves every watcher at the same place (a newer one starts if a notice came meanwhile).
+    assert len(reads) <= 4, reads
+    for watch in watchers:
+        await watch.aclose()
