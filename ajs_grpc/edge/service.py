@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from datetime import datetime
 
 import grpc
@@ -172,7 +173,7 @@ class JobService:
         named: set[str] = set()
         for index, item in enumerate(message.requests):
             try:
-                request = await self._prepare(item, principal, frozenset(named))
+                request = await self._prepare(item, principal, named)
             except AjsError as error:
                 raise at_index(index, error) from None
             named.add(request.id)
@@ -200,7 +201,9 @@ class JobService:
         if not self.accepting:
             raise Unavailable("the server is shutting down; submit to another instance", reason="DRAINING")
 
-    async def _prepare(self, message: pb.SubmitRequestRequest, principal: Principal, batch: frozenset[str]) -> Request:
+    async def _prepare(
+        self, message: pb.SubmitRequestRequest, principal: Principal, batch: AbstractSet[str]
+    ) -> Request:
         """The request to store for a submit, checked: fields, namespace, type, input, quotas, parent.
 
         Args:
