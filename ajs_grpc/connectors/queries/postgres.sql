@@ -139,12 +139,19 @@ SELECT saved.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_fina
 -- name: claim_due
 -- Due queued jobs, highest priority first, then in submit order; instances never wait for
 -- each other nor share a job (SKIP LOCKED). Only %(types)s unless %(any_type)s.
+-- The jobs are chosen and locked on their own table, then read with their last Response:
+-- joined in one query, the planner misjudged the join (120 rows estimated, 190,000 found at
+-- 200,000 queued) and sorted the whole queue on disk, 427 ms a claim.
+WITH due AS (
+    SELECT j.position FROM jobs j
+     WHERE j.state = ${CREATED} AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
+       AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+     ORDER BY j.priority DESC, j.position
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED)
 ${JOB}
- WHERE j.state = ${CREATED} AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
-   AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+ WHERE j.position IN (SELECT position FROM due)
  ORDER BY j.priority DESC, j.position
- LIMIT %(limit)s
-   FOR UPDATE OF j SKIP LOCKED
 
 -- name: renew_leases
 -- Extends the leases still held ({id: token} in %(leases)s); says which were asked to cancel.
