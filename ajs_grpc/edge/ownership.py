@@ -15,7 +15,7 @@ import logging
 
 from ajs_grpc.connectors.base import Connector, request_not_found
 from ajs_grpc.core.errors import AjsError, NotFound
-from ajs_grpc.core.model import Job
+from ajs_grpc.core.model import Job, Response
 from ajs_grpc.edge.auth import Principal
 
 __all__ = ["OWNER_DEPTH", "Ownership", "in_names_of"]
@@ -67,6 +67,13 @@ class Ownership:
         )
         response = dataclasses.replace(job.last_response, request_id=request.id)
         return dataclasses.replace(job, request=request, last_response=response)
+
+    @staticmethod
+    def response_as_seen_by(principal: Principal, response: Response) -> Response:
+        """``response`` with its request id in the caller's names."""
+        if principal.admin:
+            return response
+        return dataclasses.replace(response, request_id=principal.unqualify(response.request_id))
 
 
 def in_names_of(principal: Principal | None, error: AjsError) -> AjsError:

@@ -189,12 +189,12 @@ class Pipeline:
         return grpc.unary_unary_rpc_method_handler(handle, response_serializer=_serialize)
 
     def _stream(
-        self, method: MethodDescriptor, implementation: Callable[[Message, Caller], AsyncIterator[Message | bytes]]
+        self, method: MethodDescriptor, implementation: Callable[[Message, Caller], AsyncIterator[Message]]
     ) -> grpc.RpcMethodHandler[bytes, Message]:
         message_type = message_factory.GetMessageClass(method.input_type)
         rpc = method.name
 
-        async def handle(raw: bytes, context: Context) -> AsyncIterator[Message | bytes]:
+        async def handle(raw: bytes, context: Context) -> AsyncIterator[Message]:
             # A client gone cancels this task; let it propagate (catching it leaks: grpc #43360).
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
@@ -239,6 +239,5 @@ def _as_ajs_error(error: Exception) -> AjsError:
     return Internal("internal error; the server logged the details", reason="INTERNAL_ERROR")
 
 
-def _serialize(message: Message | bytes) -> bytes:
-    """A reply's bytes; a reply encoded already (shared by several streams) goes as it is."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()

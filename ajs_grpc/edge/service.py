@@ -14,7 +14,6 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from collections.abc import Set as AbstractSet
-from datetime import datetime
 
 import grpc
 
@@ -29,7 +28,7 @@ from ajs_grpc.core.errors import (
     Unavailable,
 )
 from ajs_grpc.core.logs import current_request_id
-from ajs_grpc.core.model import Job, Request, RequestState, Response
+from ajs_grpc.core.model import Job, Request, RequestState
 from ajs_grpc.edge import convert, paging
 from ajs_grpc.edge.auth import Authenticator, Principal
 from ajs_grpc.edge.limits import COUNT_TTL, Admission, Limits, WatchSlots
@@ -56,43 +55,6 @@ SERVICE = pb.DESCRIPTOR.services_by_name["JobService"]
 SERVICE_NAME = SERVICE.full_name
 # How many known types an unsupported-type error lists in its metadata.
 KNOWN_TYPES_LISTED = 50
-
-
-class EncodedResponses:
-    """``WatchJobResponse`` bytes of recent Responses, shared by the streams that send them.
-
-    Keyed by the stored request id, the sequence and its create time (a job deleted and
-    submitted again under its id starts a new sequence at another time) and the name the
-    watcher knows the request by; bounded in bytes, oldest out first.
-
-    Args:
-        max_bytes: the most the cache holds (a final Response may be large).
-    """
-
-    def __init__(self, max_bytes: int = 16 * 1024 * 1024) -> None:
-        self.max_bytes = max_bytes
-        self._entries: dict[tuple[str, int, datetime, str], bytes] = {}
-        self._size = 0
-
-    @property
-    def size(self) -> int:
-        """The bytes held."""
-        return self._size
-
-    def get(self, response: Response, shown: str) -> bytes:
-        """The encoding of ``response`` with its request named ``shown``."""
-        key = (response.request_id, response.sequence, response.create_time, shown)
-        encoded = self._entries.get(key)
-        if encoded is None:
-            if shown != response.request_id:
-                response = dataclasses.replace(response, request_id=shown)
-            encoded = pb.WatchJobResponse(response=convert.response_to_proto(response)).SerializeToString()
-            if len(encoded) <= self.max_bytes:
-                self._entries[key] = encoded
-                self._size += len(encoded)
-                while self._size > self.max_bytes:
-                    self._size -= len(self._entries.pop(next(iter(self._entries))))
-        return encoded
 
 
 class JobService:
@@ -132,7 +94,6 @@ class JobService:
         self.accepting = True
         """False once the server drains: submits are then UNAVAILABLE."""
         self.ownership = Ownership(connector)
-        self._encoded = EncodedResponses()
         self.admission = Admission(connector, count_ttl)
         self.slots = WatchSlots()
         self.pipeline = Pipeline(authenticator, self.observer, lambda: self.limits.watch_send_timeout)
@@ -290,22 +251,17 @@ class JobService:
         ]
         return pb.ListJobTypesResponse(job_types=types)
 
-    async def watch_job(self, message: pb.WatchJobRequest, caller: Caller) -> AsyncIterator[bytes]:
-        """Streams a request's Responses after ``after_sequence``, ending after the final one.
-
-        Each Response is encoded once for all the streams that show it under the same name
-        (a job watched by a thousand clients is converted and serialized once, not a thousand
-        times); the streams send those bytes as they are.
-        """
+    async def watch_job(self, message: pb.WatchJobRequest, caller: Caller) -> AsyncIterator[pb.WatchJobResponse]:
+        """Streams a request's Responses after ``after_sequence``, ending after the final one."""
         principal = caller.principal
         request_id = principal.qualify(required_id(message.request_id))
         if message.after_sequence > MAX_SEQUENCE:
             raise invalid([FieldViolation("after_sequence", f"must be at most {MAX_SEQUENCE}")])
         await self.ownership.visible_job(principal, request_id)
-        shown = request_id if principal.admin else principal.unqualify(request_id)
         with self.slots.hold(caller.watch_key, self.limits):
             async for response in self.connector.watch(request_id, message.after_sequence):
-                yield self._encoded.get(response, shown)
+                response = self.ownership.response_as_seen_by(principal, response)
+                yield pb.WatchJobResponse(response=convert.response_to_proto(response))
 
     async def get_job(self, message: pb.GetJobRequest, caller: Caller) -> pb.GetJobResponse:
         """Returns one job (FULL unless asked for BASIC)."""
