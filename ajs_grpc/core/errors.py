@@ -38,9 +38,10 @@ the gRPC edge maps ``AjsError`` to a ``google.rpc.Status`` in one place
 
 from __future__ import annotations
 
+import copy as _copy
 import enum
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
 __all__ = [
     "ERRORS",
@@ -117,6 +118,15 @@ class AjsError(Exception):
         self.message = message
         self.reason = reason
         self.metadata = dict(metadata or {})
+
+    def restated(self, message: str, metadata: Mapping[str, str] | None = None) -> Self:
+        """A copy saying ``message`` (and ``metadata``, if given): the same error may answer several callers."""
+        copy = _copy.copy(self)
+        copy.message = message
+        copy.args = (message,)
+        if metadata is not None:
+            copy.metadata = dict(metadata)
+        return copy
 
 
 class FieldViolation:

@@ -9,7 +9,6 @@ an unknown id is (AIP-211), so ids cannot be probed.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 
@@ -83,8 +82,6 @@ def in_names_of(principal: Principal | None, error: AjsError) -> AjsError:
     own = f"~{principal.name}/"
     if own not in error.message and not any(own in value for value in error.metadata.values()):
         return error
-    renamed = copy.copy(error)  # the same error object may answer several callers
-    renamed.message = error.message.replace(own, "")
-    renamed.args = (renamed.message,)
-    renamed.metadata = {key: value.replace(own, "") for key, value in error.metadata.items()}
-    return renamed
+    return error.restated(
+        error.message.replace(own, ""), {key: value.replace(own, "") for key, value in error.metadata.items()}
+    )

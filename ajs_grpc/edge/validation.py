@@ -5,7 +5,6 @@ Nothing here looks at the store or the caller: a message is valid or not by itse
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import uuid
@@ -65,10 +64,7 @@ def at_index(index: int, error: AjsError, field: str = "requests") -> AjsError:
     (AIP-233), and the index is in the metadata (``index``) for errors without fields.
     """
     prefix = f"{field}[{index}]"
-    renamed = copy.copy(error)  # the same error object may answer several callers
-    renamed.message = f"{prefix}: {error.message}"
-    renamed.args = (renamed.message,)
-    renamed.metadata = {**error.metadata, "index": str(index)}
+    renamed = error.restated(f"{prefix}: {error.message}", {**error.metadata, "index": str(index)})
     if isinstance(renamed, InvalidArgument):
         renamed.violations = [FieldViolation(f"{prefix}.{v.field}", v.description) for v in renamed.violations]
     return renamed

@@ -361,18 +361,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.jsonl is not None or args.count != 1:
         return await _submit_many(client, args)
-    run_after = args.run_after
-    if args.delay is not None:
-        run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
-    payload = await _typed_input(client, args.type, args.input_json) if args.input_json else None
+    request = await _request_of(client, args)
     submitted = await client.submit(
-        args.type,
-        dict(args.data),
-        id=args.id,
-        parent_id=args.parent,
-        input=payload,
-        priority=args.priority,
-        run_after=run_after,
+        request.type,
+        request.data,
+        id=request.id,
+        parent_id=request.parent_id,
+        input=request.input,
+        priority=request.priority,
+        run_after=request.run_after,
     )
     request_id = submitted.job.request.id
     note = "" if submitted.created else " (already submitted)"
@@ -381,6 +378,22 @@ async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
         out.print(request_id)
         return EXIT_OK
     return await _follow(client, request_id, 0)
+
+
+async def _request_of(client: AsyncClient, args: argparse.Namespace) -> Request:
+    """The request ``ajs submit``'s options describe (its typed input built from the server's descriptors)."""
+    run_after = args.run_after
+    if args.delay is not None:
+        run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
+    return Request(
+        id=args.id,
+        type=args.type,
+        data=dict(args.data),
+        input=await _typed_input(client, args.type, args.input_json) if args.input_json else None,
+        parent_id=args.parent,
+        priority=args.priority,
+        run_after=run_after,
+    )
 
 
 async def _submit_many(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -392,19 +405,7 @@ async def _submit_many(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.jsonl is not None:
         requests = await asyncio.to_thread(_read_jsonl, args.jsonl, args.type)
     else:
-        run_after = args.run_after
-        if args.delay is not None:
-            run_after = datetime.now(UTC) + timedelta(seconds=args.delay)
-        payload = await _typed_input(client, args.type, args.input_json) if args.input_json else None
-        common = Request(
-            id="",
-            type=args.type,
-            data=dict(args.data),
-            input=payload,
-            parent_id=args.parent,
-            priority=args.priority,
-            run_after=run_after,
-        )
+        common = await _request_of(client, args)
         requests = [
             dataclasses.replace(common, id=f"{args.id}-{number}" if args.id else str(uuid.uuid4()))
             for number in range(1, args.count + 1)
@@ -448,9 +449,7 @@ def _numbered(error: AjsError, start: int) -> AjsError:
     index = error.metadata.get("index")
     if index is None or not index.isdigit():
         return error
-    error.message = error.message.removeprefix(f"requests[{index}]: ")
-    error.message = f"request {start + int(index) + 1}: {error.message}"
-    return error
+    return error.restated(f"request {start + int(index) + 1}: {error.message.removeprefix(f'requests[{index}]: ')}")
 
 
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
