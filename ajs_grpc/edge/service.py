@@ -145,11 +145,13 @@ class JobService:
         submits = [(request, self.chain.max_attempts(request.type)) for request in requests]
         try:
             results = await self.connector.enqueue_many(submits)
-        except AlreadyExists as error:
-            index = int(error.metadata.get("index", "0"))
-            raise at_index(index, await self._taken_or(error, principal, requests[index])) from None
         except AjsError as error:
-            raise at_index(int(error.metadata.get("index", "0")), error) from None
+            if "index" not in error.metadata:  # the store failed the batch as a whole
+                raise
+            index = int(error.metadata["index"])
+            if isinstance(error, AlreadyExists):
+                error = await self._taken_or(error, principal, requests[index])
+            raise at_index(index, error) from None
         replies = []
         for index, (request, (job, created)) in enumerate(zip(requests, results, strict=True)):
             try:

@@ -10,7 +10,7 @@ from google.protobuf import wrappers_pb2
 
 from ajs_grpc.client import AsyncClient
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.core.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, NotFound
+from ajs_grpc.core.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ajs_grpc.core.model import Request, RequestState
 from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.edge.service import Limits
@@ -159,3 +159,24 @@ def test_the_error_of_an_index_keeps_its_code() -> None:
     assert moved.message == "requests[7]: parent request 'p' does not exist"
     assert moved.metadata == {"index": "7"}
     assert original.metadata == {}  # the original is left as it was
+
+
+class StoreAway(MemoryConnector):
+    """A queue whose store refuses a whole batch (as a lost database does)."""
+
+    async def enqueue_many(self, submits: object) -> list[tuple[object, bool]]:  # type: ignore[override]
+        raise Unavailable("could not write to the queue: the database is away", reason="STORAGE_UNAVAILABLE")
+
+
+async def test_a_store_failing_the_whole_batch_names_no_request() -> None:
+    config = ServerConfig(address="127.0.0.1:0", shutdown_grace=0.5)
+    server = AjsServer(config, connector=StoreAway(), chain=jobs_for_tests.chain())
+    await server.start()
+    try:
+        async with AsyncClient(server.address) as client:
+            with pytest.raises(Unavailable) as raised:
+                await client.submit_many([Request(id="a", type="echo"), Request(id="b", type="echo")])
+        assert raised.value.message == "could not write to the queue: the database is away"
+        assert "index" not in raised.value.metadata
+    finally:
+        await server.stop()
