@@ -36,9 +36,20 @@ from typing import Any, Generic, Protocol, TypeVar
 from google.protobuf import any_pb2
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, Renewal, plan_submits
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, QueueInfo, Renewal, Submit, plan_submits
 from ajs_grpc.core.errors import Code
-from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update
+from ajs_grpc.core.flow import Bucket, Gate
+from ajs_grpc.core.model import (
+    NO_FLOW,
+    ErrorStatus,
+    Flow,
+    Job,
+    Progress,
+    Request,
+    RequestState,
+    Response,
+    Update,
+)
 
 __all__ = [
     "JOB_WIDTH",
@@ -58,7 +69,8 @@ T = TypeVar("T")
 
 JOB_COLUMNS = (
     "j.position, j.id, j.parent_id, j.type, j.creator, j.create_time, j.data, j.input_type_url, j.input_value, "
-    "j.priority, j.run_after, j.max_attempts, j.state, j.attempt, j.cancel_requested, j.update_time, j.due_time"
+    "j.priority, j.run_after, j.max_attempts, j.state, j.attempt, j.cancel_requested, j.update_time, j.due_time, "
+    "j.queue, j.concurrency_key, j.concurrency_limit, j.rate_key, j.rate, j.burst, j.ordered_key, j.unique_key"
 )
 RESPONSE_COLUMNS = (
     "r.sequence, r.create_time, r.state, r.is_final, r.data, r.output_type_url, r.output_value, "
@@ -73,6 +85,12 @@ JOB_WIDTH = JOB_COLUMNS.count(",") + 1
 RESPONSE_WIDTH = RESPONSE_COLUMNS.count(",") + 1
 # Above every job's position: the cursor of a newest-first listing's first page.
 MAX_POSITION = 2**63 - 1
+# Above every priority (an int32): where a claim's first page of gated candidates starts.
+ABOVE_PRIORITIES = 2**31
+# The causes of the held_back query's columns, in order.
+HELD_BACK = ("paused", "concurrency", "ordered", "rate_limit")
+# Gated candidates a claim reads per round trip.
+GATED_PAGE = 64
 
 S = RequestState
 # The final states are the highest: "state >= ${FINISHED}" is "ended" (as the indexes of
@@ -186,7 +204,11 @@ def response_from_row(request_id: str, row: Sequence[Any], decoding: Decoding) -
 def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
     """A Job from a row of ``${JOB}``."""
     (_, request_id, parent_id, type_, creator, created, data, type_url, value, priority, run_after, max_attempts,
-     state, attempt, cancel_requested, updated, due) = row[:JOB_WIDTH]  # fmt: skip
+     state, attempt, cancel_requested, updated, due, queue, c_key, c_limit, r_key, rate, burst, o_key,
+     u_key) = row[:JOB_WIDTH]  # fmt: skip
+    flow = NO_FLOW
+    if c_key is not None or r_key is not None or o_key is not None or u_key is not None:
+        flow = Flow(c_key, c_limit, r_key, rate, burst, o_key, u_key)
     request = Request(
         id=request_id,
         type=type_,
@@ -197,6 +219,7 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
         create_time=decoding.time(created),
         priority=priority,
         run_after=decoding.time(run_after),
+        queue=queue,
     )
     return Job(
         request=request,
@@ -207,6 +230,7 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
         cancel_requested=bool(cancel_requested),
         max_attempts=max_attempts,
         due_time=decoding.time(due),
+        flow=flow,
     )
 
 
@@ -293,6 +317,13 @@ class SqlConnector(Connector, abc.ABC):
     async def _write(self, operation: Operation[Done[T]]) -> T:
         """Runs a write in a transaction (group-committed, in a savepoint of its own); answers after the commit."""
 
+    async def _write_alone(self, operation: Operation[Done[T]]) -> T:
+        """Runs a write that takes a lock other instances wait on, in a transaction of its own.
+
+        A store whose writes never wait for other instances (SQLite's one writer) group-commits it.
+        """
+        return await self._write(operation)
+
     @abc.abstractmethod
     async def _read(self, operation: Operation[T]) -> T:
         """Runs a read."""
@@ -368,34 +399,42 @@ class SqlConnector(Connector, abc.ABC):
             job, response = self._job(row).expire(at)
             await self._save(session, row[0], job, response)
             done.responses.append(job.request.id)
-            done.work = done.work or job.state is S.CREATED
+            done.work = done.work or job.state is S.CREATED or job.flow.gated
         return done
 
     # -- the queue -------------------------------------------------------------------------
 
     @override
-    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        [result] = await self._enqueue([(request, max_attempts)], indexed=False)
+    async def enqueue(self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW) -> tuple[Job, bool]:
+        [result] = await self._enqueue([Submit(request, max_attempts, flow)], indexed=False)
         return result
 
     @override
-    async def enqueue_many(self, submits: Sequence[tuple[Request, int]]) -> list[tuple[Job, bool]]:
+    async def enqueue_many(self, submits: Sequence[Submit | tuple[Request, int]]) -> list[tuple[Job, bool]]:
         # One write: its savepoint makes the batch all or nothing inside the group commit.
-        return await self._enqueue(submits, indexed=True)
+        return await self._enqueue([Submit.of(item) for item in submits], indexed=True)
 
-    async def _enqueue(self, submits: Sequence[tuple[Request, int]], *, indexed: bool) -> list[tuple[Job, bool]]:
+    async def _enqueue(self, submits: list[Submit], *, indexed: bool) -> list[tuple[Job, bool]]:
+        d = self.dialect
+
         async def write(session: Session) -> Done[list[tuple[Job, bool]]]:
             async def find(request_ids: list[str]) -> dict[str, Job]:
                 if len(request_ids) == 1:
                     rows = await session.fetch("find_job", {"id": request_ids[0]})
                 else:
-                    rows = await session.fetch("find_jobs", {"ids": self.dialect.array(request_ids)})
+                    rows = await session.fetch("find_jobs", {"ids": d.array(request_ids)})
                 return {job.request.id: job for job in map(self._job, rows)}
 
             async def exists(request_id: str) -> bool:
                 return bool(await session.fetch("job_exists", {"id": request_id}))
 
-            plan = await plan_submits(submits, find, exists, indexed=indexed)
+            async def find_unique(key: str, states: frozenset[RequestState], since: datetime | None) -> Job | None:
+                await session.fetch("lock_unique", {"key": key})
+                params = {"key": key, "states": d.array(sorted(int(s) for s in states)), "since": d.time(since)}
+                rows = await session.fetch("find_unique", params)
+                return self._job(rows[0]) if rows else None
+
+            plan = await plan_submits(submits, find, exists, find_unique, indexed=indexed, at=self._now())
             added = [self._insert_params(p.job, p.first) for p in plan if p.created and p.first is not None]
             if added:
                 await session.execute_many("insert_job", added)
@@ -421,39 +460,117 @@ class SqlConnector(Connector, abc.ABC):
             "priority": stored.priority,
             "run_after": d.time(stored.run_after),
             "max_attempts": job.max_attempts,
+            "queue": stored.queue,
+            "gated": job.flow.gated,
+            "concurrency_key": job.flow.concurrency_key,
+            "concurrency_limit": job.flow.concurrency_limit,
+            "rate_key": job.flow.rate_key,
+            "rate": job.flow.rate,
+            "burst": job.flow.burst,
+            "ordered_key": job.flow.ordered_key,
+            "unique_key": job.flow.unique_key,
             **self._state_params(job),
             **self._response_params(first),
         }
 
+    def _scope(self, types: Collection[str] | None, queues: Collection[str] | None) -> dict[str, Any]:
+        return {
+            "any_type": types is None,
+            "types": self.dialect.array(sorted(types or ())),
+            "any_queue": queues is None,
+            "queues": self.dialect.array(sorted(queues or ())),
+        }
+
     @override
     async def claim(
-        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+        self,
+        worker: str,
+        *,
+        limit: int = 1,
+        lease: float = 30.0,
+        types: Collection[str] | None = None,
+        queues: Collection[str] | None = None,
     ) -> list[Claim]:
-        type_list = sorted(types) if types is not None else []
+        scope = self._scope(types, queues)
 
-        async def write(session: Session) -> Done[list[Claim]]:
+        async def plain(session: Session) -> Done[tuple[list[Claim], bool]]:
             at = self._now()
-            params = {
-                "now": self._store_now(at),
-                "limit": limit,
-                "any_type": types is None,
-                "types": self.dialect.array(type_list),
-            }
-            done: Done[list[Claim]] = Done([])
-            saves = []
-            store_now = self._store_now(at)
-            for row in await session.fetch("claim_due", params):
-                job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
-                token = uuid.uuid4().hex
-                held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": store_now}
-                saves.append(self._save_params(row[0], job, response, held))
-                done.result.append(Claim(job, token))
-                done.responses.append(job.request.id)
-            if saves:  # every claimed job's PENDING Response, each statement once for all of them
-                await session.execute_many("save_job_claimed", saves)
-            return done
+            params = {**scope, "now": self._store_now(at), "limit": limit}
+            done = await self._take(session, await session.fetch("claim_due", params), worker, lease, at)
+            gated = len(done.result) < limit and bool(await session.fetch("gated_due", params))
+            return Done((done.result, gated), done.responses)
 
-        return await self._write(write)
+        claims, gated = await self._write(plain)
+        if gated:  # due jobs with flow policies wait: the gate decides, one claim at a time across instances
+            want = limit - len(claims)
+
+            async def gated_claim(session: Session) -> Done[list[Claim]]:
+                return await self._claim_gated(session, scope, want, worker, lease)
+
+            claims = claims + await self._write_alone(gated_claim)
+        return claims
+
+    async def _claim_gated(
+        self, session: Session, scope: Mapping[str, Any], limit: int, worker: str, lease: float
+    ) -> Done[list[Claim]]:
+        d = self.dialect
+        await session.fetch("claim_gate_lock", {})
+        at = self._now()
+        gate: Gate | None = None
+        chosen: list[int] = []
+        after = (ABOVE_PRIORITIES, 0)
+        while len(chosen) < limit:
+            params = {
+                **scope,
+                "now": self._store_now(at),
+                "after_priority": after[0],
+                "after_position": after[1],
+                "full_c": d.array(sorted(gate.full_concurrency) if gate else []),
+                "full_r": d.array(sorted(gate.full_rate) if gate else []),
+                "page": GATED_PAGE,
+            }
+            rows = await session.fetch("gated_candidates", params)
+            for position, _, c_key, c_limit, r_key, rate, burst, o_key, running, tokens, filled, store_now in rows:
+                if gate is None:  # buckets are measured on the store's clock
+                    gate = Gate(d.decoding.time(store_now) or at)
+                flow = Flow(c_key, c_limit, r_key, rate, burst, o_key)
+                bucket = None if tokens is None else Bucket(tokens, d.decoding.time(filled) or gate.at)
+                if gate.hold(flow, running=running, bucket=bucket) is None:
+                    chosen.append(position)
+                    if len(chosen) == limit:
+                        break
+            if len(rows) < GATED_PAGE:
+                break
+            after = (rows[-1][1], rows[-1][0])
+        if not chosen or gate is None:
+            return Done([])
+        done = await self._take(
+            session, await session.fetch("lock_created", {"positions": d.array(chosen)}), worker, lease, at
+        )
+        buckets = [
+            {"key": k, "tokens": b.tokens, "update_time": d.time(b.update_time)} for k, b in gate.buckets.items()
+        ]
+        if buckets:
+            await session.execute_many("save_bucket", buckets)
+        return done
+
+    async def _take(
+        self, session: Session, rows: Sequence[Sequence[Any]], worker: str, lease: float, at: datetime
+    ) -> Done[list[Claim]]:
+        """Claims the queued jobs of ``rows`` (locked): PENDING under a new lease each."""
+        done: Done[list[Claim]] = Done([])
+        saves = []
+        store_now = self._store_now(at)
+        for row in rows:
+            job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
+            token = uuid.uuid4().hex
+            held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": store_now}
+            saves.append(self._save_params(row[0], job, response, held))
+            done.result.append(Claim(job, token))
+            done.responses.append(job.request.id)
+        if saves:  # every claimed job's PENDING Response, each statement once for all of them
+            await session.execute_many("save_job_claimed", saves)
+        return done
 
     @override
     async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
@@ -464,7 +581,8 @@ class SqlConnector(Connector, abc.ABC):
             self._check_lease(request_id, found[-1], lease_token)
             job, response = self._job(found).advance(update)
             await self._save(session, found[0], job, response)
-            return Done(response, [request_id], work=job.state is S.CREATED)
+            # Requeued, or ended holding back others (its concurrency key, its ordered key).
+            return Done(response, [request_id], work=job.state is S.CREATED or (job.is_final and job.flow.gated))
 
         return await self._write(write)
 
@@ -486,15 +604,21 @@ class SqlConnector(Connector, abc.ABC):
         return await self._write(lambda session: self._expire_rows(session, "expired_jobs"))
 
     @override
-    async def next_due_time(self) -> datetime | None:
+    async def next_due_time(
+        self, types: Collection[str] | None = None, queues: Collection[str] | None = None
+    ) -> datetime | None:
+        scope = self._scope(types, queues)
+
         async def read(session: Session) -> datetime | None:
             # Claims compare due times with the store's clock: say how far away the next
             # one is by that clock, then put it on ours.
             at = self._now()
-            rows = await session.fetch("next_due", {"now": self._store_now(at)})
-            due, store_now = (self.dialect.decoding.time(value) for value in rows[0])
-            if due is None or store_now is None:
+            rows = await session.fetch("next_due", {**scope, "now": self._store_now(at)})
+            *dues, store_now = (self.dialect.decoding.time(value) for value in rows[0])
+            found = [due for due in dues if due is not None]
+            if not found or store_now is None:
                 return None
+            due = min(found)
             try:  # (a store that compares with our clock answers at: due itself)
                 return at + (due - store_now)
             except OverflowError:  # due near the end of the calendar (9999-12-31): no clock matters there
@@ -516,6 +640,7 @@ class SqlConnector(Connector, abc.ABC):
                 if response is not None:
                     await self._save(session, row[0], job, response)
                     done.responses.append(job.request.id)
+                    done.work = done.work or job.flow.gated  # it held back others
                 else:
                     await session.execute("mark_cancel_requested", {"position": row[0]})
                     done.cancels.append(job.request.id)
@@ -535,6 +660,36 @@ class SqlConnector(Connector, abc.ABC):
             return Done(total)
 
         return await self._write(write)
+
+    # -- queues ------------------------------------------------------------------------------
+
+    @override
+    async def set_paused(self, queue: str, paused: bool) -> QueueInfo:
+        async def write(session: Session) -> Done[None]:
+            await session.execute(
+                "set_paused", {"name": queue, "paused": paused, "now": self.dialect.time(self._now())}
+            )
+            return Done(None, work=not paused)
+
+        await self._write(write)
+        return next((info for info in await self.list_queues() if info.name == queue), QueueInfo(queue, paused=paused))
+
+    @override
+    async def list_queues(self) -> list[QueueInfo]:
+        async def read(session: Session) -> list[QueueInfo]:
+            rows = await session.fetch("list_queues", {})
+            time = self.dialect.decoding.time
+            return [QueueInfo(n, int(q), int(r), bool(p), time(oldest)) for n, q, r, p, oldest in rows]
+
+        return await self._read(read)
+
+    @override
+    async def held_back(self) -> dict[str, int]:
+        async def read(session: Session) -> dict[str, int]:
+            [row] = await session.fetch("held_back", {"now": self._store_now(self._now())})
+            return {cause: int(count or 0) for cause, count in zip(HELD_BACK, row, strict=True)}
+
+        return await self._read(read)
 
     # -- reading -----------------------------------------------------------------------------
 

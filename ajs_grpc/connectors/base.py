@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import ClassVar, Protocol, TypeAlias
 
 from ajs_grpc.core.errors import AjsError, AlreadyExists, FailedPrecondition, NotFound
-from ajs_grpc.core.model import Job, Request, RequestState, Response, Update, now
+from ajs_grpc.core.model import NO_FLOW, Flow, Job, Request, RequestState, Response, Update, now
 
 __all__ = [
     "Claim",
@@ -30,7 +30,9 @@ __all__ = [
     "JobFilter",
     "Page",
     "Planned",
+    "QueueInfo",
     "Renewal",
+    "Submit",
     "parent_not_found",
     "plan_submits",
     "request_not_found",
@@ -66,6 +68,24 @@ def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Submit:
+    """One request to enqueue, with what its type says of it: its attempts and its flow policies."""
+
+    request: Request
+    max_attempts: int = 1
+    flow: Flow = NO_FLOW
+
+    @classmethod
+    def of(cls, item: Submit | tuple[Request, int]) -> Submit:
+        """``item`` as a Submit (a ``(request, max_attempts)`` pair has no flow policies)."""
+        return item if isinstance(item, Submit) else cls(item[0], item[1])
+
+
+FindUnique: TypeAlias = Callable[[str, frozenset[RequestState], datetime | None], Awaitable[Job | None]]
+"""Finds the newest stored job of a unique key in some states or created since a time (None: none)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Planned:
     """What one submit of a batch comes to: its job, and the first Response to store if new."""
 
@@ -75,31 +95,41 @@ class Planned:
 
 
 async def plan_submits(
-    submits: Sequence[tuple[Request, int]],
+    submits: Sequence[Submit],
     find: Callable[[list[str]], Awaitable[dict[str, Job]]],
     exists: Callable[[str], Awaitable[bool]],
+    find_unique: FindUnique,
     *,
     indexed: bool,
+    at: datetime | None = None,
 ) -> list[Planned]:
     """The rules of enqueueing, for one submit or an atomic batch, before anything is stored.
 
     A stored id with the same content answers its job (``created`` False), with other
     content ALREADY_EXISTS; an id repeated in the batch answers as if the earlier one
-    were stored; a parent must be stored or come earlier in the batch.
+    were stored; a parent must be stored or come earlier in the batch. A submit whose
+    flow has a unique key matching a stored job (or one earlier in the batch) in the
+    unique states, or created within the unique ttl, answers that job (``created`` False).
 
     Args:
-        submits: each request (server-set fields filled in) with its ``max_attempts``.
+        submits: each request (server-set fields filled in) with its attempts and flow.
         find: the stored jobs of some ids, by id (those not stored left out); asked once.
         exists: whether a request id is stored.
+        find_unique: the stored job a unique key matches. A store shared by several
+            instances must hold a lock on the key from this call until the commit.
         indexed: name the refused submit's position in its error's ``metadata["index"]``.
+        at: the time new jobs are created at (and the unique ttl measured from).
 
     Raises:
         AlreadyExists, NotFound: the first refused submit's error; nothing is to be stored.
     """
+    at = at or now()
     planned: list[Planned] = []
     new: dict[str, Job] = {}
-    stored = await find(list(dict.fromkeys(request.id for request, _ in submits))) if submits else {}
-    for index, (request, max_attempts) in enumerate(submits):
+    new_unique: dict[str, Job] = {}
+    stored = await find(list(dict.fromkeys(s.request.id for s in submits))) if submits else {}
+    for index, submit in enumerate(submits):
+        request, flow = submit.request, submit.flow
         try:
             earlier = new.get(request.id)
             existing = earlier if earlier is not None else stored.get(request.id)
@@ -107,11 +137,21 @@ async def plan_submits(
                 job, _ = resubmitted(existing, request)
                 planned.append(Planned(job, False))
                 continue
+            if flow.unique_key is not None:
+                since = flow.unique_since(at)
+                match = new_unique.get(flow.unique_key)
+                if match is None or not (RequestState.CREATED in flow.unique_states or since is not None):
+                    match = await find_unique(flow.unique_key, flow.unique_states, since)
+                if match is not None:
+                    planned.append(Planned(match, False))
+                    continue
             parent = request.parent_id
             if parent and parent not in new and not await exists(parent):
                 raise parent_not_found(parent)
-            job, first = Job.create(request, max_attempts)
+            job, first = Job.create(request, submit.max_attempts, at, flow)
             new[request.id] = job
+            if flow.unique_key is not None:
+                new_unique[flow.unique_key] = job
             planned.append(Planned(job, True, first))
         except AjsError as error:
             if indexed:
@@ -197,6 +237,25 @@ class Page:
             raise ValueError("a Page needs one cursor per job")
 
 
+@dataclasses.dataclass(frozen=True)
+class QueueInfo:
+    """A queue as :meth:`Connector.list_queues` reports it.
+
+    Attributes:
+        name: the queue's name.
+        queued: its jobs waiting to start (CREATED).
+        running: its jobs running (PENDING).
+        paused: no instance starts its jobs (submits are still accepted).
+        oldest_queued_time: when its oldest waiting job was submitted; None if none waits.
+    """
+
+    name: str
+    queued: int = 0
+    running: int = 0
+    paused: bool = False
+    oldest_queued_time: datetime | None = None
+
+
 class ConnectorListener(Protocol):
     """What a dispatcher hears from its connector. Called on the event loop.
 
@@ -248,16 +307,18 @@ class Connector(abc.ABC):
     # -- the queue -----------------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
+    async def enqueue(self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW) -> tuple[Job, bool]:
         """Stores a new request (state CREATED, Response #1) unless it exists.
 
         Args:
             request: the request, with server-set fields filled in.
             max_attempts: how many times the job may be claimed in all.
+            flow: its type's flow-control policies, resolved for it.
 
         Returns:
             The job, and True if it was created; ``(existing job, False)`` when a
-            request with the same id and content is already stored.
+            request with the same id and content is already stored, or when its
+            unique key matches a stored job (see :func:`plan_submits`).
 
         Raises:
             AlreadyExists: the id is taken by a request with different content.
@@ -265,7 +326,7 @@ class Connector(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def enqueue_many(self, submits: Sequence[tuple[Request, int]]) -> list[tuple[Job, bool]]:
+    async def enqueue_many(self, submits: Sequence[Submit | tuple[Request, int]]) -> list[tuple[Job, bool]]:
         """Stores several requests atomically: all of them, or none (AIP-233).
 
         Each is as :meth:`enqueue`'s (an id already stored, or earlier in the batch,
@@ -273,7 +334,7 @@ class Connector(abc.ABC):
         in the batch.
 
         Args:
-            submits: each request (server-set fields filled in) with its ``max_attempts``.
+            submits: each request (server-set fields filled in) with its attempts and flow.
 
         Returns:
             One ``(job, created)`` per request, in order.
@@ -285,18 +346,27 @@ class Connector(abc.ABC):
 
     @abc.abstractmethod
     async def claim(
-        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+        self,
+        worker: str,
+        *,
+        limit: int = 1,
+        lease: float = 30.0,
+        types: Collection[str] | None = None,
+        queues: Collection[str] | None = None,
     ) -> list[Claim]:
         """Claims up to ``limit`` due requests (CREATED -> PENDING) under a lease.
 
         Order: higher priority first, then submit order. Requests whose
-        ``due_time`` is in the future are not claimed.
+        ``due_time`` is in the future are not claimed, nor those of a paused queue,
+        nor those their flow policies hold back (:class:`~ajs_grpc.core.flow.Gate`
+        decides, counting every instance's running jobs).
 
         Args:
             worker: who claims, recorded in the PENDING Response.
             limit: how many requests at most.
             lease: seconds the lease lasts unless renewed.
             types: only requests of these types; None for any type.
+            queues: only requests in these queues; None for any queue.
         """
 
     @abc.abstractmethod
@@ -331,8 +401,16 @@ class Connector(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def next_due_time(self) -> datetime | None:
-        """The earliest ``due_time`` of the queued requests, or None if none is queued."""
+    async def next_due_time(
+        self, types: Collection[str] | None = None, queues: Collection[str] | None = None
+    ) -> datetime | None:
+        """When a claim (of ``types`` in ``queues``) may next find work without being told; None: only when told.
+
+        That is the earliest ``due_time`` of the queued requests a claim would look at,
+        leaving out paused queues and requests held back by a concurrency or order
+        policy (the end of the job holding them back wakes listeners), and putting a
+        rate-limited request at the time its bucket holds a token again.
+        """
 
     @abc.abstractmethod
     async def cancel(self, request_id: str) -> Job:
@@ -355,6 +433,26 @@ class Connector(abc.ABC):
 
         Returns:
             How many jobs were deleted.
+        """
+
+    # -- queues ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def set_paused(self, queue: str, paused: bool) -> QueueInfo:
+        """Pauses or resumes ``queue`` (durably, for every instance); resuming wakes listeners.
+
+        A paused queue accepts submits, but no claim starts its jobs; running jobs go on.
+        """
+
+    @abc.abstractmethod
+    async def list_queues(self) -> list[QueueInfo]:
+        """Every queue with unfinished jobs or paused, by name."""
+
+    @abc.abstractmethod
+    async def held_back(self) -> dict[str, int]:
+        """Due queued jobs held back now, by cause: ``paused``, ``concurrency``, ``ordered``, ``rate_limit``.
+
+        A job held back by several causes counts once, under the first of these.
         """
 
     # -- reading -------------------------------------------------------------

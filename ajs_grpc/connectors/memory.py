@@ -7,6 +7,7 @@ every other connector.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import uuid
@@ -15,8 +16,22 @@ from datetime import datetime, timedelta
 
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Clock, Connector, JobFilter, Page, Planned, Renewal, plan_submits
-from ajs_grpc.core.model import Job, Request, RequestState, Response, Update
+from ajs_grpc.connectors.base import (
+    Claim,
+    Clock,
+    Connector,
+    JobFilter,
+    Page,
+    Planned,
+    QueueInfo,
+    Renewal,
+    Submit,
+    plan_submits,
+)
+from ajs_grpc.core.flow import Bucket, Gate, next_token
+from ajs_grpc.core.model import NO_FLOW, Flow, Job, Request, RequestState, Response, Update
+
+_Item = tuple[int, int, int, str]
 
 __all__ = ["MemoryConnector"]
 
@@ -53,6 +68,14 @@ class MemoryConnector(Connector):
         self._waiting: list[tuple[datetime, int, int, int, str]] = []
         # Numbers every queueing: a heap item names one queueing of one entry, never a later entry's.
         self._tickets = 0
+        # Flow control: paused queues; running jobs per concurrency key; the unfinished
+        # positions of each ordered key; token buckets; and due jobs a claim passed over,
+        # parked until what holds them back changes ("q:queue", "c:key", "o:key").
+        self._paused: set[str] = set()
+        self._running_keys: collections.Counter[str] = collections.Counter()
+        self._ordered: dict[str, set[int]] = {}
+        self._buckets: dict[str, Bucket] = {}
+        self._parked: dict[str, list[_Item]] = {}
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -61,13 +84,44 @@ class MemoryConnector(Connector):
         return entry
 
     def _store(self, entry: _Entry, job: Job, response: Response) -> None:
+        was = entry.job.state
         entry.job = job
         entry.responses.append(response)
         if job.state is not RequestState.PENDING:
             entry.lease_token = entry.lease_expires = None
+        self._count_flow(entry, was)
         if job.state is RequestState.CREATED:
             self._queue(entry)
         self._notify_response(job.request.id)
+
+    def _count_flow(self, entry: _Entry, was: RequestState | None) -> None:
+        """Keeps the running count of its concurrency key and the order of its ordered key; unparks."""
+        flow, state = entry.job.flow, entry.job.state
+        if flow.concurrency_key is not None and (was is RequestState.PENDING) != (state is RequestState.PENDING):
+            if state is RequestState.PENDING:
+                self._running_keys[flow.concurrency_key] += 1
+            else:
+                self._running_keys[flow.concurrency_key] -= 1
+                self._unpark(f"c:{flow.concurrency_key}")
+        if flow.ordered_key is not None:
+            positions = self._ordered.setdefault(flow.ordered_key, set())
+            if state.is_final:
+                positions.discard(entry.position)
+                if not positions:
+                    del self._ordered[flow.ordered_key]
+                self._unpark(f"o:{flow.ordered_key}")
+            else:
+                positions.add(entry.position)
+
+    def _park(self, cause: str, item: _Item) -> None:
+        self._parked.setdefault(cause, []).append(item)
+
+    def _unpark(self, cause: str) -> None:
+        items = self._parked.pop(cause, None)
+        if items:
+            for item in items:
+                heapq.heappush(self._ready, item)
+            self._notify_work()
 
     def _queue(self, entry: _Entry) -> None:
         self._tickets += 1
@@ -85,18 +139,31 @@ class MemoryConnector(Connector):
         return entry is not None and entry.queued == queued and entry.job.state is RequestState.CREATED
 
     @override
-    async def enqueue(self, request: Request, max_attempts: int = 1) -> tuple[Job, bool]:
-        [planned] = await plan_submits([(request, max_attempts)], self._find, self._exists, indexed=False)
+    async def enqueue(self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW) -> tuple[Job, bool]:
+        [planned] = await self._plan([Submit(request, max_attempts, flow)], indexed=False)
         self._add(planned)
         return planned.job, planned.created
 
     @override
-    async def enqueue_many(self, submits: Sequence[tuple[Request, int]]) -> list[tuple[Job, bool]]:
+    async def enqueue_many(self, submits: Sequence[Submit | tuple[Request, int]]) -> list[tuple[Job, bool]]:
         # Planned in full before anything is stored, with no await in between: all or none.
-        plan = await plan_submits(submits, self._find, self._exists, indexed=True)
+        plan = await self._plan([Submit.of(item) for item in submits], indexed=True)
         for planned in plan:
             self._add(planned)
         return [(planned.job, planned.created) for planned in plan]
+
+    async def _plan(self, submits: list[Submit], *, indexed: bool) -> list[Planned]:
+        return await plan_submits(submits, self._find, self._exists, self._find_unique, indexed=indexed, at=self._now())
+
+    async def _find_unique(self, key: str, states: frozenset[RequestState], since: datetime | None) -> Job | None:
+        for request_id in reversed(self._order):
+            entry = self._entries.get(request_id) if request_id else None
+            if entry is None or entry.job.flow.unique_key != key:
+                continue
+            job = entry.job
+            if job.state in states or (since is not None and (job.request.create_time or job.update_time) >= since):
+                return job
+        return None
 
     async def _find(self, request_ids: list[str]) -> dict[str, Job]:
         return {i: entry.job for i in request_ids if (entry := self._entries.get(i)) is not None}
@@ -113,25 +180,41 @@ class MemoryConnector(Connector):
         self._entries[job.request.id] = entry
         if job.request.parent_id:
             self._children.setdefault(job.request.parent_id, []).append(job.request.id)
+        self._count_flow(entry, None)
         self._queue(entry)
 
     @override
     async def claim(
-        self, worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+        self,
+        worker: str,
+        *,
+        limit: int = 1,
+        lease: float = 30.0,
+        types: Collection[str] | None = None,
+        queues: Collection[str] | None = None,
     ) -> list[Claim]:
         at = self._now()
-        while self._waiting and self._waiting[0][0] <= at:
-            heapq.heappush(self._ready, heapq.heappop(self._waiting)[1:])
+        self._ripen(at)
         claims: list[Claim] = []
-        skipped: list[tuple[int, int, int, str]] = []
+        skipped: list[_Item] = []
+        gate = Gate(at)
         while self._ready and len(claims) < limit:
             item = heapq.heappop(self._ready)
             request_id, queued = item[3], item[2]
             if not self._is_current(request_id, queued):
                 continue  # cancelled, or queued again since
             entry = self._entries[request_id]
-            if types is not None and entry.job.request.type not in types:
+            request = entry.job.request
+            if (types is not None and request.type not in types) or (
+                queues is not None and request.queue not in queues
+            ):
                 skipped.append(item)
+                continue
+            if request.queue in self._paused:
+                self._park(f"q:{request.queue}", item)
+                continue
+            flow = entry.job.flow
+            if flow.gated and self._hold(gate, flow, entry, item):
                 continue
             job, response = entry.job.advance(Update(RequestState.PENDING, data={"worker": worker}), at)
             self._store(entry, job, response)
@@ -140,7 +223,30 @@ class MemoryConnector(Connector):
             claims.append(Claim(job, entry.lease_token))
         for item in skipped:
             heapq.heappush(self._ready, item)
+        self._buckets.update(gate.buckets)
         return claims
+
+    def _ripen(self, at: datetime) -> None:
+        """Moves the jobs that fell due to the ready heap."""
+        while self._waiting and self._waiting[0][0] <= at:
+            heapq.heappush(self._ready, heapq.heappop(self._waiting)[1:])
+
+    def _hold(self, gate: Gate, flow: Flow, entry: _Entry, item: _Item) -> bool:
+        """Asks the gate; a job it holds back is parked until that changes (True)."""
+        c, r, o = flow.concurrency_key, flow.rate_key, flow.ordered_key
+        heads = o is None or min(self._ordered.get(o, {entry.position})) == entry.position
+        bucket = self._buckets.get(r) if r is not None else None
+        cause = gate.hold(flow, running=self._running_keys[c] if c else 0, bucket=bucket, heads_key=heads)
+        if cause is None:
+            return False
+        if cause == "ordered" and o is not None:
+            self._park(f"o:{o}", item)
+        elif cause == "concurrency" and c is not None:
+            self._park(f"c:{c}", item)
+        elif r is not None:  # the rate: due again when its bucket holds a token
+            empty = gate.buckets.get(r) or self._buckets.get(r) or Bucket(0.0, gate.at)
+            heapq.heappush(self._waiting, (next_token(empty, flow.rate), *item))
+        return True
 
     @override
     async def respond(self, request_id: str, update: Update, lease_token: str) -> Response:
@@ -179,15 +285,22 @@ class MemoryConnector(Connector):
         return len(expired)
 
     @override
-    async def next_due_time(self) -> datetime | None:
+    async def next_due_time(
+        self, types: Collection[str] | None = None, queues: Collection[str] | None = None
+    ) -> datetime | None:
         # Drop stale items (cancelled, or queued again since) from the heads.
         while self._ready and not self._is_current(self._ready[0][3], self._ready[0][2]):
             heapq.heappop(self._ready)
         while self._waiting and not self._is_current(self._waiting[0][4], self._waiting[0][3]):
             heapq.heappop(self._waiting)
-        if self._ready:
-            return self._now()
+        for item in self._ready:  # passed over only when not ours to claim (parked ones are elsewhere)
+            if self._is_current(item[3], item[2]) and self._in_scope(item[3], types, queues):
+                return self._now()
         return self._waiting[0][0] if self._waiting else None
+
+    def _in_scope(self, request_id: str, types: Collection[str] | None, queues: Collection[str] | None) -> bool:
+        request = self._entries[request_id].job.request
+        return (types is None or request.type in types) and (queues is None or request.queue in queues)
 
     @override
     async def cancel(self, request_id: str) -> Job:
@@ -234,6 +347,52 @@ class MemoryConnector(Connector):
         # Positions must stay stable for page cursors: pruned ones become "" holes.
         self._order = [rid if rid not in doomed else "" for rid in self._order]
         return len(doomed)
+
+    @override
+    async def set_paused(self, queue: str, paused: bool) -> QueueInfo:
+        if paused:
+            self._paused.add(queue)
+        else:
+            self._paused.discard(queue)
+            self._unpark(f"q:{queue}")
+        return next((info for info in await self.list_queues() if info.name == queue), QueueInfo(queue, paused=paused))
+
+    @override
+    async def list_queues(self) -> list[QueueInfo]:
+        queued: collections.Counter[str] = collections.Counter()
+        running: collections.Counter[str] = collections.Counter()
+        oldest: dict[str, datetime] = {}
+        for entry in self._entries.values():
+            job = entry.job
+            queue = job.request.queue
+            if job.state is RequestState.CREATED:
+                queued[queue] += 1
+                created = job.request.create_time or job.update_time
+                oldest[queue] = min(oldest.get(queue, created), created)
+            elif job.state is RequestState.PENDING:
+                running[queue] += 1
+        names = sorted(set(queued) | set(running) | self._paused)
+        return [QueueInfo(n, queued[n], running[n], n in self._paused, oldest.get(n)) for n in names]
+
+    @override
+    async def held_back(self) -> dict[str, int]:
+        at = self._now()
+        counts = dict.fromkeys(("paused", "concurrency", "ordered", "rate_limit"), 0)
+        for entry in self._entries.values():
+            job = entry.job
+            if job.state is not RequestState.CREATED or (job.due_time is not None and job.due_time > at):
+                continue
+            flow = job.flow
+            c, r, o = flow.concurrency_key, flow.rate_key, flow.ordered_key
+            if job.request.queue in self._paused:
+                counts["paused"] += 1
+            elif c is not None and self._running_keys[c] >= flow.concurrency_limit:
+                counts["concurrency"] += 1
+            elif o is not None and min(self._ordered.get(o, {entry.position})) != entry.position:
+                counts["ordered"] += 1
+            elif r is not None and (b := self._buckets.get(r)) is not None and b.at(at, flow.rate, flow.burst) < 1:
+                counts["rate_limit"] += 1
+        return counts
 
     @override
     async def get(self, request_id: str) -> Job:

@@ -376,6 +376,20 @@ class PostgresConnector(SqlConnector):
         self._queue.put_nowait((operation, future))
         return await future
 
+    @override
+    async def _write_alone(self, operation: Operation[Done[T]]) -> T:
+        # The claim of jobs with flow policies waits for the gate's lock: holding nothing else
+        # meanwhile (no other write's row or key locks), it cannot deadlock with another instance.
+        if self._pool is None:
+            raise Unavailable("the PostgreSQL connector is not open", reason="STORAGE_CLOSED")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            outcomes = await self._commit([(operation, future)])
+        except psycopg.Error as error:
+            outcomes = [(future, None, translate(error, "could not write to the queue"))]
+        deliver(self, outcomes)
+        return await future
+
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._queue.get()]

@@ -14,16 +14,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import any_pb2
 
 from ajs_grpc.core.errors import Code, FailedPrecondition
 
+if TYPE_CHECKING:  # flow builds on this module
+    from ajs_grpc.core.flow import FlowPolicy
+
 __all__ = [
+    "DEFAULT_QUEUE",
+    "NO_FLOW",
     "ErrorStatus",
+    "Flow",
     "Job",
     "JobType",
     "Progress",
@@ -34,6 +40,10 @@ __all__ = [
     "Update",
     "now",
 ]
+
+
+DEFAULT_QUEUE = "default"
+"""The queue of a request that names none."""
 
 
 def now() -> datetime:
@@ -152,6 +162,8 @@ class Request:
         create_time: when the server accepted it (set by the server).
         priority: higher runs first; FIFO within a priority; may be negative.
         run_after: not claimed before this time; None (or a past time) is now.
+        queue: the queue it waits in (``"default"`` when given empty); an instance
+            claims only from the queues it runs.
     """
 
     id: str
@@ -163,9 +175,12 @@ class Request:
     create_time: datetime | None = None
     priority: int = 0
     run_after: datetime | None = None
+    queue: str = DEFAULT_QUEUE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
+        if not self.queue:
+            object.__setattr__(self, "queue", DEFAULT_QUEUE)
 
     def same_content(self, other: Request) -> bool:
         """True when ``other`` asks for the same work (server-set fields aside)."""
@@ -177,6 +192,7 @@ class Request:
             and (self.input or any_pb2.Any()) == (other.input or any_pb2.Any())
             and self.priority == other.priority
             and self.run_after == other.run_after
+            and self.queue == other.queue
         )
 
 
@@ -246,6 +262,42 @@ class Response:
 
 
 @dataclasses.dataclass(frozen=True)
+class Flow:
+    """One job's flow-control policies, resolved for it (None keys: the policy does not apply).
+
+    Made by :class:`ajs_grpc.core.flow.FlowPolicy` at submit and stored with the job.
+
+    Attributes:
+        concurrency_key, concurrency_limit: see :class:`~ajs_grpc.core.flow.Concurrency`.
+        rate_key, rate, burst: see :class:`~ajs_grpc.core.flow.RateLimit`; ``rate`` in tokens per second.
+        ordered_key: see ``ordered_by``.
+        unique_key, unique_states, unique_ttl: see :class:`~ajs_grpc.core.flow.Unique` (checked at submit only).
+    """
+
+    concurrency_key: str | None = None
+    concurrency_limit: int = 0
+    rate_key: str | None = None
+    rate: float = 0.0
+    burst: int = 0
+    ordered_key: str | None = None
+    unique_key: str | None = None
+    unique_states: frozenset[RequestState] = frozenset()
+    unique_ttl: float | None = None
+
+    @property
+    def gated(self) -> bool:
+        """True when a claim must ask the :class:`~ajs_grpc.core.flow.Gate` before starting the job."""
+        return self.concurrency_key is not None or self.rate_key is not None or self.ordered_key is not None
+
+    def unique_since(self, at: datetime) -> datetime | None:
+        """The earliest create time a job may have to match within the ttl (None: no ttl)."""
+        return None if self.unique_ttl is None else at - timedelta(seconds=self.unique_ttl)
+
+
+NO_FLOW = Flow()
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
     """A request with its current state: what connectors store and return.
 
@@ -258,6 +310,7 @@ class Job:
         cancel_requested: cancellation was asked for while it ran.
         max_attempts: how many times it may be claimed in all (its retry policy's).
         due_time: while CREATED, when it may be claimed (``run_after``, or a retry's backoff).
+        flow: its flow-control policies (set at submit).
     """
 
     request: Request
@@ -268,9 +321,12 @@ class Job:
     cancel_requested: bool = False
     max_attempts: int = 1
     due_time: datetime | None = None
+    flow: Flow = NO_FLOW
 
     @classmethod
-    def create(cls, request: Request, max_attempts: int = 1, at: datetime | None = None) -> tuple[Job, Response]:
+    def create(
+        cls, request: Request, max_attempts: int = 1, at: datetime | None = None, flow: Flow = NO_FLOW
+    ) -> tuple[Job, Response]:
         """A new queued job and its first Response (sequence 1, CREATED)."""
         at = at or now()
         if max_attempts < 1:
@@ -278,7 +334,8 @@ class Job:
         request = dataclasses.replace(request, create_time=at)
         first = Response(request.id, 1, at, RequestState.CREATED)
         due = max(request.run_after or at, at)
-        return cls(request, RequestState.CREATED, 0, first, at, max_attempts=max_attempts, due_time=due), first
+        job = cls(request, RequestState.CREATED, 0, first, at, max_attempts=max_attempts, due_time=due, flow=flow)
+        return job, first
 
     def as_dict(self) -> dict[str, Any]:
         """Its JSON form, as ``ajs get`` prints it (``json.dumps`` takes it).
@@ -290,6 +347,7 @@ class Job:
         return {
             "id": request.id,
             "type": request.type,
+            "queue": request.queue,
             "state": self.state.name,
             "attempt": self.attempt,
             "max_attempts": self.max_attempts,
@@ -439,6 +497,8 @@ class JobType:
         file_descriptor_set: a serialized ``FileDescriptorSet`` defining ``input_type`` and
             ``output_type`` with their dependencies (empty when the type declares neither);
             :mod:`ajs_grpc.edge.dynamic` builds their message classes from it.
+        flow: its flow-control policies (per-key concurrency, rate limit, order,
+            uniqueness); None when not told (a JobType made without them).
     """
 
     name: str
@@ -449,3 +509,4 @@ class JobType:
     retry_policy: RetrySchedule = dataclasses.field(default_factory=RetrySchedule)
     timeout: float | None = None
     file_descriptor_set: bytes = b""
+    flow: FlowPolicy | None = None

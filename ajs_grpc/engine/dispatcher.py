@@ -35,7 +35,7 @@ import enum
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -133,6 +133,7 @@ class Dispatcher:
         max_result_bytes: the largest result (data and output of the final
             Response) a job may return; a larger one fails the job, so every reply
             that carries it stays within the message size limit.
+        queues: the queues it claims from; None for every queue.
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class Dispatcher:
         worker_id: str | None = None,
         observer: JobObserver | None = None,
         max_result_bytes: int = 2 * 1024 * 1024,
+        queues: Collection[str] | None = None,
     ) -> None:
         if max_concurrent_jobs < 1:
             raise ValueError("max_concurrent_jobs must be at least 1")
@@ -167,6 +169,8 @@ class Dispatcher:
         self.max_result_bytes = max_result_bytes
         self.types = chain.runnable_types
         """The types this dispatcher claims: those its chain runs (another instance may run others)."""
+        self.queues = sorted(queues) if queues is not None else None
+        """The queues this dispatcher claims from; None for all."""
         self._running: dict[str, _Execution] = {}
         self._recent_cancels: dict[str, None] = {}  # insertion-ordered, bounded
         self._renewed_at = 0.0
@@ -252,7 +256,9 @@ class Dispatcher:
             free = self.max_concurrent_jobs - len(self._running) - self.abandoned_count
             if free > 0 and self.types:
                 try:
-                    claims = await self.connector.claim(self.worker_id, limit=free, lease=self.lease, types=self.types)
+                    claims = await self.connector.claim(
+                        self.worker_id, limit=free, lease=self.lease, types=self.types, queues=self.queues
+                    )
                     for claim in claims:
                         self._start_job(claim)
                     if len(claims) == free:
@@ -265,7 +271,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), sleep)
 
     async def _until_next_due(self) -> float | None:
-        due = await self.connector.next_due_time()
+        due = await self.connector.next_due_time(self.types, self.queues)
         if due is None:
             return None
         # At least a millisecond: a request due "now" that could not be claimed

@@ -46,9 +46,14 @@ async def test_a_cancel_committed_with_the_claim_still_reaches_the_job(connector
     cancelled: list[str] = []
 
     async def claim_then_cancel(
-        worker: str, *, limit: int = 1, lease: float = 30.0, types: Collection[str] | None = None
+        worker: str,
+        *,
+        limit: int = 1,
+        lease: float = 30.0,
+        types: Collection[str] | None = None,
+        queues: Collection[str] | None = None,
     ) -> list[Claim]:
-        claims = await claim(worker, limit=limit, lease=lease, types=types)
+        claims = await claim(worker, limit=limit, lease=lease, types=types, queues=queues)
         for held in claims:
             if held.job.request.id == "a" and not cancelled:
                 await connector.cancel("a")

@@ -59,6 +59,37 @@ CREATE TABLE responses (
     PRIMARY KEY (position, sequence)
 )
 
+-- name: migration_2
+-- Schema version 2: queues (paused ones in their own table) and flow control. A job's resolved
+-- policies are stored with it (ajs_grpc.core.model.Flow); "gated" jobs (a concurrency, rate or
+-- order policy) are claimed apart from the others, under one lock (claim_gate_lock).
+ALTER TABLE jobs ADD COLUMN queue text NOT NULL DEFAULT 'default';
+ALTER TABLE jobs ADD COLUMN gated boolean NOT NULL DEFAULT false;
+ALTER TABLE jobs ADD COLUMN concurrency_key text;
+ALTER TABLE jobs ADD COLUMN concurrency_limit integer NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN rate_key text;
+ALTER TABLE jobs ADD COLUMN rate double precision NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN burst integer NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN ordered_key text;
+ALTER TABLE jobs ADD COLUMN unique_key text;
+DROP INDEX jobs_ready;
+CREATE INDEX jobs_ready ON jobs (priority DESC, position) WHERE state = ${CREATED} AND NOT gated;
+CREATE INDEX jobs_gated ON jobs (priority DESC, position) WHERE state = ${CREATED} AND gated;
+CREATE INDEX jobs_running_keys ON jobs (concurrency_key) WHERE state = ${PENDING} AND concurrency_key IS NOT NULL;
+CREATE INDEX jobs_ordered ON jobs (ordered_key, position) WHERE state < ${FINISHED} AND ordered_key IS NOT NULL;
+CREATE INDEX jobs_unique ON jobs (unique_key, position) WHERE unique_key IS NOT NULL;
+CREATE INDEX jobs_queue ON jobs (queue, state) WHERE state < ${FINISHED};
+CREATE TABLE queues (
+    name        text PRIMARY KEY,
+    paused      boolean     NOT NULL,
+    update_time timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE rate_buckets (
+    key         text PRIMARY KEY,
+    tokens      double precision NOT NULL,
+    update_time timestamptz      NOT NULL
+)
+
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = %(id)s
@@ -88,10 +119,13 @@ SELECT 1 FROM jobs WHERE id = %(id)s
 WITH added AS (
     INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, priority,
                       run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time,
-                      last_sequence)
+                      last_sequence, queue, gated, concurrency_key, concurrency_limit, rate_key, rate, burst,
+                      ordered_key, unique_key)
     VALUES (%(id)s, %(parent_id)s, %(type)s, %(creator)s, %(create_time)s, %(data)s, %(input_type_url)s,
             %(input_value)s, %(priority)s, %(run_after)s, %(max_attempts)s, %(state)s, %(attempt)s,
-            %(cancel_requested)s, %(update_time)s, %(due_time)s, %(sequence)s)
+            %(cancel_requested)s, %(update_time)s, %(due_time)s, %(sequence)s, %(queue)s, %(gated)s,
+            %(concurrency_key)s, %(concurrency_limit)s, %(rate_key)s, %(rate)s, %(burst)s, %(ordered_key)s,
+            %(unique_key)s)
     RETURNING position)
 INSERT INTO responses
 SELECT added.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_final)s, %(r_data)s,
@@ -137,21 +171,90 @@ SELECT saved.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_fina
   FROM saved
 
 -- name: claim_due
--- Due queued jobs, highest priority first, then in submit order; instances never wait for
--- each other nor share a job (SKIP LOCKED). Only %(types)s unless %(any_type)s.
+-- Due queued jobs without flow policies, highest priority first, then in submit order;
+-- instances never wait for each other nor share a job (SKIP LOCKED). Only %(types)s unless
+-- %(any_type)s, only %(queues)s unless %(any_queue)s, never a paused queue's.
 -- The jobs are chosen and locked on their own table, then read with their last Response:
 -- joined in one query, the planner misjudged the join (120 rows estimated, 190,000 found at
 -- 200,000 queued) and sorted the whole queue on disk, 427 ms a claim.
 WITH due AS (
     SELECT j.position FROM jobs j
-     WHERE j.state = ${CREATED} AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
+     WHERE j.state = ${CREATED} AND NOT j.gated AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
        AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
      ORDER BY j.priority DESC, j.position
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED)
 ${JOB}
  WHERE j.position IN (SELECT position FROM due)
  ORDER BY j.priority DESC, j.position
+
+-- name: gated_due
+-- Whether a due job with flow policies waits in scope (a claim then asks the gate).
+SELECT 1 FROM jobs j
+ WHERE j.state = ${CREATED} AND j.gated AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
+   AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+ LIMIT 1
+
+-- name: claim_gate_lock
+-- Claims of jobs with flow policies take turns across instances: each counts the running jobs
+-- and takes tokens as they were committed by the one before. Held until the claim commits,
+-- in a transaction of its own (so it never waits while holding another lock).
+SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.ajs-flow-gate'))
+
+-- name: gated_candidates
+-- A page of due jobs with flow policies in claim order after (%(after_priority)s,
+-- %(after_position)s), with what the gate (ajs_grpc.core.flow.Gate) decides on: the running
+-- jobs of their concurrency key, their rate bucket, the store's time. Left out, as the gate
+-- would refuse them anyway: keys at their limit (here or in %(full_c)s / %(full_r)s) and jobs
+-- that are not the first unfinished one of their ordered key.
+SELECT j.position, j.priority, j.concurrency_key, j.concurrency_limit, j.rate_key, j.rate, j.burst,
+       j.ordered_key, r.running, b.tokens, b.update_time, COALESCE(%(now)s::timestamptz, clock_timestamp())
+  FROM jobs j
+  LEFT JOIN rate_buckets b ON b.key = j.rate_key
+  CROSS JOIN LATERAL (SELECT count(*) AS running FROM jobs p
+                       WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key) r
+ WHERE j.state = ${CREATED} AND j.gated AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
+   AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+   AND (j.priority < %(after_priority)s OR (j.priority = %(after_priority)s AND j.position > %(after_position)s))
+   AND (j.concurrency_key IS NULL
+        OR (NOT j.concurrency_key = ANY(%(full_c)s::text[]) AND r.running < j.concurrency_limit))
+   AND (j.rate_key IS NULL OR NOT j.rate_key = ANY(%(full_r)s::text[]))
+   AND (j.ordered_key IS NULL
+        OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.ordered_key = j.ordered_key
+                                                AND o.state < ${FINISHED} AND o.position < j.position))
+ ORDER BY j.priority DESC, j.position
+ LIMIT %(page)s
+
+-- name: lock_created
+-- The jobs the gate admitted, locked (one being cancelled meanwhile is passed over), then read.
+SELECT position FROM jobs WHERE position = ANY(%(positions)s::bigint[]) AND state = ${CREATED}
+ ORDER BY position FOR UPDATE SKIP LOCKED;
+${JOB} WHERE j.position = ANY(%(positions)s::bigint[]) AND j.state = ${CREATED}
+ ORDER BY j.priority DESC, j.position
+
+-- name: save_bucket
+-- A rate key's token bucket after a claim took tokens from it.
+INSERT INTO rate_buckets (key, tokens, update_time) VALUES (%(key)s, %(tokens)s, %(update_time)s)
+    ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, update_time = excluded.update_time
+
+-- name: lock_unique
+-- A submit with a unique key holds it until its commit, so that concurrent submits of the key
+-- (on any instance) see each other's job.
+SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.ajs-unique'), hashtext(%(key)s))
+
+-- name: find_unique
+-- The newest job of a unique key in %(states)s, or created since %(since)s.
+${JOB}
+ WHERE j.unique_key = %(key)s
+   AND (j.state = ANY(%(states)s::smallint[]) OR j.create_time >= %(since)s)
+ ORDER BY j.position DESC
+ LIMIT 1
 
 -- name: renew_leases
 -- Extends the leases still held ({id: token} in %(leases)s); says which were asked to cancel.
@@ -167,8 +270,25 @@ ${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= COALESCE(%(now)s::times
    FOR UPDATE OF j SKIP LOCKED
 
 -- name: next_due
--- The earliest due time of the queued jobs, and the database's clock it compares with.
-SELECT min(due_time), COALESCE(%(now)s::timestamptz, clock_timestamp()) FROM jobs WHERE state = ${CREATED}
+-- When a claim in scope may next find work, and the database's clock it compares with: the
+-- earliest due time of jobs without flow policies, of jobs with them not yet due, and of the
+-- next token of empty buckets that due jobs wait on (the earliest of the three is taken) (jobs held back by a concurrency or order
+-- policy start when the job before them ends: its end wakes the dispatchers).
+WITH clock AS (SELECT COALESCE(%(now)s::timestamptz, clock_timestamp()) AS now)
+SELECT (SELECT min(j.due_time) FROM jobs j WHERE j.state = ${CREATED} AND NOT j.gated AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)),
+         (SELECT min(j.due_time) FROM jobs j, clock
+           WHERE j.state = ${CREATED} AND j.gated AND j.due_time > clock.now AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)),
+         (SELECT min(b.update_time + (1 - b.tokens) / j.rate * interval '1 second')
+            FROM jobs j JOIN rate_buckets b ON b.key = j.rate_key, clock
+           WHERE j.state = ${CREATED} AND j.gated AND j.due_time <= clock.now AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+             AND b.tokens + extract(epoch FROM clock.now - b.update_time) * j.rate < 1),
+       (SELECT now FROM clock)
 
 -- name: cancel_tree
 -- Locks a job and its unfinished descendants, to cancel them together.
@@ -215,3 +335,41 @@ SELECT count(*) FROM jobs WHERE state = %(state)s AND (%(creator)s = '' OR creat
 -- A job's stored Responses after a sequence, in order (a page of a watch).
 SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.position
  WHERE j.id = %(id)s AND r.sequence > %(after)s ORDER BY r.sequence LIMIT %(limit)s
+
+-- name: set_paused
+-- Pauses or resumes a queue; every instance's next claim sees it.
+INSERT INTO queues (name, paused, update_time) VALUES (%(name)s, %(paused)s, clock_timestamp())
+    ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, update_time = excluded.update_time
+
+-- name: list_queues
+-- Every queue with unfinished jobs or paused: waiting and running jobs, the oldest waiting one.
+SELECT name, sum(queued)::bigint, sum(running)::bigint, bool_or(paused), min(oldest) FROM (
+    SELECT queue AS name, count(*) FILTER (WHERE state = ${CREATED}) AS queued,
+           count(*) FILTER (WHERE state = ${PENDING}) AS running, false AS paused,
+           min(create_time) FILTER (WHERE state = ${CREATED}) AS oldest
+      FROM jobs WHERE state < ${FINISHED} GROUP BY queue
+    UNION ALL
+    SELECT name, 0, 0, paused, NULL FROM queues WHERE paused
+) found GROUP BY name ORDER BY name
+
+-- name: held_back
+-- Due queued jobs held back now, by cause: a paused queue, then a full concurrency key, then an
+-- unfinished earlier job of the ordered key, then an empty rate bucket (each counted once).
+WITH clock AS (SELECT COALESCE(%(now)s::timestamptz, clock_timestamp()) AS now),
+causes AS (
+    SELECT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused) AS paused,
+           (j.concurrency_key IS NOT NULL
+            AND (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key)
+                >= j.concurrency_limit) AS concurrency,
+           (j.ordered_key IS NOT NULL
+            AND EXISTS (SELECT 1 FROM jobs o WHERE o.ordered_key = j.ordered_key
+                                                AND o.state < ${FINISHED} AND o.position < j.position)) AS ordered,
+           (b.key IS NOT NULL AND b.tokens + extract(epoch FROM clock.now - b.update_time) * j.rate < 1) AS rate
+      FROM jobs j CROSS JOIN clock LEFT JOIN rate_buckets b ON b.key = j.rate_key
+     WHERE j.state = ${CREATED} AND j.due_time <= clock.now
+       AND (j.gated OR EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)))
+SELECT count(*) FILTER (WHERE paused),
+       count(*) FILTER (WHERE NOT paused AND concurrency),
+       count(*) FILTER (WHERE NOT paused AND NOT concurrency AND ordered),
+       count(*) FILTER (WHERE NOT paused AND NOT concurrency AND NOT ordered AND rate)
+  FROM causes

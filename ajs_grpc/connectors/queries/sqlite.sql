@@ -58,6 +58,37 @@ CREATE TABLE responses (
     PRIMARY KEY (position, sequence)
 ) WITHOUT ROWID
 
+-- name: migration_2
+-- Schema version 2: queues (paused ones in their own table) and flow control. A job's resolved
+-- policies are stored with it (ajs_grpc.core.model.Flow); "gated" jobs (a concurrency, rate or
+-- order policy) are claimed apart from the others.
+ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE jobs ADD COLUMN gated INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN concurrency_key TEXT;
+ALTER TABLE jobs ADD COLUMN concurrency_limit INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN rate_key TEXT;
+ALTER TABLE jobs ADD COLUMN rate REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN burst INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN ordered_key TEXT;
+ALTER TABLE jobs ADD COLUMN unique_key TEXT;
+DROP INDEX jobs_ready;
+CREATE INDEX jobs_ready ON jobs (priority DESC, position) WHERE state = ${CREATED} AND gated = 0;
+CREATE INDEX jobs_gated ON jobs (priority DESC, position) WHERE state = ${CREATED} AND gated = 1;
+CREATE INDEX jobs_running_keys ON jobs (concurrency_key) WHERE state = ${PENDING} AND concurrency_key IS NOT NULL;
+CREATE INDEX jobs_ordered ON jobs (ordered_key, position) WHERE state < ${FINISHED} AND ordered_key IS NOT NULL;
+CREATE INDEX jobs_unique ON jobs (unique_key, position) WHERE unique_key IS NOT NULL;
+CREATE INDEX jobs_queue ON jobs (queue, state) WHERE state < ${FINISHED};
+CREATE TABLE queues (
+    name        TEXT PRIMARY KEY,
+    paused      INTEGER NOT NULL,
+    update_time INTEGER NOT NULL
+);
+CREATE TABLE rate_buckets (
+    key         TEXT PRIMARY KEY,
+    tokens      REAL    NOT NULL,
+    update_time INTEGER NOT NULL
+)
+
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = :id
@@ -82,9 +113,12 @@ SELECT 1 FROM jobs WHERE id = :id
 -- A new job and its first Response (found by id, so that many run as two executemany calls).
 INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, priority,
                   run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time,
-                  last_sequence)
+                  last_sequence, queue, gated, concurrency_key, concurrency_limit, rate_key, rate, burst,
+                  ordered_key, unique_key)
 VALUES (:id, :parent_id, :type, :creator, :create_time, :data, :input_type_url, :input_value, :priority,
-        :run_after, :max_attempts, :state, :attempt, :cancel_requested, :update_time, :due_time, :sequence);
+        :run_after, :max_attempts, :state, :attempt, :cancel_requested, :update_time, :due_time, :sequence,
+        :queue, :gated, :concurrency_key, :concurrency_limit, :rate_key, :rate, :burst, :ordered_key,
+        :unique_key);
 INSERT INTO responses VALUES ((SELECT position FROM jobs WHERE id = :id), :sequence, :r_create_time, :r_state,
                               :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
@@ -121,17 +155,83 @@ INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r
                               :r_error)
 
 -- name: claim_due
--- Due queued jobs, highest priority first, then in submit order; only :types unless :any_type.
+-- Due queued jobs without flow policies, highest priority first, then in submit order; only
+-- :types unless :any_type, only :queues unless :any_queue, never a paused queue's.
 -- Read in the order of jobs_ready, so a claim stops after :limit (left to itself the planner
 -- takes jobs_state and sorts every queued job: 14 ms a claim at 20,000 queued, 0.45 this way).
 ${JOB}
  WHERE j.position IN (
        SELECT j.position FROM jobs AS j INDEXED BY jobs_ready
-        WHERE j.state = ${CREATED} AND j.due_time <= :now
+        WHERE j.state = ${CREATED} AND j.gated = 0 AND j.due_time <= :now
           AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
         ORDER BY j.priority DESC, j.position
         LIMIT :limit)
  ORDER BY j.priority DESC, j.position
+
+-- name: gated_due
+-- Whether a due job with flow policies waits in scope (a claim then asks the gate).
+SELECT 1 FROM jobs AS j INDEXED BY jobs_gated
+ WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time <= :now
+   AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+ LIMIT 1
+
+-- name: claim_gate_lock
+-- Nothing to take: the writer thread already holds the database's lock for the whole batch.
+SELECT 1
+
+-- name: gated_candidates
+-- A page of due jobs with flow policies in claim order after (:after_priority, :after_position),
+-- with what the gate (ajs_grpc.core.flow.Gate) decides on: the running jobs of their
+-- concurrency key, their rate bucket, the clock. Left out, as the gate would refuse them
+-- anyway: keys at their limit (here or in :full_c / :full_r) and jobs that are not the first
+-- unfinished one of their ordered key.
+SELECT j.position, j.priority, j.concurrency_key, j.concurrency_limit, j.rate_key, j.rate, j.burst,
+       j.ordered_key,
+       (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key),
+       b.tokens, b.update_time, :now
+  FROM jobs AS j INDEXED BY jobs_gated
+  LEFT JOIN rate_buckets b ON b.key = j.rate_key
+ WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time <= :now
+   AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+   AND (j.priority < :after_priority OR (j.priority = :after_priority AND j.position > :after_position))
+   AND (j.concurrency_key IS NULL
+        OR (j.concurrency_key NOT IN (SELECT value FROM json_each(:full_c))
+            AND (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key)
+                < j.concurrency_limit))
+   AND (j.rate_key IS NULL OR j.rate_key NOT IN (SELECT value FROM json_each(:full_r)))
+   AND (j.ordered_key IS NULL
+        OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.ordered_key = j.ordered_key
+                                                AND o.state < ${FINISHED} AND o.position < j.position))
+ ORDER BY j.priority DESC, j.position
+ LIMIT :page
+
+-- name: lock_created
+-- The jobs the gate admitted, read (the writer already holds the database's lock).
+${JOB} WHERE j.position IN (SELECT value FROM json_each(:positions)) AND j.state = ${CREATED}
+ ORDER BY j.priority DESC, j.position
+
+-- name: save_bucket
+-- A rate key's token bucket after a claim took tokens from it.
+INSERT INTO rate_buckets (key, tokens, update_time) VALUES (:key, :tokens, :update_time)
+    ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, update_time = excluded.update_time
+
+-- name: lock_unique
+-- Nothing to take: the writer thread already holds the database's lock for the whole batch.
+SELECT 1
+
+-- name: find_unique
+-- The newest job of a unique key in :states, or created since :since.
+${JOB}
+ WHERE j.unique_key = :key
+   AND (j.state IN (SELECT value FROM json_each(:states)) OR j.create_time >= :since)
+ ORDER BY j.position DESC
+ LIMIT 1
 
 -- name: renew_leases
 -- Extends the leases still held ({id: token} in :leases); says which were asked to cancel.
@@ -149,8 +249,26 @@ ${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= :now
 ${JOB} WHERE j.state = ${PENDING}
 
 -- name: next_due
--- The earliest due time of the queued jobs, and the clock it compares with.
-SELECT min(due_time), :now FROM jobs INDEXED BY jobs_due WHERE state = ${CREATED}
+-- When a claim in scope may next find work, and the clock it compares with: the earliest due
+-- time of jobs without flow policies, of jobs with them not yet due, and of the next token of
+-- empty buckets that due jobs wait on (the earliest of the three is taken; jobs held back by a
+-- concurrency or order policy start when the job before them ends: its end wakes the dispatcher).
+SELECT (SELECT j.due_time FROM jobs AS j INDEXED BY jobs_due
+         WHERE j.state = ${CREATED} AND j.gated = 0 AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+         ORDER BY j.due_time LIMIT 1),
+       (SELECT min(j.due_time) FROM jobs AS j
+         WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time > :now AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)),
+       (SELECT min(b.update_time + CAST((1 - b.tokens) / j.rate * 1000000 AS INTEGER))
+          FROM jobs AS j JOIN rate_buckets b ON b.key = j.rate_key
+         WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time <= :now AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+           AND b.tokens + (:now - b.update_time) / 1000000.0 * j.rate < 1),
+       :now
 
 -- name: cancel_tree
 -- A job and its unfinished descendants, to cancel them together.
@@ -200,3 +318,40 @@ SELECT count(*) FROM jobs WHERE state = :state AND (:creator = '' OR creator = :
 -- A job's stored Responses after a sequence, in order (a page of a watch).
 SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.position
  WHERE j.id = :id AND r.sequence > :after ORDER BY r.sequence LIMIT :limit
+
+-- name: set_paused
+-- Pauses or resumes a queue; the next claim sees it.
+INSERT INTO queues (name, paused, update_time) VALUES (:name, :paused, :now)
+    ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, update_time = excluded.update_time
+
+-- name: list_queues
+-- Every queue with unfinished jobs or paused: waiting and running jobs, the oldest waiting one.
+SELECT name, sum(queued), sum(running), max(paused), min(oldest) FROM (
+    SELECT queue AS name, count(*) FILTER (WHERE state = ${CREATED}) AS queued,
+           count(*) FILTER (WHERE state = ${PENDING}) AS running, 0 AS paused,
+           min(create_time) FILTER (WHERE state = ${CREATED}) AS oldest
+      FROM jobs WHERE state < ${FINISHED} GROUP BY queue
+    UNION ALL
+    SELECT name, 0, 0, paused, NULL FROM queues WHERE paused
+) GROUP BY name ORDER BY name
+
+-- name: held_back
+-- Due queued jobs held back now, by cause: a paused queue, then a full concurrency key, then an
+-- unfinished earlier job of the ordered key, then an empty rate bucket (each counted once).
+WITH causes AS (
+    SELECT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused) AS paused,
+           (j.concurrency_key IS NOT NULL
+            AND (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key)
+                >= j.concurrency_limit) AS concurrency,
+           (j.ordered_key IS NOT NULL
+            AND EXISTS (SELECT 1 FROM jobs o WHERE o.ordered_key = j.ordered_key
+                                                AND o.state < ${FINISHED} AND o.position < j.position)) AS ordered,
+           (b.key IS NOT NULL AND b.tokens + (:now - b.update_time) / 1000000.0 * j.rate < 1) AS rate
+      FROM jobs j LEFT JOIN rate_buckets b ON b.key = j.rate_key
+     WHERE j.state = ${CREATED} AND j.due_time <= :now
+       AND (j.gated = 1 OR EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)))
+SELECT count(*) FILTER (WHERE paused),
+       count(*) FILTER (WHERE NOT paused AND concurrency),
+       count(*) FILTER (WHERE NOT paused AND NOT concurrency AND ordered),
+       count(*) FILTER (WHERE NOT paused AND NOT concurrency AND NOT ordered AND rate)
+  FROM causes
