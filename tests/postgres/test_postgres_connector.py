@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
+from ajs_grpc.connectors._sql import load_queries
 from ajs_grpc.connectors.postgres import SCHEMA_VERSION, PostgresConnector
 from ajs_grpc.core.errors import ConnectorError, NotFound
 from ajs_grpc.core.model import Request, RequestState, Update
@@ -26,6 +27,37 @@ async def schema() -> AsyncIterator[str]:
     name = unique_schema()
     yield name
     drop_schema(name)
+
+
+async def test_a_schema_1_queue_is_upgraded_with_its_jobs(schema: str) -> None:
+    # A queue made before queues and flow control (schema 1), with a job waiting in it.
+    with psycopg.connect(postgres_dsn(), autocommit=True) as db:
+        db.execute(psycopg.sql.SQL("CREATE SCHEMA {0}; SET search_path TO {0}").format(psycopg.sql.Identifier(schema)))
+        for statement in load_queries("postgres")["migration_1"]:
+            db.execute(statement)  # type: ignore[arg-type]
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        db.execute(
+            "INSERT INTO jobs (id, parent_id, type, creator, create_time, data, priority, max_attempts, state, "
+            "attempt, cancel_requested, update_time, due_time, last_sequence) "
+            "VALUES ('old', '', 'echo', '', now(), '{}', 0, 1, %s, 0, false, now(), now(), 1)",
+            (int(S.CREATED),),
+        )
+        db.execute(
+            "INSERT INTO responses (position, sequence, create_time, state, is_final, data) "
+            "SELECT position, 1, now(), %s, false, '{}' FROM jobs",
+            (int(S.CREATED),),
+        )
+    connector = PostgresConnector(postgres_dsn(), schema)
+    await connector.open()
+    try:
+        assert connector.found_version == 1
+        job = await connector.get("old")
+        assert job.request.queue == "default"
+        assert not job.flow.gated
+        [claim] = await connector.claim("w", queues=["default"])
+        assert claim.job.request.id == "old"
+    finally:
+        await connector.close()
 
 
 @pytest.fixture

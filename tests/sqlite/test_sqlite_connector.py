@@ -20,7 +20,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from ajs_grpc.connectors.sqlite import SCHEMA_VERSION, SqliteConnector
+from ajs_grpc.connectors._sql import load_queries
+from ajs_grpc.connectors.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteConnector
 from ajs_grpc.core.errors import AlreadyExists, ConnectorError, ResourceExhausted
 from ajs_grpc.core.model import Request, RequestState
 from ajs_grpc.edge.server import AjsServer, ServerConfig
@@ -57,6 +58,35 @@ async def test_a_new_file_gets_the_current_schema(tmp_path: Path) -> None:
         mode = db.execute("PRAGMA journal_mode").fetchone()[0]
     assert versions == list(range(1, SCHEMA_VERSION + 1))
     assert mode == "wal"
+
+
+async def test_a_schema_1_database_is_upgraded_with_its_jobs(tmp_path: Path) -> None:
+    # A queue made before queues and flow control (schema 1), with a job waiting in it.
+    queries = load_queries("sqlite")
+    with sqlite3.connect(tmp_path / "q.db") as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        for statement in queries["migration_1"]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version VALUES (1, 0)")
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute(
+            "INSERT INTO jobs (id, parent_id, type, creator, create_time, data, priority, max_attempts, state, "
+            "attempt, cancel_requested, update_time, due_time, last_sequence) "
+            "VALUES ('old', '', 'echo', '', 0, '{}', 0, 1, ?, 0, 0, 0, 0, 1)",
+            (int(RequestState.CREATED),),
+        )
+        db.execute("INSERT INTO responses (position, sequence, create_time, state, is_final, data) "
+                   "VALUES (1, 1, 0, ?, 0, '{}')", (int(RequestState.CREATED),))  # fmt: skip
+    db.close()
+    connector = await open_connector(tmp_path / "q.db")
+    try:
+        job = await connector.get("old")
+        assert job.request.queue == "default"
+        assert not job.flow.gated
+        [claim] = await connector.claim("w", queues=["default"])
+        assert claim.job.request.id == "old"
+    finally:
+        await connector.close()
 
 
 async def test_jobs_survive_reopening(tmp_path: Path) -> None:

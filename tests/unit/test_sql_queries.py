@@ -39,6 +39,17 @@ CORE_QUERIES = {
     "list_jobs_newest_first",
     "count_jobs",
     "responses_after",
+    "migration_2",
+    "gated_due",
+    "claim_gate_lock",
+    "gated_candidates",
+    "lock_created",
+    "save_bucket",
+    "lock_unique",
+    "find_unique",
+    "set_paused",
+    "list_queues",
+    "held_back",
 }
 
 
@@ -88,7 +99,11 @@ async def test_a_database_made_by_the_connector_has_the_enums_indexes(tmp_path: 
     with sqlite3.connect(tmp_path / "q.db") as connection:
         indexes = dict(connection.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
     connection.close()
-    assert indexes["jobs_ready"].endswith(f"WHERE state = {int(RequestState.CREATED)}")
+    created = int(RequestState.CREATED)
+    # Schema 2 split the queue: jobs with flow policies (gated) are claimed apart.
+    assert indexes["jobs_ready"].endswith(f"WHERE state = {created} AND gated = 0")
+    assert indexes["jobs_gated"].endswith(f"WHERE state = {created} AND gated = 1")
+    assert indexes["jobs_due"].endswith(f"WHERE state = {created} AND gated = 0")
     assert indexes["jobs_leases"].endswith(f"WHERE state = {int(RequestState.PENDING)}")
 
 

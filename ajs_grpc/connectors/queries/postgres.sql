@@ -75,6 +75,10 @@ ALTER TABLE jobs ADD COLUMN unique_key text;
 DROP INDEX jobs_ready;
 CREATE INDEX jobs_ready ON jobs (priority DESC, position) WHERE state = ${CREATED} AND NOT gated;
 CREATE INDEX jobs_gated ON jobs (priority DESC, position) WHERE state = ${CREATED} AND gated;
+DROP INDEX jobs_due;
+CREATE INDEX jobs_due ON jobs (due_time) WHERE state = ${CREATED} AND NOT gated;
+CREATE INDEX jobs_gated_due ON jobs (due_time) WHERE state = ${CREATED} AND gated;
+CREATE INDEX jobs_rate_keys ON jobs (rate_key, due_time) WHERE state = ${CREATED} AND rate_key IS NOT NULL;
 CREATE INDEX jobs_running_keys ON jobs (concurrency_key) WHERE state = ${PENDING} AND concurrency_key IS NOT NULL;
 CREATE INDEX jobs_ordered ON jobs (ordered_key, position) WHERE state < ${FINISHED} AND ordered_key IS NOT NULL;
 CREATE INDEX jobs_unique ON jobs (unique_key, position) WHERE unique_key IS NOT NULL;
@@ -272,8 +276,9 @@ ${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= COALESCE(%(now)s::times
 -- name: next_due
 -- When a claim in scope may next find work, and the database's clock it compares with: the
 -- earliest due time of jobs without flow policies, of jobs with them not yet due, and of the
--- next token of empty buckets that due jobs wait on (the earliest of the three is taken) (jobs held back by a concurrency or order
--- policy start when the job before them ends: its end wakes the dispatchers).
+-- next token of empty buckets that due jobs wait on; the earliest of the three is taken. Jobs
+-- held back by a concurrency or order policy start when the job before them ends: its end
+-- wakes the dispatchers.
 WITH clock AS (SELECT COALESCE(%(now)s::timestamptz, clock_timestamp()) AS now)
 SELECT (SELECT min(j.due_time) FROM jobs j WHERE j.state = ${CREATED} AND NOT j.gated AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
@@ -283,8 +288,9 @@ SELECT (SELECT min(j.due_time) FROM jobs j WHERE j.state = ${CREATED} AND NOT j.
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
        AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)),
          (SELECT min(b.update_time + (1 - b.tokens) / j.rate * interval '1 second')
-            FROM jobs j JOIN rate_buckets b ON b.key = j.rate_key, clock
-           WHERE j.state = ${CREATED} AND j.gated AND j.due_time <= clock.now AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+            FROM rate_buckets b JOIN jobs j ON j.rate_key = b.key, clock
+           WHERE b.tokens < 1 AND j.state = ${CREATED} AND j.rate_key IS NOT NULL AND j.gated
+             AND j.due_time <= clock.now AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
        AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
              AND b.tokens + extract(epoch FROM clock.now - b.update_time) * j.rate < 1),

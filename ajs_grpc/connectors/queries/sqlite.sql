@@ -74,6 +74,10 @@ ALTER TABLE jobs ADD COLUMN unique_key TEXT;
 DROP INDEX jobs_ready;
 CREATE INDEX jobs_ready ON jobs (priority DESC, position) WHERE state = ${CREATED} AND gated = 0;
 CREATE INDEX jobs_gated ON jobs (priority DESC, position) WHERE state = ${CREATED} AND gated = 1;
+DROP INDEX jobs_due;
+CREATE INDEX jobs_due ON jobs (due_time) WHERE state = ${CREATED} AND gated = 0;
+CREATE INDEX jobs_gated_due ON jobs (due_time) WHERE state = ${CREATED} AND gated = 1;
+CREATE INDEX jobs_rate_keys ON jobs (rate_key, due_time) WHERE state = ${CREATED} AND rate_key IS NOT NULL;
 CREATE INDEX jobs_running_keys ON jobs (concurrency_key) WHERE state = ${PENDING} AND concurrency_key IS NOT NULL;
 CREATE INDEX jobs_ordered ON jobs (ordered_key, position) WHERE state < ${FINISHED} AND ordered_key IS NOT NULL;
 CREATE INDEX jobs_unique ON jobs (unique_key, position) WHERE unique_key IS NOT NULL;
@@ -258,15 +262,18 @@ SELECT (SELECT j.due_time FROM jobs AS j INDEXED BY jobs_due
           AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
           AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
          ORDER BY j.due_time LIMIT 1),
-       (SELECT min(j.due_time) FROM jobs AS j
+       (SELECT j.due_time FROM jobs AS j INDEXED BY jobs_gated_due
          WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time > :now AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
           AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
-          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)),
-       (SELECT min(b.update_time + CAST((1 - b.tokens) / j.rate * 1000000 AS INTEGER))
-          FROM jobs AS j JOIN rate_buckets b ON b.key = j.rate_key
-         WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time <= :now AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
-          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
           AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+         ORDER BY j.due_time LIMIT 1),
+       (SELECT min(b.update_time + CAST((1 - b.tokens) / j.rate * 1000000 AS INTEGER))
+          FROM rate_buckets b CROSS JOIN jobs AS j INDEXED BY jobs_rate_keys
+         WHERE b.tokens < 1 AND j.rate_key = b.key
+           AND j.state = ${CREATED} AND j.rate_key IS NOT NULL AND j.gated = 1 AND j.due_time <= :now
+           AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+           AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+           AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
            AND b.tokens + (:now - b.update_time) / 1000000.0 * j.rate < 1),
        :now
 
