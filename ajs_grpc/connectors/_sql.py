@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import logging
 import re
 import string
 import uuid
@@ -37,7 +38,7 @@ from google.protobuf import any_pb2
 from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, QueueInfo, Renewal, Submit, plan_submits
-from ajs_grpc.core.errors import Code
+from ajs_grpc.core.errors import AjsError, Code
 from ajs_grpc.core.flow import Bucket, Gate
 from ajs_grpc.core.model import (
     NO_FLOW,
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 JOB_COLUMNS = (
     "j.position, j.id, j.parent_id, j.type, j.creator, j.create_time, j.data, j.input_type_url, j.input_value, "
@@ -507,7 +510,13 @@ class SqlConnector(Connector, abc.ABC):
             async def gated_claim(session: Session) -> Done[list[Claim]]:
                 return await self._claim_gated(session, scope, want, worker, lease)
 
-            claims = claims + await self._write_alone(gated_claim)
+            try:
+                claims = claims + await self._write_alone(gated_claim)
+            except AjsError as error:
+                if not claims:
+                    raise
+                # The plain claims are committed: their jobs must run, not wait out their leases.
+                log.warning("claiming jobs with flow policies failed (%s); they are tried again next time", error)
         return claims
 
     async def _claim_gated(

@@ -10,9 +10,10 @@ from datetime import timedelta
 
 import pytest
 
-from ajs_grpc.connectors.base import Renewal
+from ajs_grpc.connectors.base import Claim, Renewal
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.core.errors import Code, ConnectorError, Unavailable
+from ajs_grpc.core.flow import Concurrency, FlowPolicy
 from ajs_grpc.core.model import Request, RequestState, Response, Update, now
 from ajs_grpc.edge.metrics import Metrics
 from ajs_grpc.engine.dispatcher import Dispatcher
@@ -593,3 +594,34 @@ async def test_a_job_ending_while_its_lease_is_renewed_is_not_reported_lost(capl
     assert last.state is S.FINISHED
     assert store.renewed_after.is_set()  # the renewal did find the lease released
     assert not [r for r in caplog.records if "lost the lease" in r.getMessage()]
+
+
+async def test_jobs_held_back_by_a_policy_wait_without_claiming_in_a_loop(connector: MemoryConnector) -> None:
+    # Two slots, one key at concurrency 1: the second job waits for the first to end,
+    # and the dispatcher sleeps meanwhile (a held-back job is not due until the end wakes it).
+    claims = 0
+    claim = connector.claim
+
+    async def counted(*args: object, **kwargs: object) -> list[Claim]:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    connector.claim = counted  # type: ignore[method-assign]
+    running = Dispatcher(connector, jobs_for_tests.chain(), max_concurrent_jobs=2, cancel_grace=0.2)
+    await running.start()
+    try:
+        policy = FlowPolicy(concurrency=Concurrency("tenant", limit=1))
+        for name in ("first", "second"):
+            request = Request(id=name, type="block", data={"tenant": "t"})
+            await connector.enqueue(request, 1, policy.flow(request))
+        await wait_running(running, "first")
+        settled = claims
+        await asyncio.sleep(0.3)  # a negative: nothing may happen during it
+        assert claims <= settled + 1
+        assert running.running == {"first"}
+        await connector.cancel("first")
+        await eventually(lambda: "second" in running.running)
+        await connector.cancel("second")
+    finally:
+        await running.stop()
