@@ -1,4 +1,4 @@
-"""The job plugin API (public path): ``@job``, JobContext, Retry, RetryPolicy ...
+"""The job plugin API (public path): ``@job``, JobContext, Retry, RetryPolicy, the flow policies ...
 
 It lives in :mod:`ajs_grpc.core.jobs`; this module is the stable import path for plugins.
 """
@@ -6,16 +6,21 @@ It lives in :mod:`ajs_grpc.core.jobs`; this module is the stable import path for
 from ajs_grpc.core.jobs import (
     NO_RETRY,
     CancelSignal,
+    Concurrency,
+    FlowPolicy,
     JobCancelled,
     JobContext,
     JobPlugin,
     JobReturn,
+    JobStates,
     JobTimeout,
     PermanentError,
+    RateLimit,
     Result,
     Retry,
     RetryPolicy,
     SyncJobContext,
+    Unique,
     failure,
     job,
     to_update,
@@ -24,16 +29,21 @@ from ajs_grpc.core.jobs import (
 __all__ = [
     "NO_RETRY",
     "CancelSignal",
+    "Concurrency",
+    "FlowPolicy",
     "JobCancelled",
     "JobContext",
     "JobPlugin",
     "JobReturn",
+    "JobStates",
     "JobTimeout",
     "PermanentError",
+    "RateLimit",
     "Result",
     "Retry",
     "RetryPolicy",
     "SyncJobContext",
+    "Unique",
     "failure",
     "job",
     "to_update",

@@ -46,21 +46,27 @@ from ajs_grpc.core.errors import (
     PermanentError,
     Retry,
 )
+from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
 from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Update
 
 __all__ = [
     "NO_RETRY",
     "CancelSignal",
+    "Concurrency",
+    "FlowPolicy",
     "JobCancelled",
     "JobContext",
     "JobPlugin",
     "JobReturn",
+    "JobStates",
     "JobTimeout",
     "PermanentError",
+    "RateLimit",
     "Result",
     "Retry",
     "RetryPolicy",
     "SyncJobContext",
+    "Unique",
     "failure",
     "job",
     "to_update",
@@ -308,6 +314,8 @@ class JobPlugin:
             ``Response.output``); None if it returns none.
         handler: the handler that runs it when the configuration names none
             (``internal``, or ``process`` for CPU-bound plain functions).
+        flow: its flow-control policies (per-key concurrency, rate limit, order,
+            uniqueness); see :mod:`ajs_grpc.core.flow`.
     """
 
     type: str
@@ -318,8 +326,11 @@ class JobPlugin:
     input_type: builtins.type[Message] | None = None
     output_type: builtins.type[Message] | None = None
     handler: str = "internal"
+    flow: FlowPolicy = dataclasses.field(default_factory=FlowPolicy)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.flow, FlowPolicy):
+            raise TypeError(f"job {self.type!r}: flow must be a FlowPolicy")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError("timeout must be positive")
         if not callable(self.function):
@@ -391,11 +402,25 @@ def job(
     input_type: type[Message] | None = None,
     output_type: type[Message] | None = None,
     handler: str = "internal",
+    concurrency: Concurrency | None = None,
+    rate_limit: RateLimit | None = None,
+    ordered_by: str | None = None,
+    unique: Unique | None = None,
 ) -> Callable[[Callable[..., Any]], JobPlugin]:
     """Declares a function as the job plugin for ``type``; the arguments are :class:`JobPlugin`'s.
 
-    ``description`` defaults to the first line of the function's docstring.
+    ``description`` defaults to the first line of the function's docstring. The flow
+    policies make the plugin's :attr:`JobPlugin.flow`; each works per key, the value
+    of a named ``Request.data`` entry (requests without it share the empty key)::
+
+        @job("resize", concurrency=Concurrency(key="tenant", limit=2),
+             rate_limit=RateLimit(key="endpoint", rate=10, per="1s"),
+             ordered_by="account", unique=Unique(key="image", ttl="1h"))
+
+    Raises:
+        ValueError: a policy is malformed (``ordered_by`` empty, ...).
     """
+    flow = FlowPolicy(concurrency, rate_limit, ordered_by, unique)
 
     def declare(function: Callable[..., Any]) -> JobPlugin:
         doc = (inspect.getdoc(function) or "").splitlines()
@@ -408,6 +433,7 @@ def job(
             input_type,
             output_type,
             handler,
+            flow,
         )
 
     return declare

@@ -30,6 +30,7 @@ from typing import Any
 
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.core.errors import PluginError, PluginKind
+from ajs_grpc.core.flow import FlowPolicy
 from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.engine.handlers.base import HandlerChain, RequestHandler
 
@@ -52,6 +53,8 @@ GROUPS: dict[Kind, str] = {
     "handler": "ajs_grpc.handlers",
     "job": "ajs_grpc.jobs",
 }
+# The keys of a [jobs.<type>] table that set flow-control policies (the others: retry and timeout).
+FLOW_KEYS = frozenset({"concurrency", "rate_limit", "ordered_by", "unique"})
 # The handler that answers every type nobody runs; always last in the chain.
 REJECT = "reject"
 # The handler that runs jobs asking for no other handler when the configuration lists none.
@@ -89,22 +92,28 @@ class Plugins:
     jobs: dict[str, JobPlugin]
 
     def with_policies(self, policies: Mapping[str, Mapping[str, Any]]) -> Plugins:
-        """These plugins with per-type retry/timeout overrides (``[jobs.<type>]`` of the configuration).
+        """These plugins with per-type overrides (``[jobs.<type>]`` of the configuration).
+
+        A table may override the retry policy's fields, ``timeout``, and the flow
+        policies (``concurrency``, ``rate_limit``, ``ordered_by``, ``unique``; each
+        replaces the plugin's whole, see :meth:`FlowPolicy.from_settings`).
 
         Raises:
-            PluginError: a policy names a job type no plugin provides.
+            PluginError: a policy names a job type no plugin provides, or is malformed.
         """
         jobs = dict(self.jobs)
         for job_type, policy in policies.items():
             if job_type not in jobs:
                 raise PluginError("config", f"jobs.{job_type}: no plugin provides job type {job_type!r}")
             plugin = jobs[job_type]
-            retry = {k: v for k, v in policy.items() if k != "timeout"}
+            flow = {k: v for k, v in policy.items() if k in FLOW_KEYS}
+            retry = {k: v for k, v in policy.items() if k != "timeout" and k not in FLOW_KEYS}
             try:
                 jobs[job_type] = dataclasses.replace(
                     plugin,
                     retry=dataclasses.replace(plugin.retry, **retry),
                     timeout=policy.get("timeout", plugin.timeout),
+                    flow=FlowPolicy.from_settings(flow, plugin.flow),
                 )
             except ValueError as error:
                 raise PluginError("config", f"jobs.{job_type}: {error}") from None
