@@ -5,7 +5,7 @@ order of precedence: a command-line flag, the environment variable
 ``AJS_<SECTION>_<KEY>`` (``AJS_SERVER_ADDRESS``), the file, then its default.
 Two tables come from the file only: ``[[handlers]]`` (the chain, in order; the
 ``--handler`` flag replaces it) and ``[jobs.<type>]`` (per-type retry and timeout
-policy). ``examples/ajs.toml`` documents every key.
+policy, and flow-control policies overriding the plugin's). ``examples/ajs.toml`` documents every key.
 
 An unknown key, a value of the wrong type or a missing file is a
 :class:`ConfigError` that names the key.
@@ -23,7 +23,8 @@ from typing import Any
 
 from ajs_grpc.connectors._pgnames import check_schema_name
 from ajs_grpc.core.durations import format_duration, parse_duration
-from ajs_grpc.core.errors import ConfigError
+from ajs_grpc.core.errors import ConfigError, FieldViolation
+from ajs_grpc.core.flow import FlowPolicy
 
 __all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "format_duration", "load"]
 
@@ -75,6 +76,30 @@ def _paths(value: object) -> list[str]:
     raise ValueError("expected a list of paths")
 
 
+def _queues(value: object) -> list[str]:
+    names = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError("expected a list of queue names")
+    from ajs_grpc.edge.validation import check_queue  # it imports this module through auth
+
+    for name in names:
+        problems: list[FieldViolation] = []
+        check_queue(name, "queue", problems, required=True)
+        if problems:
+            raise ValueError(f"queue {name!r} {problems[0].description}")
+    return list(dict.fromkeys(names))
+
+
+def _flow_policy(name: str) -> Callable[[object], object]:
+    """A ``[jobs.<type>]`` flow-control key: checked as FlowPolicy reads it, kept as written."""
+
+    def parse(value: object) -> object:
+        FlowPolicy.from_settings({name: value})
+        return value
+
+    return parse
+
+
 def _choice(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = _string(value).lower()
@@ -120,6 +145,7 @@ SETTINGS = [
     Setting("server", "address", _string, "127.0.0.1:50051", "HOST:PORT to listen on"),
     Setting("server", "role", _choice("all", "frontend", "worker"), "all", "all, frontend or worker"),
     Setting("server", "max_jobs", _integer, 8, "jobs running at once"),
+    Setting("server", "queues", _queues, [], "the queues this instance starts jobs from (empty: all)"),
     Setting("server", "lease", parse_duration, 30.0, "a claimed job's lease"),
     Setting("server", "retention", _optional_duration, 7 * 86400.0, "how long ended jobs are kept, or forever"),
     Setting("server", "cancel_grace", parse_duration, 10.0, "a cancelled job's time to stop"),
@@ -167,6 +193,7 @@ _JOB_POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
     "multiplier": float,
     "jitter": float,
     "timeout": _optional_duration,
+    **{name: _flow_policy(name) for name in ("concurrency", "rate_limit", "ordered_by", "unique")},
 }
 
 
@@ -178,7 +205,7 @@ class Settings:
         values: ``section.key`` -> value.
         sources: ``section.key`` -> where the value came from (flag, env, file, default).
         handlers: the ``[[handlers]]`` chain as (name, types), or None.
-        job_policies: ``[jobs.<type>]`` overrides, per type.
+        job_policies: ``[jobs.<type>]`` overrides, per type (flow policies as written).
     """
 
     values: dict[str, Any]
@@ -250,6 +277,8 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + "}"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -12,7 +12,9 @@ from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
+from ajs_grpc.connectors.base import QueueInfo
 from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
+from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
 from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.core.model import ErrorStatus, Job, JobType, Progress, Request, RequestState, Response, RetrySchedule
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
@@ -27,6 +29,8 @@ __all__ = [
     "job_type_from_plugin",
     "job_type_from_proto",
     "job_type_to_proto",
+    "queue_from_proto",
+    "queue_to_proto",
     "quota_violations",
     "request_from_proto",
     "request_to_proto",
@@ -81,6 +85,7 @@ def request_from_proto(message: pb.Request) -> Request:
         create_time=_datetime(message.create_time) if message.HasField("create_time") else None,
         priority=message.priority,
         run_after=_datetime(message.run_after) if message.HasField("run_after") else None,
+        queue=message.queue,
     )
 
 
@@ -96,6 +101,7 @@ def request_to_proto(request: Request, *, basic: bool = False) -> pb.Request:
         input=None if basic else request.input,
         priority=request.priority,
         run_after=_timestamp(request.run_after),
+        queue=request.queue,
     )
 
 
@@ -306,6 +312,7 @@ def job_type_from_plugin(plugin: JobPlugin, handler: str) -> JobType:
         ),
         timeout=plugin.timeout,
         file_descriptor_set=descriptor_set(*declared) if declared else b"",
+        flow=plugin.flow,
     )
 
 
@@ -327,6 +334,51 @@ def job_type_to_proto(job_type: JobType) -> pb.JobType:
         ),
         timeout=_duration(job_type.timeout) if job_type.timeout is not None else None,
         file_descriptor_set=job_type.file_descriptor_set,
+        **_flow_to_proto(job_type.flow or FlowPolicy()),
+    )
+
+
+def _flow_to_proto(flow: FlowPolicy) -> dict[str, Any]:
+    """The JobType fields of a type's flow policies (those it declares)."""
+    fields: dict[str, Any] = {}
+    if (c := flow.concurrency) is not None:
+        fields["concurrency"] = pb.ConcurrencyPolicy(key=c.key, limit=c.limit)
+    if (r := flow.rate_limit) is not None:
+        assert isinstance(r.per, float)  # RateLimit keeps its period in seconds
+        fields["rate_limit"] = pb.RateLimitPolicy(
+            key=r.key, rate=r.rate, period=_duration(r.per), burst=int(r.burst or 1)
+        )
+    if flow.ordered_by:
+        fields["ordered_by"] = flow.ordered_by
+    if (u := flow.unique) is not None:
+        assert not isinstance(u.ttl, str)  # Unique keeps its ttl in seconds
+        fields["unique"] = pb.UniquePolicy(
+            key=u.key,
+            states=sorted(int(state) for state in u.states.request_states),  # type: ignore[misc]
+            ttl=_duration(u.ttl) if u.ttl is not None else None,
+        )
+    return fields
+
+
+_STATE_VALUES = frozenset(int(state) for state in RequestState)
+
+
+def _flow_from_proto(message: pb.JobType) -> FlowPolicy:
+    """The flow policies a wire JobType declares."""
+    c, r, u = message.concurrency, message.rate_limit, message.unique
+    return FlowPolicy(
+        concurrency=Concurrency(c.key, c.limit) if message.HasField("concurrency") else None,
+        rate_limit=RateLimit(r.key, r.rate, _seconds(r.period), r.burst or None)
+        if message.HasField("rate_limit")
+        else None,
+        ordered_by=message.ordered_by or None,
+        unique=Unique(
+            u.key,
+            JobStates.of({RequestState(state) for state in u.states if state in _STATE_VALUES}),
+            _seconds(u.ttl) if u.HasField("ttl") else None,
+        )
+        if message.HasField("unique")
+        else None,
     )
 
 
@@ -348,4 +400,27 @@ def job_type_from_proto(message: pb.JobType) -> JobType:
         ),
         timeout=_seconds(message.timeout) if message.HasField("timeout") else None,
         file_descriptor_set=message.file_descriptor_set,
+        flow=_flow_from_proto(message),
+    )
+
+
+def queue_to_proto(queue: QueueInfo) -> pb.Queue:
+    """The wire form of a queue."""
+    return pb.Queue(
+        name=queue.name,
+        queued_count=queue.queued,
+        running_count=queue.running,
+        paused=queue.paused,
+        oldest_queued_time=_timestamp(queue.oldest_queued_time),
+    )
+
+
+def queue_from_proto(message: pb.Queue) -> QueueInfo:
+    """A queue from the wire."""
+    return QueueInfo(
+        name=message.name,
+        queued=message.queued_count,
+        running=message.running_count,
+        paused=message.paused,
+        oldest_queued_time=_datetime(message.oldest_queued_time) if message.HasField("oldest_queued_time") else None,
     )

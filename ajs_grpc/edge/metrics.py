@@ -8,17 +8,20 @@ counted under ``other``, so clients cannot grow the number of series without bou
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ajs_grpc.connectors.base import QueueInfo
 from ajs_grpc.core.model import RequestState
 
 __all__ = ["Metrics"]
 
 # The label of job types this server does not run.
 OTHER_TYPE = "other"
+# Why a due queued job waits (the causes of Connector.held_back), each a series of ajs_jobs_held_back.
+HELD_BACK_CAUSES = ("paused", "concurrency", "ordered", "rate_limit")
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
 
 
@@ -52,6 +55,15 @@ class Metrics:
             registry=registry,
         )
         self.queue_depth = Gauge("ajs_queue_depth", "Jobs queued (CREATED), as last counted", registry=registry)
+        self.held_back = Gauge(
+            "ajs_jobs_held_back",
+            "Due queued jobs a pause or a flow policy holds back, by cause, as last counted",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in HELD_BACK_CAUSES:
+            self.held_back.labels(cause)
+        self.queues_paused = Gauge("ajs_queues_paused", "Queues paused, as last counted", registry=registry)
         self.running = Gauge("ajs_jobs_running", "Jobs running on this server", registry=registry)
         self.watchers = Gauge("ajs_watchers", "Open WatchJob streams on this server", registry=registry)
         self.abandoned = Gauge(
@@ -68,6 +80,12 @@ class Metrics:
         self.running.set_function(running)
         self.watchers.set_function(watchers)
         self.abandoned.set_function(abandoned)
+
+    def flow_measured(self, held_back: Mapping[str, int], queues: Sequence[QueueInfo]) -> None:
+        """Sets the flow gauges from a count of held-back jobs by cause and the list of queues."""
+        for cause in HELD_BACK_CAUSES:
+            self.held_back.labels(cause).set(held_back.get(cause, 0))
+        self.queues_paused.set(sum(1 for queue in queues if queue.paused))
 
     def _type(self, request_type: str) -> str:
         return request_type if request_type in self.known_types else OTHER_TYPE

@@ -59,6 +59,7 @@ class ServerConfig:
         handlers: handler names in chain order with the job types each runs;
             None runs every job found on one internal handler.
         max_concurrent_jobs: jobs running at once.
+        queues: the queues whose jobs this instance starts; None (or empty) for all.
         cancel_grace: seconds a cancelled job has to stop before it is forced.
         shutdown_grace: seconds running jobs have to finish when the server stops.
         rpc_grace: seconds open calls (watches) get when the server stops.
@@ -79,7 +80,7 @@ class ServerConfig:
         admin_role: the role that may see and cancel every job.
         metrics_address: HOST:PORT of the Prometheus endpoint; empty for none.
         queue_depth_every: seconds between counts of the queue for the
-            ``ajs_queue_depth`` gauge.
+            ``ajs_queue_depth``, ``ajs_jobs_held_back`` and ``ajs_queues_paused`` gauges.
     """
 
     def __post_init__(self) -> None:
@@ -91,6 +92,7 @@ class ServerConfig:
     connector_options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"path": "ajs.db"})
     handlers: list[HandlerSpec] | None = None
     max_concurrent_jobs: int = 8
+    queues: tuple[str, ...] | None = None
     cancel_grace: float = 10.0
     shutdown_grace: float = 30.0
     rpc_grace: float = 5.0
@@ -134,6 +136,7 @@ class ServerConfig:
             connector_options=options,
             handlers=handlers,
             max_concurrent_jobs=settings["server.max_jobs"],
+            queues=tuple(settings["server.queues"]) or None,
             cancel_grace=settings["server.cancel_grace"],
             shutdown_grace=settings["server.shutdown_grace"],
             lease=settings["server.lease"],
@@ -205,6 +208,7 @@ class AjsServer:
             self.connector,
             self.chain,
             max_concurrent_jobs=config.max_concurrent_jobs,
+            queues=config.queues or None,
             cancel_grace=config.cancel_grace,
             shutdown_grace=config.shutdown_grace,
             lease=config.lease,
@@ -300,12 +304,13 @@ class AjsServer:
         if warning:
             log.warning("%s", warning)
         log.info(
-            "serving on %s (role %s, connector %s, up to %d jobs at once, types: %s)",
+            "serving on %s (role %s, connector %s, up to %d jobs at once, types: %s, queues: %s)",
             self.address,
             self.config.role,
             self.connector.name,
             self.config.max_concurrent_jobs,
             ", ".join(t for t, _ in self.chain.types) or "none",
+            ", ".join(self.config.queues or ()) or "all",
         )
         return self.port
 
@@ -329,6 +334,7 @@ class AjsServer:
         while True:
             try:
                 self.metrics.queue_depth.set(await self.connector.count_jobs(RequestState.CREATED))
+                self.metrics.flow_measured(await self.connector.held_back(), await self.connector.list_queues())
             except AjsError as error:
                 log.warning("could not count the queue: %s", error)
             await asyncio.sleep(self.config.queue_depth_every)

@@ -40,6 +40,7 @@ from ajs_grpc.edge.validation import (
     check_id,
     check_type,
     invalid,
+    queue_name,
     required_id,
     validate_request,
     view,
@@ -116,7 +117,8 @@ class JobService:
         request = await self._prepare(message, principal, frozenset())
         await self.admission.admit(principal, self.limits)
         try:
-            job, created = await self.connector.enqueue(request, self.chain.max_attempts(request.type))
+            submit = self.chain.submit(request)
+            job, created = await self.connector.enqueue(submit.request, submit.max_attempts, submit.flow)
         except AlreadyExists as error:
             raise await self._taken_or(error, principal, request) from None
         return await self._submitted(principal, request, job, created)
@@ -142,7 +144,7 @@ class JobService:
         if not requests:
             return pb.BatchSubmitRequestsResponse()
         await self.admission.admit(principal, self.limits, len(requests))
-        submits = [(request, self.chain.max_attempts(request.type)) for request in requests]
+        submits = [self.chain.submit(request) for request in requests]
         try:
             results = await self.connector.enqueue_many(submits)
         except AjsError as error:
@@ -328,3 +330,33 @@ class JobService:
         job = await self.connector.cancel(request_id)
         log.debug("cancel of request %s: now %s", job.request.id, job.state.name)
         return pb.CancelJobResponse(job=convert.job_to_proto(self.ownership.as_seen_by(principal, job)))
+
+    # -- queues (admins only: a queue's counts cover every principal's jobs) -------------------
+
+    async def list_queues(self, message: pb.ListQueuesRequest, caller: Caller) -> pb.ListQueuesResponse:
+        """Lists every queue with unfinished jobs or paused, with its counts."""
+        self._check_admin(caller.principal, "list the queues")
+        queues = await self.connector.list_queues()
+        return pb.ListQueuesResponse(queues=[convert.queue_to_proto(queue) for queue in queues])
+
+    async def pause_queue(self, message: pb.PauseQueueRequest, caller: Caller) -> pb.PauseQueueResponse:
+        """Pauses a queue: its jobs are accepted but none starts until it is resumed."""
+        self._check_admin(caller.principal, "pause a queue")
+        name = queue_name(message.name)
+        queue = await self.connector.set_paused(name, True)
+        log.info("%s paused queue %s", caller.principal.name, name)
+        return pb.PauseQueueResponse(queue=convert.queue_to_proto(queue))
+
+    async def resume_queue(self, message: pb.ResumeQueueRequest, caller: Caller) -> pb.ResumeQueueResponse:
+        """Resumes a paused queue: its jobs may start again."""
+        self._check_admin(caller.principal, "resume a queue")
+        name = queue_name(message.name)
+        queue = await self.connector.set_paused(name, False)
+        log.info("%s resumed queue %s", caller.principal.name, name)
+        return pb.ResumeQueueResponse(queue=convert.queue_to_proto(queue))
+
+    @staticmethod
+    def _check_admin(principal: Principal, what: str) -> None:
+        if not principal.admin:
+            log.warning("denied %s: it may not %s", principal.name, what)
+            raise PermissionDenied(f"{principal.name} may not {what}: that takes the admin role", reason="NOT_ADMIN")

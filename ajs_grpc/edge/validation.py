@@ -25,9 +25,11 @@ __all__ = [
     "MAX_TYPE_LENGTH",
     "at_index",
     "check_id",
+    "check_queue",
     "check_type",
     "invalid",
     "parse",
+    "queue_name",
     "required_id",
     "validate_request",
     "view",
@@ -111,6 +113,25 @@ def check_type(value: str, field: str, violations: list[FieldViolation]) -> None
         )
 
 
+def check_queue(value: str, field: str, violations: list[FieldViolation], *, required: bool) -> None:
+    """Adds a violation if ``value`` is not a queue name (named as job types are), or empty when ``required``."""
+    if value or required:
+        check_type(value, field, violations)
+
+
+def queue_name(value: str, field: str = "name") -> str:
+    """``value``, a queue name that must be there.
+
+    Raises:
+        InvalidArgument: with a field violation on ``field``.
+    """
+    violations: list[FieldViolation] = []
+    check_queue(value, field, violations, required=True)
+    if violations:
+        raise invalid(violations)
+    return value
+
+
 def required_id(value: str, field: str = "request_id") -> str:
     """``value``, a request id that must be there."""
     violations: list[FieldViolation] = []
@@ -151,6 +172,7 @@ def validate_request(message: pb.Request, limits: Limits | None = None) -> Reque
     if message.id and message.parent_id == message.id:
         violations.append(FieldViolation("request.parent_id", "a request cannot be its own parent"))
     check_type(message.type, "request.type", violations)
+    check_queue(message.queue, "request.queue", violations, required=False)
     if message.HasField("input"):
         _check_text(message.input.type_url, "request.input.type_url", violations)
     try:

@@ -12,8 +12,10 @@ import abc
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
+from ajs_grpc.connectors.base import Submit
 from ajs_grpc.core.errors import NotSupported
 from ajs_grpc.core.jobs import JobContext, JobPlugin, JobReturn
+from ajs_grpc.core.model import Request
 
 __all__ = ["HandlerChain", "NotSupported", "RequestHandler"]
 
@@ -88,6 +90,16 @@ class HandlerChain:
         """How many attempts a new request of ``request_type`` gets (1 for types nobody runs)."""
         plugin = self.plugin_for(request_type)
         return plugin.retry.max_attempts if plugin is not None else 1
+
+    def submit(self, request: Request) -> Submit:
+        """What to enqueue for a new ``request``: its type's attempts and flow policies, resolved for it.
+
+        A type nobody here runs gets one attempt and no flow policies.
+        """
+        plugin = self.plugin_for(request.type)
+        if plugin is None:
+            return Submit(request)
+        return Submit(request, plugin.retry.max_attempts, plugin.flow.flow(request))
 
     @property
     def runnable_types(self) -> list[str]:

@@ -126,6 +126,7 @@ class Request(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     RUN_AFTER_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-chosen id, the key of idempotent submits. Empty: the server assigns a UUID."""
     parent_id: _builtins.str
@@ -136,6 +137,12 @@ class Request(_message.Message):
     """The job type; the handler chain picks the job plugin by it."""
     priority: _builtins.int
     """Higher runs first; requests of equal priority run in submit order. May be negative."""
+    queue: _builtins.str
+    """The queue the request waits in; empty means "default". Letters, digits and
+    _.:/- (starting with a letter or digit), at most 128 characters. An instance
+    starts only the jobs of the queues it runs (`ajs serve --queues`), and none of
+    a paused queue's.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the server accepted the request. Set by the server."""
@@ -164,10 +171,11 @@ class Request(_message.Message):
         input: _any_pb2.Any | None = ...,
         priority: _builtins.int = ...,
         run_after: _timestamp_pb2.Timestamp | None = ...,
+        queue: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "input", b"input", "run_after", b"run_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "data", b"data", "id", b"id", "input", b"input", "parent_id", b"parent_id", "priority", b"priority", "run_after", b"run_after", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "data", b"data", "id", b"id", "input", b"input", "parent_id", b"parent_id", "priority", b"priority", "queue", b"queue", "run_after", b"run_after", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -729,6 +737,10 @@ class JobType(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     FILE_DESCRIPTOR_SET_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    ORDERED_BY_FIELD_NUMBER: _builtins.int
+    UNIQUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The request type, as in Request.type."""
     description: _builtins.str
@@ -745,6 +757,11 @@ class JobType(_message.Message):
     """A serialized google.protobuf.FileDescriptorSet with the files that define
     input_type and output_type and all their dependencies.
     """
+    ordered_by: _builtins.str
+    """The Request.data entry whose value orders the type's jobs: jobs with the
+    same value start one at a time, in submit order (a job being retried holds
+    its place). Empty: no order.
+    """
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy:
         """When a failed attempt runs again."""
@@ -752,6 +769,24 @@ class JobType(_message.Message):
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """How long one attempt may run; unset for no limit."""
+
+    @_builtins.property
+    def concurrency(self) -> Global___ConcurrencyPolicy:
+        """At most so many jobs of the type with the same key run at once, across all
+        instances; unset for no limit.
+        """
+
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimitPolicy:
+        """Starts of the type with the same key follow a token bucket, across all
+        instances; unset for no limit.
+        """
+
+    @_builtins.property
+    def unique(self) -> Global___UniquePolicy:
+        """When a submit of the type answers an existing job instead of queueing
+        another; unset when every submit with a new id queues a job.
+        """
 
     def __init__(
         self,
@@ -764,14 +799,123 @@ class JobType(_message.Message):
         retry_policy: Global___RetryPolicy | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         file_descriptor_set: _builtins.bytes = ...,
+        concurrency: Global___ConcurrencyPolicy | None = ...,
+        rate_limit: Global___RateLimitPolicy | None = ...,
+        ordered_by: _builtins.str = ...,
+        unique: Global___UniquePolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "rate_limit", b"rate_limit", "retry_policy", b"retry_policy", "timeout", b"timeout", "unique", b"unique"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "file_descriptor_set", b"file_descriptor_set", "handler", b"handler", "input_type", b"input_type", "name", b"name", "output_type", b"output_type", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "description", b"description", "file_descriptor_set", b"file_descriptor_set", "handler", b"handler", "input_type", b"input_type", "name", b"name", "ordered_by", b"ordered_by", "output_type", b"output_type", "rate_limit", b"rate_limit", "retry_policy", b"retry_policy", "timeout", b"timeout", "unique", b"unique"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobType: _TypeAlias = JobType  # noqa: Y015
+
+@_typing.final
+class ConcurrencyPolicy(_message.Message):
+    """At most `limit` jobs of a type with the same key run (are PENDING) at once.
+    A job's key is the value of its Request.data entry named `key`; requests
+    without that entry share the empty key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The Request.data entry whose value is the key."""
+    limit: _builtins.int
+    """Jobs of one key running at once, at least 1."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConcurrencyPolicy: _TypeAlias = ConcurrencyPolicy  # noqa: Y015
+
+@_typing.final
+class RateLimitPolicy(_message.Message):
+    """Starts of a type with the same key follow a token bucket: `rate` tokens each
+    `period`, at most `burst` at once; each start takes one. The key is as in
+    ConcurrencyPolicy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    RATE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The Request.data entry whose value is the key."""
+    rate: _builtins.float
+    """Tokens added each period."""
+    burst: _builtins.int
+    """The most tokens the bucket holds: starts allowed at once after a quiet time."""
+    @_builtins.property
+    def period(self) -> _duration_pb2.Duration:
+        """The period `rate` is counted over."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        rate: _builtins.float = ...,
+        period: _duration_pb2.Duration | None = ...,
+        burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period", b"period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "key", b"key", "period", b"period", "rate", b"rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimitPolicy: _TypeAlias = RateLimitPolicy  # noqa: Y015
+
+@_typing.final
+class UniquePolicy(_message.Message):
+    """A submit whose type and key match a job in one of `states`, or one created
+    within `ttl`, answers that job with `created = false` instead of queueing
+    another. The key is as in ConcurrencyPolicy.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The Request.data entry whose value is the key."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RequestState.ValueType]:
+        """The states of a matching job (CREATED: queued, PENDING: running, ...)."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """A job created this recently matches whatever its state; unset for none."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        states: _abc.Iterable[Global___RequestState.ValueType] | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "states", b"states", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UniquePolicy: _TypeAlias = UniquePolicy  # noqa: Y015
 
 @_typing.final
 class RetryPolicy(_message.Message):
@@ -814,3 +958,176 @@ class RetryPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
+
+@_typing.final
+class Queue(_message.Message):
+    """A queue of requests (Request.queue) and what waits in it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    QUEUED_COUNT_FIELD_NUMBER: _builtins.int
+    RUNNING_COUNT_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The queue's name ("default" for requests that name none)."""
+    queued_count: _builtins.int
+    """Its jobs waiting to start (CREATED), held back or not."""
+    running_count: _builtins.int
+    """Its jobs running (PENDING)."""
+    paused: _builtins.bool
+    """True while paused: its jobs are accepted but not started."""
+    @_builtins.property
+    def oldest_queued_time(self) -> _timestamp_pb2.Timestamp:
+        """When its oldest waiting job was submitted; unset when none waits."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        queued_count: _builtins.int = ...,
+        running_count: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+        oldest_queued_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_time", b"oldest_queued_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "oldest_queued_time", b"oldest_queued_time", "paused", b"paused", "queued_count", b"queued_count", "running_count", b"running_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Queue: _TypeAlias = Queue  # noqa: Y015
+
+@_typing.final
+class ListQueuesRequest(_message.Message):
+    """The request of JobService.ListQueues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuesRequest: _TypeAlias = ListQueuesRequest  # noqa: Y015
+
+@_typing.final
+class ListQueuesResponse(_message.Message):
+    """The response of JobService.ListQueues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___Queue]:
+        """Every queue with unfinished jobs or paused, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[Global___Queue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuesResponse: _TypeAlias = ListQueuesResponse  # noqa: Y015
+
+@_typing.final
+class PauseQueueRequest(_message.Message):
+    """The request of JobService.PauseQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The queue to pause."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseQueueRequest: _TypeAlias = PauseQueueRequest  # noqa: Y015
+
+@_typing.final
+class PauseQueueResponse(_message.Message):
+    """The response of JobService.PauseQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queue(self) -> Global___Queue:
+        """The queue, now paused."""
+
+    def __init__(
+        self,
+        *,
+        queue: Global___Queue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseQueueResponse: _TypeAlias = PauseQueueResponse  # noqa: Y015
+
+@_typing.final
+class ResumeQueueRequest(_message.Message):
+    """The request of JobService.ResumeQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The queue to resume."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeQueueRequest: _TypeAlias = ResumeQueueRequest  # noqa: Y015
+
+@_typing.final
+class ResumeQueueResponse(_message.Message):
+    """The response of JobService.ResumeQueue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queue(self) -> Global___Queue:
+        """The queue, now not paused."""
+
+    def __init__(
+        self,
+        *,
+        queue: Global___Queue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeQueueResponse: _TypeAlias = ResumeQueueResponse  # noqa: Y015

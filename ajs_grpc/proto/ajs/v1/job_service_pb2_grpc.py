@@ -70,6 +70,21 @@ class JobServiceStub:
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesRequest.SerializeToString,
                 response_deserializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesResponse.FromString,
                 _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/ajs.v1.JobService/ListQueues',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/ajs.v1.JobService/PauseQueue',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/ajs.v1.JobService/ResumeQueue',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -138,6 +153,35 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQueues(self, request, context):
+        """Lists every queue that holds unfinished jobs or is paused, by name, with its
+        counts. Admins only (the counts cover every principal's jobs): PERMISSION_DENIED
+        for anyone else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseQueue(self, request, context):
+        """Pauses a queue (AIP-136 custom method): it still accepts submits, but no
+        instance starts its jobs until it is resumed; jobs already running finish.
+        The pause is stored, so every instance sees it (within a second) and it
+        outlasts restarts. Pausing a paused queue, or one without jobs yet, is fine.
+        Admins only: PERMISSION_DENIED for anyone else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Resumes a paused queue (AIP-136 custom method): its queued jobs may start
+        again. Resuming a queue that is not paused is fine. Admins only:
+        PERMISSION_DENIED for anyone else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +219,21 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobTypes,
                     request_deserializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesRequest.FromString,
                     response_serializer=ajs_dot_v1_dot_job__service__pb2.ListJobTypesResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.ListQueuesRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.PauseQueueRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -367,6 +426,87 @@ class JobService:
             '/ajs.v1.JobService/ListJobTypes',
             ajs_dot_v1_dot_job__service__pb2.ListJobTypesRequest.SerializeToString,
             ajs_dot_v1_dot_job__service__pb2.ListJobTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/ListQueues',
+            ajs_dot_v1_dot_job__service__pb2.ListQueuesRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/PauseQueue',
+            ajs_dot_v1_dot_job__service__pb2.PauseQueueRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/ResumeQueue',
+            ajs_dot_v1_dot_job__service__pb2.ResumeQueueRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.ResumeQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

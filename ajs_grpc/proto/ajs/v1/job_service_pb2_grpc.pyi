@@ -69,6 +69,23 @@ class JobServiceStub:
     """Lists the job types this server runs, with their typed contracts: enough for
     a client without the .proto files to build inputs and read outputs.
     """
+    ListQueues: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListQueuesRequest, _job_service_pb2.ListQueuesResponse]
+    """Lists every queue that holds unfinished jobs or is paused, by name, with its
+    counts. Admins only (the counts cover every principal's jobs): PERMISSION_DENIED
+    for anyone else.
+    """
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.PauseQueueRequest, _job_service_pb2.PauseQueueResponse]
+    """Pauses a queue (AIP-136 custom method): it still accepts submits, but no
+    instance starts its jobs until it is resumed; jobs already running finish.
+    The pause is stored, so every instance sees it (within a second) and it
+    outlasts restarts. Pausing a paused queue, or one without jobs yet, is fine.
+    Admins only: PERMISSION_DENIED for anyone else.
+    """
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ResumeQueueRequest, _job_service_pb2.ResumeQueueResponse]
+    """Resumes a paused queue (AIP-136 custom method): its queued jobs may start
+    again. Resuming a queue that is not paused is fine. Admins only:
+    PERMISSION_DENIED for anyone else.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -106,6 +123,23 @@ class JobServiceAsyncStub(JobServiceStub):
     ListJobTypes: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobTypesRequest, _job_service_pb2.ListJobTypesResponse]  # type: ignore[assignment]
     """Lists the job types this server runs, with their typed contracts: enough for
     a client without the .proto files to build inputs and read outputs.
+    """
+    ListQueues: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListQueuesRequest, _job_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """Lists every queue that holds unfinished jobs or is paused, by name, with its
+    counts. Admins only (the counts cover every principal's jobs): PERMISSION_DENIED
+    for anyone else.
+    """
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_job_service_pb2.PauseQueueRequest, _job_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """Pauses a queue (AIP-136 custom method): it still accepts submits, but no
+    instance starts its jobs until it is resumed; jobs already running finish.
+    The pause is stored, so every instance sees it (within a second) and it
+    outlasts restarts. Pausing a paused queue, or one without jobs yet, is fine.
+    Admins only: PERMISSION_DENIED for anyone else.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ResumeQueueRequest, _job_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """Resumes a paused queue (AIP-136 custom method): its queued jobs may start
+    again. Resuming a queue that is not paused is fine. Admins only:
+    PERMISSION_DENIED for anyone else.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -183,6 +217,41 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.ListJobTypesResponse, _abc.Awaitable[_job_service_pb2.ListJobTypesResponse]]:
         """Lists the job types this server runs, with their typed contracts: enough for
         a client without the .proto files to build inputs and read outputs.
+        """
+
+    @_abc_1.abstractmethod
+    def ListQueues(
+        self,
+        request: _job_service_pb2.ListQueuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListQueuesResponse, _abc.Awaitable[_job_service_pb2.ListQueuesResponse]]:
+        """Lists every queue that holds unfinished jobs or is paused, by name, with its
+        counts. Admins only (the counts cover every principal's jobs): PERMISSION_DENIED
+        for anyone else.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseQueue(
+        self,
+        request: _job_service_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.PauseQueueResponse, _abc.Awaitable[_job_service_pb2.PauseQueueResponse]]:
+        """Pauses a queue (AIP-136 custom method): it still accepts submits, but no
+        instance starts its jobs until it is resumed; jobs already running finish.
+        The pause is stored, so every instance sees it (within a second) and it
+        outlasts restarts. Pausing a paused queue, or one without jobs yet, is fine.
+        Admins only: PERMISSION_DENIED for anyone else.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeQueue(
+        self,
+        request: _job_service_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ResumeQueueResponse, _abc.Awaitable[_job_service_pb2.ResumeQueueResponse]]:
+        """Resumes a paused queue (AIP-136 custom method): its queued jobs may start
+        again. Resuming a queue that is not paused is fine. Admins only:
+        PERMISSION_DENIED for anyone else.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
