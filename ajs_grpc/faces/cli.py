@@ -32,7 +32,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from ajs_grpc import __version__
+from ajs_grpc.core.durations import format_duration
 from ajs_grpc.core.errors import AjsError, Code, ConfigError, InvalidArgument, PluginError, UsageError
+from ajs_grpc.core.flow import FlowPolicy, JobStates
 from ajs_grpc.core.logs import setup_logging
 from ajs_grpc.core.model import JobType, Request, RequestState, Response
 from ajs_grpc.edge import convert, dynamic
@@ -126,6 +128,7 @@ SERVE_FLAGS: list[tuple[str, str, Any, str | None]] = [
     ("--address", "server.address", str, "HOST:PORT"),
     ("--role", "server.role", str, "ROLE"),
     ("--max-jobs", "server.max_jobs", int, "N"),
+    ("--queues", "server.queues", str, "NAME,..."),
     ("--lease", "server.lease", str, "DURATION"),
     ("--retention", "server.retention", str, "DURATION"),
     ("--cancel-grace", "server.cancel_grace", str, "DURATION"),
@@ -370,6 +373,7 @@ async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
         input=request.input,
         priority=request.priority,
         run_after=request.run_after,
+        queue=request.queue,
     )
     request_id = submitted.job.request.id
     note = "" if submitted.created else " (already submitted)"
@@ -393,6 +397,7 @@ async def _request_of(client: AsyncClient, args: argparse.Namespace) -> Request:
         parent_id=args.parent,
         priority=args.priority,
         run_after=run_after,
+        queue=args.queue,
     )
 
 
@@ -477,6 +482,44 @@ async def _list(client: AsyncClient, args: argparse.Namespace) -> int:
         if len(rows) >= args.limit:
             break
     _print_rows(header, rows)
+    return EXIT_OK
+
+
+async def _queues(client: AsyncClient, args: argparse.Namespace) -> int:
+    header = ("QUEUE", "QUEUED", "RUNNING", "PAUSED", "OLDEST")
+    at = datetime.now(UTC)
+    rows = [
+        (
+            queue.name,
+            str(queue.queued),
+            str(queue.running),
+            "yes" if queue.paused else "no",
+            _age(at - queue.oldest_queued_time) if queue.oldest_queued_time is not None else "-",
+        )
+        for queue in await client.list_queues()
+    ]
+    _print_rows(header, rows)
+    return EXIT_OK
+
+
+def _age(age: timedelta) -> str:
+    """A waiting time as people say it: ``45s``, ``12m``, ``3h``, ``2d`` (whole units, rounded down)."""
+    seconds = max(int(age.total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+async def _pause(client: AsyncClient, args: argparse.Namespace) -> int:
+    queue = await client.pause_queue(args.name)
+    out.print(f"queue {queue.name} paused ({queue.queued} queued wait; {queue.running} running go on)")
+    return EXIT_OK
+
+
+async def _resume(client: AsyncClient, args: argparse.Namespace) -> int:
+    queue = await client.resume_queue(args.name)
+    out.print(f"queue {queue.name} resumed ({queue.queued} queued, {queue.running} running)")
     return EXIT_OK
 
 
@@ -605,7 +648,7 @@ async def _output_json(client: AsyncClient, output: any_pb2.Any) -> str:
 
 
 def _print_types(described: Sequence[JobType]) -> None:
-    header = ("TYPE", "HANDLER", "INPUT", "OUTPUT", "ATTEMPTS", "TIMEOUT", "DESCRIPTION")
+    header = ("TYPE", "HANDLER", "INPUT", "OUTPUT", "ATTEMPTS", "TIMEOUT", "FLOW", "DESCRIPTION")
     rows = [
         (
             t.name,
@@ -614,11 +657,33 @@ def _print_types(described: Sequence[JobType]) -> None:
             t.output_type or "-",
             str(t.retry_policy.max_attempts),
             f"{t.timeout:g}s" if t.timeout is not None else "-",
+            _describe_flow(t.flow) if t.flow is not None else "-",
             t.description,
         )
         for t in described
     ]
     _print_rows(header, rows)
+
+
+def _describe_flow(flow: FlowPolicy) -> str:
+    """A type's flow policies in one cell, as the TOML would set them (``-`` for none)."""
+    parts = []
+    if (c := flow.concurrency) is not None:
+        parts.append(f"concurrency {c.key}<={c.limit}")
+    if (r := flow.rate_limit) is not None:
+        per = format_duration(r.per) if isinstance(r.per, float) else str(r.per)
+        parts.append(f"rate_limit {r.key} {r.rate:g}/{per} burst {r.burst}")
+    if flow.ordered_by:
+        parts.append(f"ordered_by {flow.ordered_by}")
+    if (u := flow.unique) is not None:
+        states = ",".join(name.lower() for name in _STATE_NAMES if JobStates[name] in u.states)
+        ttl = f" ttl {format_duration(float(u.ttl))}" if u.ttl is not None else ""
+        parts.append(f"unique {u.key} [{states}]{ttl}")
+    return "; ".join(parts) or "-"
+
+
+# The states a unique policy may name, as [jobs.<type>] unique.states writes them.
+_STATE_NAMES = ("QUEUED", "RUNNING", "FINISHED", "FAILED", "CANCELLED")
 
 
 def _print_rows(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
@@ -744,6 +809,7 @@ def _commands() -> list[_Command]:
                 _arg("--id", default="", help="request id (default: assigned by the server)"),
                 _arg("--parent", default="", help="id of the parent request"),
                 _arg("--priority", type=int, default=0, help="higher runs first; may be negative (default 0)"),
+                _arg("--queue", default="", metavar="NAME", help="the queue it waits in (default: default)"),
                 _arg(
                     "--run-after",
                     type=_time,
@@ -804,6 +870,24 @@ def _commands() -> list[_Command]:
             ],
         ),
         _Command("cancel", "cancel a job", _remote(_cancel), [*client, _arg("request_id")]),
+        _Command(
+            "queues",
+            "list the queues: jobs queued and running, paused or not, the oldest job's wait (admins)",
+            _remote(_queues),
+            client,
+        ),
+        _Command(
+            "pause",
+            "pause a queue: its jobs are accepted but none starts until resumed (admins)",
+            _remote(_pause),
+            [*client, _arg("name", help="the queue")],
+        ),
+        _Command(
+            "resume",
+            "resume a paused queue: its jobs start again (admins)",
+            _remote(_resume),
+            [*client, _arg("name", help="the queue")],
+        ),
         _Command(
             "health",
             "exit 0 if the server is SERVING (a container health probe)",

@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
+from ajs_grpc.connectors.base import QueueInfo
 from ajs_grpc.core import errors
 from ajs_grpc.core.model import Job, JobType, Request, RequestState, Response
 from ajs_grpc.edge import convert
@@ -305,6 +306,7 @@ class AsyncClient:
         input: Message | None = None,  # noqa: A002 - the contract's name
         priority: int = 0,
         run_after: datetime | None = None,
+        queue: str = "",
     ) -> Submitted:
         """Submits a request; idempotent on ``id`` (empty: the server assigns one).
 
@@ -316,6 +318,7 @@ class AsyncClient:
             input: a typed payload (packed into ``Any`` unless it is one).
             priority: higher runs first (may be negative).
             run_after: not run before this time (timezone-aware).
+            queue: the queue it waits in (empty: ``default``).
         """
         # The client names the request, so a retried submit is recognised as the same one.
         request = convert.request_to_proto(
@@ -326,6 +329,7 @@ class AsyncClient:
                 parent_id=parent_id,
                 priority=priority,
                 run_after=run_after,
+                queue=queue,
             )
         )
         if input is not None:
@@ -388,6 +392,27 @@ class AsyncClient:
             self._stub.ListJobTypes(pb.ListJobTypesRequest(), timeout=self.timeout, metadata=self._metadata)
         )
         return [convert.job_type_from_proto(job_type) for job_type in reply.job_types]
+
+    async def list_queues(self) -> list[QueueInfo]:
+        """Every queue with unfinished jobs or paused, by name, with its counts (admins only)."""
+        reply = await self._call(
+            self._stub.ListQueues(pb.ListQueuesRequest(), timeout=self.timeout, metadata=self._metadata)
+        )
+        return [convert.queue_from_proto(queue) for queue in reply.queues]
+
+    async def pause_queue(self, name: str) -> QueueInfo:
+        """Pauses a queue: its jobs are accepted but none starts until it is resumed (admins only)."""
+        reply = await self._call(
+            self._stub.PauseQueue(pb.PauseQueueRequest(name=name), timeout=self.timeout, metadata=self._metadata)
+        )
+        return convert.queue_from_proto(reply.queue)
+
+    async def resume_queue(self, name: str) -> QueueInfo:
+        """Resumes a paused queue: its jobs may start again (admins only)."""
+        reply = await self._call(
+            self._stub.ResumeQueue(pb.ResumeQueueRequest(name=name), timeout=self.timeout, metadata=self._metadata)
+        )
+        return convert.queue_from_proto(reply.queue)
 
     async def health(self, service: str = "") -> str:
         """The server's ``grpc.health.v1`` status (SERVING, NOT_SERVING, ...) for ``service``."""
@@ -552,11 +577,19 @@ class Client:
         input: Message | None = None,  # noqa: A002
         priority: int = 0,
         run_after: datetime | None = None,
+        queue: str = "",
     ) -> Submitted:
         """See :meth:`AsyncClient.submit`."""
         return self._run(
             self._client.submit(
-                type, data, id=id, parent_id=parent_id, input=input, priority=priority, run_after=run_after
+                type,
+                data,
+                id=id,
+                parent_id=parent_id,
+                input=input,
+                priority=priority,
+                run_after=run_after,
+                queue=queue,
             )
         )
 
@@ -575,6 +608,18 @@ class Client:
     def job_types(self) -> list[JobType]:
         """See :meth:`AsyncClient.job_types`."""
         return self._run(self._client.job_types())
+
+    def list_queues(self) -> list[QueueInfo]:
+        """See :meth:`AsyncClient.list_queues`."""
+        return self._run(self._client.list_queues())
+
+    def pause_queue(self, name: str) -> QueueInfo:
+        """See :meth:`AsyncClient.pause_queue`."""
+        return self._run(self._client.pause_queue(name))
+
+    def resume_queue(self, name: str) -> QueueInfo:
+        """See :meth:`AsyncClient.resume_queue`."""
+        return self._run(self._client.resume_queue(name))
 
     def health(self, service: str = "") -> str:
         """See :meth:`AsyncClient.health`."""

@@ -19,6 +19,9 @@ COMMANDS = [
     ["get", "r1"],
     ["list"],
     ["cancel", "r1"],
+    ["queues"],
+    ["pause", "images"],
+    ["resume", "images"],
     ["health"],
     ["types"],
 ]
