@@ -20,6 +20,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from ajs_grpc.connectors.postgres import SCHEMA_VERSION
 from tests.conftest import POSTGRES_DSN, drop_schema, postgres_dsn, unique_schema
 from tests.serve_process import AJS, Served, start_server
 
@@ -294,8 +295,12 @@ def test_db_upgrade_says_what_it_did() -> None:
     schema = unique_schema()
     try:
         dsn = ("--dsn", postgres_dsn(), "--schema", schema)
-        assert ajs("db", "upgrade", *dsn).stdout.strip() == f"created schema {schema} at version 1"
-        assert ajs("db", "upgrade", *dsn).stdout.strip() == f"schema {schema} is already at version 1; nothing to do"
+        version = SCHEMA_VERSION
+        assert ajs("db", "upgrade", *dsn).stdout.strip() == f"created schema {schema} at version {version}"
+        assert (
+            ajs("db", "upgrade", *dsn).stdout.strip()
+            == f"schema {schema} is already at version {version}; nothing to do"
+        )
     finally:
         drop_schema(schema)
 
