@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import subprocess
 import uuid
@@ -115,13 +116,11 @@ async def attempts(client: AsyncClient, request_id: str) -> list[Attempt]:
     return found
 
 
-async def all_finished(client: AsyncClient, ids: list[str], timeout: float = 120) -> None:
-    async def wait() -> None:
+async def all_finished(client: AsyncClient, ids: list[str], within: float = 120) -> None:
+    async with asyncio.timeout(within):
         for request_id in ids:
             [*_, last] = [r async for r in client.watch(request_id)]
             assert last.state is S.FINISHED, f"{request_id} ended {last.state.name}"
-
-    await asyncio.wait_for(wait(), timeout)
 
 
 def most_at_once(runs: list[Attempt]) -> int:
@@ -219,7 +218,7 @@ async def test_ordered_jobs_start_in_submit_order_one_at_a_time_per_key(instance
     assert len(retried) == len([r for r in requests if r.data["fail_once"] == "yes"]) > 0
     for account in {r.data["account"] for r in requests}:
         in_order = [run for r in requests if r.data["account"] == account for run in runs[r.id]]
-        for before, after in zip(in_order, in_order[1:], strict=False):
+        for before, after in itertools.pairwise(in_order):
             # Submit order (a retried job's second attempt before the next job), never overlapping.
             assert before.end <= after.start, f"{account}: {after.request_id} started before {before.request_id} ended"
 
@@ -271,4 +270,4 @@ async def test_a_paused_queue_holds_its_jobs_across_a_restart_until_resumed(inst
         assert {(await client.get(r.id)).state for r in held} == {S.CREATED}
         resumed = await client.resume_queue("reports")
         assert not resumed.paused
-        await all_finished(client, [r.id for r in held], timeout=30)
+        await all_finished(client, [r.id for r in held], within=30)

@@ -156,6 +156,7 @@ def test_as_dict_is_the_json_form_ajs_get_prints() -> None:
     assert job.as_dict() == {
         "id": "r1",
         "type": "echo",
+        "queue": "default",
         "state": "FAILED",
         "attempt": 2,
         "max_attempts": 3,
