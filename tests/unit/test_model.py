@@ -182,6 +182,7 @@ def test_as_dict_is_the_json_form_ajs_get_prints() -> None:
     assert list(job.as_dict()) == [
         "id",
         "type",
+        "queue",
         "state",
         "attempt",
         "max_attempts",
