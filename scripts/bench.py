@@ -67,6 +67,9 @@ if TYPE_CHECKING:
 
 INFLIGHT = 64
 BATCH = 500
+# The concurrency policy of run_policy: jobs spread over this many keys, this many of a key at once.
+POLICY_KEYS = 100
+POLICY_LIMIT = 2
 BATCHES_IN_FLIGHT = 4
 SERVICE = "ajs.v1.JobService"
 OPEN = [pb.REQUEST_STATE_CREATED, pb.REQUEST_STATE_PENDING]
@@ -243,10 +246,18 @@ def start_echo(workdir: Path) -> Server:
     return launch([sys.executable, str(Path(__file__).resolve()), "--serve-echo"], workdir / "echo")
 
 
-def start_ajs(connector: str, args: argparse.Namespace, workdir: Path, name: str) -> Server:
-    """``ajs serve`` on a fresh store: a new SQLite file in ``workdir``, or a new PostgreSQL schema."""
+def start_ajs(connector: str, args: argparse.Namespace, workdir: Path, name: str, config: str = "") -> Server:
+    """``ajs serve`` on a fresh store: a new SQLite file in ``workdir``, or a new PostgreSQL schema.
+
+    ``config``: the text of a TOML configuration file to start it with.
+    """
     ajs = shutil.which("ajs", path=str(Path(sys.executable).parent)) or shutil.which("ajs") or "ajs"
     command = [ajs, "serve", "--address", "127.0.0.1:0", "--connector", connector]
+    if config:
+        (workdir / f"{connector}-{name}").mkdir(parents=True, exist_ok=True)
+        path = workdir / f"{connector}-{name}" / "ajs.toml"
+        path.write_text(config)
+        command += ["--config", str(path)]
     command += ["--max-jobs", str(args.max_jobs), "--log-level", "info", "--shutdown-grace", "1"]
     schema = ""
     if connector == "postgres":
@@ -484,6 +495,20 @@ def figures(args: argparse.Namespace) -> list[Figure]:
             {"sqlite": (">=", 3.0, "ratio"), "postgres": (">=", 1.0, "ratio")},
         ),
         Figure(
+            "e2e_concurrency",
+            f"end-to-end no-op jobs, one SubmitRequest per job, Concurrency(limit={POLICY_LIMIT}) over "
+            f"{POLICY_KEYS} keys",
+            "jobs/s",
+            "unary",
+        ),
+        Figure(
+            "e2e_concurrency_vs",
+            "end-to-end with a concurrency policy / without",
+            TIMES,
+            "",
+            {"sqlite": (">=", 0.8, "value"), "postgres": (">=", 0.8, "value"), "memory": (">=", 0.8, "value")},
+        ),
+        Figure(
             "e2e_vs_sqlite",
             "end-to-end (one per job), this connector / sqlite",
             TIMES,
@@ -630,6 +655,29 @@ async def run_jobs(connector: str, args: argparse.Namespace, workdir: Path, out:
         server.stop()
 
 
+async def run_policy(connector: str, args: argparse.Namespace, workdir: Path, out: dict[str, float]) -> None:
+    """End-to-end no-op jobs as in run_jobs, with a concurrency policy on their type (issue 13)."""
+    config = f'[jobs.echo]\nconcurrency = {{ key = "tenant", limit = {POLICY_LIMIT} }}\n'
+    server = start_ajs(connector, args, workdir, "policy", config)
+    try:
+        async with connected(server) as stub:
+
+            def gated(request_id: str, i: int) -> pb.SubmitRequestRequest:
+                return request(request_id, data={"i": request_id, "tenant": str(i % POLICY_KEYS)})
+
+            await unary(stub, [gated(f"warm-{i}", i) for i in range(200)], INFLIGHT)
+            await drained(stub, "warm-199")
+            calls = await unary(stub, [gated(f"one-{i}", i) for i in range(args.jobs)], INFLIGHT)
+            await drained(stub, f"one-{args.jobs - 1}")
+            first = min(seconds(reply.job.request.create_time) for reply in calls.replies)
+            out["e2e_concurrency"] = args.jobs / (await last_update(stub, "one-") - first)
+            if "e2e" in out:
+                out["e2e_concurrency_vs"] = out["e2e_concurrency"] / out["e2e"]
+            log(f"{connector}: end-to-end with a concurrency policy {out['e2e_concurrency']:,.0f} jobs/s")
+    finally:
+        server.stop()
+
+
 async def run_fanout(connector: str, args: argparse.Namespace, workdir: Path, out: dict[str, float]) -> None:
     """WatchJob fan-out, and submit p99 with that many streams open against none."""
     server = start_ajs(connector, args, workdir, "fanout")
@@ -738,7 +786,7 @@ async def run_queue(connector: str, args: argparse.Namespace, workdir: Path, out
         server.stop()
 
 
-RUNS = (run_jobs, run_fanout, run_queue)
+RUNS = (run_jobs, run_policy, run_fanout, run_queue)
 
 
 async def run(args: argparse.Namespace) -> None:
