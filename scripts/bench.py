@@ -828,6 +828,8 @@ async def run_connector(
     out: dict[str, float] = {}
     results[connector] = out
     for step in RUNS:
+        if args.runs and step.__name__.removeprefix("run_") not in args.runs:
+            continue
         log(f"{connector}: {step.__name__}")
         try:
             await step(connector, args, workdir, out)
@@ -984,6 +986,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-seconds", type=float, help="length of the open-loop load (default 10)")
     parser.add_argument("--max-jobs", type=int, default=64, help="the server's --max-jobs (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (under two minutes)")
+    parser.add_argument(
+        "--runs",
+        type=lambda value: {name.strip() for name in value.split(",") if name.strip()},
+        default=set(),
+        help="only these runs: jobs, policy, fanout, queue (default all; figures of the others are left blank)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write one JSON object per figure to FILE")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
