@@ -88,8 +88,10 @@ JOB_WIDTH = JOB_COLUMNS.count(",") + 1
 RESPONSE_WIDTH = RESPONSE_COLUMNS.count(",") + 1
 # Above every job's position: the cursor of a newest-first listing's first page.
 MAX_POSITION = 2**63 - 1
-# Above every priority (an int32): where a claim's first page of gated candidates starts.
+# Above and below every priority (an int32): where a claim's pages of gated candidates start
+# and, with no plain job to stop at, end.
 ABOVE_PRIORITIES = 2**31
+BELOW_PRIORITIES = -(2**31) - 1
 # The causes of the held_back query's columns, in order.
 HELD_BACK = ("paused", "concurrency", "ordered", "rate_limit")
 # Gated candidates a claim reads per round trip.
@@ -432,11 +434,12 @@ class SqlConnector(Connector, abc.ABC):
                 return bool(await session.fetch("job_exists", {"id": request_id}))
 
             async def find_unique(key: str, states: frozenset[RequestState], since: datetime | None) -> Job | None:
-                await session.fetch("lock_unique", {"key": key})
                 params = {"key": key, "states": d.array(sorted(int(s) for s in states)), "since": d.time(since)}
                 rows = await session.fetch("find_unique", params)
                 return self._job(rows[0]) if rows else None
 
+            for key in unique_keys:  # all at once and in one order: two submits cannot wait for each other
+                await session.fetch("lock_unique", {"key": key})
             plan = await plan_submits(submits, find, exists, find_unique, indexed=indexed, at=self._now())
             added = [self._insert_params(p.job, p.first) for p in plan if p.created and p.first is not None]
             if added:
@@ -444,7 +447,10 @@ class SqlConnector(Connector, abc.ABC):
                 self._inserted(len(added))
             return Done([(p.job, p.created) for p in plan], work=any(p.created for p in plan))
 
-        return await self._write(write)
+        unique_keys = sorted({s.flow.unique_key for s in submits if s.flow.unique_key is not None})
+        # Unique keys are locked until the commit: in a transaction of their own they wait for
+        # nothing else while held (no deadlock with another write's row or key locks).
+        return await (self._write_alone(write) if unique_keys else self._write(write))
 
     def _inserted(self, count: int) -> None:
         """Told of ``count`` new jobs being stored (a store whose planner needs fresh statistics counts them)."""
@@ -496,31 +502,48 @@ class SqlConnector(Connector, abc.ABC):
     ) -> list[Claim]:
         scope = self._scope(types, queues)
 
-        async def plain(session: Session) -> Done[tuple[list[Claim], bool]]:
+        async def first(session: Session) -> Done[tuple[list[Claim], tuple[int, int] | None]]:
+            # Without due jobs with flow policies (the common case) this is the whole claim.
             at = self._now()
             params = {**scope, "now": self._store_now(at), "limit": limit}
-            done = await self._take(session, await session.fetch("claim_due", params), worker, lease, at)
-            gated = len(done.result) < limit and bool(await session.fetch("gated_due", params))
-            return Done((done.result, gated), done.responses)
+            if not await session.fetch("gated_due", params):
+                done = await self._take(session, await session.fetch("claim_due", params), worker, lease, at)
+                return Done((done.result, None), done.responses)
+            cut = await session.fetch("plain_cutoff", params)
+            return Done(([], (cut[0][0], cut[0][1]) if cut else (BELOW_PRIORITIES, MAX_POSITION)))
 
-        claims, gated = await self._write(plain)
-        if gated:  # due jobs with flow policies wait: the gate decides, one claim at a time across instances
-            want = limit - len(claims)
+        claims, cutoff = await self._write(first)
+        if cutoff is None:
+            return claims
 
-            async def gated_claim(session: Session) -> Done[list[Claim]]:
-                return await self._claim_gated(session, scope, want, worker, lease)
+        # The gate first, for the jobs with policies that come before where the plain claim
+        # would stop (so neither kind starves the other, and priority holds across both);
+        # on PostgreSQL one claim at a time across instances. Then the plain jobs.
+        async def gated_claim(session: Session) -> Done[list[Claim]]:
+            return await self._claim_gated(session, scope, cutoff, limit, worker, lease)
 
-            try:
-                claims = claims + await self._write_alone(gated_claim)
-            except AjsError as error:
-                if not claims:
-                    raise
-                # The plain claims are committed: their jobs must run, not wait out their leases.
-                log.warning("claiming jobs with flow policies failed (%s); they are tried again next time", error)
-        return claims
+        try:
+            claims = await self._write_alone(gated_claim)
+        except AjsError as error:
+            log.warning("claiming jobs with flow policies failed (%s); jobs without them are claimed", error)
+
+        async def plain(session: Session) -> Done[list[Claim]]:
+            at = self._now()
+            params = {**scope, "now": self._store_now(at), "limit": limit - len(claims)}
+            return await self._take(session, await session.fetch("claim_due", params), worker, lease, at)
+
+        if len(claims) < limit:
+            claims = claims + await self._write(plain)
+        return sorted(claims, key=lambda claim: -claim.job.request.priority)
 
     async def _claim_gated(
-        self, session: Session, scope: Mapping[str, Any], limit: int, worker: str, lease: float
+        self,
+        session: Session,
+        scope: Mapping[str, Any],
+        cutoff: tuple[int, int],
+        limit: int,
+        worker: str,
+        lease: float,
     ) -> Done[list[Claim]]:
         d = self.dialect
         await session.fetch("claim_gate_lock", {})
@@ -534,6 +557,8 @@ class SqlConnector(Connector, abc.ABC):
                 "now": self._store_now(at),
                 "after_priority": after[0],
                 "after_position": after[1],
+                "cut_priority": cutoff[0],
+                "cut_position": cutoff[1],
                 "full_c": d.array(sorted(gate.full_concurrency) if gate else []),
                 "full_r": d.array(sorted(gate.full_rate) if gate else []),
                 "page": GATED_PAGE,

@@ -74,8 +74,10 @@ class MemoryConnector(Connector):
         self._paused: set[str] = set()
         self._running_keys: collections.Counter[str] = collections.Counter()
         self._ordered: dict[str, set[int]] = {}
+        self._ordered_heads: dict[str, list[int]] = {}  # the same positions as heaps (stale ones left in)
         self._buckets: dict[str, Bucket] = {}
-        self._parked: dict[str, list[_Item]] = {}
+        # Parked items as heaps, in claim order ("o:" in submit order, the order of an ordered key).
+        self._parked: dict[str, list[tuple[int, _Item]]] = {}
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -102,25 +104,47 @@ class MemoryConnector(Connector):
                 self._running_keys[flow.concurrency_key] += 1
             else:
                 self._running_keys[flow.concurrency_key] -= 1
+                # All of them, not one per place: one that another policy holds back next
+                # must not keep a place from the others (a key's backlog costs a pass per end).
                 self._unpark(f"c:{flow.concurrency_key}")
         if flow.ordered_key is not None:
-            positions = self._ordered.setdefault(flow.ordered_key, set())
+            key = flow.ordered_key
+            positions = self._ordered.setdefault(key, set())
             if state.is_final:
                 positions.discard(entry.position)
                 if not positions:
-                    del self._ordered[flow.ordered_key]
-                self._unpark(f"o:{flow.ordered_key}")
-            else:
+                    del self._ordered[key]
+                    self._ordered_heads.pop(key, None)
+                self._unpark(f"o:{key}")
+            elif entry.position not in positions:
                 positions.add(entry.position)
+                heapq.heappush(self._ordered_heads.setdefault(key, []), entry.position)
+
+    def _ordered_head(self, key: str) -> int | None:
+        """The position of the first unfinished job of an ordered key."""
+        positions, heads = self._ordered.get(key), self._ordered_heads.get(key)
+        if not positions or not heads:
+            return None
+        while heads[0] not in positions:
+            heapq.heappop(heads)
+        return heads[0]
 
     def _park(self, cause: str, item: _Item) -> None:
-        self._parked.setdefault(cause, []).append(item)
+        order = item[1] if cause.startswith("o:") else 0
+        heapq.heappush(self._parked.setdefault(cause, []), (order, item))
 
-    def _unpark(self, cause: str) -> None:
-        items = self._parked.pop(cause, None)
-        if items:
-            for item in items:
+    def _unpark(self, cause: str, count: int | None = None) -> None:
+        """Puts back on the ready heap ``count`` parked jobs (still queued) of ``cause``, or all."""
+        parked = self._parked.get(cause)
+        moved = 0
+        while parked and (count is None or moved < count):
+            _, item = heapq.heappop(parked)
+            if self._is_current(item[3], item[2]):
                 heapq.heappush(self._ready, item)
+                moved += 1
+        if parked is not None and not parked:
+            del self._parked[cause]
+        if moved:
             self._notify_work()
 
     def _queue(self, entry: _Entry) -> None:
@@ -234,7 +258,7 @@ class MemoryConnector(Connector):
     def _hold(self, gate: Gate, flow: Flow, entry: _Entry, item: _Item) -> bool:
         """Asks the gate; a job it holds back is parked until that changes (True)."""
         c, r, o = flow.concurrency_key, flow.rate_key, flow.ordered_key
-        heads = o is None or min(self._ordered.get(o, {entry.position})) == entry.position
+        heads = o is None or self._ordered_head(o) in (None, entry.position)
         bucket = self._buckets.get(r) if r is not None else None
         cause = gate.hold(flow, running=self._running_keys[c] if c else 0, bucket=bucket, heads_key=heads)
         if cause is None:
@@ -388,7 +412,7 @@ class MemoryConnector(Connector):
                 counts["paused"] += 1
             elif c is not None and self._running_keys[c] >= flow.concurrency_limit:
                 counts["concurrency"] += 1
-            elif o is not None and min(self._ordered.get(o, {entry.position})) != entry.position:
+            elif o is not None and self._ordered_head(o) not in (None, entry.position):
                 counts["ordered"] += 1
             elif r is not None and (b := self._buckets.get(r)) is not None and b.at(at, flow.rate, flow.burst) < 1:
                 counts["rate_limit"] += 1

@@ -378,8 +378,8 @@ class PostgresConnector(SqlConnector):
 
     @override
     async def _write_alone(self, operation: Operation[Done[T]]) -> T:
-        # The claim of jobs with flow policies waits for the gate's lock: holding nothing else
-        # meanwhile (no other write's row or key locks), it cannot deadlock with another instance.
+        # A write that waits for a lock other instances hold (the gate's, unique keys) holds
+        # nothing else meanwhile (no other write's row or key locks): no deadlock across instances.
         if self._pool is None:
             raise Unavailable("the PostgreSQL connector is not open", reason="STORAGE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -446,7 +446,11 @@ class PostgresConnector(SqlConnector):
                     return await write(session), None
             except AjsError as error:  # the write's own refusal; its savepoint was rolled back
                 return None, error
-            except (psycopg.errors.IntegrityError, psycopg.errors.TransactionRollback) as error:
+            except (
+                psycopg.errors.IntegrityError,
+                psycopg.errors.TransactionRollback,
+                psycopg.errors.DeadlockDetected,  # (an OperationalError in psycopg, not a TransactionRollback)
+            ) as error:
                 if attempt == 2:
                     return None, translate(error, "could not write to the queue")
             except (psycopg.OperationalError, psycopg.InterfaceError):

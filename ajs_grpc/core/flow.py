@@ -142,7 +142,8 @@ class RateLimit:
 class Unique:
     """A submit whose type and ``key`` match a job in ``states`` (or created within ``ttl``) answers that job.
 
-    The answer has ``created = false``, as a resubmit of the same id has.
+    The answer has ``created = false``, as a resubmit of the same id has. Only the same
+    principal's jobs match (each principal has its own ids, and its own unique keys).
     """
 
     key: str
@@ -194,7 +195,10 @@ class FlowPolicy:
             rate=r.per_second if r else 0.0,
             burst=int(r.burst or 1) if r else 0,
             ordered_key=flow_key(kind, request, self.ordered_by) if self.ordered_by else None,
-            unique_key=flow_key(kind, request, u.key) if u else None,
+            # Per submitter: another principal's job neither answers nor blocks one's submit.
+            unique_key=json.dumps([kind, request.creator, request.data.get(u.key, "")], ensure_ascii=False)
+            if u
+            else None,
             unique_states=u.states.request_states if u else frozenset(),
             unique_ttl=float(u.ttl) if u and u.ttl is not None else None,
         )

@@ -265,3 +265,36 @@ async def test_unique_within_a_batch_and_concurrently(connector: Connector) -> N
     answers = await asyncio.gather(*(submit(connector, f"c{i}", policy, report="y") for i in range(20)))
     assert sum(created for _, created in answers) == 1
     assert len({job.request.id for job, _ in answers}) == 1
+
+
+async def test_priority_holds_across_jobs_with_and_without_policies(connector: Connector) -> None:
+    # A job with a policy is not starved by a stream of plain jobs, nor taken before better plain ones.
+    policy = FlowPolicy(concurrency=Concurrency("tenant", limit=5))
+    for i in range(5):
+        await connector.enqueue(Request(id=f"p{i}", type="t"))
+    urgent = Request(id="urgent", type="flow", priority=100)
+    await connector.enqueue(urgent, 1, policy.flow(urgent))
+    assert await claim_ids(connector, limit=1) == ["urgent"]
+    late = Request(id="late", type="flow", priority=-1)
+    await connector.enqueue(late, 1, policy.flow(late))
+    await connector.enqueue(Request(id="top", type="t", priority=50))
+    assert await claim_ids(connector, limit=3) == ["top", "p0", "p1"]
+    assert sorted(await claim_ids(connector, limit=10)) == ["late", "p2", "p3", "p4"]
+
+
+async def test_a_held_back_job_leaves_its_place_to_plain_jobs(connector: Connector) -> None:
+    policy = FlowPolicy(concurrency=Concurrency("tenant", limit=1))
+    for name in ("g0", "g1"):
+        request = Request(id=name, type="flow", data={"tenant": "a"}, priority=10)
+        await connector.enqueue(request, 1, policy.flow(request))
+    await connector.enqueue(Request(id="p0", type="t"))
+    assert await claim_ids(connector, limit=1) == ["g0"]
+    assert await claim_ids(connector, limit=1) == ["p0"]  # g1 waits for g0; p0 does not wait for g1
+
+
+async def test_unique_keys_are_per_principal(connector: Connector) -> None:
+    policy = FlowPolicy(unique=Unique("report"))
+    mine = Request(id="a1", type="flow", data={"report": "x"}, creator="alice")
+    theirs = Request(id="b1", type="flow", data={"report": "x"}, creator="bob")
+    assert (await connector.enqueue(mine, 1, policy.flow(mine)))[1]
+    assert (await connector.enqueue(theirs, 1, policy.flow(theirs)))[1]

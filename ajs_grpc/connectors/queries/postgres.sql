@@ -195,13 +195,24 @@ ${JOB}
  ORDER BY j.priority DESC, j.position
 
 -- name: gated_due
--- Whether a due job with flow policies waits in scope (a claim then asks the gate).
+-- Whether a due job with flow policies waits in scope (a claim then asks the gate first).
 SELECT 1 FROM jobs j
  WHERE j.state = ${CREATED} AND j.gated AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
    AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
        AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
  LIMIT 1
+
+-- name: plain_cutoff
+-- Where the claim of %(limit)s jobs without policies would stop (the last one's priority and
+-- position): jobs with policies that come before it in claim order are asked about first.
+SELECT j.priority, j.position FROM jobs j
+ WHERE j.state = ${CREATED} AND NOT j.gated AND j.due_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
+   AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
+       AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+ ORDER BY j.priority DESC, j.position
+ LIMIT 1 OFFSET %(limit)s - 1
 
 -- name: claim_gate_lock
 -- Claims of jobs with flow policies take turns across instances: each counts the running jobs
@@ -210,7 +221,8 @@ SELECT 1 FROM jobs j
 SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.ajs-flow-gate'))
 
 -- name: gated_candidates
--- A page of due jobs with flow policies in claim order after (%(after_priority)s,
+-- A page of due jobs with flow policies in claim order, before the cutoff of the plain claim
+-- (plain_cutoff) and after (%(after_priority)s,
 -- %(after_position)s), with what the gate (ajs_grpc.core.flow.Gate) decides on: the running
 -- jobs of their concurrency key, their rate bucket, the store's time. Left out, as the gate
 -- would refuse them anyway: keys at their limit (here or in %(full_c)s / %(full_r)s) and jobs
@@ -226,6 +238,7 @@ SELECT j.position, j.priority, j.concurrency_key, j.concurrency_limit, j.rate_ke
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
        AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
    AND (j.priority < %(after_priority)s OR (j.priority = %(after_priority)s AND j.position > %(after_position)s))
+   AND (j.priority > %(cut_priority)s OR (j.priority = %(cut_priority)s AND j.position < %(cut_position)s))
    AND (j.concurrency_key IS NULL
         OR (NOT j.concurrency_key = ANY(%(full_c)s::text[]) AND r.running < j.concurrency_limit))
    AND (j.rate_key IS NULL OR NOT j.rate_key = ANY(%(full_r)s::text[]))
@@ -236,10 +249,12 @@ SELECT j.position, j.priority, j.concurrency_key, j.concurrency_limit, j.rate_ke
  LIMIT %(page)s
 
 -- name: lock_created
--- The jobs the gate admitted, locked (one being cancelled meanwhile is passed over), then read.
-SELECT position FROM jobs WHERE position = ANY(%(positions)s::bigint[]) AND state = ${CREATED}
- ORDER BY position FOR UPDATE SKIP LOCKED;
-${JOB} WHERE j.position = ANY(%(positions)s::bigint[]) AND j.state = ${CREATED}
+-- The jobs the gate admitted, locked and read in one statement (one locked by another write,
+-- a cancel, is passed over; a second statement would see it again and wait for it).
+WITH locked AS (
+    SELECT position FROM jobs WHERE position = ANY(%(positions)s::bigint[]) AND state = ${CREATED}
+     ORDER BY position FOR UPDATE SKIP LOCKED)
+${JOB} WHERE j.position IN (SELECT position FROM locked)
  ORDER BY j.priority DESC, j.position
 
 -- name: save_bucket

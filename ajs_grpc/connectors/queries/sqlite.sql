@@ -175,7 +175,7 @@ ${JOB}
  ORDER BY j.priority DESC, j.position
 
 -- name: gated_due
--- Whether a due job with flow policies waits in scope (a claim then asks the gate).
+-- Whether a due job with flow policies waits in scope (a claim then asks the gate first).
 SELECT 1 FROM jobs AS j INDEXED BY jobs_gated
  WHERE j.state = ${CREATED} AND j.gated = 1 AND j.due_time <= :now
    AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
@@ -183,12 +183,24 @@ SELECT 1 FROM jobs AS j INDEXED BY jobs_gated
           AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
  LIMIT 1
 
+-- name: plain_cutoff
+-- Where the claim of :limit jobs without policies would stop (the last one's priority and
+-- position): jobs with policies that come before it in claim order are asked about first.
+SELECT j.priority, j.position FROM jobs AS j INDEXED BY jobs_ready
+ WHERE j.state = ${CREATED} AND j.gated = 0 AND j.due_time <= :now
+   AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+          AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
+          AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
+ ORDER BY j.priority DESC, j.position
+ LIMIT 1 OFFSET :limit - 1
+
 -- name: claim_gate_lock
 -- Nothing to take: the writer thread already holds the database's lock for the whole batch.
 SELECT 1
 
 -- name: gated_candidates
--- A page of due jobs with flow policies in claim order after (:after_priority, :after_position),
+-- A page of due jobs with flow policies in claim order, before the cutoff of the plain claim
+-- (plain_cutoff) and after (:after_priority, :after_position),
 -- with what the gate (ajs_grpc.core.flow.Gate) decides on: the running jobs of their
 -- concurrency key, their rate bucket, the clock. Left out, as the gate would refuse them
 -- anyway: keys at their limit (here or in :full_c / :full_r) and jobs that are not the first
@@ -204,6 +216,7 @@ SELECT j.position, j.priority, j.concurrency_key, j.concurrency_limit, j.rate_ke
           AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
           AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
    AND (j.priority < :after_priority OR (j.priority = :after_priority AND j.position > :after_position))
+   AND (j.priority > :cut_priority OR (j.priority = :cut_priority AND j.position < :cut_position))
    AND (j.concurrency_key IS NULL
         OR (j.concurrency_key NOT IN (SELECT value FROM json_each(:full_c))
             AND (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key)
