@@ -291,9 +291,10 @@ ${JOB} WHERE j.state = ${PENDING} AND j.lease_expires <= COALESCE(%(now)s::times
 -- name: next_due
 -- When a claim in scope may next find work, and the database's clock it compares with: the
 -- earliest due time of jobs without flow policies, of jobs with them not yet due, and of the
--- next token of empty buckets that due jobs wait on; the earliest of the three is taken. Jobs
--- held back by a concurrency or order policy start when the job before them ends: its end
--- wakes the dispatchers.
+-- next token of buckets a claim emptied that due jobs wait on (only those no concurrency or
+-- order policy holds back: the time may have passed, and such a job is claimable then); the
+-- earliest of the three is taken. Jobs held back by a concurrency or order policy start when
+-- the job before them ends: its end wakes the dispatchers.
 WITH clock AS (SELECT COALESCE(%(now)s::timestamptz, clock_timestamp()) AS now)
 SELECT (SELECT min(j.due_time) FROM jobs j WHERE j.state = ${CREATED} AND NOT j.gated AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
@@ -308,7 +309,12 @@ SELECT (SELECT min(j.due_time) FROM jobs j WHERE j.state = ${CREATED} AND NOT j.
              AND j.due_time <= clock.now AND (%(any_type)s OR j.type = ANY(%(types)s::text[]))
        AND (%(any_queue)s OR j.queue = ANY(%(queues)s::text[]))
        AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
-             AND b.tokens + extract(epoch FROM clock.now - b.update_time) * j.rate < 1),
+             AND (j.concurrency_key IS NULL
+                  OR (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key)
+                     < j.concurrency_limit)
+             AND (j.ordered_key IS NULL
+                  OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.ordered_key = j.ordered_key
+                                                          AND o.state < ${FINISHED} AND o.position < j.position))),
        (SELECT now FROM clock)
 
 -- name: cancel_tree

@@ -268,8 +268,10 @@ ${JOB} WHERE j.state = ${PENDING}
 -- name: next_due
 -- When a claim in scope may next find work, and the clock it compares with: the earliest due
 -- time of jobs without flow policies, of jobs with them not yet due, and of the next token of
--- empty buckets that due jobs wait on (the earliest of the three is taken; jobs held back by a
--- concurrency or order policy start when the job before them ends: its end wakes the dispatcher).
+-- buckets a claim emptied that due jobs wait on (only those no concurrency or order policy
+-- holds back: the time may have passed, and such a job is claimable then); the earliest of the
+-- three is taken. Jobs held back by a concurrency or order policy start when the job before
+-- them ends: its end wakes the dispatcher.
 SELECT (SELECT j.due_time FROM jobs AS j INDEXED BY jobs_due
          WHERE j.state = ${CREATED} AND j.gated = 0 AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
           AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
@@ -287,7 +289,12 @@ SELECT (SELECT j.due_time FROM jobs AS j INDEXED BY jobs_due
            AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
            AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
            AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
-           AND b.tokens + (:now - b.update_time) / 1000000.0 * j.rate < 1),
+           AND (j.concurrency_key IS NULL
+                  OR (SELECT count(*) FROM jobs p WHERE p.state = ${PENDING} AND p.concurrency_key = j.concurrency_key)
+                     < j.concurrency_limit)
+             AND (j.ordered_key IS NULL
+                  OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.ordered_key = j.ordered_key
+                                                          AND o.state < ${FINISHED} AND o.position < j.position))),
        :now
 
 -- name: cancel_tree
