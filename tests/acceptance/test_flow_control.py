@@ -180,8 +180,8 @@ async def test_rate_limited_starts_never_exceed_the_bucket(instances: Instances)
         starts = sorted([run.start for r in requests for run in await attempts(first, r.id)])
     assert len(starts) == 200
     # Any stretch of time holds at most the burst plus what the rate adds over it. The
-    # starts are stamped when each claim began, a few milliseconds before the bucket was
-    # read, so a stretch is given 20 ms more.
+    # starts are stamped with the time the claim read the bucket (the database's clock on
+    # PostgreSQL, the process's on SQLite: the same machine's); a stretch is given 20 ms more.
     for i in range(len(starts)):
         for j in range(i + 1, len(starts)):
             window = (starts[j] - starts[i]).total_seconds()
