@@ -458,13 +458,15 @@ async def serve(config: ServerConfig, announce: str = "") -> int:
         How many abandoned jobs (which ignored cancellation) still run in threads.
     """
     server = AjsServer(config)
-    await server.start()
-    if announce:
-        log.info("%s", announce)
+    # Handled before the server says it serves: a SIGTERM right after "serving on" must drain
+    # it, not kill it (CI saw a killed server leave the SQLite WAL behind).
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    await server.start()
+    if announce:
+        log.info("%s", announce)
     try:
         await stop_requested.wait()
         log.info("signal received")
