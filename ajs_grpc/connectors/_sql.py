@@ -39,7 +39,7 @@ from typing_extensions import override
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, QueueInfo, Renewal, Submit, plan_submits
 from ajs_grpc.core.errors import AjsError, Code
-from ajs_grpc.core.flow import Bucket, Gate
+from ajs_grpc.core.flow import HELD_BACK_CAUSES, Bucket, Gate
 from ajs_grpc.core.model import (
     NO_FLOW,
     ErrorStatus,
@@ -92,8 +92,6 @@ MAX_POSITION = 2**63 - 1
 # and, with no plain job to stop at, end.
 ABOVE_PRIORITIES = 2**31
 BELOW_PRIORITIES = -(2**31) - 1
-# The causes of the held_back query's columns, in order.
-HELD_BACK = ("paused", "concurrency", "ordered", "rate_limit")
 # Gated candidates a claim reads per round trip.
 GATED_PAGE = 64
 
@@ -723,7 +721,7 @@ class SqlConnector(Connector, abc.ABC):
     async def held_back(self) -> dict[str, int]:
         async def read(session: Session) -> dict[str, int]:
             [row] = await session.fetch("held_back", {"now": self._store_now(self._now())})
-            return {cause: int(count or 0) for cause, count in zip(HELD_BACK, row, strict=True)}
+            return {cause: int(count or 0) for cause, count in zip(HELD_BACK_CAUSES, row, strict=True)}
 
         return await self._read(read)
 

@@ -28,7 +28,7 @@ from ajs_grpc.connectors.base import (
     Submit,
     plan_submits,
 )
-from ajs_grpc.core.flow import Bucket, Gate, next_token
+from ajs_grpc.core.flow import HELD_BACK_CAUSES, Bucket, Gate, next_token
 from ajs_grpc.core.model import NO_FLOW, Flow, Job, Request, RequestState, Response, Update
 
 _Item = tuple[int, int, int, str]
@@ -76,8 +76,7 @@ class MemoryConnector(Connector):
         self._ordered: dict[str, set[int]] = {}
         self._ordered_heads: dict[str, list[int]] = {}  # the same positions as heaps (stale ones left in)
         self._buckets: dict[str, Bucket] = {}
-        # Parked items as heaps, in claim order ("o:" in submit order, the order of an ordered key).
-        self._parked: dict[str, list[tuple[int, _Item]]] = {}
+        self._parked: dict[str, list[_Item]] = {}
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -130,20 +129,13 @@ class MemoryConnector(Connector):
         return heads[0]
 
     def _park(self, cause: str, item: _Item) -> None:
-        order = item[1] if cause.startswith("o:") else 0
-        heapq.heappush(self._parked.setdefault(cause, []), (order, item))
+        self._parked.setdefault(cause, []).append(item)
 
-    def _unpark(self, cause: str, count: int | None = None) -> None:
-        """Puts back on the ready heap ``count`` parked jobs (still queued) of ``cause``, or all."""
-        parked = self._parked.get(cause)
-        moved = 0
-        while parked and (count is None or moved < count):
-            _, item = heapq.heappop(parked)
-            if self._is_current(item[3], item[2]):
-                heapq.heappush(self._ready, item)
-                moved += 1
-        if parked is not None and not parked:
-            del self._parked[cause]
+    def _unpark(self, cause: str) -> None:
+        """Puts the jobs parked for ``cause`` (those still queued) back on the ready heap."""
+        moved = [item for item in self._parked.pop(cause, ()) if self._is_current(item[3], item[2])]
+        for item in moved:
+            heapq.heappush(self._ready, item)
         if moved:
             self._notify_work()
 
@@ -401,7 +393,7 @@ class MemoryConnector(Connector):
     @override
     async def held_back(self) -> dict[str, int]:
         at = self._now()
-        counts = dict.fromkeys(("paused", "concurrency", "ordered", "rate_limit"), 0)
+        counts = dict.fromkeys(HELD_BACK_CAUSES, 0)
         for entry in self._entries.values():
             job = entry.job
             if job.state is not RequestState.CREATED or (job.due_time is not None and job.due_time > at):

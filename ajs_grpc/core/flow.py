@@ -32,7 +32,9 @@ from ajs_grpc.core.durations import parse_duration
 from ajs_grpc.core.model import NO_FLOW, Flow, Request, RequestState
 
 __all__ = [
+    "HELD_BACK_CAUSES",
     "NO_FLOW",
+    "POLICY_NAMES",
     "Bucket",
     "Concurrency",
     "Flow",
@@ -159,9 +161,9 @@ class Unique:
             raise ValueError("unique: give states, a ttl, or both")
 
 
-def flow_key(request_type: str, request: Request, entry: str) -> str:
-    """The key of a policy for ``request``: its type and the value of data entry ``entry`` ("" if absent)."""
-    return json.dumps([request_type, request.data.get(entry, "")], ensure_ascii=False)
+def flow_key(request: Request, entry: str, *scope: str) -> str:
+    """A policy key for ``request``: its type, ``scope``, and the value of data entry ``entry`` ("" if absent)."""
+    return json.dumps([request.type, *scope, request.data.get(entry, "")], ensure_ascii=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,19 +188,16 @@ class FlowPolicy:
         """The policies of one request of the type, with its keys."""
         if self.empty:
             return NO_FLOW
-        kind = request.type
         c, r, u = self.concurrency, self.rate_limit, self.unique
         return Flow(
-            concurrency_key=flow_key(kind, request, c.key) if c else None,
+            concurrency_key=flow_key(request, c.key) if c else None,
             concurrency_limit=c.limit if c else 0,
-            rate_key=flow_key(kind, request, r.key) if r else None,
+            rate_key=flow_key(request, r.key) if r else None,
             rate=r.per_second if r else 0.0,
             burst=int(r.burst or 1) if r else 0,
-            ordered_key=flow_key(kind, request, self.ordered_by) if self.ordered_by else None,
+            ordered_key=flow_key(request, self.ordered_by) if self.ordered_by else None,
             # Per submitter: another principal's job neither answers nor blocks one's submit.
-            unique_key=json.dumps([kind, request.creator, request.data.get(u.key, "")], ensure_ascii=False)
-            if u
-            else None,
+            unique_key=flow_key(request, u.key, request.creator) if u else None,
             unique_states=u.states.request_states if u else frozenset(),
             unique_ttl=float(u.ttl) if u and u.ttl is not None else None,
         )
@@ -239,6 +238,13 @@ class FlowPolicy:
             except TypeError as error:
                 raise ValueError(f"{name}: {error}") from None
         return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
+
+
+POLICY_NAMES = tuple(field.name for field in dataclasses.fields(FlowPolicy))
+"""The policies of a type, as ``@job`` and a ``[jobs.TYPE]`` table name them."""
+
+HELD_BACK_CAUSES = ("paused", "concurrency", "ordered", "rate_limit")
+"""What holds a due queued job back (a paused queue, then what :meth:`Gate.hold` answers)."""
 
 
 def _parse_states(value: object) -> JobStates:

@@ -39,8 +39,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ajs_grpc.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
-from ajs_grpc.edge.config import ConfigError
+from ajs_grpc.core.errors import ConfigError, FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 
 __all__ = [
     "ANONYMOUS",

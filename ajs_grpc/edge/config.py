@@ -24,7 +24,8 @@ from typing import Any
 from ajs_grpc.connectors._pgnames import check_schema_name
 from ajs_grpc.core.durations import format_duration, parse_duration
 from ajs_grpc.core.errors import ConfigError, FieldViolation
-from ajs_grpc.core.flow import FlowPolicy
+from ajs_grpc.core.flow import POLICY_NAMES, FlowPolicy
+from ajs_grpc.edge.validation import check_queue
 
 __all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "format_duration", "load"]
 
@@ -80,8 +81,6 @@ def _queues(value: object) -> list[str]:
     names = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError("expected a list of queue names")
-    from ajs_grpc.edge.validation import check_queue  # it imports this module through auth
-
     for name in names:
         problems: list[FieldViolation] = []
         check_queue(name, "queue", problems, required=True)
@@ -193,7 +192,7 @@ _JOB_POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
     "multiplier": float,
     "jitter": float,
     "timeout": _optional_duration,
-    **{name: _flow_policy(name) for name in ("concurrency", "rate_limit", "ordered_by", "unique")},
+    **{name: _flow_policy(name) for name in POLICY_NAMES},
 }
 
 

@@ -14,14 +14,13 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ajs_grpc.connectors.base import QueueInfo
+from ajs_grpc.core.flow import HELD_BACK_CAUSES
 from ajs_grpc.core.model import RequestState
 
 __all__ = ["Metrics"]
 
 # The label of job types this server does not run.
 OTHER_TYPE = "other"
-# Why a due queued job waits (the causes of Connector.held_back), each a series of ajs_jobs_held_back.
-HELD_BACK_CAUSES = ("paused", "concurrency", "ordered", "rate_limit")
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.core.errors import PluginError, PluginKind
-from ajs_grpc.core.flow import FlowPolicy
+from ajs_grpc.core.flow import POLICY_NAMES, FlowPolicy
 from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.engine.handlers.base import HandlerChain, RequestHandler
 
@@ -54,7 +54,7 @@ GROUPS: dict[Kind, str] = {
     "job": "ajs_grpc.jobs",
 }
 # The keys of a [jobs.<type>] table that set flow-control policies (the others: retry and timeout).
-FLOW_KEYS = frozenset({"concurrency", "rate_limit", "ordered_by", "unique"})
+FLOW_KEYS = frozenset(POLICY_NAMES)
 # The handler that answers every type nobody runs; always last in the chain.
 REJECT = "reject"
 # The handler that runs jobs asking for no other handler when the configuration lists none.
