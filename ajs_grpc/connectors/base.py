@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapp
 from datetime import datetime
 from typing import ClassVar, Protocol, TypeAlias
 
-from ajs_grpc.core.errors import AjsError, AlreadyExists, FailedPrecondition, NotFound
+from ajs_grpc.core.errors import AjsError, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from ajs_grpc.core.model import NO_FLOW, Flow, Job, Request, RequestState, Response, Update, now
+from ajs_grpc.core.schedules import Schedule
 
 __all__ = [
     "Claim",
@@ -33,7 +34,11 @@ __all__ = [
     "QueueInfo",
     "Renewal",
     "Submit",
+    "dependency_cycle",
+    "not_ended",
+    "dependency_not_found",
     "parent_not_found",
+    "schedule_not_found",
     "plan_submits",
     "request_not_found",
     "resubmitted",
@@ -69,11 +74,13 @@ def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
 
 @dataclasses.dataclass(frozen=True)
 class Submit:
-    """One request to enqueue, with what its type says of it: its attempts and its flow policies."""
+    """One request to enqueue, with what its type says of it: its attempts, its flow policies,
+    and whether it runs after dependencies that failed (see :meth:`Job.resolve`)."""
 
     request: Request
     max_attempts: int = 1
     flow: Flow = NO_FLOW
+    allow_failed_dependencies: bool = False
 
     @classmethod
     def of(cls, item: Submit | tuple[Request, int]) -> Submit:
@@ -110,6 +117,8 @@ async def plan_submits(
     were stored; a parent must be stored or come earlier in the batch. A submit whose
     flow has a unique key matching a stored job (or one earlier in the batch) in the
     unique states, or created within the unique ttl, answers that job (``created`` False).
+    Each of ``depends_on`` must be stored or anywhere in the batch, and the new jobs'
+    dependencies must not form a cycle.
 
     Args:
         submits: each request (server-set fields filled in) with its attempts and flow.
@@ -122,8 +131,10 @@ async def plan_submits(
 
     Raises:
         AlreadyExists, NotFound: the first refused submit's error; nothing is to be stored.
+        InvalidArgument: the new jobs' dependencies form a cycle (``DEPENDENCY_CYCLE``).
     """
     at = at or now()
+    in_batch = {s.request.id for s in submits}
     planned: list[Planned] = []
     new: dict[str, Job] = {}
     new_unique: dict[str, Job] = {}
@@ -148,7 +159,12 @@ async def plan_submits(
             parent = request.parent_id
             if parent and parent not in new and not await exists(parent):
                 raise parent_not_found(parent)
-            job, first = Job.create(request, submit.max_attempts, at, flow)
+            for dependency in request.depends_on:
+                if dependency not in in_batch and not await exists(dependency):
+                    raise dependency_not_found(dependency)
+            job, first = Job.create(
+                request, submit.max_attempts, at, flow, allow_failed_dependencies=submit.allow_failed_dependencies
+            )
             new[request.id] = job
             if flow.unique_key is not None:
                 new_unique[flow.unique_key] = job
@@ -157,7 +173,76 @@ async def plan_submits(
             if indexed:
                 error.metadata = {**error.metadata, "index": str(index)}
             raise
+    _check_acyclic([p.job.request for p in planned if p.created], indexed=indexed)
     return planned
+
+
+def _check_acyclic(requests: Sequence[Request], *, indexed: bool) -> None:
+    """Raises if the dependencies among ``requests`` (new jobs) form a cycle (stored jobs cannot close one)."""
+    index = {request.id: i for i, request in enumerate(requests)}
+    done: set[str] = set()
+    for request in requests:
+        if request.id in done:
+            continue
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, int]] = [(request.id, 0)]
+        while stack:
+            node, next_edge = stack.pop()
+            if next_edge == 0:
+                path.append(node)
+                on_path.add(node)
+            edges = [d for d in requests[index[node]].depends_on if d in index]
+            if next_edge < len(edges):
+                stack.append((node, next_edge + 1))
+                target = edges[next_edge]
+                if target in on_path:
+                    cycle = [*path[path.index(target) :], target]
+                    raise dependency_cycle(cycle, index[node] if indexed else None)
+                if target not in done:
+                    stack.append((target, 0))
+            else:
+                path.pop()
+                on_path.discard(node)
+                done.add(node)
+
+
+def dependency_cycle(cycle: Sequence[str], index: int | None) -> InvalidArgument:
+    """The error of a submit whose dependencies form ``cycle`` (ids, the first repeated last)."""
+    metadata = {"cycle": " -> ".join(cycle)}
+    if index is not None:
+        metadata["index"] = str(index)
+    return InvalidArgument(
+        f"the dependencies form a cycle: {' -> '.join(cycle)}",
+        [FieldViolation("request.depends_on", f"forms a cycle: {' -> '.join(cycle)}")],
+        reason="DEPENDENCY_CYCLE",
+        metadata=metadata,
+    )
+
+
+def dependency_not_found(dependency_id: str) -> NotFound:
+    """The error of a submit that depends on a request that does not exist."""
+    return NotFound(
+        f"dependency {dependency_id!r} does not exist",
+        reason="DEPENDENCY_NOT_FOUND",
+        metadata={"dependency_id": dependency_id},
+    )
+
+
+def not_ended(job: Job, what: str) -> FailedPrecondition:
+    """The error of ``what`` (an action) asked of a job that has not ended."""
+    return FailedPrecondition(
+        f"request {job.request.id!r} is {job.state.name}: only an ended job can be {what}",
+        reason="REQUEST_NOT_ENDED",
+        metadata={"request_id": job.request.id, "state": job.state.name},
+    )
+
+
+def schedule_not_found(schedule_id: str) -> NotFound:
+    """The error for an unknown schedule id."""
+    return NotFound(
+        f"no schedule with id {schedule_id!r}", reason="SCHEDULE_NOT_FOUND", metadata={"schedule_id": schedule_id}
+    )
 
 
 def request_not_found(request_id: str) -> NotFound:
@@ -357,9 +442,11 @@ class Connector(abc.ABC):
         """Claims up to ``limit`` due requests (CREATED -> PENDING) under a lease.
 
         Order: higher priority first, then submit order. Requests whose
-        ``due_time`` is in the future are not claimed, nor those of a paused queue,
-        nor those their flow policies hold back (:class:`~ajs_grpc.core.flow.Gate`
-        decides, counting every instance's running jobs).
+        ``due_time`` is in the future are not claimed, nor those waiting for their
+        dependencies, nor those of a paused queue, nor those their flow policies hold
+        back (:class:`~ajs_grpc.core.flow.Gate` decides, counting every instance's
+        running jobs). A request found past its ``expire_time`` ends CANCELLED
+        (:meth:`~ajs_grpc.core.model.Job.lapse`) instead of being claimed.
 
         Args:
             worker: who claims, recorded in the PENDING Response.
@@ -394,7 +481,8 @@ class Connector(abc.ABC):
 
     @abc.abstractmethod
     async def recover_expired(self) -> int:
-        """Applies :meth:`~ajs_grpc.core.model.Job.expire` to running jobs whose lease expired.
+        """Applies :meth:`~ajs_grpc.core.model.Job.expire` to running jobs whose lease expired,
+        and :meth:`~ajs_grpc.core.model.Job.lapse` to queued jobs past their ``expire_time``.
 
         Returns:
             How many jobs were recovered (requeued or ended).
@@ -433,6 +521,98 @@ class Connector(abc.ABC):
 
         Returns:
             How many jobs were deleted.
+        """
+
+    @abc.abstractmethod
+    async def retry(self, request_id: str) -> Job:
+        """Queues an ended FAILED or CANCELLED job again (:meth:`~ajs_grpc.core.model.Job.retry`); wakes listeners.
+
+        Raises:
+            NotFound: no such request.
+            FailedPrecondition: see :meth:`~ajs_grpc.core.model.Job.retry`.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, request_id: str) -> int:
+        """Deletes an ended job, its Responses, and its descendants (``parent_id`` links), all ended.
+
+        Returns:
+            How many jobs were deleted.
+
+        Raises:
+            NotFound: no such request.
+            FailedPrecondition: it or a descendant has not ended (``REQUEST_NOT_ENDED``); nothing is deleted.
+        """
+
+    # -- schedules -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_schedule(self, schedule: Schedule, *, replace: bool = False) -> tuple[Schedule, bool]:
+        """Stores a new schedule (``create_time`` and ``update_time`` set by the store).
+
+        Args:
+            schedule: the schedule; its ``last_time`` and ``last_job_id`` are ignored.
+            replace: a stored schedule with this id and another definition takes this
+                one's (keeping its ``last_time``, ``last_job_id`` and ``paused``).
+
+        Returns:
+            The stored schedule, and True if it was created or replaced; ``(stored, False)``
+            when one with this id and the same definition is stored.
+
+        Raises:
+            AlreadyExists: without ``replace``, the id is taken by another definition
+                (``SCHEDULE_ID_TAKEN``).
+        """
+
+    @abc.abstractmethod
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        """The schedule of ``schedule_id``.
+
+        Raises:
+            NotFound: no such schedule.
+        """
+
+    @abc.abstractmethod
+    async def list_schedules(self, *, creator: str = "", after: str = "", limit: int = 1000) -> list[Schedule]:
+        """Up to ``limit`` schedules by id, those with ids after ``after``; only ``creator``'s if given."""
+
+    @abc.abstractmethod
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Deletes a schedule (the jobs it submitted stay).
+
+        Raises:
+            NotFound: no such schedule.
+        """
+
+    @abc.abstractmethod
+    async def pause_schedule(self, schedule_id: str, paused: bool) -> Schedule:
+        """Pauses or resumes a schedule.
+
+        A resumed schedule goes on from now: occurrences passed while it was paused
+        are skipped (``last_time`` is set to now on resume).
+
+        Raises:
+            NotFound: no such schedule.
+        """
+
+    @abc.abstractmethod
+    async def advance_schedule(
+        self, schedule_id: str, last_time: datetime | None, new_last_time: datetime, last_job_id: str
+    ) -> bool:
+        """Records occurrences up to ``new_last_time`` as handled, if ``last_time`` is still the stored one.
+
+        Instances race for a schedule's occurrences: the one whose compare-and-set
+        succeeds moves it on; the others submitted the same job ids (one job each).
+
+        Args:
+            schedule_id: the schedule.
+            last_time: the ``last_time`` read before the occurrences were handled.
+            new_last_time: the latest occurrence handled.
+            last_job_id: the job of the latest occurrence submitted ("" keeps the stored one).
+
+        Returns:
+            True if it was recorded; False if another instance moved it on first, or
+            the schedule was deleted or paused meanwhile.
         """
 
     # -- queues ----------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Every state rule of the project lives here, in :meth:`Job.advance`: Responses of a
 request are numbered 1, 2, 3 ... without gaps, a request has exactly one final
-Response, and nothing is appended after it. Connectors store what ``advance``
-returns; they never decide a state themselves.
+Response, and nothing is appended after it but a retry by hand (:meth:`Job.retry`,
+which starts a new run). Dependencies are resolved by :meth:`Job.resolve`, expiry by
+:meth:`Job.lapse`. Connectors store what these return; they never decide a state
+themselves.
 
 This module knows nothing of gRPC. ``google.protobuf.Any`` is the only protobuf
 type it carries, for typed payloads.
@@ -164,6 +166,10 @@ class Request:
         run_after: not claimed before this time; None (or a past time) is now.
         queue: the queue it waits in (``"default"`` when given empty); an instance
             claims only from the queues it runs.
+        depends_on: ids of requests that must end before it starts (see :meth:`Job.resolve`).
+        expire_time: if it has not started by then, it ends CANCELLED (reason ``EXPIRED``); None: never.
+        max_attempts: claims allowed in all, at most its type's; 0 for its type's.
+        timeout: seconds one attempt may run, at most its type's; None for its type's.
     """
 
     id: str
@@ -176,9 +182,14 @@ class Request:
     priority: int = 0
     run_after: datetime | None = None
     queue: str = DEFAULT_QUEUE
+    depends_on: tuple[str, ...] = ()
+    expire_time: datetime | None = None
+    max_attempts: int = 0
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", _frozen(self.data))
+        object.__setattr__(self, "depends_on", tuple(self.depends_on))
         if not self.queue:
             object.__setattr__(self, "queue", DEFAULT_QUEUE)
 
@@ -193,6 +204,10 @@ class Request:
             and self.priority == other.priority
             and self.run_after == other.run_after
             and self.queue == other.queue
+            and self.depends_on == other.depends_on
+            and self.expire_time == other.expire_time
+            and self.max_attempts == other.max_attempts
+            and self.timeout == other.timeout
         )
 
 
@@ -309,8 +324,11 @@ class Job:
         update_time: when it last changed.
         cancel_requested: cancellation was asked for while it ran.
         max_attempts: how many times it may be claimed in all (its retry policy's).
-        due_time: while CREATED, when it may be claimed (``run_after``, or a retry's backoff).
+        due_time: while CREATED, when it may be claimed (``run_after``, or a retry's backoff);
+            None while it waits for its dependencies (:attr:`waiting`).
         flow: its flow-control policies (set at submit).
+        allow_failed_dependencies: it runs once its dependencies ended, whatever their end
+            (its type's choice); otherwise one that ends FAILED or CANCELLED cancels it.
     """
 
     request: Request
@@ -322,20 +340,150 @@ class Job:
     max_attempts: int = 1
     due_time: datetime | None = None
     flow: Flow = NO_FLOW
+    allow_failed_dependencies: bool = False
 
     @classmethod
     def create(
-        cls, request: Request, max_attempts: int = 1, at: datetime | None = None, flow: Flow = NO_FLOW
+        cls,
+        request: Request,
+        max_attempts: int = 1,
+        at: datetime | None = None,
+        flow: Flow = NO_FLOW,
+        *,
+        allow_failed_dependencies: bool = False,
     ) -> tuple[Job, Response]:
-        """A new queued job and its first Response (sequence 1, CREATED)."""
+        """A new queued job and its first Response (sequence 1, CREATED).
+
+        A request with dependencies starts :attr:`waiting`: its store applies :meth:`resolve`
+        once they are stored (and each time one of them ends).
+        """
         at = at or now()
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         request = dataclasses.replace(request, create_time=at)
         first = Response(request.id, 1, at, RequestState.CREATED)
-        due = max(request.run_after or at, at)
-        job = cls(request, RequestState.CREATED, 0, first, at, max_attempts=max_attempts, due_time=due, flow=flow)
+        due = None if request.depends_on else max(request.run_after or at, at)
+        job = cls(
+            request,
+            RequestState.CREATED,
+            0,
+            first,
+            at,
+            max_attempts=max_attempts,
+            due_time=due,
+            flow=flow,
+            allow_failed_dependencies=allow_failed_dependencies,
+        )
         return job, first
+
+    @property
+    def waiting(self) -> bool:
+        """True while it is queued waiting for its dependencies to end (no claim takes it)."""
+        return self.state is RequestState.CREATED and self.due_time is None
+
+    def expired(self, at: datetime) -> bool:
+        """True when it is queued and its ``expire_time`` has come: :meth:`lapse` ends it."""
+        expire = self.request.expire_time
+        return self.state is RequestState.CREATED and expire is not None and expire <= at
+
+    def lapse(self, at: datetime | None = None) -> tuple[Job, Response]:
+        """Ends a queued job that was not started by its ``expire_time``: CANCELLED, reason ``EXPIRED``."""
+        expire = self.request.expire_time
+        error = ErrorStatus(
+            Code.DEADLINE_EXCEEDED,
+            f"not started by its expire_time {_iso(expire)}",
+            "EXPIRED",
+            {"expire_time": _iso(expire) or ""},
+        )
+        return self.advance(Update(RequestState.CANCELLED, error=error), at)
+
+    def resolve(self, dependencies: Mapping[str, Job], at: datetime | None = None) -> tuple[Job, Response | None]:
+        """Applies its dependencies' states to a :attr:`waiting` job (the one rule of dependencies).
+
+        Args:
+            dependencies: the stored jobs of ``request.depends_on`` by id; one missing was
+                deleted after it ended, and counts as FINISHED.
+            at: now.
+
+        Returns:
+            ``(self, None)`` while one has not ended; the job CANCELLED (reason
+            ``DEPENDENCY_FAILED``) and its final Response when one ended FAILED or CANCELLED
+            and its type does not allow that; else the job due now (or at ``run_after``)
+            and None.
+        """
+        if not self.waiting:
+            return self, None
+        ended = []
+        for dependency_id in self.request.depends_on:
+            dependency = dependencies.get(dependency_id)
+            if dependency is not None and not dependency.is_final:
+                return self, None
+            ended.append((dependency_id, dependency.state if dependency is not None else RequestState.FINISHED))
+        failed = [(i, state) for i, state in ended if state is not RequestState.FINISHED]
+        if failed and not self.allow_failed_dependencies:
+            dependency_id, state = failed[0]
+            error = ErrorStatus(
+                Code.CANCELLED,
+                f"dependency {dependency_id!r} ended {state.name}",
+                "DEPENDENCY_FAILED",
+                {"dependency_id": dependency_id, "dependency_state": state.name},
+            )
+            return self.advance(Update(RequestState.CANCELLED, error=error), at)
+        at = at or now()
+        return dataclasses.replace(self, due_time=max(self.request.run_after or at, at)), None
+
+    def retry(self, dependencies: Mapping[str, Job], at: datetime | None = None) -> tuple[Job, Response]:
+        """Queues an ended FAILED or CANCELLED job again by hand (``RetryJob``): the one way past a final Response.
+
+        The same id; its Responses go on from the final one with a CREATED Response
+        (``data["reason"]`` ``MANUAL_RETRY``); its attempts count from 0 again. A job
+        with dependencies waits for those not ended, as when submitted.
+
+        Args:
+            dependencies: as for :meth:`resolve`.
+            at: now.
+
+        Raises:
+            FailedPrecondition: it has not ended (``REQUEST_NOT_ENDED``), it FINISHED
+                (``REQUEST_FINISHED``), or a dependency ended FAILED or CANCELLED and its
+                type does not allow that (``DEPENDENCY_FAILED``: retry that one first).
+        """
+        request_id = self.request.id
+        metadata = {"request_id": request_id, "state": self.state.name}
+        if not self.is_final:
+            raise FailedPrecondition(
+                f"request {request_id!r} is {self.state.name}: only an ended job can be retried",
+                reason="REQUEST_NOT_ENDED",
+                metadata=metadata,
+            )
+        if self.state is RequestState.FINISHED:
+            raise FailedPrecondition(
+                f"request {request_id!r} FINISHED: only a FAILED or CANCELLED job can be retried",
+                reason="REQUEST_FINISHED",
+                metadata=metadata,
+            )
+        at = at or now()
+        response = Response(
+            request_id, self.last_response.sequence + 1, at, RequestState.CREATED, data={"reason": "MANUAL_RETRY"}
+        )
+        job = dataclasses.replace(
+            self,
+            state=RequestState.CREATED,
+            attempt=0,
+            last_response=response,
+            update_time=at,
+            cancel_requested=False,
+            due_time=None if self.request.depends_on else max(self.request.run_after or at, at),
+        )
+        resolved, cancelled = job.resolve(dependencies, at)
+        if cancelled is not None:
+            assert cancelled.error is not None
+            raise FailedPrecondition(
+                f"request {request_id!r} cannot be retried: {cancelled.error.message}; retry that one first",
+                reason="DEPENDENCY_FAILED",
+                metadata={**metadata, **cancelled.error.metadata},
+            )
+        return resolved, response
 
     def as_dict(self) -> dict[str, Any]:
         """Its JSON form, as ``ajs get`` prints it (``json.dumps`` takes it).
