@@ -35,13 +35,14 @@ __all__ = [
     "Renewal",
     "Submit",
     "dependency_cycle",
-    "not_ended",
     "dependency_not_found",
+    "not_ended",
     "parent_not_found",
-    "schedule_not_found",
     "plan_submits",
     "request_not_found",
     "resubmitted",
+    "schedule_not_found",
+    "schedule_taken",
 ]
 
 Clock: TypeAlias = Callable[[], datetime]
@@ -74,8 +75,11 @@ def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
 
 @dataclasses.dataclass(frozen=True)
 class Submit:
-    """One request to enqueue, with what its type says of it: its attempts, its flow policies,
-    and whether it runs after dependencies that failed (see :meth:`Job.resolve`)."""
+    """One request to enqueue, with what its type says of it.
+
+    That is its attempts, its flow policies, and whether it runs after dependencies
+    that failed (see :meth:`~ajs_grpc.core.model.Job.resolve`).
+    """
 
     request: Request
     max_attempts: int = 1
@@ -238,6 +242,15 @@ def not_ended(job: Job, what: str) -> FailedPrecondition:
     )
 
 
+def schedule_taken(schedule_id: str) -> AlreadyExists:
+    """The error of a create whose schedule id is taken by another definition."""
+    return AlreadyExists(
+        f"schedule {schedule_id!r} exists with another definition",
+        reason="SCHEDULE_ID_TAKEN",
+        metadata={"schedule_id": schedule_id},
+    )
+
+
 def schedule_not_found(schedule_id: str) -> NotFound:
     """The error for an unknown schedule id."""
     return NotFound(
@@ -392,13 +405,16 @@ class Connector(abc.ABC):
     # -- the queue -----------------------------------------------------------
 
     @abc.abstractmethod
-    async def enqueue(self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW) -> tuple[Job, bool]:
+    async def enqueue(
+        self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW, *, allow_failed_dependencies: bool = False
+    ) -> tuple[Job, bool]:
         """Stores a new request (state CREATED, Response #1) unless it exists.
 
         Args:
             request: the request, with server-set fields filled in.
             max_attempts: how many times the job may be claimed in all.
             flow: its type's flow-control policies, resolved for it.
+            allow_failed_dependencies: its type runs it after dependencies that failed.
 
         Returns:
             The job, and True if it was created; ``(existing job, False)`` when a
@@ -481,8 +497,10 @@ class Connector(abc.ABC):
 
     @abc.abstractmethod
     async def recover_expired(self) -> int:
-        """Applies :meth:`~ajs_grpc.core.model.Job.expire` to running jobs whose lease expired,
-        and :meth:`~ajs_grpc.core.model.Job.lapse` to queued jobs past their ``expire_time``.
+        """Ends or requeues jobs whose time ran out.
+
+        That is :meth:`~ajs_grpc.core.model.Job.expire` for running jobs whose lease expired,
+        and :meth:`~ajs_grpc.core.model.Job.lapse` for queued jobs past their ``expire_time``.
 
         Returns:
             How many jobs were recovered (requeued or ended).

@@ -26,10 +26,14 @@ from ajs_grpc.connectors.base import (
     QueueInfo,
     Renewal,
     Submit,
+    not_ended,
     plan_submits,
+    schedule_not_found,
+    schedule_taken,
 )
 from ajs_grpc.core.flow import HELD_BACK_CAUSES, Bucket, Gate, next_token
 from ajs_grpc.core.model import NO_FLOW, Flow, Job, Request, RequestState, Response, Update
+from ajs_grpc.core.schedules import Schedule
 
 _Item = tuple[int, int, int, str]
 
@@ -77,6 +81,9 @@ class MemoryConnector(Connector):
         self._ordered_heads: dict[str, list[int]] = {}  # the same positions as heaps (stale ones left in)
         self._buckets: dict[str, Bucket] = {}
         self._parked: dict[str, list[_Item]] = {}
+        # Dependencies: the ids of the jobs that named each id in depends_on.
+        self._dependents: dict[str, set[str]] = {}
+        self._schedules: dict[str, Schedule] = {}
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -94,6 +101,24 @@ class MemoryConnector(Connector):
         if job.state is RequestState.CREATED:
             self._queue(entry)
         self._notify_response(job.request.id)
+        if job.is_final:
+            self._resolve_dependents(job.request.id)
+
+    def _resolve_dependents(self, request_id: str) -> None:
+        """Applies :meth:`Job.resolve` to the waiting jobs that depend on ``request_id`` (which ended)."""
+        for dependent in sorted(self._dependents.get(request_id, ()), key=lambda i: self._entries[i].position):
+            self._resolve(self._entries[dependent])
+
+    def _resolve(self, entry: _Entry) -> None:
+        if not entry.job.waiting:
+            return
+        deps = {i: e.job for i in entry.job.request.depends_on if (e := self._entries.get(i)) is not None}
+        job, response = entry.job.resolve(deps, self._now())
+        if response is not None:
+            self._store(entry, job, response)  # cancelled: its own dependents follow
+        elif not job.waiting:
+            entry.job = job
+            self._queue(entry)
 
     def _count_flow(self, entry: _Entry, was: RequestState | None) -> None:
         """Keeps the running count of its concurrency key and the order of its ordered key; unparks."""
@@ -144,7 +169,9 @@ class MemoryConnector(Connector):
         entry.queued = self._tickets
         job = entry.job
         item = (-job.request.priority, entry.position, entry.queued, job.request.id)
-        if job.due_time is not None and job.due_time > self._now():
+        if job.due_time is None:
+            return  # waiting for its dependencies: resolved when one ends
+        if job.due_time > self._now():
             heapq.heappush(self._waiting, (job.due_time, *item))
         else:
             heapq.heappush(self._ready, item)
@@ -155,10 +182,14 @@ class MemoryConnector(Connector):
         return entry is not None and entry.queued == queued and entry.job.state is RequestState.CREATED
 
     @override
-    async def enqueue(self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW) -> tuple[Job, bool]:
-        [planned] = await self._plan([Submit(request, max_attempts, flow)], indexed=False)
+    async def enqueue(
+        self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW, *, allow_failed_dependencies: bool = False
+    ) -> tuple[Job, bool]:
+        [planned] = await self._plan([Submit(request, max_attempts, flow, allow_failed_dependencies)], indexed=False)
         self._add(planned)
-        return planned.job, planned.created
+        if planned.created and request.depends_on:
+            self._resolve(self._entries[request.id])
+        return self._entries[request.id].job if planned.created else planned.job, planned.created
 
     @override
     async def enqueue_many(self, submits: Sequence[Submit | tuple[Request, int]]) -> list[tuple[Job, bool]]:
@@ -166,7 +197,10 @@ class MemoryConnector(Connector):
         plan = await self._plan([Submit.of(item) for item in submits], indexed=True)
         for planned in plan:
             self._add(planned)
-        return [(planned.job, planned.created) for planned in plan]
+        for planned in plan:  # after all are stored: a dependency may come later in the batch
+            if planned.created and planned.job.request.depends_on:
+                self._resolve(self._entries[planned.job.request.id])
+        return [(self._entries[p.job.request.id].job if p.created else p.job, p.created) for p in plan]
 
     async def _plan(self, submits: list[Submit], *, indexed: bool) -> list[Planned]:
         return await plan_submits(submits, self._find, self._exists, self._find_unique, indexed=indexed, at=self._now())
@@ -196,6 +230,8 @@ class MemoryConnector(Connector):
         self._entries[job.request.id] = entry
         if job.request.parent_id:
             self._children.setdefault(job.request.parent_id, []).append(job.request.id)
+        for dependency in job.request.depends_on:
+            self._dependents.setdefault(dependency, set()).add(job.request.id)
         self._count_flow(entry, None)
         self._queue(entry)
 
@@ -225,6 +261,9 @@ class MemoryConnector(Connector):
                 queues is not None and request.queue not in queues
             ):
                 skipped.append(item)
+                continue
+            if entry.job.expired(at):
+                self._store(entry, *entry.job.lapse(at))
                 continue
             if request.queue in self._paused:
                 self._park(f"q:{request.queue}", item)
@@ -298,7 +337,11 @@ class MemoryConnector(Connector):
         for entry in expired:
             job, response = entry.job.expire(at)
             self._store(entry, job, response)
-        return len(expired)
+        lapsed = [entry for entry in self._entries.values() if entry.job.expired(at)]
+        for entry in lapsed:
+            if entry.job.expired(at):  # (a cascade may have ended it meanwhile)
+                self._store(entry, *entry.job.lapse(at))
+        return len(expired) + len(lapsed)
 
     @override
     async def next_due_time(
@@ -352,17 +395,117 @@ class MemoryConnector(Connector):
             if not leaves:
                 break
             doomed |= leaves
-        if not doomed:
-            return 0
+        self._forget(doomed)
+        return len(doomed)
+
+    @override
+    async def retry(self, request_id: str) -> Job:
+        entry = self._entry(request_id)
+        deps = {i: e.job for i in entry.job.request.depends_on if (e := self._entries.get(i)) is not None}
+        job, response = entry.job.retry(deps, self._now())
+        self._store(entry, job, response)
+        return job
+
+    @override
+    async def delete(self, request_id: str) -> int:
+        self._entry(request_id)
+        tree = [request_id]
+        for rid in tree:  # grows as it goes: every descendant
+            tree += self._children.get(rid, [])
+        for rid in tree:
+            if not self._entries[rid].job.is_final:
+                raise not_ended(self._entries[rid].job, "deleted (with its descendants)")
+        doomed = set(tree)
+        self._forget(doomed)
+        return len(doomed)
+
+    def _forget(self, doomed: set[str]) -> None:
+        """Removes ended jobs (a whole subtree, or leaves) from every index."""
         for request_id in doomed:
             entry = self._entries.pop(request_id)
             siblings = self._children.get(entry.job.request.parent_id)
-            if siblings is not None:
+            if siblings is not None and request_id in siblings:
                 siblings.remove(request_id)
             self._children.pop(request_id, None)
-        # Positions must stay stable for page cursors: pruned ones become "" holes.
+            for dependency in entry.job.request.depends_on:
+                dependents = self._dependents.get(dependency)
+                if dependents is not None:
+                    dependents.discard(request_id)
+                    if not dependents:
+                        del self._dependents[dependency]
+        # Positions must stay stable for page cursors: deleted ones become "" holes.
         self._order = [rid if rid not in doomed else "" for rid in self._order]
-        return len(doomed)
+
+    # -- schedules -------------------------------------------------------------------
+
+    @override
+    async def create_schedule(self, schedule: Schedule, *, replace: bool = False) -> tuple[Schedule, bool]:
+        at = self._now()
+        stored = self._schedules.get(schedule.id)
+        if stored is not None:
+            if stored.same_definition(schedule):
+                return stored, False
+            if not replace:
+                raise schedule_taken(schedule.id)
+            kept = dataclasses.replace(
+                schedule,
+                create_time=stored.create_time,
+                update_time=at,
+                paused=stored.paused,
+                last_time=stored.last_time,
+                last_job_id=stored.last_job_id,
+            )
+        else:
+            kept = dataclasses.replace(schedule, create_time=at, update_time=at, last_time=None, last_job_id="")
+        self._schedules[schedule.id] = kept
+        return kept, True
+
+    def _schedule(self, schedule_id: str) -> Schedule:
+        found = self._schedules.get(schedule_id)
+        if found is None:
+            raise schedule_not_found(schedule_id)
+        return found
+
+    @override
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        return self._schedule(schedule_id)
+
+    @override
+    async def list_schedules(self, *, creator: str = "", after: str = "", limit: int = 1000) -> list[Schedule]:
+        found = sorted(
+            (s for s in self._schedules.values() if s.id > after and (not creator or s.creator == creator)),
+            key=lambda s: s.id,
+        )
+        return found[:limit]
+
+    @override
+    async def delete_schedule(self, schedule_id: str) -> None:
+        self._schedule(schedule_id)
+        del self._schedules[schedule_id]
+
+    @override
+    async def pause_schedule(self, schedule_id: str, paused: bool) -> Schedule:
+        stored = self._schedule(schedule_id)
+        if stored.paused == paused:
+            return stored
+        at = self._now()
+        changed = dataclasses.replace(stored, paused=paused, update_time=at)
+        if not paused:  # goes on from now: what passed while paused is skipped
+            changed = dataclasses.replace(changed, last_time=at)
+        self._schedules[schedule_id] = changed
+        return changed
+
+    @override
+    async def advance_schedule(
+        self, schedule_id: str, last_time: datetime | None, new_last_time: datetime, last_job_id: str
+    ) -> bool:
+        stored = self._schedules.get(schedule_id)
+        if stored is None or stored.paused or stored.last_time != last_time:
+            return False
+        self._schedules[schedule_id] = dataclasses.replace(
+            stored, last_time=new_last_time, last_job_id=last_job_id or stored.last_job_id
+        )
+        return True
 
     @override
     async def set_paused(self, queue: str, paused: bool) -> QueueInfo:

@@ -406,21 +406,18 @@ class Job:
             at: now.
 
         Returns:
-            ``(self, None)`` while one has not ended; the job CANCELLED (reason
-            ``DEPENDENCY_FAILED``) and its final Response when one ended FAILED or CANCELLED
-            and its type does not allow that; else the job due now (or at ``run_after``)
-            and None.
+            The job CANCELLED (reason ``DEPENDENCY_FAILED``) and its final Response as soon
+            as one ended FAILED or CANCELLED, unless its type allows that; else ``(self,
+            None)`` while one has not ended; else the job due now (or at ``run_after``) and None.
         """
         if not self.waiting:
             return self, None
-        ended = []
+        states = {}
         for dependency_id in self.request.depends_on:
             dependency = dependencies.get(dependency_id)
-            if dependency is not None and not dependency.is_final:
-                return self, None
-            ended.append((dependency_id, dependency.state if dependency is not None else RequestState.FINISHED))
-        failed = [(i, state) for i, state in ended if state is not RequestState.FINISHED]
-        if failed and not self.allow_failed_dependencies:
+            states[dependency_id] = dependency.state if dependency is not None else RequestState.FINISHED
+        failed = [(i, state) for i, state in states.items() if state.is_final and state is not RequestState.FINISHED]
+        if failed and not self.allow_failed_dependencies:  # at once, whatever the others do
             dependency_id, state = failed[0]
             error = ErrorStatus(
                 Code.CANCELLED,
@@ -429,6 +426,8 @@ class Job:
                 {"dependency_id": dependency_id, "dependency_state": state.name},
             )
             return self.advance(Update(RequestState.CANCELLED, error=error), at)
+        if not all(state.is_final for state in states.values()):
+            return self, None
         at = at or now()
         return dataclasses.replace(self, due_time=max(self.request.run_after or at, at)), None
 
