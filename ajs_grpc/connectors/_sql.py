@@ -37,7 +37,19 @@ from typing import Any, Generic, Protocol, TypeVar
 from google.protobuf import any_pb2
 from typing_extensions import override
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter, Page, QueueInfo, Renewal, Submit, plan_submits
+from ajs_grpc.connectors.base import (
+    Claim,
+    Connector,
+    JobFilter,
+    Page,
+    QueueInfo,
+    Renewal,
+    Submit,
+    not_ended,
+    plan_submits,
+    schedule_not_found,
+    schedule_taken,
+)
 from ajs_grpc.core.errors import AjsError, Code
 from ajs_grpc.core.flow import HELD_BACK_CAUSES, Bucket, Gate
 from ajs_grpc.core.model import (
@@ -51,6 +63,7 @@ from ajs_grpc.core.model import (
     Response,
     Update,
 )
+from ajs_grpc.core.schedules import Catchup, Overlap, Schedule, template_from_json, template_to_json
 
 __all__ = [
     "JOB_WIDTH",
@@ -73,7 +86,8 @@ log = logging.getLogger(__name__)
 JOB_COLUMNS = (
     "j.position, j.id, j.parent_id, j.type, j.creator, j.create_time, j.data, j.input_type_url, j.input_value, "
     "j.priority, j.run_after, j.max_attempts, j.state, j.attempt, j.cancel_requested, j.update_time, j.due_time, "
-    "j.queue, j.concurrency_key, j.concurrency_limit, j.rate_key, j.rate, j.burst, j.ordered_key, j.unique_key"
+    "j.queue, j.concurrency_key, j.concurrency_limit, j.rate_key, j.rate, j.burst, j.ordered_key, j.unique_key, "
+    "j.depends_on, j.allow_failed_deps, j.expire_time, j.request_max_attempts, j.timeout, j.has_dependents"
 )
 RESPONSE_COLUMNS = (
     "r.sequence, r.create_time, r.state, r.is_final, r.data, r.output_type_url, r.output_value, "
@@ -85,6 +99,8 @@ SELECT_JOBS = (
     "JOIN responses r ON r.position = j.position AND r.sequence = j.last_sequence"
 )
 JOB_WIDTH = JOB_COLUMNS.count(",") + 1
+# Where a row of ${JOB} says whether the job has dependents (to resolve when it ends).
+HAS_DEPENDENTS = JOB_WIDTH - 1
 RESPONSE_WIDTH = RESPONSE_COLUMNS.count(",") + 1
 # Above every job's position: the cursor of a newest-first listing's first page.
 MAX_POSITION = 2**63 - 1
@@ -208,7 +224,7 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
     """A Job from a row of ``${JOB}``."""
     (_, request_id, parent_id, type_, creator, created, data, type_url, value, priority, run_after, max_attempts,
      state, attempt, cancel_requested, updated, due, queue, c_key, c_limit, r_key, rate, burst, o_key,
-     u_key) = row[:JOB_WIDTH]  # fmt: skip
+     u_key, depends_on, allow_failed, expire, request_attempts, timeout, _) = row[:JOB_WIDTH]  # fmt: skip
     flow = NO_FLOW
     if c_key is not None or r_key is not None or o_key is not None or u_key is not None:
         flow = Flow(c_key, c_limit, r_key, rate, burst, o_key, u_key)
@@ -223,6 +239,10 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
         priority=priority,
         run_after=decoding.time(run_after),
         queue=queue,
+        depends_on=tuple(depends_on.split()),
+        expire_time=decoding.time(expire),
+        max_attempts=request_attempts,
+        timeout=timeout,
     )
     return Job(
         request=request,
@@ -234,6 +254,7 @@ def job_from_row(row: Sequence[Any], decoding: Decoding) -> Job:
         max_attempts=max_attempts,
         due_time=decoding.time(due),
         flow=flow,
+        allow_failed_dependencies=bool(allow_failed),
     )
 
 
@@ -403,13 +424,72 @@ class SqlConnector(Connector, abc.ABC):
             await self._save(session, row[0], job, response)
             done.responses.append(job.request.id)
             done.work = done.work or job.state is S.CREATED or job.flow.gated
+            if job.is_final:
+                await self._ended(session, row, done, at)
         return done
+
+    async def _lapse(self, session: Session, row: Sequence[Any], done: Done[Any], at: datetime) -> None:
+        """Ends a queued job (locked) past its expire_time: :meth:`~ajs_grpc.core.model.Job.lapse`."""
+        job, response = self._job(row).lapse(at)
+        await self._save(session, row[0], job, response)
+        done.responses.append(job.request.id)
+        done.work = done.work or job.flow.gated
+        await self._ended(session, row, done, at)
+
+    # -- dependencies ------------------------------------------------------------------------
+
+    async def _ended(self, session: Session, row: Sequence[Any], done: Done[Any], at: datetime) -> None:
+        """Told that the job of ``row`` just ended in this write: resolves the jobs waiting for it, and on down."""
+        if not row[HAS_DEPENDENTS]:
+            return
+        ended = [row[1]]
+        while ended:
+            rows = await session.fetch("waiting_dependents", {"id": ended.pop()})
+            ended += await self._resolve_rows(session, rows, done, at)
+
+    async def _resolve_rows(
+        self, session: Session, rows: Sequence[Sequence[Any]], done: Done[Any], at: datetime
+    ) -> list[str]:
+        """Applies :meth:`~ajs_grpc.core.model.Job.resolve` to waiting jobs (locked).
+
+        Returns:
+            The ids of those it ended (cancelled) that have dependents in turn.
+        """
+        ended: list[str] = []
+        for row in rows:
+            job = self._job(row)
+            dependencies = await self._find(session, list(job.request.depends_on))
+            resolved, response = job.resolve(dependencies, at)
+            if response is not None:
+                await self._save(session, row[0], resolved, response)
+                done.responses.append(job.request.id)
+                done.work = done.work or resolved.flow.gated
+                if row[HAS_DEPENDENTS]:
+                    ended.append(job.request.id)
+            elif not resolved.waiting:
+                await session.execute(
+                    "release_job", {"position": row[0], "due_time": self.dialect.time(resolved.due_time)}
+                )
+                done.work = True
+        return ended
+
+    async def _find(self, session: Session, request_ids: list[str]) -> dict[str, Job]:
+        """The stored jobs of some ids, by id (those not stored left out)."""
+        if not request_ids:
+            return {}
+        if len(request_ids) == 1:
+            rows = await session.fetch("find_job", {"id": request_ids[0]})
+        else:
+            rows = await session.fetch("find_jobs", {"ids": self.dialect.array(request_ids)})
+        return {job.request.id: job for job in map(self._job, rows)}
 
     # -- the queue -------------------------------------------------------------------------
 
     @override
-    async def enqueue(self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW) -> tuple[Job, bool]:
-        [result] = await self._enqueue([Submit(request, max_attempts, flow)], indexed=False)
+    async def enqueue(
+        self, request: Request, max_attempts: int = 1, flow: Flow = NO_FLOW, *, allow_failed_dependencies: bool = False
+    ) -> tuple[Job, bool]:
+        [result] = await self._enqueue([Submit(request, max_attempts, flow, allow_failed_dependencies)], indexed=False)
         return result
 
     @override
@@ -422,11 +502,7 @@ class SqlConnector(Connector, abc.ABC):
 
         async def write(session: Session) -> Done[list[tuple[Job, bool]]]:
             async def find(request_ids: list[str]) -> dict[str, Job]:
-                if len(request_ids) == 1:
-                    rows = await session.fetch("find_job", {"id": request_ids[0]})
-                else:
-                    rows = await session.fetch("find_jobs", {"ids": d.array(request_ids)})
-                return {job.request.id: job for job in map(self._job, rows)}
+                return await self._find(session, request_ids)
 
             async def exists(request_id: str) -> bool:
                 return bool(await session.fetch("job_exists", {"id": request_id}))
@@ -438,12 +514,27 @@ class SqlConnector(Connector, abc.ABC):
 
             for key in unique_keys:  # all at once and in one order: two submits cannot wait for each other
                 await session.fetch("lock_unique", {"key": key})
-            plan = await plan_submits(submits, find, exists, find_unique, indexed=indexed, at=self._now())
+            at = self._now()
+            plan = await plan_submits(submits, find, exists, find_unique, indexed=indexed, at=at)
             added = [self._insert_params(p.job, p.first) for p in plan if p.created and p.first is not None]
             if added:
                 await session.execute_many("insert_job", added)
                 self._inserted(len(added))
-            return Done([(p.job, p.created) for p in plan], work=any(p.created for p in plan))
+            done: Done[list[tuple[Job, bool]]] = Done([], work=any(p.created for p in plan))
+            waiting = [p.job for p in plan if p.created and p.job.waiting]
+            if waiting:
+                # The edges first: their marks lock what they name, then the states are read.
+                edges = [
+                    {"depends_on": dep, "request_id": j.request.id} for j in waiting for dep in j.request.depends_on
+                ]
+                await session.execute_many("add_dependencies", edges)
+                rows = await session.fetch("find_jobs", {"ids": d.array([j.request.id for j in waiting])})
+                await self._resolve_rows(session, rows, done, at)
+                resolved = await self._find(session, [j.request.id for j in waiting])
+            else:
+                resolved = {}
+            done.result = [(resolved.get(p.job.request.id, p.job) if p.created else p.job, p.created) for p in plan]
+            return done
 
         unique_keys = sorted({s.flow.unique_key for s in submits if s.flow.unique_key is not None})
         # Unique keys are locked until the commit: in a transaction of their own they wait for
@@ -476,6 +567,11 @@ class SqlConnector(Connector, abc.ABC):
             "burst": job.flow.burst,
             "ordered_key": job.flow.ordered_key,
             "unique_key": job.flow.unique_key,
+            "depends_on": " ".join(stored.depends_on),
+            "allow_failed_deps": job.allow_failed_dependencies,
+            "expire_time": d.time(stored.expire_time),
+            "request_max_attempts": stored.max_attempts,
+            "timeout": stored.timeout,
             **self._state_params(job),
             **self._response_params(first),
         }
@@ -596,6 +692,9 @@ class SqlConnector(Connector, abc.ABC):
         saves = []
         store_now = self._store_now(at)
         for row in rows:
+            if self._job(row).expired(at):
+                await self._lapse(session, row, done, at)
+                continue
             job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
             token = uuid.uuid4().hex
             held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": store_now}
@@ -613,10 +712,14 @@ class SqlConnector(Connector, abc.ABC):
             if found is None:
                 raise self._not_found(request_id)
             self._check_lease(request_id, found[-1], lease_token)
-            job, response = self._job(found).advance(update)
+            at = self._now()
+            job, response = self._job(found).advance(update, at)
             await self._save(session, found[0], job, response)
             # Requeued, or ended holding back others (its concurrency key, its ordered key).
-            return Done(response, [request_id], work=job.state is S.CREATED or (job.is_final and job.flow.gated))
+            done = Done(response, [request_id], work=job.state is S.CREATED or (job.is_final and job.flow.gated))
+            if job.is_final:
+                await self._ended(session, found, done, at)
+            return done
 
         return await self._write(write)
 
@@ -635,7 +738,16 @@ class SqlConnector(Connector, abc.ABC):
 
     @override
     async def recover_expired(self) -> int:
-        return await self._write(lambda session: self._expire_rows(session, "expired_jobs"))
+        async def write(session: Session) -> Done[int]:
+            done = await self._expire_rows(session, "expired_jobs")
+            at = self._now()
+            for row in await session.fetch("lapsed_jobs", {"now": self._store_now(at)}):
+                if row[1] not in done.responses:  # (not one a cascade ended meanwhile)
+                    await self._lapse(session, row, done, at)
+                    done.result += 1
+            return done
+
+        return await self._write(write)
 
     @override
     async def next_due_time(
@@ -669,12 +781,16 @@ class SqlConnector(Connector, abc.ABC):
             self._job(found).cancel()  # raises if it already ended, before anything changes
             tree = await session.fetch("cancel_tree", {"id": request_id})
             done: Done[Job] = Done(self._job(found))
+            at = self._now()
             for row in await self._locked(session, [row[0] for row in tree]):
-                job, response = self._job(row).cancel()
+                if row[1] in done.responses:  # ended meanwhile: a dependency's cancel cancelled it
+                    continue
+                job, response = self._job(row).cancel(at)
                 if response is not None:
                     await self._save(session, row[0], job, response)
                     done.responses.append(job.request.id)
                     done.work = done.work or job.flow.gated  # it held back others
+                    await self._ended(session, row, done, at)
                 else:
                     await session.execute("mark_cancel_requested", {"position": row[0]})
                     done.cancels.append(job.request.id)
@@ -691,7 +807,146 @@ class SqlConnector(Connector, abc.ABC):
             total = 0
             while deleted := await session.execute("delete_ended", {"before": self.dialect.time(before)}):
                 total += deleted
+            if total:
+                await session.execute("forget_dependencies", {})
             return Done(total)
+
+        return await self._write(write)
+
+    @override
+    async def retry(self, request_id: str) -> Job:
+        async def write(session: Session) -> Done[Job]:
+            found = await self._find_locked(session, request_id)
+            if found is None:
+                raise self._not_found(request_id)
+            job = self._job(found)
+            job, response = job.retry(await self._find(session, list(job.request.depends_on)), self._now())
+            await self._save(session, found[0], job, response)
+            return Done(job, [request_id], work=True)
+
+        return await self._write(write)
+
+    @override
+    async def delete(self, request_id: str) -> int:
+        async def write(session: Session) -> Done[int]:
+            tree = await session.fetch("job_tree", {"id": request_id})
+            if not tree:
+                raise self._not_found(request_id)
+            for _, tree_id, state in tree:
+                if not S(state).is_final:
+                    job = await self._find(session, [tree_id])
+                    raise not_ended(job[tree_id], "deleted (with its descendants)")
+            await session.execute("delete_jobs", {"positions": self.dialect.array([row[0] for row in tree])})
+            return Done(len(tree))
+
+        return await self._write(write)
+
+    # -- schedules ---------------------------------------------------------------------------
+
+    def _schedule(self, row: Sequence[Any]) -> Schedule:
+        (schedule_id, cron, time_zone, template, overlap, catchup, paused, creator, created, updated, last,
+         last_job_id) = row  # fmt: skip
+        time = self.dialect.decoding.time
+        return Schedule(
+            id=schedule_id,
+            cron=cron,
+            template=template_from_json(template),
+            time_zone=time_zone,
+            overlap=Overlap(overlap),
+            catchup=Catchup(catchup),
+            paused=bool(paused),
+            creator=creator,
+            create_time=time(created),
+            update_time=time(updated),
+            last_time=time(last),
+            last_job_id=last_job_id,
+        )
+
+    def _schedule_params(self, schedule: Schedule) -> dict[str, Any]:
+        d = self.dialect
+        return {
+            "id": schedule.id,
+            "cron": schedule.cron,
+            "time_zone": schedule.time_zone,
+            "template": template_to_json(schedule.template),
+            "overlap": int(schedule.overlap),
+            "catchup": int(schedule.catchup),
+            "paused": schedule.paused,
+            "creator": schedule.creator,
+            "create_time": d.time(schedule.create_time),
+            "update_time": d.time(schedule.update_time),
+            "last_time": d.time(schedule.last_time),
+            "last_job_id": schedule.last_job_id,
+        }
+
+    async def _find_schedule(self, session: Session, schedule_id: str) -> Schedule:
+        rows = await session.fetch("find_schedule", {"id": schedule_id})
+        if not rows:
+            raise schedule_not_found(schedule_id)
+        return self._schedule(rows[0])
+
+    @override
+    async def create_schedule(self, schedule: Schedule, *, replace: bool = False) -> tuple[Schedule, bool]:
+        at = self._now()
+        new = dataclasses.replace(schedule, create_time=at, update_time=at, last_time=None, last_job_id="")
+
+        async def write(session: Session) -> Done[tuple[Schedule, bool]]:
+            if await session.execute("insert_schedule", self._schedule_params(new)):
+                return Done((new, True))
+            stored = await self._find_schedule(session, schedule.id)
+            if stored.same_definition(schedule):
+                return Done((stored, False))
+            if not replace:
+                raise schedule_taken(schedule.id)
+            await session.execute("replace_schedule", self._schedule_params(new))
+            return Done((await self._find_schedule(session, schedule.id), True))
+
+        return await self._write(write)
+
+    @override
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        return await self._read(lambda session: self._find_schedule(session, schedule_id))
+
+    @override
+    async def list_schedules(self, *, creator: str = "", after: str = "", limit: int = 1000) -> list[Schedule]:
+        async def read(session: Session) -> list[Schedule]:
+            rows = await session.fetch("list_schedules", {"creator": creator, "after": after, "limit": limit})
+            return [self._schedule(row) for row in rows]
+
+        return await self._read(read)
+
+    @override
+    async def delete_schedule(self, schedule_id: str) -> None:
+        async def write(session: Session) -> Done[None]:
+            if not await session.execute("delete_schedule", {"id": schedule_id}):
+                raise schedule_not_found(schedule_id)
+            return Done(None)
+
+        await self._write(write)
+
+    @override
+    async def pause_schedule(self, schedule_id: str, paused: bool) -> Schedule:
+        async def write(session: Session) -> Done[Schedule]:
+            params = {"id": schedule_id, "paused": paused, "now": self.dialect.time(self._now())}
+            await session.execute("pause_schedule", params)
+            return Done(await self._find_schedule(session, schedule_id))
+
+        return await self._write(write)
+
+    @override
+    async def advance_schedule(
+        self, schedule_id: str, last_time: datetime | None, new_last_time: datetime, last_job_id: str
+    ) -> bool:
+        d = self.dialect
+        params = {
+            "id": schedule_id,
+            "last_time": d.time(last_time),
+            "new_last_time": d.time(new_last_time),
+            "last_job_id": last_job_id,
+        }
+
+        async def write(session: Session) -> Done[bool]:
+            return Done(bool(await session.execute("advance_schedule", params)))
 
         return await self._write(write)
 

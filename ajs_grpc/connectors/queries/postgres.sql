@@ -94,6 +94,38 @@ CREATE TABLE rate_buckets (
     update_time timestamptz      NOT NULL
 )
 
+-- name: migration_3
+-- Schema version 3: workflows. A job's dependencies (ids joined by spaces, which ids never hold)
+-- and, to find the waiting jobs that name a job, one row per edge; whether a job has dependents
+-- (so the end of one without is not slowed); expiry; per-request attempts and timeout; schedules.
+ALTER TABLE jobs ADD COLUMN depends_on text NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN allow_failed_deps boolean NOT NULL DEFAULT false;
+ALTER TABLE jobs ADD COLUMN has_dependents boolean NOT NULL DEFAULT false;
+ALTER TABLE jobs ADD COLUMN expire_time timestamptz;
+ALTER TABLE jobs ADD COLUMN request_max_attempts integer NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN timeout double precision;
+CREATE INDEX jobs_expiring ON jobs (expire_time) WHERE state = ${CREATED} AND expire_time IS NOT NULL;
+CREATE TABLE dependencies (
+    depends_on text NOT NULL,
+    request_id text NOT NULL,
+    PRIMARY KEY (depends_on, request_id)
+);
+CREATE INDEX dependencies_of ON dependencies (request_id);
+CREATE TABLE schedules (
+    id          text        PRIMARY KEY,
+    cron        text        NOT NULL,
+    time_zone   text        NOT NULL,
+    template    text        NOT NULL,
+    overlap     smallint    NOT NULL,
+    catchup     smallint    NOT NULL,
+    paused      boolean     NOT NULL,
+    creator     text        NOT NULL,
+    create_time timestamptz NOT NULL,
+    update_time timestamptz NOT NULL,
+    last_time   timestamptz,
+    last_job_id text        NOT NULL
+)
+
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = %(id)s
@@ -124,12 +156,14 @@ WITH added AS (
     INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, priority,
                       run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time,
                       last_sequence, queue, gated, concurrency_key, concurrency_limit, rate_key, rate, burst,
-                      ordered_key, unique_key)
+                      ordered_key, unique_key, depends_on, allow_failed_deps, expire_time, request_max_attempts,
+                      timeout)
     VALUES (%(id)s, %(parent_id)s, %(type)s, %(creator)s, %(create_time)s, %(data)s, %(input_type_url)s,
             %(input_value)s, %(priority)s, %(run_after)s, %(max_attempts)s, %(state)s, %(attempt)s,
             %(cancel_requested)s, %(update_time)s, %(due_time)s, %(sequence)s, %(queue)s, %(gated)s,
             %(concurrency_key)s, %(concurrency_limit)s, %(rate_key)s, %(rate)s, %(burst)s, %(ordered_key)s,
-            %(unique_key)s)
+            %(unique_key)s, %(depends_on)s, %(allow_failed_deps)s, %(expire_time)s, %(request_max_attempts)s,
+            %(timeout)s)
     RETURNING position)
 INSERT INTO responses
 SELECT added.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_final)s, %(r_data)s,
@@ -400,3 +434,83 @@ SELECT count(*) FILTER (WHERE paused),
        count(*) FILTER (WHERE NOT paused AND NOT concurrency AND ordered),
        count(*) FILTER (WHERE NOT paused AND NOT concurrency AND NOT ordered AND rate)
   FROM causes
+
+-- name: add_dependencies
+-- The edges of new jobs with dependencies, and the mark on what they depend on. The mark's row
+-- lock orders this submit with the dependency's end: whichever commits second sees the other.
+INSERT INTO dependencies VALUES (%(depends_on)s, %(request_id)s);
+UPDATE jobs SET has_dependents = true WHERE id = %(depends_on)s
+
+-- name: waiting_dependents
+-- The jobs waiting for a job that just ended, locked alone first (see find_job_locked), then read.
+SELECT position FROM jobs
+ WHERE id IN (SELECT request_id FROM dependencies WHERE depends_on = %(id)s)
+   AND state = ${CREATED} AND due_time IS NULL
+ ORDER BY position FOR UPDATE;
+${JOB} WHERE j.id IN (SELECT request_id FROM dependencies WHERE depends_on = %(id)s)
+   AND j.state = ${CREATED} AND j.due_time IS NULL
+ ORDER BY j.position
+
+-- name: release_job
+-- A waiting job whose dependencies all ended: due from now on.
+UPDATE jobs SET due_time = %(due_time)s WHERE position = %(position)s
+
+-- name: lapsed_jobs
+-- Queued jobs past their expire_time, that no claim met: they end EXPIRED (any instance ends them).
+${JOB} WHERE j.state = ${CREATED} AND j.expire_time <= COALESCE(%(now)s::timestamptz, clock_timestamp())
+   FOR UPDATE OF j SKIP LOCKED
+
+-- name: job_tree
+-- Locks a job and all its descendants, to delete them together.
+WITH RECURSIVE tree(id) AS (SELECT %(id)s::text UNION SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id)
+SELECT position, id, state FROM jobs WHERE id IN (SELECT id FROM tree) ORDER BY position FOR UPDATE
+
+-- name: delete_jobs
+-- Jobs by position with their Responses (cascaded) and their edges.
+DELETE FROM dependencies WHERE request_id IN (
+    SELECT id FROM jobs WHERE position = ANY(%(positions)s::bigint[]));
+DELETE FROM jobs WHERE position = ANY(%(positions)s::bigint[])
+
+-- name: forget_dependencies
+-- The edges of jobs pruned (no longer stored).
+DELETE FROM dependencies d WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = d.request_id)
+
+-- name: insert_schedule
+-- A new schedule unless the id is stored (a create on another instance at once: the second waits
+-- for the first's commit, inserts nothing, and then finds its schedule).
+INSERT INTO schedules VALUES (%(id)s, %(cron)s, %(time_zone)s, %(template)s, %(overlap)s, %(catchup)s,
+                              %(paused)s, %(creator)s, %(create_time)s, %(update_time)s, %(last_time)s,
+                              %(last_job_id)s)
+    ON CONFLICT (id) DO NOTHING
+
+-- name: replace_schedule
+-- Another definition of a stored schedule; its progress and pause stay.
+UPDATE schedules SET cron = %(cron)s, time_zone = %(time_zone)s, template = %(template)s,
+                     overlap = %(overlap)s, catchup = %(catchup)s, creator = %(creator)s,
+                     update_time = %(update_time)s
+ WHERE id = %(id)s
+
+-- name: find_schedule
+-- A schedule by id.
+SELECT * FROM schedules WHERE id = %(id)s
+
+-- name: list_schedules
+-- A page of schedules by id after %(after)s; only %(creator)s's unless empty.
+SELECT * FROM schedules WHERE id > %(after)s AND (%(creator)s = '' OR creator = %(creator)s)
+ ORDER BY id LIMIT %(limit)s
+
+-- name: delete_schedule
+-- A schedule (its jobs stay).
+DELETE FROM schedules WHERE id = %(id)s
+
+-- name: pause_schedule
+-- Pauses or resumes a schedule; a resumed one goes on from %(now)s.
+UPDATE schedules SET paused = %(paused)s, update_time = %(now)s,
+                     last_time = CASE WHEN %(paused)s THEN last_time ELSE %(now)s END
+ WHERE id = %(id)s AND paused != %(paused)s
+
+-- name: advance_schedule
+-- Records a schedule's occurrences as handled if no other instance did first (compare and set).
+UPDATE schedules SET last_time = %(new_last_time)s,
+                     last_job_id = CASE WHEN %(last_job_id)s = '' THEN last_job_id ELSE %(last_job_id)s END
+ WHERE id = %(id)s AND NOT paused AND last_time IS NOT DISTINCT FROM %(last_time)s::timestamptz

@@ -93,6 +93,38 @@ CREATE TABLE rate_buckets (
     update_time INTEGER NOT NULL
 )
 
+-- name: migration_3
+-- Schema version 3: workflows. A job's dependencies (ids joined by spaces, which ids never hold)
+-- and, to find the waiting jobs that name a job, one row per edge; whether a job has dependents
+-- (so the end of one without is not slowed); expiry; per-request attempts and timeout; schedules.
+ALTER TABLE jobs ADD COLUMN depends_on TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN allow_failed_deps INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN has_dependents INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN expire_time INTEGER;
+ALTER TABLE jobs ADD COLUMN request_max_attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN timeout REAL;
+CREATE INDEX jobs_expiring ON jobs (expire_time) WHERE state = ${CREATED} AND expire_time IS NOT NULL;
+CREATE TABLE dependencies (
+    depends_on TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (depends_on, request_id)
+) WITHOUT ROWID;
+CREATE INDEX dependencies_of ON dependencies (request_id);
+CREATE TABLE schedules (
+    id          TEXT    PRIMARY KEY,
+    cron        TEXT    NOT NULL,
+    time_zone   TEXT    NOT NULL,
+    template    TEXT    NOT NULL,
+    overlap     INTEGER NOT NULL,
+    catchup     INTEGER NOT NULL,
+    paused      INTEGER NOT NULL,
+    creator     TEXT    NOT NULL,
+    create_time INTEGER NOT NULL,
+    update_time INTEGER NOT NULL,
+    last_time   INTEGER,
+    last_job_id TEXT    NOT NULL
+)
+
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = :id
@@ -118,11 +150,12 @@ SELECT 1 FROM jobs WHERE id = :id
 INSERT INTO jobs (id, parent_id, type, creator, create_time, data, input_type_url, input_value, priority,
                   run_after, max_attempts, state, attempt, cancel_requested, update_time, due_time,
                   last_sequence, queue, gated, concurrency_key, concurrency_limit, rate_key, rate, burst,
-                  ordered_key, unique_key)
+                  ordered_key, unique_key, depends_on, allow_failed_deps, expire_time, request_max_attempts,
+                  timeout)
 VALUES (:id, :parent_id, :type, :creator, :create_time, :data, :input_type_url, :input_value, :priority,
         :run_after, :max_attempts, :state, :attempt, :cancel_requested, :update_time, :due_time, :sequence,
         :queue, :gated, :concurrency_key, :concurrency_limit, :rate_key, :rate, :burst, :ordered_key,
-        :unique_key);
+        :unique_key, :depends_on, :allow_failed_deps, :expire_time, :request_max_attempts, :timeout);
 INSERT INTO responses VALUES ((SELECT position FROM jobs WHERE id = :id), :sequence, :r_create_time, :r_state,
                               :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
@@ -271,9 +304,10 @@ ${JOB} WHERE j.state = ${PENDING}
 -- buckets a claim emptied that due jobs wait on (only those no concurrency or order policy
 -- holds back: the time may have passed, and such a job is claimable then); the earliest of the
 -- three is taken. Jobs held back by a concurrency or order policy start when the job before
--- them ends: its end wakes the dispatcher.
+-- them ends: its end wakes the dispatcher. Jobs waiting for dependencies (no due time, which
+-- sorts first here) are left out: the end of the last one they wait for wakes the dispatcher.
 SELECT (SELECT j.due_time FROM jobs AS j INDEXED BY jobs_due
-         WHERE j.state = ${CREATED} AND j.gated = 0 AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
+         WHERE j.state = ${CREATED} AND j.gated = 0 AND j.due_time IS NOT NULL AND (:any_type OR j.type IN (SELECT value FROM json_each(:types)))
           AND (:any_queue OR j.queue IN (SELECT value FROM json_each(:queues)))
           AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.name = j.queue AND q.paused)
          ORDER BY j.due_time LIMIT 1),
@@ -382,3 +416,73 @@ SELECT count(*) FILTER (WHERE paused),
        count(*) FILTER (WHERE NOT paused AND NOT concurrency AND ordered),
        count(*) FILTER (WHERE NOT paused AND NOT concurrency AND NOT ordered AND rate)
   FROM causes
+
+-- name: add_dependencies
+-- The edges of new jobs with dependencies, and the mark on what they depend on.
+INSERT INTO dependencies VALUES (:depends_on, :request_id);
+UPDATE jobs SET has_dependents = 1 WHERE id = :depends_on AND has_dependents = 0
+
+-- name: waiting_dependents
+-- The jobs waiting for a job that just ended (the writer holds the database's lock).
+${JOB} WHERE j.id IN (SELECT request_id FROM dependencies WHERE depends_on = :id)
+   AND j.state = ${CREATED} AND j.due_time IS NULL
+ ORDER BY j.position
+
+-- name: release_job
+-- A waiting job whose dependencies all ended: due from now on.
+UPDATE jobs SET due_time = :due_time WHERE position = :position
+
+-- name: lapsed_jobs
+-- Queued jobs past their expire_time, that no claim met: they end EXPIRED.
+${JOB} WHERE j.state = ${CREATED} AND j.expire_time <= :now
+
+-- name: job_tree
+-- A job and all its descendants, to delete them together.
+WITH RECURSIVE tree(id) AS (SELECT :id UNION SELECT c.id FROM jobs c JOIN tree t ON c.parent_id = t.id)
+SELECT position, id, state FROM jobs WHERE id IN tree ORDER BY position
+
+-- name: delete_jobs
+-- Jobs by position (a JSON array) with their Responses and their edges.
+DELETE FROM responses WHERE position IN (SELECT value FROM json_each(:positions));
+DELETE FROM dependencies WHERE request_id IN (
+    SELECT id FROM jobs WHERE position IN (SELECT value FROM json_each(:positions)));
+DELETE FROM jobs WHERE position IN (SELECT value FROM json_each(:positions))
+
+-- name: forget_dependencies
+-- The edges of jobs pruned (no longer stored).
+DELETE FROM dependencies WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = dependencies.request_id)
+
+-- name: insert_schedule
+-- A new schedule unless the id is stored.
+INSERT OR IGNORE INTO schedules VALUES (:id, :cron, :time_zone, :template, :overlap, :catchup, :paused, :creator,
+                              :create_time, :update_time, :last_time, :last_job_id)
+
+-- name: replace_schedule
+-- Another definition of a stored schedule; its progress and pause stay.
+UPDATE schedules SET cron = :cron, time_zone = :time_zone, template = :template, overlap = :overlap,
+                     catchup = :catchup, creator = :creator, update_time = :update_time
+ WHERE id = :id
+
+-- name: find_schedule
+-- A schedule by id.
+SELECT * FROM schedules WHERE id = :id
+
+-- name: list_schedules
+-- A page of schedules by id after :after; only :creator's unless empty.
+SELECT * FROM schedules WHERE id > :after AND (:creator = '' OR creator = :creator) ORDER BY id LIMIT :limit
+
+-- name: delete_schedule
+-- A schedule (its jobs stay).
+DELETE FROM schedules WHERE id = :id
+
+-- name: pause_schedule
+-- Pauses or resumes a schedule; a resumed one goes on from :now.
+UPDATE schedules SET paused = :paused, update_time = :now,
+                     last_time = CASE WHEN :paused THEN last_time ELSE :now END
+ WHERE id = :id AND paused != :paused
+
+-- name: advance_schedule
+-- Records a schedule's occurrences as handled if no other instance did first (compare and set).
+UPDATE schedules SET last_time = :new_last_time,
+                     last_job_id = CASE WHEN :last_job_id = '' THEN last_job_id ELSE :last_job_id END
+ WHERE id = :id AND NOT paused AND last_time IS :last_time
