@@ -646,6 +646,8 @@ class JobType:
             :mod:`ajs_grpc.edge.dynamic` builds their message classes from it.
         flow: its flow-control policies (per-key concurrency, rate limit, order,
             uniqueness); None when not told (a JobType made without them).
+        allow_failed_dependencies: its jobs run once their dependencies ended, whatever
+            their end (see :meth:`Job.resolve`).
     """
 
     name: str
@@ -657,3 +659,4 @@ class JobType:
     timeout: float | None = None
     file_descriptor_set: bytes = b""
     flow: FlowPolicy | None = None
+    allow_failed_dependencies: bool = False

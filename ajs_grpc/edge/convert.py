@@ -17,10 +17,12 @@ from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument
 from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
 from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.core.model import ErrorStatus, Job, JobType, Progress, Request, RequestState, Response, RetrySchedule
+from ajs_grpc.core.schedules import Catchup, Overlap, Schedule
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
     "ERROR_DOMAIN",
+    "catchup_from_proto",
     "descriptor_set",
     "error_to_status",
     "field_violations",
@@ -29,6 +31,7 @@ __all__ = [
     "job_type_from_plugin",
     "job_type_from_proto",
     "job_type_to_proto",
+    "overlap_from_proto",
     "queue_from_proto",
     "queue_to_proto",
     "quota_violations",
@@ -36,6 +39,8 @@ __all__ = [
     "request_to_proto",
     "response_from_proto",
     "response_to_proto",
+    "schedule_from_proto",
+    "schedule_to_proto",
     "state_from_proto",
     "status_from_proto",
     "status_to_proto",
@@ -86,6 +91,10 @@ def request_from_proto(message: pb.Request) -> Request:
         priority=message.priority,
         run_after=_datetime(message.run_after) if message.HasField("run_after") else None,
         queue=message.queue,
+        depends_on=tuple(message.depends_on),
+        expire_time=_datetime(message.expire_time) if message.HasField("expire_time") else None,
+        max_attempts=message.max_attempts,
+        timeout=_seconds(message.timeout) if message.HasField("timeout") else None,
     )
 
 
@@ -102,6 +111,10 @@ def request_to_proto(request: Request, *, basic: bool = False) -> pb.Request:
         priority=request.priority,
         run_after=_timestamp(request.run_after),
         queue=request.queue,
+        depends_on=request.depends_on,
+        expire_time=_timestamp(request.expire_time),
+        max_attempts=request.max_attempts,
+        timeout=_duration(request.timeout) if request.timeout is not None else None,
     )
 
 
@@ -313,6 +326,7 @@ def job_type_from_plugin(plugin: JobPlugin, handler: str) -> JobType:
         timeout=plugin.timeout,
         file_descriptor_set=descriptor_set(*declared) if declared else b"",
         flow=plugin.flow,
+        allow_failed_dependencies=bool(getattr(plugin, "allow_failed_dependencies", False)),
     )
 
 
@@ -334,6 +348,7 @@ def job_type_to_proto(job_type: JobType) -> pb.JobType:
         ),
         timeout=_duration(job_type.timeout) if job_type.timeout is not None else None,
         file_descriptor_set=job_type.file_descriptor_set,
+        allow_failed_dependencies=job_type.allow_failed_dependencies,
         **_flow_to_proto(job_type.flow or FlowPolicy()),
     )
 
@@ -401,6 +416,7 @@ def job_type_from_proto(message: pb.JobType) -> JobType:
         timeout=_seconds(message.timeout) if message.HasField("timeout") else None,
         file_descriptor_set=message.file_descriptor_set,
         flow=_flow_from_proto(message),
+        allow_failed_dependencies=message.allow_failed_dependencies,
     )
 
 
@@ -424,3 +440,86 @@ def queue_from_proto(message: pb.Queue) -> QueueInfo:
         paused=message.paused,
         oldest_queued_time=_datetime(message.oldest_queued_time) if message.HasField("oldest_queued_time") else None,
     )
+
+
+def overlap_from_proto(value: int, field: str = "schedule.overlap_policy") -> Overlap:
+    """The model overlap policy of a wire value (unspecified: SKIP).
+
+    Raises:
+        InvalidArgument: ``value`` is no known policy.
+    """
+    if value == pb.OVERLAP_POLICY_UNSPECIFIED:
+        return Overlap.SKIP
+    try:
+        return Overlap(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown overlap policy {value}",
+            [FieldViolation(field, f"unknown overlap policy {value}")],
+            reason="INVALID_FIELDS",
+        ) from None
+
+
+def catchup_from_proto(value: int, field: str = "schedule.catchup_policy") -> Catchup:
+    """The model catch-up policy of a wire value (unspecified: SKIP).
+
+    Raises:
+        InvalidArgument: ``value`` is no known policy.
+    """
+    if value == pb.CATCHUP_POLICY_UNSPECIFIED:
+        return Catchup.SKIP
+    try:
+        return Catchup(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown catch-up policy {value}",
+            [FieldViolation(field, f"unknown catch-up policy {value}")],
+            reason="INVALID_FIELDS",
+        ) from None
+
+
+def schedule_to_proto(schedule: Schedule, next_run_time: datetime | None = None) -> pb.Schedule:
+    """The wire form of a schedule; ``next_run_time`` is the server's reckoning of its next occurrence."""
+    return pb.Schedule(
+        id=schedule.id,
+        cron=schedule.cron,
+        time_zone=schedule.time_zone,
+        template=request_to_proto(schedule.template),
+        overlap_policy=int(schedule.overlap),  # type: ignore[arg-type]
+        catchup_policy=int(schedule.catchup),  # type: ignore[arg-type]
+        paused=schedule.paused,
+        creator=schedule.creator,
+        create_time=_timestamp(schedule.create_time),
+        update_time=_timestamp(schedule.update_time),
+        last_run_time=_timestamp(schedule.last_time),
+        last_job_id=schedule.last_job_id,
+        next_run_time=_timestamp(next_run_time),
+    )
+
+
+def schedule_from_proto(message: pb.Schedule) -> tuple[Schedule, datetime | None]:
+    """A model schedule from the wire, and its ``next_run_time`` (None when unset).
+
+    Raises:
+        InvalidArgument: an unknown overlap or catch-up policy.
+    """
+
+    def time(name: str) -> datetime | None:
+        return _datetime(getattr(message, name)) if message.HasField(name) else None  # type: ignore[arg-type]
+
+    template = request_from_proto(message.template)
+    schedule = Schedule(
+        id=message.id,
+        cron=message.cron,
+        template=template,
+        time_zone=message.time_zone or "UTC",
+        overlap=overlap_from_proto(message.overlap_policy),
+        catchup=catchup_from_proto(message.catchup_policy),
+        paused=message.paused,
+        creator=message.creator,
+        create_time=time("create_time"),
+        update_time=time("update_time"),
+        last_time=time("last_run_time"),
+        last_job_id=message.last_job_id,
+    )
+    return schedule, time("next_run_time")

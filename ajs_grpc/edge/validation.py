@@ -10,17 +10,22 @@ import re
 import uuid
 from typing import TypeVar
 
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
 from ajs_grpc.core.errors import AjsError, FieldViolation, InvalidArgument
 from ajs_grpc.core.model import Request
+from ajs_grpc.core.schedules import Schedule
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import ANONYMOUS
 from ajs_grpc.edge.limits import Limits
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
+    "MAX_ATTEMPTS",
+    "MAX_DEPENDENCIES",
     "MAX_ID_LENGTH",
+    "MAX_SCHEDULE_ID_LENGTH",
     "MAX_SEQUENCE",
     "MAX_TYPE_LENGTH",
     "at_index",
@@ -32,11 +37,21 @@ __all__ = [
     "queue_name",
     "required_id",
     "validate_request",
+    "validate_schedule",
     "view",
 ]
 
 MAX_ID_LENGTH = 128
 MAX_TYPE_LENGTH = 128
+# Request.depends_on holds at most so many ids.
+MAX_DEPENDENCIES = 100
+# Request.max_attempts at most (the type's caps it anyway; this bounds what is stored).
+MAX_ATTEMPTS = 1000
+# The longest google.protobuf.Duration (about 10,000 years).
+MAX_DURATION_SECONDS = 315_576_000_000
+NANOS = 1_000_000_000
+# A schedule id at most: each of its jobs' ids is the schedule's with the occurrence's time added.
+MAX_SCHEDULE_ID_LENGTH = 96
 # Stores keep sequences and cursors as signed 64-bit integers.
 MAX_SEQUENCE = 2**63 - 1
 # Ids: printable ASCII without spaces. Types: names such as "echo" or "images.resize".
@@ -150,8 +165,54 @@ def view(value: int, default: int) -> int:
     return value
 
 
-def validate_request(message: pb.Request, limits: Limits | None = None) -> Request:
+def _check_time(message: Message, name: str, field: str, violations: list[FieldViolation]) -> None:
+    """Adds a violation if the Timestamp field ``name`` of ``message`` is set but no time."""
+    if not message.HasField(name):
+        return
+    stamp: timestamp_pb2.Timestamp = getattr(message, name)
+    try:
+        stamp.ToDatetime()
+    except (ValueError, OverflowError) as error:
+        violations.append(FieldViolation(field, f"is not a valid time: {error}"))
+
+
+def _check_timeout(message: pb.Request, field: str, violations: list[FieldViolation]) -> None:
+    """Adds a violation if ``message.timeout`` is set but not a positive duration within the Duration range."""
+    if not message.HasField("timeout"):
+        return
+    seconds, nanos = message.timeout.seconds, message.timeout.nanos
+    if not -NANOS < nanos < NANOS or (seconds and nanos and (seconds < 0) != (nanos < 0)):
+        violations.append(FieldViolation(field, "is not a valid duration"))
+    elif seconds < 0 or (seconds == 0 and nanos <= 0):
+        violations.append(FieldViolation(field, "must be positive (unset: the type's timeout)"))
+    elif seconds > MAX_DURATION_SECONDS:
+        violations.append(FieldViolation(field, f"must be at most {MAX_DURATION_SECONDS} seconds"))
+
+
+def _check_dependencies(message: pb.Request, field: str, violations: list[FieldViolation]) -> None:
+    """Adds a violation for each bad entry of ``message.depends_on`` (ids, at most MAX_DEPENDENCIES, no repeats)."""
+    depends_on = message.depends_on
+    if len(depends_on) > MAX_DEPENDENCIES:
+        violations.append(FieldViolation(field, f"has {len(depends_on)} ids, more than {MAX_DEPENDENCIES}"))
+        return
+    seen: set[str] = set()
+    for index, dependency in enumerate(depends_on):
+        where = f"{field}[{index}]"
+        check_id(dependency, where, violations, required=True)
+        if dependency in seen:
+            violations.append(FieldViolation(where, f"repeats {_quoted(dependency)}"))
+        elif dependency and dependency == message.id:
+            violations.append(FieldViolation(where, "a request cannot depend on itself"))
+        seen.add(dependency)
+
+
+def validate_request(message: pb.Request, limits: Limits | None = None, *, field: str = "request") -> Request:
     """The model Request for a submitted one, server-set fields filled in.
+
+    Args:
+        message: the request as submitted.
+        limits: the sizes allowed.
+        field: the path of ``message`` in the call, which violations name (``request.type``).
 
     Raises:
         InvalidArgument: listing every bad field.
@@ -160,25 +221,90 @@ def validate_request(message: pb.Request, limits: Limits | None = None) -> Reque
     violations: list[FieldViolation] = []
     if len(message.data) > limits.max_data_entries:
         violations.append(
-            FieldViolation("request.data", f"has {len(message.data)} entries, more than {limits.max_data_entries}")
+            FieldViolation(f"{field}.data", f"has {len(message.data)} entries, more than {limits.max_data_entries}")
         )
     elif (size := sum(len(k.encode()) + len(v.encode()) for k, v in message.data.items())) > limits.max_data_bytes:
-        violations.append(FieldViolation("request.data", f"holds {size} bytes, more than {limits.max_data_bytes}"))
+        violations.append(FieldViolation(f"{field}.data", f"holds {size} bytes, more than {limits.max_data_bytes}"))
     else:
         for key, value in message.data.items():
-            _check_text(key + value, "request.data", violations, f"entry {_quoted(key)} ")
-    check_id(message.id, "request.id", violations, required=False)
-    check_id(message.parent_id, "request.parent_id", violations, required=False)
+            _check_text(key + value, f"{field}.data", violations, f"entry {_quoted(key)} ")
+    check_id(message.id, f"{field}.id", violations, required=False)
+    check_id(message.parent_id, f"{field}.parent_id", violations, required=False)
     if message.id and message.parent_id == message.id:
-        violations.append(FieldViolation("request.parent_id", "a request cannot be its own parent"))
-    check_type(message.type, "request.type", violations)
-    check_queue(message.queue, "request.queue", violations, required=False)
+        violations.append(FieldViolation(f"{field}.parent_id", "a request cannot be its own parent"))
+    check_type(message.type, f"{field}.type", violations)
+    check_queue(message.queue, f"{field}.queue", violations, required=False)
     if message.HasField("input"):
-        _check_text(message.input.type_url, "request.input.type_url", violations)
-    try:
-        request = convert.request_from_proto(message)
-    except (ValueError, OverflowError) as error:  # a Timestamp out of range
-        violations.append(FieldViolation("request.run_after", f"is not a valid time: {error}"))
+        _check_text(message.input.type_url, f"{field}.input.type_url", violations)
+    _check_dependencies(message, f"{field}.depends_on", violations)
+    for name in ("run_after", "expire_time"):
+        _check_time(message, name, f"{field}.{name}", violations)
+    if not 0 <= message.max_attempts <= MAX_ATTEMPTS:
+        violations.append(FieldViolation(f"{field}.max_attempts", f"must be between 0 (the type's) and {MAX_ATTEMPTS}"))
+    _check_timeout(message, f"{field}.timeout", violations)
     if violations:
         raise invalid(violations)
+    request = convert.request_from_proto(message)
     return dataclasses.replace(request, id=request.id or str(uuid.uuid4()), creator=ANONYMOUS.name, create_time=None)
+
+
+def validate_schedule(message: pb.Schedule, limits: Limits | None = None, field: str = "schedule") -> Schedule:
+    """The model Schedule for one to create (server-set fields left out), its template checked as a submit's.
+
+    The cron expression and time zone are checked by the core
+    (:func:`~ajs_grpc.core.schedules.check_schedule`), by the caller, once the id is qualified.
+
+    Raises:
+        InvalidArgument: listing every bad field.
+    """
+    violations: list[FieldViolation] = []
+    if len(message.id) > MAX_SCHEDULE_ID_LENGTH:  # its jobs' ids add the occurrence time to it
+        violations.append(FieldViolation(f"{field}.id", f"must be at most {MAX_SCHEDULE_ID_LENGTH} characters"))
+    else:
+        check_id(message.id, f"{field}.id", violations, required=True)
+    if not message.cron.strip():
+        violations.append(FieldViolation(f"{field}.cron", "must not be empty"))
+    _check_text(message.cron, f"{field}.cron", violations)
+    _check_text(message.time_zone, f"{field}.time_zone", violations)
+    template = message.template
+    where = f"{field}.template"
+    if not message.HasField("template"):
+        violations.append(FieldViolation(where, "is required"))
+    set_fields = {
+        "id": bool(template.id),
+        "parent_id": bool(template.parent_id),
+        "run_after": template.HasField("run_after"),
+        "depends_on": bool(template.depends_on),
+        "expire_time": template.HasField("expire_time"),
+    }
+    for name, is_set in set_fields.items():
+        if is_set:  # each occurrence sets these itself
+            violations.append(FieldViolation(f"{where}.{name}", "must be unset in a schedule's template"))
+    request: Request | None = None
+    if message.HasField("template"):
+        try:
+            request = validate_request(template, limits, field=where)
+        except InvalidArgument as error:
+            violations.extend(error.violations)
+    try:
+        convert.overlap_from_proto(message.overlap_policy, f"{field}.overlap_policy")
+    except InvalidArgument as error:
+        violations.extend(error.violations)
+    try:
+        convert.catchup_from_proto(message.catchup_policy, f"{field}.catchup_policy")
+    except InvalidArgument as error:
+        violations.extend(error.violations)
+    if violations:
+        raise invalid(violations)
+    assert request is not None
+    schedule, _ = convert.schedule_from_proto(message)
+    return dataclasses.replace(
+        schedule,
+        template=dataclasses.replace(request, id="", creator=""),
+        paused=False,
+        creator="",
+        create_time=None,
+        update_time=None,
+        last_time=None,
+        last_job_id="",
+    )

@@ -85,6 +85,46 @@ class JobServiceStub:
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueRequest.SerializeToString,
                 response_deserializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueResponse.FromString,
                 _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/ajs.v1.JobService/RetryJob',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/ajs.v1.JobService/DeleteJob',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/ajs.v1.JobService/CreateSchedule',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/ajs.v1.JobService/GetSchedule',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.GetScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/ajs.v1.JobService/ListSchedules',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/ajs.v1.JobService/DeleteSchedule',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/ajs.v1.JobService/PauseSchedule',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/ajs.v1.JobService/ResumeSchedule',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.ResumeScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -182,6 +222,82 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryJob(self, request, context):
+        """Runs an ended FAILED or CANCELLED job again, by hand: the same id, queued anew
+        (it waits for its dependencies that have not ended, as when submitted). Its
+        Responses go on from the final one with a CREATED Response whose data
+        `reason` is MANUAL_RETRY, so a WatchJob with `after_sequence` of the final
+        Response sees the new run; its attempts count from 0 again. Owner or admin.
+        FAILED_PRECONDITION with reason REQUEST_NOT_ENDED (it has not ended),
+        REQUEST_FINISHED (it FINISHED), or DEPENDENCY_FAILED (a dependency ended FAILED
+        or CANCELLED and the type does not allow that: retry that one first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Deletes an ended job, its Responses and its descendants (the jobs whose
+        parent_id leads to it), which must all have ended (AIP-135). Owner or admin.
+        FAILED_PRECONDITION with reason REQUEST_NOT_ENDED if one has not ended; then
+        nothing is deleted. Jobs that depend on a deleted job count it as FINISHED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSchedule(self, request, context):
+        """Creates a schedule (AIP-133): its template is submitted at every occurrence of
+        its cron expression, as the schedule's creator, with a job id derived from the
+        schedule id and the occurrence time, so each occurrence gets exactly one job
+        however many instances run. The template is checked as a submit is. Idempotent:
+        creating the same definition again answers the stored schedule; the id taken by
+        another definition is ALREADY_EXISTS (reason SCHEDULE_ID_TAKEN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """Returns one schedule (AIP-131). A schedule the caller did not create is
+        NOT_FOUND (reason SCHEDULE_NOT_FOUND) unless the caller is an admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Lists the caller's schedules (an admin: every schedule) by id, a page at a
+        time (AIP-132, AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Deletes a schedule (AIP-135); the jobs it submitted stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Pauses a schedule (AIP-136 custom method): no occurrence is submitted until it
+        is resumed. Pausing a paused schedule is fine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Resumes a paused schedule (AIP-136 custom method). It goes on from now:
+        occurrences passed while it was paused are skipped. Resuming a schedule that
+        is not paused is fine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +350,46 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ResumeQueue,
                     request_deserializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueRequest.FromString,
                     response_serializer=ajs_dot_v1_dot_job__service__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.RetryJobRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.RetryJobResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.DeleteJobRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.GetScheduleRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.GetScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.ResumeScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,6 +663,222 @@ class JobService:
             '/ajs.v1.JobService/ResumeQueue',
             ajs_dot_v1_dot_job__service__pb2.ResumeQueueRequest.SerializeToString,
             ajs_dot_v1_dot_job__service__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/RetryJob',
+            ajs_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/DeleteJob',
+            ajs_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/CreateSchedule',
+            ajs_dot_v1_dot_job__service__pb2.CreateScheduleRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/GetSchedule',
+            ajs_dot_v1_dot_job__service__pb2.GetScheduleRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.GetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/ListSchedules',
+            ajs_dot_v1_dot_job__service__pb2.ListSchedulesRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/DeleteSchedule',
+            ajs_dot_v1_dot_job__service__pb2.DeleteScheduleRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/PauseSchedule',
+            ajs_dot_v1_dot_job__service__pb2.PauseScheduleRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ajs.v1.JobService/ResumeSchedule',
+            ajs_dot_v1_dot_job__service__pb2.ResumeScheduleRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.ResumeScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,49 @@ class JobServiceStub:
     again. Resuming a queue that is not paused is fine. Admins only:
     PERMISSION_DENIED for anyone else.
     """
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RetryJobRequest, _job_service_pb2.RetryJobResponse]
+    """Runs an ended FAILED or CANCELLED job again, by hand: the same id, queued anew
+    (it waits for its dependencies that have not ended, as when submitted). Its
+    Responses go on from the final one with a CREATED Response whose data
+    `reason` is MANUAL_RETRY, so a WatchJob with `after_sequence` of the final
+    Response sees the new run; its attempts count from 0 again. Owner or admin.
+    FAILED_PRECONDITION with reason REQUEST_NOT_ENDED (it has not ended),
+    REQUEST_FINISHED (it FINISHED), or DEPENDENCY_FAILED (a dependency ended FAILED
+    or CANCELLED and the type does not allow that: retry that one first).
+    """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]
+    """Deletes an ended job, its Responses and its descendants (the jobs whose
+    parent_id leads to it), which must all have ended (AIP-135). Owner or admin.
+    FAILED_PRECONDITION with reason REQUEST_NOT_ENDED if one has not ended; then
+    nothing is deleted. Jobs that depend on a deleted job count it as FINISHED.
+    """
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CreateScheduleRequest, _job_service_pb2.CreateScheduleResponse]
+    """Creates a schedule (AIP-133): its template is submitted at every occurrence of
+    its cron expression, as the schedule's creator, with a job id derived from the
+    schedule id and the occurrence time, so each occurrence gets exactly one job
+    however many instances run. The template is checked as a submit is. Idempotent:
+    creating the same definition again answers the stored schedule; the id taken by
+    another definition is ALREADY_EXISTS (reason SCHEDULE_ID_TAKEN).
+    """
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetScheduleRequest, _job_service_pb2.GetScheduleResponse]
+    """Returns one schedule (AIP-131). A schedule the caller did not create is
+    NOT_FOUND (reason SCHEDULE_NOT_FOUND) unless the caller is an admin.
+    """
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListSchedulesRequest, _job_service_pb2.ListSchedulesResponse]
+    """Lists the caller's schedules (an admin: every schedule) by id, a page at a
+    time (AIP-132, AIP-158).
+    """
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteScheduleRequest, _job_service_pb2.DeleteScheduleResponse]
+    """Deletes a schedule (AIP-135); the jobs it submitted stay."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.PauseScheduleRequest, _job_service_pb2.PauseScheduleResponse]
+    """Pauses a schedule (AIP-136 custom method): no occurrence is submitted until it
+    is resumed. Pausing a paused schedule is fine.
+    """
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ResumeScheduleRequest, _job_service_pb2.ResumeScheduleResponse]
+    """Resumes a paused schedule (AIP-136 custom method). It goes on from now:
+    occurrences passed while it was paused are skipped. Resuming a schedule that
+    is not paused is fine.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -140,6 +183,49 @@ class JobServiceAsyncStub(JobServiceStub):
     """Resumes a paused queue (AIP-136 custom method): its queued jobs may start
     again. Resuming a queue that is not paused is fine. Admins only:
     PERMISSION_DENIED for anyone else.
+    """
+    RetryJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RetryJobRequest, _job_service_pb2.RetryJobResponse]  # type: ignore[assignment]
+    """Runs an ended FAILED or CANCELLED job again, by hand: the same id, queued anew
+    (it waits for its dependencies that have not ended, as when submitted). Its
+    Responses go on from the final one with a CREATED Response whose data
+    `reason` is MANUAL_RETRY, so a WatchJob with `after_sequence` of the final
+    Response sees the new run; its attempts count from 0 again. Owner or admin.
+    FAILED_PRECONDITION with reason REQUEST_NOT_ENDED (it has not ended),
+    REQUEST_FINISHED (it FINISHED), or DEPENDENCY_FAILED (a dependency ended FAILED
+    or CANCELLED and the type does not allow that: retry that one first).
+    """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Deletes an ended job, its Responses and its descendants (the jobs whose
+    parent_id leads to it), which must all have ended (AIP-135). Owner or admin.
+    FAILED_PRECONDITION with reason REQUEST_NOT_ENDED if one has not ended; then
+    nothing is deleted. Jobs that depend on a deleted job count it as FINISHED.
+    """
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CreateScheduleRequest, _job_service_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """Creates a schedule (AIP-133): its template is submitted at every occurrence of
+    its cron expression, as the schedule's creator, with a job id derived from the
+    schedule id and the occurrence time, so each occurrence gets exactly one job
+    however many instances run. The template is checked as a submit is. Idempotent:
+    creating the same definition again answers the stored schedule; the id taken by
+    another definition is ALREADY_EXISTS (reason SCHEDULE_ID_TAKEN).
+    """
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetScheduleRequest, _job_service_pb2.GetScheduleResponse]  # type: ignore[assignment]
+    """Returns one schedule (AIP-131). A schedule the caller did not create is
+    NOT_FOUND (reason SCHEDULE_NOT_FOUND) unless the caller is an admin.
+    """
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListSchedulesRequest, _job_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """Lists the caller's schedules (an admin: every schedule) by id, a page at a
+    time (AIP-132, AIP-158).
+    """
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteScheduleRequest, _job_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """Deletes a schedule (AIP-135); the jobs it submitted stay."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_job_service_pb2.PauseScheduleRequest, _job_service_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """Pauses a schedule (AIP-136 custom method): no occurrence is submitted until it
+    is resumed. Pausing a paused schedule is fine.
+    """
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ResumeScheduleRequest, _job_service_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
+    """Resumes a paused schedule (AIP-136 custom method). It goes on from now:
+    occurrences passed while it was paused are skipped. Resuming a schedule that
+    is not paused is fine.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -252,6 +338,97 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resumes a paused queue (AIP-136 custom method): its queued jobs may start
         again. Resuming a queue that is not paused is fine. Admins only:
         PERMISSION_DENIED for anyone else.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _job_service_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RetryJobResponse, _abc.Awaitable[_job_service_pb2.RetryJobResponse]]:
+        """Runs an ended FAILED or CANCELLED job again, by hand: the same id, queued anew
+        (it waits for its dependencies that have not ended, as when submitted). Its
+        Responses go on from the final one with a CREATED Response whose data
+        `reason` is MANUAL_RETRY, so a WatchJob with `after_sequence` of the final
+        Response sees the new run; its attempts count from 0 again. Owner or admin.
+        FAILED_PRECONDITION with reason REQUEST_NOT_ENDED (it has not ended),
+        REQUEST_FINISHED (it FINISHED), or DEPENDENCY_FAILED (a dependency ended FAILED
+        or CANCELLED and the type does not allow that: retry that one first).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _job_service_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.DeleteJobResponse, _abc.Awaitable[_job_service_pb2.DeleteJobResponse]]:
+        """Deletes an ended job, its Responses and its descendants (the jobs whose
+        parent_id leads to it), which must all have ended (AIP-135). Owner or admin.
+        FAILED_PRECONDITION with reason REQUEST_NOT_ENDED if one has not ended; then
+        nothing is deleted. Jobs that depend on a deleted job count it as FINISHED.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _job_service_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.CreateScheduleResponse, _abc.Awaitable[_job_service_pb2.CreateScheduleResponse]]:
+        """Creates a schedule (AIP-133): its template is submitted at every occurrence of
+        its cron expression, as the schedule's creator, with a job id derived from the
+        schedule id and the occurrence time, so each occurrence gets exactly one job
+        however many instances run. The template is checked as a submit is. Idempotent:
+        creating the same definition again answers the stored schedule; the id taken by
+        another definition is ALREADY_EXISTS (reason SCHEDULE_ID_TAKEN).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSchedule(
+        self,
+        request: _job_service_pb2.GetScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.GetScheduleResponse, _abc.Awaitable[_job_service_pb2.GetScheduleResponse]]:
+        """Returns one schedule (AIP-131). A schedule the caller did not create is
+        NOT_FOUND (reason SCHEDULE_NOT_FOUND) unless the caller is an admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _job_service_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListSchedulesResponse, _abc.Awaitable[_job_service_pb2.ListSchedulesResponse]]:
+        """Lists the caller's schedules (an admin: every schedule) by id, a page at a
+        time (AIP-132, AIP-158).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _job_service_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_job_service_pb2.DeleteScheduleResponse]]:
+        """Deletes a schedule (AIP-135); the jobs it submitted stay."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _job_service_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.PauseScheduleResponse, _abc.Awaitable[_job_service_pb2.PauseScheduleResponse]]:
+        """Pauses a schedule (AIP-136 custom method): no occurrence is submitted until it
+        is resumed. Pausing a paused schedule is fine.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _job_service_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ResumeScheduleResponse, _abc.Awaitable[_job_service_pb2.ResumeScheduleResponse]]:
+        """Resumes a paused schedule (AIP-136 custom method). It goes on from now:
+        occurrences passed while it was paused are skipped. Resuming a schedule that
+        is not paused is fine.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
