@@ -689,7 +689,9 @@ class Connector(abc.ABC):
         """Yields the stored Responses after ``after_sequence``, then the live ones.
 
         Ends after the final Response (at once if the job already ended and the
-        caller has seen it). Each Response is yielded once, in sequence order.
+        caller has seen it); a job retried by hand has a final Response per run, and
+        the watch goes on past those followed by more. Each Response is yielded once,
+        in sequence order.
 
         Raises:
             NotFound: no such request.
@@ -703,10 +705,12 @@ class Connector(abc.ABC):
                 # the caller holds a yielded one sets it again, so none is missed.
                 changed.clear()
                 batch = await self._shared_read(request_id, seen)
-                for response in batch:
+                for index, response in enumerate(batch):
                     yield response
                     seen = response.sequence
-                    if response.is_final:
+                    # The end, unless a retry by hand went on after it: Responses stored after
+                    # it came in this read, or a full read may have left them for the next one.
+                    if response.is_final and index == len(batch) - 1 and len(batch) < WATCH_BATCH:
                         return
                 if not batch:
                     last = (await self.get(request_id)).last_response

@@ -188,6 +188,11 @@ async def test_a_failed_job_is_retried_by_hand_with_its_responses_going_on(conne
     assert [r.sequence for r in responses] == list(range(1, len(responses) + 1))
     assert [r.state for r in responses][-3:] == [S.CREATED, S.PENDING, S.FINISHED]
     assert sum(r.is_final for r in responses) == 2  # one per run
+    # A watch from the start goes past the first run's end to the second's.
+    assert [r.sequence async for r in connector.watch("f")] == [r.sequence for r in responses]
+    assert [r.sequence async for r in connector.watch("f", failed.last_response.sequence)] == [
+        r.sequence for r in responses[failed.last_response.sequence :]
+    ]
 
 
 async def test_only_a_failed_or_cancelled_job_is_retried(connector: Connector) -> None:
