@@ -1,4 +1,4 @@
-"""Pages of ListJobs (AIP-158): opaque page tokens bound to their filters, the order, page sizes.
+"""Pages of ListJobs and ListSchedules (AIP-158): opaque page tokens bound to their filters, the order, page sizes.
 
 A token holds the store's cursor and a digest of the filters and order it was
 issued for; a token used with other filters, or one this service did not issue,
@@ -22,7 +22,9 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
     "REPLY_OVERHEAD",
+    "decode_key_token",
     "decode_page_token",
+    "encode_key_token",
     "encode_page_token",
     "fit_page",
     "newest_first",
@@ -95,6 +97,37 @@ def decode_page_token(token: str, job_filter: JobFilter, newest_first: bool = Fa
         )
     cursor: int = body["c"]
     return cursor
+
+
+def encode_key_token(after: str, scope: str) -> str:
+    """An opaque token for the page after the item keyed ``after`` (a schedule id), bound to ``scope`` (whose list)."""
+    body = json.dumps({"v": _TOKEN_VERSION, "k": after, "s": _scope_digest(scope)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def decode_key_token(token: str, scope: str) -> str:
+    """The key a page token of :func:`encode_key_token` starts after.
+
+    Raises:
+        InvalidArgument: the token is malformed or was issued for another scope (caller).
+    """
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        valid = isinstance(body, dict) and body.get("v") == _TOKEN_VERSION and isinstance(body.get("k"), str)
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        valid = False
+    if not valid or body.get("s") != _scope_digest(scope):
+        raise InvalidArgument(
+            "page_token is not a token this service issued for this caller",
+            [FieldViolation("page_token", "malformed")],
+            reason="INVALID_PAGE_TOKEN",
+        )
+    key: str = body["k"]
+    return key
+
+
+def _scope_digest(scope: str) -> str:
+    return hashlib.sha256(json.dumps(["key", scope]).encode()).hexdigest()[:16]
 
 
 def fit_page(

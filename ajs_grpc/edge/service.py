@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
+from datetime import datetime
 
 import grpc
 
-from ajs_grpc.connectors.base import Connector, JobFilter
+from ajs_grpc.connectors.base import Connector, JobFilter, dependency_not_found, schedule_not_found
+from ajs_grpc.core import schedules as core_schedules
 from ajs_grpc.core.errors import (
     AjsError,
     AlreadyExists,
@@ -28,7 +30,8 @@ from ajs_grpc.core.errors import (
     Unavailable,
 )
 from ajs_grpc.core.logs import current_request_id
-from ajs_grpc.core.model import Job, Request, RequestState
+from ajs_grpc.core.model import Job, Request, RequestState, now
+from ajs_grpc.core.schedules import Schedule
 from ajs_grpc.edge import convert, paging
 from ajs_grpc.edge.auth import Authenticator, Principal
 from ajs_grpc.edge.limits import COUNT_TTL, Admission, Limits, WatchSlots
@@ -43,6 +46,7 @@ from ajs_grpc.edge.validation import (
     queue_name,
     required_id,
     validate_request,
+    validate_schedule,
     view,
 )
 from ajs_grpc.engine.handlers.base import HandlerChain
@@ -72,6 +76,8 @@ class JobService:
         max_reply_bytes: the largest reply (a page of ListJobs ends early before it).
         count_ttl: seconds a count of queued jobs (for the queue-depth limit and the
             quotas) is trusted before it is read again.
+        schedules_changed: called after a schedule is created or resumed, so that this
+            instance's scheduler looks at it now rather than at its next poll.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class JobService:
         accept_unknown_types: bool = False,
         max_reply_bytes: int = 4 * 1024 * 1024,
         count_ttl: float = COUNT_TTL,
+        schedules_changed: Callable[[], None] | None = None,
     ) -> None:
         self.connector = connector
         self.chain = chain
@@ -98,6 +105,7 @@ class JobService:
         self.admission = Admission(connector, count_ttl)
         self.slots = WatchSlots()
         self.pipeline = Pipeline(authenticator, self.observer, lambda: self.limits.watch_send_timeout)
+        self.schedules_changed = schedules_changed
 
     @property
     def watches(self) -> dict[str, int]:
@@ -114,7 +122,7 @@ class JobService:
         """Validates and enqueues a request (idempotent on its id)."""
         principal = caller.principal
         self._check_accepting()
-        request = await self._prepare(message, principal, frozenset())
+        request = await self._prepare(message, principal, frozenset(), frozenset(), set())
         await self.admission.admit(principal, self.limits)
         try:
             submit = self.chain.submit(request)
@@ -134,9 +142,12 @@ class JobService:
             raise invalid([FieldViolation("requests", f"has {len(message.requests)} requests, more than {limit}")])
         requests: list[Request] = []
         named: set[str] = set()
+        # Dependencies may name any request of the batch, before or after the one depending.
+        everyone = frozenset(principal.qualify(item.request.id) for item in message.requests if item.request.id)
+        visible: set[str] = set()
         for index, item in enumerate(message.requests):
             try:
-                request = await self._prepare(item, principal, named)
+                request = await self._prepare(item, principal, named, everyone, visible)
             except AjsError as error:
                 raise at_index(index, error) from None
             named.add(request.id)
@@ -167,14 +178,21 @@ class JobService:
             raise Unavailable("the server is shutting down; submit to another instance", reason="DRAINING")
 
     async def _prepare(
-        self, message: pb.SubmitRequestRequest, principal: Principal, batch: AbstractSet[str]
+        self,
+        message: pb.SubmitRequestRequest,
+        principal: Principal,
+        batch: AbstractSet[str],
+        everyone: AbstractSet[str],
+        visible: set[str],
     ) -> Request:
-        """The request to store for a submit, checked: fields, namespace, type, input, quotas, parent.
+        """The request to store for a submit, checked: fields, namespace, type, input, quotas, parent, dependencies.
 
         Args:
             message: the submit.
             principal: the caller.
             batch: stored ids submitted earlier in the same batch (a parent may be one).
+            everyone: the stored ids of the whole batch (a dependency may be any).
+            visible: stored ids already found visible to the caller in this call (added to).
         """
         if not message.HasField("request"):
             raise invalid([FieldViolation("request", "is required")])
@@ -183,9 +201,41 @@ class JobService:
         if not principal.admin and not principal.owns_name(stored_id):
             raise invalid([FieldViolation("request.id", "names another principal's namespace ('~name/...')")])
         request = dataclasses.replace(
-            request, id=stored_id, parent_id=principal.qualify(request.parent_id), creator=principal.name
+            request,
+            id=stored_id,
+            parent_id=principal.qualify(request.parent_id),
+            depends_on=tuple(principal.qualify(dependency) for dependency in request.depends_on),
+            creator=principal.name,
         )
+        if stored_id in request.depends_on:  # "x" and "~alice/x" name the same request
+            raise invalid([FieldViolation("request.depends_on", "a request cannot depend on itself")])
         current_request_id.set(request.id)
+        self._check_submittable(principal, request)
+        if request.parent_id and request.parent_id not in batch:  # children go only under one's own jobs
+            try:
+                await self.ownership.visible_job(principal, request.parent_id)
+            except NotFound:
+                raise NotFound(
+                    f"parent request {message.request.parent_id!r} does not exist",
+                    reason="PARENT_NOT_FOUND",
+                    metadata={"parent_id": message.request.parent_id},
+                ) from None
+        for given, dependency in zip(message.request.depends_on, request.depends_on, strict=True):
+            if dependency in everyone or dependency in visible:
+                continue
+            try:  # one waits only on one's own jobs (a job one may not see is answered as an unknown one)
+                await self.ownership.visible_job(principal, dependency)
+            except NotFound:
+                raise dependency_not_found(given) from None
+            visible.add(dependency)
+        return request
+
+    def _check_submittable(self, principal: Principal, request: Request) -> None:
+        """Refuses a request (or a schedule's template) the caller may not submit, or this server not take.
+
+        The type must be allowed to the caller and run here (unless this instance cannot
+        know), the typed input must fit and decode, and the quotas per request must hold.
+        """
         if principal.types is not None and request.type not in principal.types and not principal.admin:
             log.warning("denied %s a submit of type %s", principal.name, request.type)
             raise PermissionDenied(
@@ -199,16 +249,6 @@ class JobService:
         if plugin is not None:  # a type only workers know is checked when it runs
             plugin.decode_input(request.input)
         self.admission.check_request_quotas(principal, request, self.limits)
-        if request.parent_id and request.parent_id not in batch:  # children go only under one's own jobs
-            try:
-                await self.ownership.visible_job(principal, request.parent_id)
-            except NotFound:
-                raise NotFound(
-                    f"parent request {message.request.parent_id!r} does not exist",
-                    reason="PARENT_NOT_FOUND",
-                    metadata={"parent_id": message.request.parent_id},
-                ) from None
-        return request
 
     async def _taken_or(self, error: AlreadyExists, principal: Principal, request: Request) -> AlreadyExists:
         """``error`` for the owner of the stored job; the same answer whatever another's job holds."""
@@ -331,6 +371,122 @@ class JobService:
         log.debug("cancel of request %s: now %s", job.request.id, job.state.name)
         return pb.CancelJobResponse(job=convert.job_to_proto(self.ownership.as_seen_by(principal, job)))
 
+    async def retry_job(self, message: pb.RetryJobRequest, caller: Caller) -> pb.RetryJobResponse:
+        """Queues an ended FAILED or CANCELLED job again, by hand (same id; its Responses go on)."""
+        principal = caller.principal
+        request_id = principal.qualify(required_id(message.request_id))
+        await self.ownership.visible_job(principal, request_id)
+        job = await self.connector.retry(request_id)
+        log.info("%s retried request %s by hand", principal.name, request_id)
+        return pb.RetryJobResponse(job=convert.job_to_proto(self.ownership.as_seen_by(principal, job)))
+
+    async def delete_job(self, message: pb.DeleteJobRequest, caller: Caller) -> pb.DeleteJobResponse:
+        """Deletes an ended job, its Responses and its descendants (all ended)."""
+        principal = caller.principal
+        request_id = principal.qualify(required_id(message.request_id))
+        await self.ownership.visible_job(principal, request_id)
+        deleted = await self.connector.delete(request_id)
+        log.info("%s deleted request %s (%d job(s) with its descendants)", principal.name, request_id, deleted)
+        return pb.DeleteJobResponse(deleted_count=deleted)
+
+    # -- schedules (each principal's own, in its namespace; admins see all) -------------------
+
+    async def create_schedule(self, message: pb.CreateScheduleRequest, caller: Caller) -> pb.CreateScheduleResponse:
+        """Creates a schedule; the same definition again answers the stored one."""
+        principal = caller.principal
+        if not message.HasField("schedule"):
+            raise invalid([FieldViolation("schedule", "is required")])
+        schedule = validate_schedule(message.schedule, self.limits)
+        stored_id = principal.qualify(schedule.id)
+        if not principal.admin and not principal.owns_name(stored_id):
+            raise invalid([FieldViolation("schedule.id", "names another principal's namespace ('~name/...')")])
+        schedule = dataclasses.replace(
+            schedule,
+            id=stored_id,
+            creator=principal.name,
+            template=dataclasses.replace(schedule.template, creator=principal.name),
+        )
+        _check_schedule(schedule)
+        self._check_submittable(principal, schedule.template)
+        stored, created = await self.connector.create_schedule(schedule)
+        if created:
+            log.info("%s created schedule %s (%s in %s)", principal.name, stored.id, stored.cron, stored.time_zone)
+            self._schedules_changed()
+        return pb.CreateScheduleResponse(schedule=self._schedule_as_seen_by(principal, stored))
+
+    async def get_schedule(self, message: pb.GetScheduleRequest, caller: Caller) -> pb.GetScheduleResponse:
+        """Returns one of the caller's schedules (any, for an admin)."""
+        principal = caller.principal
+        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        return pb.GetScheduleResponse(schedule=self._schedule_as_seen_by(principal, schedule))
+
+    async def list_schedules(self, message: pb.ListSchedulesRequest, caller: Caller) -> pb.ListSchedulesResponse:
+        """Returns a page of the caller's schedules (all, for an admin), by id."""
+        principal = caller.principal
+        if message.page_size < 0:
+            raise invalid([FieldViolation("page_size", "must not be negative")])
+        creator = "" if principal.admin else principal.name
+        after = paging.decode_key_token(message.page_token, creator) if message.page_token else ""
+        size = paging.page_size(message.page_size)
+        found = await self.connector.list_schedules(creator=creator, after=after, limit=size + 1)
+        page = found[:size]
+        reply = pb.ListSchedulesResponse(
+            schedules=[self._schedule_as_seen_by(principal, schedule) for schedule in page]
+        )
+        if len(found) > size:
+            reply.next_page_token = paging.encode_key_token(page[-1].id, creator)
+        return reply
+
+    async def delete_schedule(self, message: pb.DeleteScheduleRequest, caller: Caller) -> pb.DeleteScheduleResponse:
+        """Deletes a schedule; the jobs it submitted stay."""
+        principal = caller.principal
+        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        await self.connector.delete_schedule(schedule.id)
+        log.info("%s deleted schedule %s", principal.name, schedule.id)
+        return pb.DeleteScheduleResponse()
+
+    async def pause_schedule(self, message: pb.PauseScheduleRequest, caller: Caller) -> pb.PauseScheduleResponse:
+        """Pauses a schedule: no occurrence is submitted until it is resumed."""
+        principal = caller.principal
+        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        paused = await self.connector.pause_schedule(schedule.id, True)
+        log.info("%s paused schedule %s", principal.name, schedule.id)
+        return pb.PauseScheduleResponse(schedule=self._schedule_as_seen_by(principal, paused))
+
+    async def resume_schedule(self, message: pb.ResumeScheduleRequest, caller: Caller) -> pb.ResumeScheduleResponse:
+        """Resumes a paused schedule from now (occurrences passed while paused are skipped)."""
+        principal = caller.principal
+        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        resumed = await self.connector.pause_schedule(schedule.id, False)
+        log.info("%s resumed schedule %s", principal.name, schedule.id)
+        self._schedules_changed()
+        return pb.ResumeScheduleResponse(schedule=self._schedule_as_seen_by(principal, resumed))
+
+    async def _visible_schedule(self, principal: Principal, schedule_id: str) -> Schedule:
+        """The stored schedule, if the caller created it or is an admin; NOT_FOUND as for an unknown id if not."""
+        try:
+            schedule = await self.connector.get_schedule(schedule_id)
+        except NotFound:
+            raise schedule_not_found(schedule_id) from None
+        if not principal.admin and schedule.creator != principal.name:
+            log.warning("denied %s access to schedule %s", principal.name, schedule_id)
+            raise schedule_not_found(schedule_id)
+        return schedule
+
+    @staticmethod
+    def _schedule_as_seen_by(principal: Principal, schedule: Schedule) -> pb.Schedule:
+        """The wire form of ``schedule`` in the caller's names, with its next occurrence reckoned now."""
+        next_run = None if schedule.paused else _next_time(schedule, max(schedule.last_time or now(), now()))
+        if not principal.admin:
+            schedule = dataclasses.replace(
+                schedule, id=principal.unqualify(schedule.id), last_job_id=principal.unqualify(schedule.last_job_id)
+            )
+        return convert.schedule_to_proto(schedule, next_run)
+
+    def _schedules_changed(self) -> None:
+        if self.schedules_changed is not None:
+            self.schedules_changed()
+
     # -- queues (admins only: a queue's counts cover every principal's jobs) -------------------
 
     async def list_queues(self, message: pb.ListQueuesRequest, caller: Caller) -> pb.ListQueuesResponse:
@@ -360,3 +516,15 @@ class JobService:
         if not principal.admin:
             log.warning("denied %s: it may not %s", principal.name, what)
             raise PermissionDenied(f"{principal.name} may not {what}: that takes the admin role", reason="NOT_ADMIN")
+
+
+# TEMPORARY until core/schedules.py has check_schedule and Schedule.next_time (the schedules helper).
+def _check_schedule(schedule: Schedule) -> None:
+    check = getattr(core_schedules, "check_schedule", None)
+    if check is not None:
+        check(schedule)
+
+
+def _next_time(schedule: Schedule, after: datetime) -> datetime | None:
+    next_time = getattr(schedule, "next_time", None)
+    return next_time(after) if next_time is not None else None
