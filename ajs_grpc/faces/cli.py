@@ -37,12 +37,13 @@ from ajs_grpc.core.errors import AjsError, Code, ConfigError, InvalidArgument, P
 from ajs_grpc.core.flow import FlowPolicy, JobStates
 from ajs_grpc.core.logs import setup_logging
 from ajs_grpc.core.model import JobType, Request, RequestState, Response
+from ajs_grpc.core.schedules import Catchup, Overlap
 from ajs_grpc.edge import convert, dynamic
 from ajs_grpc.edge.auth import new_token
 from ajs_grpc.edge.config import SETTINGS, Settings
 from ajs_grpc.edge.config import load as load_settings
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
-from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, TlsOptions
+from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, ScheduleInfo, TlsOptions
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["main"]
@@ -198,6 +199,25 @@ PLUGIN_OPTIONS = (
 )
 
 
+# A request's own attempts and timeout (ajs submit, ajs schedules create). Not --timeout:
+# that is every remote command's per-call timeout.
+_ATTEMPT_OPTIONS = (
+    _arg(
+        "--max-attempts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="claims allowed in all, at most the type's (default 0: the type's)",
+    ),
+    _arg(
+        "--attempt-timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="how long one attempt may run, at most the type's (default: the type's)",
+    ),
+)
+
+
 def _serve_options() -> list[_Arg]:
     """--config and a flag per setting of SERVE_FLAGS (read now: --config defaults to $AJS_CONFIG)."""
     options = [_arg("--config", type=Path, default=_env_path("AJS_CONFIG"), help="a TOML file ($AJS_CONFIG)")]
@@ -229,6 +249,21 @@ def _client_options() -> list[_Arg]:
             help="allow sending the token without TLS to another machine (only on a trusted network)",
         ),
     ]
+
+
+def _inherited(options: Sequence[_Arg]) -> list[_Arg]:
+    """``options`` for the subcommands of a group that takes them too (``ajs schedules --target X list``).
+
+    Unset in the subcommand, an option keeps the group's value: argparse would otherwise
+    write the subcommand's default over it.
+    """
+    inherited = []
+    for names, kwargs in options:
+        changed = dict(kwargs, default=argparse.SUPPRESS)
+        if "help" in kwargs and "default" in kwargs:
+            changed["help"] = kwargs["help"].replace("%(default)s", str(kwargs["default"]))
+        inherited.append((names, changed))
+    return inherited
 
 
 # Commands that start something here (a server, a schema, plugins) or call a server:
@@ -374,6 +409,10 @@ async def _submit(client: AsyncClient, args: argparse.Namespace) -> int:
         priority=request.priority,
         run_after=request.run_after,
         queue=request.queue,
+        depends_on=request.depends_on,
+        expire_time=request.expire_time,
+        max_attempts=request.max_attempts,
+        attempt_timeout=request.timeout,
     )
     request_id = submitted.job.request.id
     note = "" if submitted.created else " (already submitted)"
@@ -398,6 +437,10 @@ async def _request_of(client: AsyncClient, args: argparse.Namespace) -> Request:
         priority=args.priority,
         run_after=run_after,
         queue=args.queue,
+        depends_on=tuple(args.depends_on),
+        expire_time=datetime.now(UTC) + timedelta(seconds=args.expire_in) if args.expire_in is not None else None,
+        max_attempts=args.max_attempts,
+        timeout=args.attempt_timeout,
     )
 
 
@@ -527,6 +570,127 @@ async def _cancel(client: AsyncClient, args: argparse.Namespace) -> int:
     job = await client.cancel(args.request_id)
     pending = " (cancellation requested; the job is stopping)" if job.cancel_requested else ""
     out.print(f"{job.request.id} {job.state.name}{pending}")
+    return EXIT_OK
+
+
+async def _retry(client: AsyncClient, args: argparse.Namespace) -> int:
+    job = await client.retry(args.request_id)
+    err.print(f"{job.request.id} queued again ({job.state.name}, Response {job.last_response.sequence})")
+    if not args.watch:
+        out.print(job.request.id)
+        return EXIT_OK
+    # The new run only: from its CREATED Response on.
+    return await _follow(client, job.request.id, job.last_response.sequence - 1)
+
+
+async def _delete(client: AsyncClient, args: argparse.Namespace) -> int:
+    deleted = await client.delete(args.request_id)
+    others = deleted - 1
+    note = f" and {others} descendant{'s' if others != 1 else ''}" if others else ""
+    out.print(f"deleted {args.request_id}{note}")
+    return EXIT_OK
+
+
+_OVERLAPS = {policy.name.lower(): policy for policy in Overlap}
+_CATCHUPS = {policy.name.lower(): policy for policy in Catchup}
+
+
+def _schedule_row(info: ScheduleInfo) -> tuple[str, ...]:
+    schedule = info.schedule
+    return (
+        schedule.id,
+        schedule.cron,
+        schedule.time_zone,
+        schedule.template.type,
+        schedule.overlap.name.lower(),
+        schedule.catchup.name.lower(),
+        "yes" if schedule.paused else "no",
+        info.next_run_time.isoformat() if info.next_run_time is not None else "-",
+        schedule.last_job_id or "-",
+    )
+
+
+def _schedule_json(info: ScheduleInfo) -> dict[str, Any]:
+    """A schedule as ``ajs schedules get`` prints it: times in ISO 8601, policies by name."""
+    schedule, template = info.schedule, info.schedule.template
+
+    def iso(at: datetime | None) -> str | None:
+        return at.isoformat() if at is not None else None
+
+    return {
+        "id": schedule.id,
+        "cron": schedule.cron,
+        "time_zone": schedule.time_zone,
+        "template": {
+            "type": template.type,
+            "data": dict(template.data),
+            "input_type": template.input.TypeName() if template.input is not None else None,
+            "priority": template.priority,
+            "queue": template.queue,
+            "max_attempts": template.max_attempts,
+            "timeout": template.timeout,
+        },
+        "overlap": schedule.overlap.name.lower(),
+        "catchup": schedule.catchup.name.lower(),
+        "paused": schedule.paused,
+        "creator": schedule.creator,
+        "create_time": iso(schedule.create_time),
+        "update_time": iso(schedule.update_time),
+        "last_run_time": iso(schedule.last_time),
+        "last_job_id": schedule.last_job_id,
+        "next_run_time": iso(info.next_run_time),
+    }
+
+
+def _next_run(info: ScheduleInfo) -> str:
+    return f"next run {info.next_run_time.isoformat()}" if info.next_run_time is not None else "paused"
+
+
+async def _schedules(client: AsyncClient, args: argparse.Namespace) -> int:
+    header = ("ID", "CRON", "ZONE", "TYPE", "OVERLAP", "CATCHUP", "PAUSED", "NEXT RUN", "LAST JOB")
+    _print_rows(header, [_schedule_row(info) for info in await client.list_schedules()])
+    return EXIT_OK
+
+
+async def _schedule_create(client: AsyncClient, args: argparse.Namespace) -> int:
+    info = await client.create_schedule(
+        args.schedule_id,
+        args.cron,
+        args.type,
+        dict(args.data),
+        time_zone=args.tz,
+        input=await _typed_input(client, args.type, args.input_json) if args.input_json else None,
+        priority=args.priority,
+        queue=args.queue,
+        max_attempts=args.max_attempts,
+        attempt_timeout=args.attempt_timeout,
+        overlap=_OVERLAPS[args.overlap],
+        catchup=_CATCHUPS[args.catchup],
+    )
+    out.print(f"schedule {info.schedule.id}: {info.schedule.cron} in {info.schedule.time_zone}, {_next_run(info)}")
+    return EXIT_OK
+
+
+async def _schedule_get(client: AsyncClient, args: argparse.Namespace) -> int:
+    out.print_json(json.dumps(_schedule_json(await client.get_schedule(args.schedule_id))))
+    return EXIT_OK
+
+
+async def _schedule_delete(client: AsyncClient, args: argparse.Namespace) -> int:
+    await client.delete_schedule(args.schedule_id)
+    out.print(f"deleted schedule {args.schedule_id} (the jobs it submitted stay)")
+    return EXIT_OK
+
+
+async def _schedule_pause(client: AsyncClient, args: argparse.Namespace) -> int:
+    info = await client.pause_schedule(args.schedule_id)
+    out.print(f"schedule {info.schedule.id} paused")
+    return EXIT_OK
+
+
+async def _schedule_resume(client: AsyncClient, args: argparse.Namespace) -> int:
+    info = await client.resume_schedule(args.schedule_id)
+    out.print(f"schedule {info.schedule.id} resumed, {_next_run(info)}")
     return EXIT_OK
 
 
@@ -740,6 +904,68 @@ class _Command:
     """What the arguments must satisfy beyond their own parsing: a usage error, or None."""
 
 
+def _schedule_commands(client: Sequence[_Arg]) -> list[_Command]:
+    """The subcommands of ``ajs schedules``."""
+    return [
+        _Command("list", "list the schedules", _remote(_schedules), client),
+        _Command(
+            "create",
+            "create a schedule: a request submitted at every occurrence of a cron expression",
+            _remote(_schedule_create),
+            [
+                *client,
+                _arg("schedule_id", metavar="ID", help="the schedule's id (its jobs' ids derive from it)"),
+                _arg(
+                    "--cron",
+                    required=True,
+                    metavar="EXPR",
+                    help="5 fields (minute hour day month weekday), or 6 with seconds first",
+                ),
+                _arg("--type", required=True, help="the job type each occurrence submits"),
+                _arg("--tz", default="UTC", metavar="ZONE", help="the IANA time zone (default UTC)"),
+                _arg(
+                    "--data",
+                    action="append",
+                    type=_key_value,
+                    default=[],
+                    metavar="KEY=VALUE",
+                    help="a data entry (repeat)",
+                ),
+                _arg("--input-json", metavar="JSON", help="the typed input as protobuf JSON (or @FILE)"),
+                _arg("--priority", type=int, default=0, help="higher runs first (default 0)"),
+                _arg("--queue", default="", metavar="NAME", help="the queue its jobs wait in"),
+                *_ATTEMPT_OPTIONS,
+                _arg(
+                    "--overlap",
+                    choices=list(_OVERLAPS),
+                    default="skip",
+                    help="while the previous job runs: skip the occurrence (default), allow it, "
+                    "or cancel the previous job",
+                ),
+                _arg(
+                    "--catchup",
+                    choices=list(_CATCHUPS),
+                    default="skip",
+                    help="occurrences missed while no server ran: skip them (default) or run one",
+                ),
+            ],
+        ),
+        *(
+            _Command(name, text, _remote(run), [*client, _arg("schedule_id", metavar="ID")])
+            for name, text, run in (
+                ("get", "show a schedule as JSON", _schedule_get),
+                ("delete", "delete a schedule (the jobs it submitted stay)", _schedule_delete),
+                ("pause", "pause a schedule: no occurrence runs until resumed", _schedule_pause),
+                (
+                    "resume",
+                    "resume a schedule from now (occurrences passed meanwhile are skipped)",
+                    _schedule_resume,
+                ),
+            )
+        ),
+    ]
+
+
 def _commands() -> list[_Command]:
     """Every command, in the order ``ajs --help`` lists them (built per parser: defaults read the environment)."""
     client = _client_options()
@@ -817,6 +1043,20 @@ def _commands() -> list[_Command]:
                     help="not before this ISO 8601 time (2026-12-01T08:00:00+00:00)",
                 ),
                 _arg("--delay", type=_duration, metavar="DURATION", help="not before this long from now (e.g. 5m)"),
+                _arg(
+                    "--depends-on",
+                    action="append",
+                    default=[],
+                    metavar="ID",
+                    help="a request that must end first; one that fails cancels this one (repeat)",
+                ),
+                _arg(
+                    "--expire-in",
+                    type=_duration,
+                    metavar="DURATION",
+                    help="cancelled (EXPIRED) if not started this long from now (e.g. 1h)",
+                ),
+                *_ATTEMPT_OPTIONS,
                 _arg("--watch", action="store_true", help="follow the job until it ends"),
                 _arg(
                     "--input-json",
@@ -871,6 +1111,25 @@ def _commands() -> list[_Command]:
         ),
         _Command("cancel", "cancel a job", _remote(_cancel), [*client, _arg("request_id")]),
         _Command(
+            "retry",
+            "run a FAILED or CANCELLED job again (same id; its Responses go on)",
+            _remote(_retry),
+            [*client, _arg("request_id"), _arg("--watch", action="store_true", help="follow the new run")],
+        ),
+        _Command(
+            "delete",
+            "delete an ended job, its Responses and its descendants",
+            _remote(_delete),
+            [*client, _arg("request_id")],
+        ),
+        _Command(
+            "schedules",
+            "list the schedules (or create, get, delete, pause, resume one)",
+            _remote(_schedules),
+            client,
+            subcommands=_schedule_commands(_inherited(client)),
+        ),
+        _Command(
             "queues",
             "list the queues: jobs queued and running, paused or not, the oldest job's wait (admins)",
             _remote(_queues),
@@ -921,17 +1180,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_commands(parser: argparse.ArgumentParser, dest: str, commands: Sequence[_Command]) -> None:
-    """Adds ``commands`` to ``parser``: one is required; each sets ``func`` to what runs it."""
-    subparsers = parser.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+def _add_commands(
+    parser: argparse.ArgumentParser, dest: str, commands: Sequence[_Command], *, required: bool = True
+) -> None:
+    """Adds ``commands`` to ``parser`` (one is ``required``); each sets ``func`` to what runs it."""
+    subparsers = parser.add_subparsers(dest=dest, required=required, metavar=dest.upper())
     for command in commands:
         subparser = subparsers.add_parser(command.name, help=command.help, description=command.description)
         for names, options in command.arguments:
             subparser.add_argument(*names, **options)
-        if command.subcommands:
-            _add_commands(subparser, f"{command.name}_command", command.subcommands)
-        else:
+        if command.run is not None:  # a group with its own run works without a subcommand too
             subparser.set_defaults(func=command.run, check=command.check, parser=subparser)
+        if command.subcommands:
+            _add_commands(subparser, f"{command.name}_command", command.subcommands, required=command.run is None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import json
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +41,7 @@ from grpc_status import rpc_status
 from ajs_grpc.connectors.base import QueueInfo
 from ajs_grpc.core import errors
 from ajs_grpc.core.model import Job, JobType, Request, RequestState, Response
+from ajs_grpc.core.schedules import Catchup, Overlap, Schedule
 from ajs_grpc.edge import convert
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "AsyncClient",
     "Client",
+    "ScheduleInfo",
     "Submitted",
     "TlsOptions",
     "channel_options",
@@ -234,6 +236,24 @@ class Submitted:
     created: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduleInfo:
+    """A schedule as the server reports it.
+
+    Attributes:
+        schedule: the stored schedule (its id as the caller names it).
+        next_run_time: the server's reckoning of its next occurrence; None while paused.
+    """
+
+    schedule: Schedule
+    next_run_time: datetime | None
+
+
+def _schedule_info(message: pb.Schedule) -> ScheduleInfo:
+    schedule, next_run_time = convert.schedule_from_proto(message)
+    return ScheduleInfo(schedule, next_run_time)
+
+
 class AsyncClient:
     """An asyncio client of JobService.
 
@@ -307,6 +327,10 @@ class AsyncClient:
         priority: int = 0,
         run_after: datetime | None = None,
         queue: str = "",
+        depends_on: Sequence[str] = (),
+        expire_time: datetime | None = None,
+        max_attempts: int = 0,
+        attempt_timeout: float | None = None,
     ) -> Submitted:
         """Submits a request; idempotent on ``id`` (empty: the server assigns one).
 
@@ -319,6 +343,13 @@ class AsyncClient:
             priority: higher runs first (may be negative).
             run_after: not run before this time (timezone-aware).
             queue: the queue it waits in (empty: ``default``).
+            depends_on: ids of requests that must end first (one that fails cancels this one,
+                unless its type allows that); to submit several that depend on each other,
+                use :meth:`submit_many`.
+            expire_time: if not started by then, it ends CANCELLED (reason ``EXPIRED``).
+            max_attempts: claims allowed in all, at most the type's; 0 for the type's.
+            attempt_timeout: seconds one attempt may run, at most the type's; None for the
+                type's (``Request.timeout``; not the call's timeout).
         """
         # The client names the request, so a retried submit is recognised as the same one.
         request = convert.request_to_proto(
@@ -330,6 +361,10 @@ class AsyncClient:
                 priority=priority,
                 run_after=run_after,
                 queue=queue,
+                depends_on=tuple(depends_on),
+                expire_time=expire_time,
+                max_attempts=max_attempts,
+                timeout=attempt_timeout,
             )
         )
         if input is not None:
@@ -350,6 +385,9 @@ class AsyncClient:
         Each is idempotent on its id as :meth:`submit` (an empty id gets a fresh one here,
         so a retried call is recognised); the answers are in request order. The server
         takes at most ``limits.max_batch_requests`` (1,000 by default) per call.
+
+        Requests may depend on each other (``depends_on``), in any order within the call:
+        a whole DAG goes in one call.
 
         Raises:
             InvalidArgument: a request is malformed; its field names where, such as
@@ -385,6 +423,156 @@ class AsyncClient:
             )
         )
         return convert.job_from_proto(reply.job)
+
+    async def retry(self, request_id: str) -> Job:
+        """Runs an ended FAILED or CANCELLED job again (same id; its Responses go on); returns it queued.
+
+        Raises:
+            FailedPrecondition: it has not ended (``REQUEST_NOT_ENDED``), it FINISHED
+                (``REQUEST_FINISHED``), or a dependency failed (``DEPENDENCY_FAILED``).
+        """
+        reply = await self._call(
+            self._stub.RetryJob(
+                pb.RetryJobRequest(request_id=request_id), timeout=self.timeout, metadata=self._metadata
+            )
+        )
+        return convert.job_from_proto(reply.job)
+
+    async def delete(self, request_id: str) -> int:
+        """Deletes an ended job, its Responses and its descendants; returns how many jobs went.
+
+        Raises:
+            FailedPrecondition: it or a descendant has not ended (``REQUEST_NOT_ENDED``).
+        """
+        reply = await self._call(
+            self._stub.DeleteJob(
+                pb.DeleteJobRequest(request_id=request_id), timeout=self.timeout, metadata=self._metadata
+            )
+        )
+        return reply.deleted_count
+
+    async def create_schedule(
+        self,
+        id: str,  # noqa: A002 - the contract's name
+        cron: str,
+        type: str,  # noqa: A002 - the contract's name
+        data: Mapping[str, str] | None = None,
+        *,
+        time_zone: str = "UTC",
+        input: Message | None = None,  # noqa: A002 - the contract's name
+        priority: int = 0,
+        queue: str = "",
+        max_attempts: int = 0,
+        attempt_timeout: float | None = None,
+        overlap: Overlap = Overlap.SKIP,
+        catchup: Catchup = Catchup.SKIP,
+    ) -> ScheduleInfo:
+        """Creates a schedule submitting a request of ``type`` at every occurrence of ``cron``.
+
+        Idempotent: the same definition again answers the stored schedule.
+
+        Args:
+            id: the schedule's id; its jobs' ids are derived from it and the occurrence time.
+            cron: 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first.
+            type: the job type each occurrence submits.
+            data: its string parameters.
+            time_zone: the IANA zone ``cron`` is read in.
+            input: its typed payload.
+            priority: its priority.
+            queue: its queue (empty: ``default``).
+            max_attempts: its claims allowed in all, at most the type's; 0 for the type's.
+            attempt_timeout: seconds one attempt may run, at most the type's; None for the type's.
+            overlap: what an occurrence does while the previous job has not ended.
+            catchup: what occurrences missed while no server ran come to.
+
+        Raises:
+            AlreadyExists: ``id`` is taken by another definition (``SCHEDULE_ID_TAKEN``).
+            InvalidArgument: a bad cron expression, time zone or template field.
+        """
+        template = convert.request_to_proto(
+            Request(
+                id="",
+                type=type,
+                data=data or {},
+                priority=priority,
+                queue=queue,
+                max_attempts=max_attempts,
+                timeout=attempt_timeout,
+            )
+        )
+        if input is not None:
+            if isinstance(input, any_pb2.Any):
+                template.input.CopyFrom(input)
+            else:
+                template.input.Pack(input)
+        schedule = pb.Schedule(
+            id=id,
+            cron=cron,
+            time_zone=time_zone,
+            template=template,
+            overlap_policy=int(overlap),  # type: ignore[arg-type]
+            catchup_policy=int(catchup),  # type: ignore[arg-type]
+        )
+        reply = await self._call(
+            self._stub.CreateSchedule(
+                pb.CreateScheduleRequest(schedule=schedule), timeout=self.timeout, metadata=self._metadata
+            )
+        )
+        return _schedule_info(reply.schedule)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Returns one of the caller's schedules (any, for an admin)."""
+        reply = await self._call(
+            self._stub.GetSchedule(pb.GetScheduleRequest(id=schedule_id), timeout=self.timeout, metadata=self._metadata)
+        )
+        return _schedule_info(reply.schedule)
+
+    async def list_schedules_page(self, *, page_size: int = 0, page_token: str = "") -> tuple[list[ScheduleInfo], str]:
+        """Returns one page of the caller's schedules (all, for an admin) by id, and the next page's token."""
+        reply = await self._call(
+            self._stub.ListSchedules(
+                pb.ListSchedulesRequest(page_size=page_size, page_token=page_token),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        )
+        return [_schedule_info(schedule) for schedule in reply.schedules], reply.next_page_token
+
+    async def list_schedules(self) -> list[ScheduleInfo]:
+        """Every schedule of the caller (all, for an admin), by id, fetched page after page."""
+        found: list[ScheduleInfo] = []
+        token = ""
+        while True:
+            page, token = await self.list_schedules_page(page_token=token)
+            found.extend(page)
+            if not token:
+                return found
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Deletes a schedule; the jobs it submitted stay."""
+        await self._call(
+            self._stub.DeleteSchedule(
+                pb.DeleteScheduleRequest(id=schedule_id), timeout=self.timeout, metadata=self._metadata
+            )
+        )
+
+    async def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Pauses a schedule: no occurrence is submitted until it is resumed."""
+        reply = await self._call(
+            self._stub.PauseSchedule(
+                pb.PauseScheduleRequest(id=schedule_id), timeout=self.timeout, metadata=self._metadata
+            )
+        )
+        return _schedule_info(reply.schedule)
+
+    async def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Resumes a paused schedule from now (occurrences passed while paused are skipped)."""
+        reply = await self._call(
+            self._stub.ResumeSchedule(
+                pb.ResumeScheduleRequest(id=schedule_id), timeout=self.timeout, metadata=self._metadata
+            )
+        )
+        return _schedule_info(reply.schedule)
 
     async def job_types(self) -> list[JobType]:
         """The job types the server runs, with their typed contracts (see :mod:`ajs_grpc.edge.dynamic`)."""
@@ -578,6 +766,10 @@ class Client:
         priority: int = 0,
         run_after: datetime | None = None,
         queue: str = "",
+        depends_on: Sequence[str] = (),
+        expire_time: datetime | None = None,
+        max_attempts: int = 0,
+        attempt_timeout: float | None = None,
     ) -> Submitted:
         """See :meth:`AsyncClient.submit`."""
         return self._run(
@@ -590,6 +782,10 @@ class Client:
                 priority=priority,
                 run_after=run_after,
                 queue=queue,
+                depends_on=depends_on,
+                expire_time=expire_time,
+                max_attempts=max_attempts,
+                attempt_timeout=attempt_timeout,
             )
         )
 
@@ -604,6 +800,45 @@ class Client:
     def cancel(self, request_id: str) -> Job:
         """See :meth:`AsyncClient.cancel`."""
         return self._run(self._client.cancel(request_id))
+
+    def retry(self, request_id: str) -> Job:
+        """See :meth:`AsyncClient.retry`."""
+        return self._run(self._client.retry(request_id))
+
+    def delete(self, request_id: str) -> int:
+        """See :meth:`AsyncClient.delete`."""
+        return self._run(self._client.delete(request_id))
+
+    def create_schedule(
+        self,
+        id: str,  # noqa: A002
+        cron: str,
+        type: str,  # noqa: A002
+        data: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> ScheduleInfo:
+        """See :meth:`AsyncClient.create_schedule` (the same keyword options)."""
+        return self._run(self._client.create_schedule(id, cron, type, data, **options))
+
+    def get_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """See :meth:`AsyncClient.get_schedule`."""
+        return self._run(self._client.get_schedule(schedule_id))
+
+    def list_schedules(self) -> list[ScheduleInfo]:
+        """See :meth:`AsyncClient.list_schedules`."""
+        return self._run(self._client.list_schedules())
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """See :meth:`AsyncClient.delete_schedule`."""
+        self._run(self._client.delete_schedule(schedule_id))
+
+    def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """See :meth:`AsyncClient.pause_schedule`."""
+        return self._run(self._client.pause_schedule(schedule_id))
+
+    def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """See :meth:`AsyncClient.resume_schedule`."""
+        return self._run(self._client.resume_schedule(schedule_id))
 
     def job_types(self) -> list[JobType]:
         """See :meth:`AsyncClient.job_types`."""

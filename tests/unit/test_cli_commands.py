@@ -19,6 +19,9 @@ COMMANDS = [
     ["get", "r1"],
     ["list"],
     ["cancel", "r1"],
+    ["retry", "r1"],
+    ["delete", "r1"],
+    ["schedules"],
     ["queues"],
     ["pause", "images"],
     ["resume", "images"],
@@ -36,6 +39,57 @@ def test_every_command_sets_the_function_that_runs_it(argv: list[str]) -> None:
     args = cli._parser().parse_args(argv)
     assert args.command == argv[0]
     assert callable(args.func)
+
+
+SCHEDULE_COMMANDS = [
+    (["schedules"], "_schedules"),
+    (["schedules", "list"], "_schedules"),
+    (["schedules", "create", "s1", "--cron", "* * * * *", "--type", "echo"], "_schedule_create"),
+    (["schedules", "get", "s1"], "_schedule_get"),
+    (["schedules", "delete", "s1"], "_schedule_delete"),
+    (["schedules", "pause", "s1"], "_schedule_pause"),
+    (["schedules", "resume", "s1"], "_schedule_resume"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "runs"), SCHEDULE_COMMANDS, ids=lambda item: " ".join(item) if isinstance(item, list) else item
+)
+def test_ajs_schedules_lists_alone_and_runs_each_subcommand(argv: list[str], runs: str) -> None:
+    assert cli._parser().parse_args(argv).func.__name__ == runs
+
+
+def test_a_client_option_given_to_the_schedules_group_reaches_its_subcommand() -> None:
+    parser = cli._parser()
+    assert parser.parse_args(["schedules", "--target", "h:1", "get", "s1"]).target == "h:1"
+    assert parser.parse_args(["schedules", "get", "s1", "--target", "h:2"]).target == "h:2"
+    assert parser.parse_args(["schedules", "get", "s1"]).target == cli.DEFAULT_TARGET
+
+
+def test_submit_takes_dependencies_expiry_attempts_and_an_attempt_timeout() -> None:
+    argv = ["submit", "echo", "--depends-on", "a", "--depends-on", "b", "--expire-in", "1h", "--max-attempts", "2"]
+    args = cli._parser().parse_args([*argv, "--attempt-timeout", "90s", "--timeout", "5"])
+    assert (args.depends_on, args.expire_in, args.max_attempts, args.attempt_timeout) == (["a", "b"], 3600.0, 2, 90.0)
+    assert args.timeout == 5.0  # the call's timeout stays what it was
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["schedules", "create", "s1", "--type", "echo"], "the following arguments are required: --cron"),
+        (["schedules", "create", "s1", "--cron", "* * * * *", "--type", "echo", "--overlap", "never"], "--overlap"),
+        (["submit", "echo", "--expire-in", "soon"], "--expire-in"),
+    ],
+)
+def test_bad_workflow_options_are_one_line_usage_errors(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert says in err
+    assert err.count("\n") == 1
 
 
 def test_a_group_without_its_subcommand_is_a_one_line_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
