@@ -1,11 +1,13 @@
-"""The job plugin API (public path): ``@job``, JobContext, Retry, RetryPolicy, the flow policies ...
+"""The job plugin API (public path): ``@job``, JobContext, Retry, RetryPolicy, the flow policies, child ids ...
 
 It lives in :mod:`ajs_grpc.core.jobs`; this module is the stable import path for plugins.
 """
 
 from ajs_grpc.core.jobs import (
+    MAX_CHILD_ID_LENGTH,
     NO_RETRY,
     CancelSignal,
+    Children,
     Concurrency,
     FlowPolicy,
     JobCancelled,
@@ -21,14 +23,17 @@ from ajs_grpc.core.jobs import (
     RetryPolicy,
     SyncJobContext,
     Unique,
+    child_id,
     failure,
     job,
     to_update,
 )
 
 __all__ = [
+    "MAX_CHILD_ID_LENGTH",
     "NO_RETRY",
     "CancelSignal",
+    "Children",
     "Concurrency",
     "FlowPolicy",
     "JobCancelled",
@@ -44,6 +49,7 @@ __all__ = [
     "RetryPolicy",
     "SyncJobContext",
     "Unique",
+    "child_id",
     "failure",
     "job",
     "to_update",

@@ -17,6 +17,18 @@ block instead of being awaited. Returning ends the job FINISHED (a mapping of
 strings becomes the Response's ``data``, a protobuf message its ``output``,
 :class:`Result` gives both); raising ends it FAILED with the error's message.
 
+Workflows: a job reads the final Responses of the requests it depends on from
+``ctx.dependencies``, submits children with ``ctx.submit`` (ids derived from its own,
+so a retried parent makes the same children again) and may wait for them to end
+with ``ctx.wait_for_children``::
+
+    @job("fan-out")
+    async def fan_out(request, ctx: JobContext):
+        for part in range(10):
+            await ctx.submit("resize", data={"part": str(part)})
+        children = await ctx.wait_for_children()
+        return {"resized": str(sum(c.state is RequestState.FINISHED for c in children))}
+
 Plugins register through the entry-point group ``ajs_grpc.core.jobs``, each entry
 naming a :class:`JobPlugin` (what :func:`job` returns).
 """
@@ -27,11 +39,15 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import random
+import re
 import threading
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeAlias
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
@@ -39,6 +55,7 @@ from google.protobuf.message import DecodeError, Message
 from ajs_grpc.core.errors import (
     AjsError,
     Code,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     JobCancelled,
@@ -47,11 +64,13 @@ from ajs_grpc.core.errors import (
     Retry,
 )
 from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
-from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Update
+from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update
 
 __all__ = [
+    "MAX_CHILD_ID_LENGTH",
     "NO_RETRY",
     "CancelSignal",
+    "Children",
     "Concurrency",
     "FlowPolicy",
     "JobCancelled",
@@ -67,6 +86,7 @@ __all__ = [
     "RetryPolicy",
     "SyncJobContext",
     "Unique",
+    "child_id",
     "failure",
     "job",
     "to_update",
@@ -177,6 +197,50 @@ class CancelSignal:
         return self._flag.wait(timeout)
 
 
+T = TypeVar("T")
+
+MAX_CHILD_ID_LENGTH = 128
+"""The longest child id written out as ``{parent_id}/{key}``; a longer one takes a hashed form."""
+
+# A child's key: printable ASCII without "/" (so "{parent}/{key}" names one parent and one key).
+_KEY = re.compile(r"[!-.0-~]+")
+
+
+def child_id(parent_id: str, key: str) -> str:
+    """The id of the child ``key`` of ``parent_id``: the same on every attempt of the parent.
+
+    ``{parent_id}/{key}`` when at most :data:`MAX_CHILD_ID_LENGTH` characters long, else
+    ``{namespace}{first characters of the parent's id}/~{sha256 of the long form}``. The
+    namespace (``~name/``, see the edge's per-principal ids) is kept, so a child stays in
+    its parent's namespace.
+    """
+    full = f"{parent_id}/{key}"
+    if len(full) <= MAX_CHILD_ID_LENGTH:
+        return full
+    namespace = ""
+    if parent_id.startswith("~") and "/" in parent_id:
+        namespace = parent_id[: parent_id.index("/") + 1]
+    digest = hashlib.sha256(full.encode()).hexdigest()
+    room = max(MAX_CHILD_ID_LENGTH - len(namespace) - len(digest) - 2, 0)
+    head = parent_id[len(namespace) : len(namespace) + room]
+    return f"{namespace}{head}/~{digest}"
+
+
+class Children(Protocol):
+    """What a job's context asks of the engine to submit children and wait for them.
+
+    The dispatcher gives each :class:`JobContext` one; the core knows no connector.
+    """
+
+    async def submit(self, request: Request) -> Job:
+        """Enqueues a child (idempotent on its id) and returns its job."""
+        ...
+
+    async def wait_for_children(self, parent_id: str) -> list[Job]:
+        """Returns the children of ``parent_id``, in submit order, once every one has ended."""
+        ...
+
+
 class _BaseContext:
     """What every job context holds."""
 
@@ -186,6 +250,7 @@ class _BaseContext:
         attempt: int,
         cancel: CancelSignal,
         input: Message | None = None,  # noqa: A002 - the contract's name
+        dependencies: Mapping[str, Response] | None = None,
     ) -> None:
         self.request = request
         """The request being run."""
@@ -193,6 +258,10 @@ class _BaseContext:
         """1 on the first run; higher when the job runs again."""
         self.input = input
         """``request.input`` decoded as the job's ``input_type`` (None if it has none)."""
+        self.dependencies: Mapping[str, Response] = MappingProxyType(dict(dependencies or {}))
+        """The final Response of each of ``request.depends_on``, by request id, read when the attempt
+        started: a dependency's result is its ``data`` and typed ``output``. One deleted since it
+        ended is absent. (With a type that allows failed dependencies, check each one's ``state``.)"""
         self._cancel = cancel
 
     @property
@@ -210,6 +279,16 @@ def _progress_update(fraction: float, message: str, data: Mapping[str, str] | No
     return Update(RequestState.PENDING, data=_check_data(data or {}), progress=Progress(fraction, message))
 
 
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"a child's key must be printable ASCII without spaces or '/', not {key!r}")
+    return key
+
+
+def _dependency_id(dependency: str | Job) -> str:
+    return dependency.request.id if isinstance(dependency, Job) else dependency
+
+
 class JobContext(_BaseContext):
     """The context of an ``async def`` job.
 
@@ -219,6 +298,9 @@ class JobContext(_BaseContext):
         report: stores an Update (a coroutine function).
         cancel: the job's cancel signal.
         input: the decoded typed input, if the job declares one.
+        dependencies: the final Responses of its dependencies (see :attr:`dependencies`).
+        children: submits children and waits for them (the dispatcher's); None where
+            there is no dispatcher (then :meth:`submit` and :meth:`wait_for_children` raise).
     """
 
     def __init__(
@@ -228,9 +310,14 @@ class JobContext(_BaseContext):
         report: Reporter,
         cancel: CancelSignal,
         input: Message | None = None,  # noqa: A002 - the contract's name
+        *,
+        dependencies: Mapping[str, Response] | None = None,
+        children: Children | None = None,
     ) -> None:
-        super().__init__(request, attempt, cancel, input)
+        super().__init__(request, attempt, cancel, input, dependencies)
         self._report = report
+        self._children = children
+        self._submits = 0
 
     async def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
         """Reports progress as an intermediate Response; returns once it is stored.
@@ -252,13 +339,125 @@ class JobContext(_BaseContext):
             await asyncio.wait_for(self._cancel.wait(), seconds)
         self.raise_if_cancelled()
 
+    async def submit(
+        self,
+        type: str,  # noqa: A002 - the contract's name
+        *,
+        key: str | None = None,
+        data: Mapping[str, str] | None = None,
+        input: Message | None = None,  # noqa: A002 - the contract's name
+        priority: int = 0,
+        queue: str = "",
+        depends_on: Iterable[str | Job] = (),
+        run_after: datetime | None = None,
+        expire_time: datetime | None = None,
+        max_attempts: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 - the request's timeout, not this call's
+    ) -> Job:
+        """Submits a child of this job and returns it (queued; it runs like any request).
+
+        The child's ``parent_id`` is this job's id and its creator this job's (its owner
+        inherits it). Its id is :func:`child_id` of this job's id and ``key``, so when this
+        job runs again (a retry, or after its server died) the same calls name the same
+        children: a child already stored with the same content is answered, not made twice.
+        For that, give the same arguments on every attempt (a ``run_after`` computed from
+        the clock differs; a child with the same id and other content is refused with
+        ALREADY_EXISTS).
+
+        Cancelling this job cancels its unfinished children. A child is not waited for
+        unless the job calls :meth:`wait_for_children`: children left running keep
+        running after this job ends.
+
+        Args:
+            type: the child's job type; one a handler of this server runs.
+            key: names the child among this job's; default: the number of this call
+                among this attempt's calls of ``submit`` (1, 2, 3 ...), which is the same
+                on each attempt when the job submits in the same order. Printable ASCII,
+                no spaces or ``/``.
+            data: untyped parameters.
+            input: the typed input: a protobuf message (packed into an ``Any``) or an ``Any``.
+            priority: higher runs first.
+            queue: its queue; "" is the default queue (not this job's).
+            depends_on: requests (ids, or jobs ``submit`` returned) that must end first.
+            run_after: not started before this time.
+            expire_time: if not started by then, it ends CANCELLED (``EXPIRED``).
+            max_attempts: its attempts, at most its type's; 0 for its type's.
+            timeout: seconds an attempt may run, at most its type's; None for its type's.
+
+        Raises:
+            FailedPrecondition: no handler here runs ``type`` (``TYPE_NOT_SUPPORTED``).
+            InvalidArgument: ``input`` is not what the type takes.
+            AlreadyExists: the child's id is taken by a request with other content.
+            JobCancelled: this job was cancelled (a child made meanwhile is cancelled too).
+            ValueError: a malformed ``key`` or ``data``.
+        """
+        children = self._require_children("submit")
+        self._submits += 1
+        name = str(self._submits) if key is None else _check_key(key)
+        self.raise_if_cancelled()
+        request = Request(
+            id=child_id(self.request.id, name),
+            type=type,
+            data=_check_data(data or {}),
+            input=_pack(input) if input is not None else None,
+            parent_id=self.request.id,
+            creator=self.request.creator,
+            priority=priority,
+            run_after=run_after,
+            queue=queue,
+            depends_on=tuple(_dependency_id(d) for d in depends_on),
+            expire_time=expire_time,
+            max_attempts=max_attempts,
+            timeout=timeout,
+        )
+        return await children.submit(request)
+
+    async def wait_for_children(self) -> list[Job]:
+        """Waits until every child of this job has ended; returns them in submit order.
+
+        A parent that calls it finishes after its children (it holds its slot of the
+        server's ``max_jobs`` meanwhile); one that does not leaves them running. Children
+        submitted while it waits (by this job or a client) are waited for too.
+
+        Raises:
+            JobCancelled: this job was cancelled while it waited (its unfinished children
+                are cancelled with it).
+        """
+        children = self._require_children("wait_for_children")
+        self.raise_if_cancelled()
+        waiting = asyncio.ensure_future(children.wait_for_children(self.request.id))
+        stop = asyncio.ensure_future(self._cancel.wait())
+        try:
+            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if not waiting.cancelled() and waiting.exception() is None:
+            return waiting.result()
+        self.raise_if_cancelled()
+        return waiting.result()  # raises what the wait raised
+
+    def _require_children(self, what: str) -> Children:
+        if self._children is None:
+            raise RuntimeError(f"ctx.{what} needs a dispatcher: this context was made without one")
+        return self._children
+
 
 class SyncJobContext(_BaseContext):
     """The context of a plain-function job, in a worker thread or a worker process.
 
+    Its calls block instead of being awaited. In a worker process (handler ``process``)
+    :meth:`submit` and :meth:`wait_for_children` are not available (they raise
+    FAILED_PRECONDITION): run a job that makes children on the internal handler.
+
     Args:
-        request, attempt, cancel, input: as for :class:`JobContext`.
+        request, attempt, cancel, input, dependencies: as for :class:`JobContext`.
         deliver: stores an Update, blocking until it is stored.
+        twin: the job's :class:`JobContext` and its event loop, for a job running in a
+            thread beside that loop (see :meth:`in_thread`); None in a worker process.
     """
 
     def __init__(
@@ -268,9 +467,13 @@ class SyncJobContext(_BaseContext):
         cancel: CancelSignal,
         input: Message | None,  # noqa: A002 - the contract's name
         deliver: Callable[[Update], None],
+        *,
+        dependencies: Mapping[str, Response] | None = None,
+        twin: tuple[JobContext, asyncio.AbstractEventLoop] | None = None,
     ) -> None:
-        super().__init__(request, attempt, cancel, input)
+        super().__init__(request, attempt, cancel, input, dependencies)
         self._deliver = deliver
+        self._twin = twin
 
     @classmethod
     def in_thread(cls, context: JobContext, loop: asyncio.AbstractEventLoop) -> SyncJobContext:
@@ -279,7 +482,15 @@ class SyncJobContext(_BaseContext):
         def deliver(update: Update) -> None:
             asyncio.run_coroutine_threadsafe(context._report(update), loop).result()
 
-        return cls(context.request, context.attempt, context._cancel, context.input, deliver)
+        return cls(
+            context.request,
+            context.attempt,
+            context._cancel,
+            context.input,
+            deliver,
+            dependencies=context.dependencies,
+            twin=(context, loop),
+        )
 
     def progress(self, fraction: float, message: str = "", data: Mapping[str, str] | None = None) -> None:
         """Reports progress; blocks until the Response is stored. See :meth:`JobContext.progress`."""
@@ -293,6 +504,54 @@ class SyncJobContext(_BaseContext):
         """Sleeps ``seconds``, or raises :class:`JobCancelled` as soon as the job is cancelled."""
         self._cancel.wait_blocking(seconds)
         self.raise_if_cancelled()
+
+    def submit(
+        self,
+        type: str,  # noqa: A002 - the contract's name
+        *,
+        key: str | None = None,
+        data: Mapping[str, str] | None = None,
+        input: Message | None = None,  # noqa: A002 - the contract's name
+        priority: int = 0,
+        queue: str = "",
+        depends_on: Iterable[str | Job] = (),
+        run_after: datetime | None = None,
+        expire_time: datetime | None = None,
+        max_attempts: int = 0,
+        timeout: float | None = None,
+    ) -> Job:
+        """Submits a child; blocks until it is stored. See :meth:`JobContext.submit`."""
+        return self._on_loop(
+            "submit",
+            lambda context: context.submit(
+                type,
+                key=key,
+                data=data,
+                input=input,
+                priority=priority,
+                queue=queue,
+                depends_on=tuple(depends_on),
+                run_after=run_after,
+                expire_time=expire_time,
+                max_attempts=max_attempts,
+                timeout=timeout,
+            ),
+        )
+
+    def wait_for_children(self) -> list[Job]:
+        """Blocks until every child of this job has ended. See :meth:`JobContext.wait_for_children`."""
+        return self._on_loop("wait_for_children", lambda context: context.wait_for_children())
+
+    def _on_loop(self, what: str, call: Callable[[JobContext], Coroutine[Any, Any, T]]) -> T:
+        if self._twin is None:
+            raise FailedPrecondition(
+                f"ctx.{what} is not available to a job in a worker process (handler 'process'); "
+                "run the job on the internal handler",
+                reason="NOT_IN_WORKER_PROCESS",
+                metadata={"type": self.request.type},
+            )
+        context, loop = self._twin
+        return asyncio.run_coroutine_threadsafe(call(context), loop).result()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +575,9 @@ class JobPlugin:
             (``internal``, or ``process`` for CPU-bound plain functions).
         flow: its flow-control policies (per-key concurrency, rate limit, order,
             uniqueness); see :mod:`ajs_grpc.core.flow`.
+        allow_failed_dependencies: its jobs run once their dependencies
+            (``Request.depends_on``) ended, whatever their end; otherwise one that ends
+            FAILED or CANCELLED cancels them (reason ``DEPENDENCY_FAILED``).
     """
 
     type: str
@@ -327,8 +589,11 @@ class JobPlugin:
     output_type: builtins.type[Message] | None = None
     handler: str = "internal"
     flow: FlowPolicy = dataclasses.field(default_factory=FlowPolicy)
+    allow_failed_dependencies: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.allow_failed_dependencies, bool):
+            raise TypeError(f"job {self.type!r}: allow_failed_dependencies must be a bool")
         if not isinstance(self.flow, FlowPolicy):
             raise TypeError(f"job {self.type!r}: flow must be a FlowPolicy")
         if self.timeout is not None and self.timeout <= 0:
@@ -406,6 +671,7 @@ def job(
     rate_limit: RateLimit | None = None,
     ordered_by: str | None = None,
     unique: Unique | None = None,
+    allow_failed_dependencies: bool = False,
 ) -> Callable[[Callable[..., Any]], JobPlugin]:
     """Declares a function as the job plugin for ``type``; the arguments are :class:`JobPlugin`'s.
 
@@ -416,6 +682,9 @@ def job(
         @job("resize", concurrency=Concurrency(key="tenant", limit=2),
              rate_limit=RateLimit(key="endpoint", rate=10, per="1s"),
              ordered_by="account", unique=Unique(key="image", ttl="1h"))
+
+    With ``allow_failed_dependencies`` its jobs run once their dependencies ended,
+    whatever their end (a clean-up or a report step); see :attr:`JobContext.dependencies`.
 
     Raises:
         ValueError: a policy is malformed (``ordered_by`` empty, ...).
@@ -434,6 +703,7 @@ def job(
             output_type,
             handler,
             flow,
+            allow_failed_dependencies,
         )
 
     return declare

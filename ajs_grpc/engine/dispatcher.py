@@ -12,8 +12,13 @@ server died) and prunes ended jobs older than the retention period.
 
 Ending: returning ends a job FINISHED; an error ends it FAILED unless its retry
 policy sends it back to the queue (CREATED) with a backoff. A job that runs past
-its type's timeout is stopped and fails with DEADLINE_EXCEEDED (then is retried
-if its policy says so).
+its timeout (its type's or its request's, whichever is smaller) is stopped and
+fails with DEADLINE_EXCEEDED (then is retried if its policy says so).
+
+Workflows: before an attempt starts, the final Response of each of the request's
+dependencies is read from the store into ``ctx.dependencies``; ``ctx.submit`` and
+``ctx.wait_for_children`` go through :class:`ChildJobs`, which resolves a child with
+the handler chain and enqueues it with the connector.
 
 Stopping a job escalates in three steps: its cancel signal is set; after
 ``cancel_grace`` seconds its task is cancelled (an ``asyncio.CancelledError`` in an
@@ -39,21 +44,32 @@ from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 from typing import Any, Protocol
 
-from ajs_grpc.connectors.base import Claim, Connector
-from ajs_grpc.core.errors import AjsError, Code, FailedPrecondition, JobTimeout, PermanentError, Retry, Unavailable
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter
+from ajs_grpc.core.errors import (
+    AjsError,
+    Code,
+    FailedPrecondition,
+    JobCancelled,
+    JobTimeout,
+    NotFound,
+    PermanentError,
+    Retry,
+    Unavailable,
+)
 from ajs_grpc.core.jobs import (
     NO_RETRY,
     CancelSignal,
     JobContext,
+    JobPlugin,
     JobReturn,
     failure,
     to_update,
 )
 from ajs_grpc.core.logs import current_request_id
-from ajs_grpc.core.model import ErrorStatus, RequestState, Update, now
+from ajs_grpc.core.model import ErrorStatus, Job, Request, RequestState, Response, Update, now
 from ajs_grpc.engine.handlers.base import HandlerChain
 
-__all__ = ["Dispatcher", "JobObserver"]
+__all__ = ["ChildJobs", "Dispatcher", "JobObserver", "attempt_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +103,8 @@ class _Execution:
     runner: asyncio.Task[None] | None = None
     # An earlier run of the same job on this server, still stopping.
     after: asyncio.Task[None] | None = None
+    # The limit of this attempt's time and whose it is ("type" or "request"), see attempt_timeout.
+    timeout: tuple[float, str] | None = None
 
     @property
     def request_id(self) -> str:
@@ -109,6 +127,114 @@ class _NoObserver:
 
     def job_ended(self, request_type: str, state: RequestState, seconds: float) -> None:
         pass
+
+
+def attempt_timeout(plugin: JobPlugin | None, request: Request) -> tuple[float, str] | None:
+    """The seconds one attempt of ``request`` may run, and whose limit that is (``type`` or ``request``).
+
+    The smaller of its type's ``timeout`` and the request's own (either may be unset; the
+    type's when equal); None for no limit.
+    """
+    limits = []
+    if plugin is not None and plugin.timeout is not None:
+        limits.append((plugin.timeout, "type"))
+    if request.timeout is not None and request.timeout > 0:
+        limits.append((request.timeout, "request"))
+    return min(limits, key=lambda limit: limit[0]) if limits else None
+
+
+# Children listed per read while a parent waits for them.
+CHILDREN_PAGE = 500
+
+
+class ChildJobs:
+    """Submits the children of one running job and waits for them.
+
+    What a job's ``ctx.submit`` and ``ctx.wait_for_children`` call (see
+    :class:`~ajs_grpc.core.jobs.Children`).
+
+    Args:
+        connector: the queue.
+        chain: the handler chain that resolves a child's attempts, flow and dependency rule.
+        parent: the running job.
+        cancel: the running job's cancel signal.
+    """
+
+    def __init__(self, connector: Connector, chain: HandlerChain, parent: Job, cancel: CancelSignal) -> None:
+        self._connector = connector
+        self._chain = chain
+        self._parent = parent
+        self._cancel = cancel
+
+    async def submit(self, request: Request) -> Job:
+        """Enqueues a child (idempotent: a stored one with the same content is answered).
+
+        Raises:
+            FailedPrecondition: no handler of the chain runs its type (``TYPE_NOT_SUPPORTED``).
+            InvalidArgument: its input is not what its type takes.
+            AlreadyExists: its id is taken by a request with other content.
+            JobCancelled: the parent was cancelled; a child just made is cancelled too.
+        """
+        plugin = self._chain.plugin_for(request.type)
+        if plugin is None:
+            raise FailedPrecondition(
+                f"cannot submit a child of type {request.type!r}: no handler of this server runs it",
+                reason="TYPE_NOT_SUPPORTED",
+                metadata={"type": request.type},
+            )
+        plugin.decode_input(request.input)
+        submit = self._chain.submit(request)
+        job, created = await self._connector.enqueue(
+            submit.request, submit.max_attempts, submit.flow, allow_failed_dependencies=submit.allow_failed_dependencies
+        )
+        if created and await self._parent_cancelled():
+            # The parent's cancellation cancels the children stored when it was asked for:
+            # one stored after it is cancelled here.
+            with contextlib.suppress(FailedPrecondition, NotFound):
+                job = await self._connector.cancel(job.request.id)
+            raise JobCancelled(f"request {self._parent.request.id!r} was cancelled")
+        return job
+
+    async def _parent_cancelled(self) -> bool:
+        if self._cancel.is_set():
+            return True
+        try:
+            parent = await self._connector.get(self._parent.request.id)
+        except NotFound:
+            return True
+        return parent.cancel_requested or parent.is_final
+
+    async def wait_for_children(self, parent_id: str) -> list[Job]:
+        """The children of ``parent_id`` in submit order, once every one has ended.
+
+        Lists them, follows each unfinished one's Responses until its final one, and
+        lists again until a listing finds all ended (children may be added meanwhile).
+        """
+        while True:
+            children = await self._list(parent_id)
+            unfinished = [child for child in children if not child.is_final]
+            if not unfinished:
+                return children
+            for child in unfinished:
+                await self._ended(child)
+
+    async def _list(self, parent_id: str) -> list[Job]:
+        children: list[Job] = []
+        cursor = 0
+        while True:
+            page = await self._connector.list_jobs(JobFilter(parent_id=parent_id), CHILDREN_PAGE, cursor)
+            children.extend(page.jobs)
+            if page.next_cursor is None:
+                return children
+            cursor = page.next_cursor
+
+    async def _ended(self, child: Job) -> None:
+        try:
+            async for response in self._connector.watch(child.request.id, child.last_response.sequence):
+                if response.is_final:
+                    return
+        except NotFound:
+            return  # deleted, hence ended
 
 
 def default_worker_id() -> str:
@@ -366,18 +492,30 @@ class Dispatcher:
         if job.attempt == 1 and job.request.create_time is not None:
             due = max(job.request.create_time, job.request.run_after or job.request.create_time)
             self.observer.job_started(job.request.type, (job.last_response.create_time - due).total_seconds())
-        if plugin is not None and plugin.timeout is not None:
-            execution.timers.append(loop.call_later(plugin.timeout, self._stop_job, execution, _StopReason.TIMEOUT))
+        execution.timeout = attempt_timeout(plugin, job.request)
+        if execution.timeout is not None:
+            seconds = execution.timeout[0]
+            execution.timers.append(loop.call_later(seconds, self._stop_job, execution, _StopReason.TIMEOUT))
 
         async def report(update: Update) -> None:
             await self._report(execution, update)
 
         try:
             decoded = plugin.decode_input(job.request.input) if plugin is not None else None
-        except AjsError as bad_input:  # checked at submit; the plugin changed since
-            decoded, handle = None, _raise(bad_input)
+            dependencies = await self._dependencies(job.request)
+        except AjsError as error:  # the input was checked at submit: the plugin changed since, or the store is away
+            handle = _raise(error)
         else:
-            handle = handler.handle(JobContext(job.request, job.attempt, report, execution.cancel, decoded))
+            context = JobContext(
+                job.request,
+                job.attempt,
+                report,
+                execution.cancel,
+                decoded,
+                dependencies=dependencies,
+                children=ChildJobs(self.connector, self.chain, job, execution.cancel),
+            )
+            handle = handler.handle(context)
         task = asyncio.create_task(handle)
         execution.task = task
         try:
@@ -399,6 +537,16 @@ class Dispatcher:
             if self._running.get(execution.request_id) is execution:
                 del self._running[execution.request_id]
             self._wake.set()
+
+    async def _dependencies(self, request: Request) -> dict[str, Response]:
+        """The final Response of each of ``request.depends_on`` (one deleted since it ended is left out)."""
+        found = {}
+        for dependency_id in request.depends_on:
+            try:
+                found[dependency_id] = (await self.connector.get(dependency_id)).last_response
+            except NotFound:
+                continue
+        return found
 
     async def _report_final(self, execution: _Execution, update: Update) -> None:
         """Stores the final Update: retried until it is stored or found stored, never dropped silently.
@@ -497,11 +645,11 @@ class Dispatcher:
             # Handed back: a durable connector runs it again after restart.
             return Update(RequestState.CREATED, data={"reason": f"{reason.value}; {detail}"}, refund_attempt=True)
         if reason is _StopReason.TIMEOUT:
-            plugin = self.chain.plugin_for(execution.claim.job.request.type)
-            limit = plugin.timeout if plugin is not None else None
-            return self._failed(
-                execution, JobTimeout(f"attempt {execution.claim.job.attempt} ran past its {limit}s timeout")
-            )
+            seconds, whose = execution.timeout or (0.0, "type")
+            words = "the request's" if whose == "request" else "its type's"
+            message = f"attempt {execution.claim.job.attempt} ran past {words} timeout of {seconds:g}s"
+            metadata = {"timeout_seconds": f"{seconds:g}", "timeout_of": whose}
+            return self._failed(execution, JobTimeout(message, metadata=metadata))
         status = ErrorStatus(Code.CANCELLED, f"{_StopReason.CLIENT.value}; {detail}", reason="CANCELLED_BY_CLIENT")
         return Update(RequestState.CANCELLED, error=status)
 

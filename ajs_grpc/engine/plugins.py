@@ -53,8 +53,11 @@ GROUPS: dict[Kind, str] = {
     "handler": "ajs_grpc.handlers",
     "job": "ajs_grpc.jobs",
 }
-# The keys of a [jobs.<type>] table that set flow-control policies (the others: retry and timeout).
+# The keys of a [jobs.<type>] table that set flow-control policies (the others: retry, timeout
+# and the plugin's own fields below).
 FLOW_KEYS = frozenset(POLICY_NAMES)
+# The keys of a [jobs.<type>] table that set a JobPlugin field of the same name.
+PLUGIN_KEYS = frozenset({"timeout", "allow_failed_dependencies"})
 # The handler that answers every type nobody runs; always last in the chain.
 REJECT = "reject"
 # The handler that runs jobs asking for no other handler when the configuration lists none.
@@ -94,9 +97,10 @@ class Plugins:
     def with_policies(self, policies: Mapping[str, Mapping[str, Any]]) -> Plugins:
         """These plugins with per-type overrides (``[jobs.<type>]`` of the configuration).
 
-        A table may override the retry policy's fields, ``timeout``, and the flow
-        policies (``concurrency``, ``rate_limit``, ``ordered_by``, ``unique``; each
-        replaces the plugin's whole, see :meth:`FlowPolicy.from_settings`).
+        A table may override the retry policy's fields, ``timeout``,
+        ``allow_failed_dependencies`` (a bool), and the flow policies (``concurrency``,
+        ``rate_limit``, ``ordered_by``, ``unique``; each replaces the plugin's whole, see
+        :meth:`FlowPolicy.from_settings`).
 
         Raises:
             PluginError: a policy names a job type no plugin provides, or is malformed.
@@ -107,15 +111,16 @@ class Plugins:
                 raise PluginError("config", f"jobs.{job_type}: no plugin provides job type {job_type!r}")
             plugin = jobs[job_type]
             flow = {k: v for k, v in policy.items() if k in FLOW_KEYS}
-            retry = {k: v for k, v in policy.items() if k != "timeout" and k not in FLOW_KEYS}
+            retry = {k: v for k, v in policy.items() if k not in PLUGIN_KEYS and k not in FLOW_KEYS}
             try:
                 jobs[job_type] = dataclasses.replace(
                     plugin,
                     retry=dataclasses.replace(plugin.retry, **retry),
                     timeout=policy.get("timeout", plugin.timeout),
                     flow=FlowPolicy.from_settings(flow, plugin.flow),
+                    allow_failed_dependencies=policy.get("allow_failed_dependencies", plugin.allow_failed_dependencies),
                 )
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 raise PluginError("config", f"jobs.{job_type}: {error}") from None
         return Plugins(self.connectors, self.handlers, jobs)
 

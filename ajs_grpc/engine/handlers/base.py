@@ -92,14 +92,24 @@ class HandlerChain:
         return plugin.retry.max_attempts if plugin is not None else 1
 
     def submit(self, request: Request) -> Submit:
-        """What to enqueue for a new ``request``: its type's attempts and flow policies, resolved for it.
+        """What to enqueue for a new ``request``: its attempts, flow policies and dependency rule.
 
-        A type nobody here runs gets one attempt and no flow policies.
+        Its attempts are ``request.max_attempts`` capped by its type's retry policy
+        (0: the type's); its flow policies and ``allow_failed_dependencies`` are its
+        type's. A type nobody here runs gets ``request.max_attempts`` (or 1), no flow
+        policies, and the default dependency rule (a failed dependency cancels it).
         """
+        asked = max(request.max_attempts, 0)
         plugin = self.plugin_for(request.type)
         if plugin is None:
-            return Submit(request)
-        return Submit(request, plugin.retry.max_attempts, plugin.flow.flow(request))
+            return Submit(request, asked or 1)
+        allowed = plugin.retry.max_attempts
+        return Submit(
+            request,
+            min(asked, allowed) if asked else allowed,
+            plugin.flow.flow(request),
+            plugin.allow_failed_dependencies,
+        )
 
     @property
     def runnable_types(self) -> list[str]:

@@ -9,6 +9,11 @@ worker talk over a pipe:
 * worker -> server: ``progress`` (blocks the job until acknowledged, so progress
   is stored in order and at the job's pace), then ``result`` or ``error``.
 
+The job's ``ctx.dependencies`` cross the pipe with the request. ``ctx.submit`` and
+``ctx.wait_for_children`` are not available in a worker process: they raise
+FAILED_PRECONDITION (``NOT_IN_WORKER_PROCESS``); a job that makes children runs on
+the internal handler (and may hand CPU-bound work to children run here).
+
 A cancelled or timed-out job first gets its cancel signal (``ctx.cancelled``);
 if the dispatcher then cancels the handler's task, the worker is terminated
 (SIGTERM, then SIGKILL) and replaced. A worker that dies mid-job fails the job
@@ -37,9 +42,9 @@ from typing import Any
 from google.protobuf import any_pb2
 from typing_extensions import override
 
-from ajs_grpc.core.errors import WorkerCrashed
+from ajs_grpc.core.errors import Code, WorkerCrashed
 from ajs_grpc.core.jobs import CancelSignal, JobContext, JobPlugin, JobReturn, Result, SyncJobContext, to_update
-from ajs_grpc.core.model import Request, Update
+from ajs_grpc.core.model import ErrorStatus, Progress, Request, RequestState, Response, Update
 from ajs_grpc.engine.handlers.base import RequestHandler
 
 __all__ = ["ProcessPoolRequestHandler", "WorkerCrashed"]
@@ -71,6 +76,11 @@ def _request_to_wire(request: Request) -> dict[str, Any]:
         "create_time": request.create_time,
         "priority": request.priority,
         "run_after": request.run_after,
+        "queue": request.queue,
+        "depends_on": request.depends_on,
+        "expire_time": request.expire_time,
+        "max_attempts": request.max_attempts,
+        "timeout": request.timeout,
     }
 
 
@@ -78,11 +88,44 @@ def _request_from_wire(wire: dict[str, Any]) -> Request:
     payload = wire.pop("input")
     created: datetime | None = wire.pop("create_time")
     run_after: datetime | None = wire.pop("run_after")
+    expire_time: datetime | None = wire.pop("expire_time")
     return Request(
         input=any_pb2.Any(type_url=payload[0], value=payload[1]) if payload else None,
         create_time=created,
         run_after=run_after,
+        expire_time=expire_time,
         **wire,
+    )
+
+
+def _response_to_wire(response: Response) -> tuple[Any, ...]:
+    """A Response in plain values (protobuf messages and read-only mappings do not pickle)."""
+    output, progress, error = response.output, response.progress, response.error
+    return (
+        response.request_id,
+        response.sequence,
+        response.create_time,
+        int(response.state),
+        response.is_final,
+        dict(response.data),
+        (output.type_url, output.value) if output is not None else None,
+        (progress.fraction, progress.message) if progress is not None else None,
+        (int(error.code), error.message, error.reason, dict(error.metadata)) if error is not None else None,
+    )
+
+
+def _response_from_wire(wire: tuple[Any, ...]) -> Response:
+    request_id, sequence, created, state, is_final, data, output, progress, error = wire
+    return Response(
+        request_id,
+        sequence,
+        created,
+        RequestState(state),
+        is_final,
+        data,
+        any_pb2.Any(type_url=output[0], value=output[1]) if output is not None else None,
+        Progress(*progress) if progress is not None else None,
+        ErrorStatus(Code(error[0]), error[1], error[2], error[3]) if error is not None else None,
     )
 
 
@@ -147,7 +190,7 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
     threading.Thread(target=listen, name="ajs-worker-listener", daemon=True).start()
     plugins: dict[tuple[str, str, str | None], Any] = {}
     while True:
-        _, reference, wire, attempt = runs.get()
+        _, reference, wire, attempt, dependencies = runs.get()
         cancel = current["cancel"] = CancelSignal()
         current["id"] = wire["id"]
         try:
@@ -157,7 +200,8 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
             # Message classes do not pickle: the worker decodes the input with its own copy of the plugin.
             decoded = found.decode_input(request.input) if isinstance(found, JobPlugin) else None
             function = found.function if isinstance(found, JobPlugin) else found
-            ctx = SyncJobContext(request, attempt, cancel, decoded, deliver)
+            read = {request_id: _response_from_wire(r) for request_id, r in dependencies.items()}
+            ctx = SyncJobContext(request, attempt, cancel, decoded, deliver, dependencies=read)
             update = to_update(function(request, ctx))
             output = update.output
             send(("result", dict(update.data), (output.type_url, output.value) if output is not None else None))
@@ -206,7 +250,8 @@ class _Worker:
         return self.process.is_alive()
 
     async def run(self, ctx: JobContext, plugin: JobPlugin) -> JobReturn:
-        self.send(("run", _plugin_reference(plugin), _request_to_wire(ctx.request), ctx.attempt))
+        dependencies = {request_id: _response_to_wire(r) for request_id, r in ctx.dependencies.items()}
+        self.send(("run", _plugin_reference(plugin), _request_to_wire(ctx.request), ctx.attempt, dependencies))
         forward = asyncio.create_task(self._forward_cancel(ctx))
         try:
             while True:
