@@ -62,7 +62,10 @@ class Ownership:
         if principal.admin:
             return job
         request = dataclasses.replace(
-            job.request, id=principal.unqualify(job.request.id), parent_id=principal.unqualify(job.request.parent_id)
+            job.request,
+            id=principal.unqualify(job.request.id),
+            parent_id=principal.unqualify(job.request.parent_id),
+            depends_on=tuple(principal.unqualify(dependency) for dependency in job.request.depends_on),
         )
         response = dataclasses.replace(job.last_response, request_id=request.id)
         return dataclasses.replace(job, request=request, last_response=response)

@@ -126,7 +126,12 @@ class JobService:
         await self.admission.admit(principal, self.limits)
         try:
             submit = self.chain.submit(request)
-            job, created = await self.connector.enqueue(submit.request, submit.max_attempts, submit.flow)
+            job, created = await self.connector.enqueue(
+                submit.request,
+                submit.max_attempts,
+                submit.flow,
+                allow_failed_dependencies=submit.allow_failed_dependencies,
+            )
         except AlreadyExists as error:
             raise await self._taken_or(error, principal, request) from None
         return await self._submitted(principal, request, job, created)
