@@ -14,12 +14,10 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
-from datetime import datetime
 
 import grpc
 
 from ajs_grpc.connectors.base import Connector, JobFilter, dependency_not_found, schedule_not_found
-from ajs_grpc.core import schedules as core_schedules
 from ajs_grpc.core.errors import (
     AjsError,
     AlreadyExists,
@@ -411,7 +409,6 @@ class JobService:
             creator=principal.name,
             template=dataclasses.replace(schedule.template, creator=principal.name),
         )
-        _check_schedule(schedule)
         self._check_submittable(principal, schedule.template)
         stored, created = await self.connector.create_schedule(schedule)
         if created:
@@ -481,7 +478,7 @@ class JobService:
     @staticmethod
     def _schedule_as_seen_by(principal: Principal, schedule: Schedule) -> pb.Schedule:
         """The wire form of ``schedule`` in the caller's names, with its next occurrence reckoned now."""
-        next_run = None if schedule.paused else _next_time(schedule, max(schedule.last_time or now(), now()))
+        next_run = None if schedule.paused else schedule.next_time(now())
         if not principal.admin:
             schedule = dataclasses.replace(
                 schedule, id=principal.unqualify(schedule.id), last_job_id=principal.unqualify(schedule.last_job_id)
@@ -521,15 +518,3 @@ class JobService:
         if not principal.admin:
             log.warning("denied %s: it may not %s", principal.name, what)
             raise PermissionDenied(f"{principal.name} may not {what}: that takes the admin role", reason="NOT_ADMIN")
-
-
-# TEMPORARY until core/schedules.py has check_schedule and Schedule.next_time (the schedules helper).
-def _check_schedule(schedule: Schedule) -> None:
-    check = getattr(core_schedules, "check_schedule", None)
-    if check is not None:
-        check(schedule)
-
-
-def _next_time(schedule: Schedule, after: datetime) -> datetime | None:
-    next_time = getattr(schedule, "next_time", None)
-    return next_time(after) if next_time is not None else None

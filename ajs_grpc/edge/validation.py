@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ajs_grpc.core.errors import AjsError, FieldViolation, InvalidArgument
 from ajs_grpc.core.model import Request
-from ajs_grpc.core.schedules import Schedule
+from ajs_grpc.core.schedules import MAX_SCHEDULE_ID_LENGTH, Schedule, check_schedule
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import ANONYMOUS
 from ajs_grpc.edge.limits import Limits
@@ -25,7 +25,6 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_DEPENDENCIES",
     "MAX_ID_LENGTH",
-    "MAX_SCHEDULE_ID_LENGTH",
     "MAX_SEQUENCE",
     "MAX_TYPE_LENGTH",
     "at_index",
@@ -50,8 +49,6 @@ MAX_ATTEMPTS = 1000
 # The longest google.protobuf.Duration (about 10,000 years).
 MAX_DURATION_SECONDS = 315_576_000_000
 NANOS = 1_000_000_000
-# A schedule id at most: each of its jobs' ids is the schedule's with the occurrence's time added.
-MAX_SCHEDULE_ID_LENGTH = 96
 # Stores keep sequences and cursors as signed 64-bit integers.
 MAX_SEQUENCE = 2**63 - 1
 # Ids: printable ASCII without spaces. Types: names such as "echo" or "images.resize".
@@ -252,20 +249,22 @@ def validate_schedule(message: pb.Schedule, limits: Limits | None = None, field:
     """The model Schedule for one to create (server-set fields left out), its template checked as a submit's.
 
     The cron expression and time zone are checked by the core
-    (:func:`~ajs_grpc.core.schedules.check_schedule`), by the caller, once the id is qualified.
+    (:func:`~ajs_grpc.core.schedules.check_schedule`); violations name ``{field}.cron`` etc.
 
     Raises:
         InvalidArgument: listing every bad field.
     """
     violations: list[FieldViolation] = []
-    if len(message.id) > MAX_SCHEDULE_ID_LENGTH:  # its jobs' ids add the occurrence time to it
+    if len(message.id) > MAX_SCHEDULE_ID_LENGTH:  # its jobs' ids add the occurrence's time to it
         violations.append(FieldViolation(f"{field}.id", f"must be at most {MAX_SCHEDULE_ID_LENGTH} characters"))
     else:
         check_id(message.id, f"{field}.id", violations, required=True)
-    if not message.cron.strip():
-        violations.append(FieldViolation(f"{field}.cron", "must not be empty"))
-    _check_text(message.cron, f"{field}.cron", violations)
-    _check_text(message.time_zone, f"{field}.time_zone", violations)
+    try:  # the cron expression and the time zone, as the core reads them
+        check_schedule(Schedule(message.id, message.cron, Request("", "-"), time_zone=message.time_zone or "UTC"))
+    except InvalidArgument as error:
+        violations += [
+            FieldViolation(f"{field}.{v.field.removeprefix('schedule.')}", v.description) for v in error.violations
+        ]
     template = message.template
     where = f"{field}.template"
     if not message.HasField("template"):
