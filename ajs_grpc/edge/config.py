@@ -3,9 +3,10 @@
 Every setting has a section and a key (``[server] address``); it comes from, in
 order of precedence: a command-line flag, the environment variable
 ``AJS_<SECTION>_<KEY>`` (``AJS_SERVER_ADDRESS``), the file, then its default.
-Two tables come from the file only: ``[[handlers]]`` (the chain, in order; the
-``--handler`` flag replaces it) and ``[jobs.<type>]`` (per-type retry and timeout
-policy, and flow-control policies overriding the plugin's). ``examples/ajs.toml`` documents every key.
+Three tables come from the file only: ``[[handlers]]`` (the chain, in order; the
+``--handler`` flag replaces it), ``[jobs.<type>]`` (per-type retry and timeout
+policy, and flow-control policies overriding the plugin's) and ``[[schedules]]``
+(schedules stored at start-up, see :func:`_schedules`). ``examples/ajs.toml`` documents every key.
 
 An unknown key, a value of the wrong type or a missing file is a
 :class:`ConfigError` that names the key.
@@ -18,14 +19,18 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from ajs_grpc.connectors._pgnames import check_schema_name
 from ajs_grpc.core.durations import format_duration, parse_duration
-from ajs_grpc.core.errors import ConfigError, FieldViolation
+from ajs_grpc.core.errors import ConfigError, FieldViolation, InvalidArgument
 from ajs_grpc.core.flow import POLICY_NAMES, FlowPolicy
-from ajs_grpc.edge.validation import check_queue
+from ajs_grpc.core.model import DEFAULT_QUEUE
+from ajs_grpc.core.schedules import Catchup, Overlap, Schedule
+from ajs_grpc.edge.validation import check_queue, validate_schedule
+from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["SETTINGS", "ConfigError", "Setting", "Settings", "format_duration", "load"]
 
@@ -150,6 +155,7 @@ SETTINGS = [
     Setting("server", "cancel_grace", parse_duration, 10.0, "a cancelled job's time to stop"),
     Setting("server", "shutdown_grace", parse_duration, 30.0, "running jobs' time on SIGTERM"),
     Setting("server", "max_connection_age", parse_duration, 300.0, "clients reconnect after this"),
+    Setting("server", "scheduler", _boolean, True, "submit the schedules' jobs where jobs run"),
     Setting("storage", "connector", _string, "sqlite", "sqlite, postgres, memory or a plugin's name"),
     Setting("storage", "database", _string, "ajs.db", "sqlite: the database file"),
     Setting("storage", "synchronous", _choice("full", "normal"), "full", "sqlite: full or normal"),
@@ -205,12 +211,14 @@ class Settings:
         sources: ``section.key`` -> where the value came from (flag, env, file, default).
         handlers: the ``[[handlers]]`` chain as (name, types), or None.
         job_policies: ``[jobs.<type>]`` overrides, per type (flow policies as written).
+        schedules: the ``[[schedules]]``, checked (created by the admin, ``creator`` "").
     """
 
     values: dict[str, Any]
     sources: dict[str, str]
     handlers: list[tuple[str, tuple[str, ...]]] | None
     job_policies: dict[str, dict[str, Any]]
+    schedules: tuple[Schedule, ...] = ()
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -233,6 +241,8 @@ class Settings:
             changed.append(f"{len(self.handlers)} [[handlers]]")
         if self.job_policies:
             changed.append(f"[jobs.*] for {', '.join(sorted(self.job_policies))}")
+        if self.schedules:
+            changed.append(f"{len(self.schedules)} [[schedules]]")
         body = "; ".join(changed) if changed else "all defaults"
         return f"configuration: {body} (ajs config check FILE, or --log-level debug, shows every value)"
 
@@ -255,6 +265,9 @@ class Settings:
         for job_type, policy in sorted(self.job_policies.items()):
             lines.append(f"\n[jobs.{job_type}]")
             lines += [f"{key} = {_toml(value)}" for key, value in policy.items()]
+        for schedule in self.schedules:
+            lines.append("\n[[schedules]]")
+            lines += [f"{key} = {_toml(value)}" for key, value in _schedule_table(schedule).items()]
         return "\n".join(lines).strip() + "\n"
 
 
@@ -316,11 +329,14 @@ def load(
     from_file: dict[str, Any] = {}
     handlers = None
     policies: dict[str, dict[str, Any]] = {}
+    schedules: tuple[Schedule, ...] = ()
     for section, table in document.items():
         if section == "handlers":
             handlers = _handlers(table, where)
         elif section == "jobs":
             policies = _policies(table, where)
+        elif section == "schedules":
+            schedules = _schedules(table, where)
         elif section in _SECTIONS and isinstance(table, dict):
             for key, value in table.items():
                 setting = _BY_NAME.get(f"{section}.{key}")
@@ -344,7 +360,7 @@ def load(
             values[setting.name], sources[setting.name] = from_file[setting.name], where
         else:
             values[setting.name], sources[setting.name] = setting.default, "default"
-    return Settings(values, sources, handlers, policies)
+    return Settings(values, sources, handlers, policies, schedules)
 
 
 def _handlers(table: object, where: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -381,3 +397,119 @@ def _policies(table: object, where: str) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"{where}: jobs.{job_type}.{key}: {error}", reason="BAD_SETTING") from None
         policies[job_type] = parsed
     return policies
+
+
+_OVERLAPS = {policy.name.lower(): policy for policy in Overlap}
+_CATCHUPS = {policy.name.lower(): policy for policy in Catchup}
+# A [[schedules]] table's keys: the schedule's, and its template's (type ... timeout) flat beside them.
+_SCHEDULE_KEYS = (
+    "id",
+    "cron",
+    "time_zone",
+    "type",
+    "data",
+    "priority",
+    "queue",
+    "max_attempts",
+    "timeout",
+    "overlap",
+    "catchup",
+)
+# The key of a table that a violation of the Schedule message names (its path after "schedule.").
+_KEY_OF_FIELD = {"overlap_policy": "overlap", "catchup_policy": "catchup", "template": "type"}
+
+
+def _schedules(table: object, where: str) -> tuple[Schedule, ...]:
+    """The ``[[schedules]]`` tables, each checked as CreateSchedule checks a schedule.
+
+    Each is stored at start-up (replacing a stored one of the same id), created by
+    the admin: only admins see and manage them. Removing a table does not delete its
+    stored schedule (``ajs schedules delete ID`` does).
+    """
+    if not isinstance(table, list):
+        raise ConfigError(f"{where}: schedules must be an array of tables ([[schedules]])", reason="BAD_SETTING")
+    schedules: list[Schedule] = []
+    for number, entry in enumerate(table, 1):
+        named = f"schedules #{number}"
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            named += f" ({entry['id']})"
+        schedule = _schedule(entry, f"{where}: {named}")
+        if any(other.id == schedule.id for other in schedules):
+            raise ConfigError(f"{where}: {named}: id {schedule.id!r} is used by another schedule", reason="BAD_SETTING")
+        schedules.append(schedule)
+    return tuple(schedules)
+
+
+def _schedule(entry: object, where: str) -> Schedule:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table", reason="BAD_SETTING")
+    for key in entry:
+        if key not in _SCHEDULE_KEYS:
+            keys = ", ".join(_SCHEDULE_KEYS)
+            raise ConfigError(f"{where}: unknown key {key} (the keys: {keys})", reason="UNKNOWN_SETTING")
+    for key in ("id", "cron", "type"):
+        if key not in entry:
+            raise ConfigError(f"{where}: {key} is required", reason="BAD_SETTING")
+
+    def value(key: str, parse: Callable[[object], Any], default: object) -> Any:
+        try:
+            return parse(entry.get(key, default))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{where}: {key}: {error}", reason="BAD_SETTING") from None
+
+    template = pb.Request(
+        type=value("type", _string, ""),
+        data=value("data", _string_table, {}),
+        priority=value("priority", _signed_integer, 0),
+        queue=value("queue", _string, ""),
+        max_attempts=value("max_attempts", _integer, 0),
+    )
+    timeout = value("timeout", _optional_duration, "none")
+    if timeout is not None:
+        template.timeout.FromTimedelta(timedelta(seconds=timeout))
+    message = pb.Schedule(
+        id=value("id", _string, ""),
+        cron=value("cron", _string, ""),
+        time_zone=value("time_zone", _string, "UTC"),
+        template=template,
+        overlap_policy=int(_OVERLAPS[value("overlap", _choice(*_OVERLAPS), "skip")]),  # type: ignore[arg-type]
+        catchup_policy=int(_CATCHUPS[value("catchup", _choice(*_CATCHUPS), "skip")]),  # type: ignore[arg-type]
+    )
+    try:
+        schedule = validate_schedule(message)
+    except InvalidArgument as error:  # named by the table's keys: schedule.template.type is "type"
+        violation = error.violations[0] if error.violations else FieldViolation("", error.message)
+        path = violation.field.removeprefix("schedule.").removeprefix("template.")
+        key = _KEY_OF_FIELD.get(path, path.split("[")[0].split(".")[0])
+        raise ConfigError(f"{where}: {key}: {violation.description}", reason="BAD_SETTING") from None
+    return schedule
+
+
+def _string_table(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
+        raise ValueError('expected a table of strings, e.g. {report = "daily"}')
+    return dict(value)
+
+
+def _schedule_table(schedule: Schedule) -> dict[str, Any]:
+    """A schedule as its ``[[schedules]]`` table (keys at their defaults left out)."""
+    template = schedule.template
+    table: dict[str, Any] = {
+        "id": schedule.id,
+        "cron": schedule.cron,
+        "time_zone": schedule.time_zone,
+        "type": template.type,
+    }
+    if template.data:
+        table["data"] = dict(template.data)
+    if template.priority:
+        table["priority"] = template.priority
+    if template.queue != DEFAULT_QUEUE:
+        table["queue"] = template.queue
+    if template.max_attempts:
+        table["max_attempts"] = template.max_attempts
+    if template.timeout is not None:
+        table["timeout"] = format_duration(template.timeout)
+    table["overlap"] = schedule.overlap.name.lower()
+    table["catchup"] = schedule.catchup.name.lower()
+    return table

@@ -1,4 +1,4 @@
-"""Assembles and runs the server: connector, handler chain, dispatcher, gRPC services.
+"""Assembles and runs the server: connector, handler chain, dispatcher, scheduler, gRPC services.
 
 Besides JobService it serves ``grpc.health.v1`` (overall and per service) and
 server reflection. :meth:`AjsServer.stop` drains gracefully: health turns
@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 from ajs_grpc.connectors.base import Connector
 from ajs_grpc.core.errors import AjsError, Unimplemented
 from ajs_grpc.core.model import RequestState
+from ajs_grpc.core.schedules import Schedule
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import Authenticator
 from ajs_grpc.edge.config import ConfigError, Settings
@@ -35,6 +36,7 @@ from ajs_grpc.edge.service import SERVICE, SERVICE_NAME, JobService, Limits
 from ajs_grpc.engine.dispatcher import Dispatcher
 from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
+from ajs_grpc.engine.scheduler import Scheduler
 
 __all__ = ["DISPATCHER_HEALTH", "ROLES", "AjsServer", "ServerConfig", "serve"]
 
@@ -83,6 +85,11 @@ class ServerConfig:
         metrics_address: HOST:PORT of the Prometheus endpoint; empty for none.
         queue_depth_every: seconds between counts of the queue for the
             ``ajs_queue_depth``, ``ajs_jobs_held_back`` and ``ajs_queues_paused`` gauges.
+        scheduler: run a scheduler where jobs run (role ``all`` or ``worker``): it submits
+            the jobs of the stored schedules' occurrences (one job per occurrence
+            however many instances run one).
+        schedules: schedules to store at start-up, replacing stored ones of the same id
+            (``[[schedules]]`` of the configuration; created by the admin).
     """
 
     def __post_init__(self) -> None:
@@ -113,6 +120,8 @@ class ServerConfig:
     admin_role: str = "admin"
     metrics_address: str = ""
     queue_depth_every: float = QUEUE_DEPTH_EVERY
+    scheduler: bool = True
+    schedules: tuple[Schedule, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings, handlers: list[HandlerSpec] | None = None) -> ServerConfig:
@@ -170,6 +179,8 @@ class ServerConfig:
             tokens_file=settings["auth.tokens_file"],
             admin_role=settings["auth.admin_role"],
             metrics_address=settings["metrics.address"],
+            scheduler=settings["server.scheduler"],
+            schedules=settings.schedules,
         )
 
 
@@ -222,6 +233,7 @@ class AjsServer:
                 65536,
             ),
         )
+        self.scheduler = Scheduler(self.connector, self.chain) if self.runs_jobs and config.scheduler else None
         self.authenticated = authenticator is not None
         self.service = JobService(
             self.connector,
@@ -232,6 +244,8 @@ class AjsServer:
             # A frontend cannot know every type its workers run.
             accept_unknown_types=config.role == "frontend",
             max_reply_bytes=config.max_message_bytes,
+            # A schedule created or resumed here is looked at now (others see it at their next poll).
+            schedules_changed=self.scheduler.changed if self.scheduler is not None else None,
         )
         self.metrics.watch(
             lambda: len(self.dispatcher.running),
@@ -287,12 +301,15 @@ class AjsServer:
             raise OSError(f"cannot listen on {self.config.address}: is the address valid?") from error
         try:
             await self.connector.open()
+            await self._store_schedules()
         except BaseException:
             await server.stop(None)
             raise
         await server.start()
         if self.runs_jobs:
             await self.dispatcher.start()
+        if self.scheduler is not None:
+            await self.scheduler.start()
         if self.config.metrics_address:
             self.metrics_port = self.metrics.serve(self.config.metrics_address)
             self._measuring = asyncio.create_task(self._measure_queue(), name="ajs-queue-depth")
@@ -315,6 +332,27 @@ class AjsServer:
             ", ".join(self.config.queues or ()) or "all",
         )
         return self.port
+
+    async def _store_schedules(self) -> None:
+        """Stores the configuration's schedules (replacing stored ones of the same id, keeping their progress)."""
+        for schedule in self.config.schedules:
+            stored, changed = await self.connector.create_schedule(schedule, replace=True)
+            if changed:
+                log.info(
+                    "schedule %s stored from the configuration (%s in %s)", stored.id, stored.cron, stored.time_zone
+                )
+        declared = {schedule.id for schedule in self.config.schedules}
+        after = ""
+        while page := await self.connector.list_schedules(after=after, limit=1000):
+            for stored in page:
+                if not stored.creator and stored.id not in declared:  # creator "": from a configuration
+                    log.warning(
+                        "schedule %s of an earlier configuration is still stored and runs; "
+                        "ajs schedules delete %s removes it",
+                        stored.id,
+                        stored.id,
+                    )
+            after = page[-1].id
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         config = self.config
@@ -363,6 +401,8 @@ class AjsServer:
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
         try:
+            if self.scheduler is not None:
+                await self.scheduler.stop()
             if self.runs_jobs:
                 await self.dispatcher.stop()
         finally:

@@ -135,6 +135,7 @@ SERVE_FLAGS: list[tuple[str, str, Any, str | None]] = [
     ("--cancel-grace", "server.cancel_grace", str, "DURATION"),
     ("--shutdown-grace", "server.shutdown_grace", str, "DURATION"),
     ("--max-connection-age", "server.max_connection_age", str, "DURATION"),
+    ("--no-scheduler", "server.scheduler", bool, None),
     ("--connector", "storage.connector", str, "NAME"),
     ("--database", "storage.database", str, "PATH"),
     ("--synchronous", "storage.synchronous", str, "full|normal"),
@@ -152,7 +153,10 @@ SERVE_FLAGS: list[tuple[str, str, Any, str | None]] = [
 ]
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 # A flag that turns a setting off says what it does, not what the setting does.
-BOOL_FLAG_HELP = {"--no-migrate": "postgres: refuse a schema not at this version instead of migrating it"}
+BOOL_FLAG_HELP = {
+    "--no-migrate": "postgres: refuse a schema not at this version instead of migrating it",
+    "--no-scheduler": "submit no schedule's jobs here (other instances do)",
+}
 
 
 def _env_path(name: str) -> Path | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ajs_grpc.core.schedules import Catchup, Overlap
 from ajs_grpc.edge.auth import Authenticator, PeerCertificate
 from ajs_grpc.edge.config import SETTINGS, ConfigError, load
 from ajs_grpc.edge.server import ServerConfig
@@ -126,3 +127,112 @@ def test_every_form_of_dsn_password_is_masked(dsn: str, hidden: str) -> None:
     dsn_line = next(line for line in text.splitlines() if line.startswith("dsn = "))
     assert hidden not in dsn_line
     assert "***" in dsn_line
+
+
+# -- [[schedules]] ----------------------------------------------------------------------------
+
+SCHEDULES = """
+[server]
+scheduler = false
+
+[[schedules]]
+id = "nightly"
+cron = "0 3 * * *"
+time_zone = "Europe/Berlin"
+type = "echo"
+data = {report = "daily"}
+priority = -1
+queue = "reports"
+max_attempts = 2
+timeout = "10m"
+overlap = "cancel_previous"
+catchup = "one"
+
+[[schedules]]
+id = "often"
+cron = "*/5 * * * * *"
+type = "echo"
+"""
+
+
+def test_schedules_load_with_their_template_and_policies(tmp_path: Path) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text(SCHEDULES)
+    settings = load(file, environ={})
+    nightly, often = settings.schedules
+    assert (nightly.id, nightly.cron, nightly.time_zone, nightly.creator) == (
+        "nightly",
+        "0 3 * * *",
+        "Europe/Berlin",
+        "",
+    )
+    assert (nightly.overlap, nightly.catchup) == (Overlap.CANCEL_PREVIOUS, Catchup.ONE)
+    template = nightly.template
+    assert (template.id, template.type, dict(template.data)) == ("", "echo", {"report": "daily"})
+    assert (template.priority, template.queue, template.max_attempts, template.timeout) == (-1, "reports", 2, 600.0)
+    assert (often.time_zone, often.overlap, often.catchup, often.template.timeout) == (
+        "UTC",
+        Overlap.SKIP,
+        Catchup.SKIP,
+        None,
+    )
+    config = ServerConfig.from_settings(settings)
+    assert (config.scheduler, config.schedules) == (False, settings.schedules)
+    assert "2 [[schedules]]" in settings.summary()
+
+
+def test_rendered_schedules_load_back_the_same(tmp_path: Path) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text(SCHEDULES)
+    rendered = tmp_path / "rendered.toml"
+    rendered.write_text(load(file, environ={}).render())
+    again = load(rendered, environ={}).schedules
+    assert [s.id for s in again] == ["nightly", "often"]
+    assert all(a.same_definition(b) for a, b in zip(again, load(file, environ={}).schedules, strict=True))
+
+
+def test_the_scheduler_runs_unless_turned_off() -> None:
+    assert load(None, environ={})["server.scheduler"] is True
+    assert load(None, environ={"AJS_SERVER_SCHEDULER": "false"})["server.scheduler"] is False
+    assert load(None, environ={}, flags={"server.scheduler": False})["server.scheduler"] is False
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ('cron = "61 * * * *"\ntype = "echo"', "schedules #1 (s): cron: '61 * * * *' is not a cron expression"),
+        ('cron = "* * *"\ntype = "echo"', "schedules #1 (s): cron: '* * *' has 3 fields"),
+        ('cron = "* * * * *"\ntype = "echo"\ntime_zone = "Mars/Base"', "schedules #1 (s): time_zone: 'Mars/Base'"),
+        ('cron = "* * * * *"\ntype = "echo"\noverlap = "never"', "schedules #1 (s): overlap: expected one of skip"),
+        ('cron = "* * * * *"\ntype = "echo"\ncatchup = "all"', "schedules #1 (s): catchup: expected one of skip, one"),
+        ('cron = "* * * * *"\ntype = "echo"\ndata = {n = 3}', "schedules #1 (s): data: expected a table of strings"),
+        ('cron = "* * * * *"\ntype = "a b"', "schedules #1 (s): type: must start with a letter"),
+        ('cron = "* * * * *"\ntype = "echo"\nqueue = "-q"', "schedules #1 (s): queue: must start with a letter"),
+        (
+            'cron = "* * * * *"\ntype = "echo"\nmax_attempts = -1',
+            "schedules #1 (s): max_attempts: must not be negative",
+        ),
+        ('cron = "* * * * *"\ntype = "echo"\ntimeout = "0s"', "schedules #1 (s): timeout: a duration must be positive"),
+        ('cron = "* * * * *"\ntype = "echo"\ncolour = "red"', "schedules #1 (s): unknown key colour"),
+        ('type = "echo"', "schedules #1 (s): cron is required"),
+    ],
+)
+def test_a_bad_schedule_names_its_table_and_key(tmp_path: Path, table: str, says: str) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text(f'[[schedules]]\nid = "s"\n{table}\n')
+    with pytest.raises(ConfigError) as refused:
+        load(file, environ={})
+    assert f"{file}: {says}" in refused.value.message
+
+
+def test_schedule_ids_are_checked_and_unique(tmp_path: Path) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text('[[schedules]]\nid = "a b"\ncron = "* * * * *"\ntype = "echo"\n')
+    with pytest.raises(ConfigError, match=r"schedules #1 \(a b\): id: must be printable ASCII"):
+        load(file, environ={})
+    file.write_text('[[schedules]]\nid = "x"\ncron = "* * * * *"\ntype = "echo"\n' * 2)
+    with pytest.raises(ConfigError, match=r"schedules #2 \(x\): id 'x' is used by another schedule"):
+        load(file, environ={})
+    file.write_text("[schedules]\nid = 'x'\n")
+    with pytest.raises(ConfigError, match=r"schedules must be an array of tables"):
+        load(file, environ={})
