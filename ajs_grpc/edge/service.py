@@ -403,12 +403,8 @@ class JobService:
         stored_id = principal.qualify(schedule.id)
         if not principal.admin and not principal.owns_name(stored_id):
             raise invalid([FieldViolation("schedule.id", "names another principal's namespace ('~name/...')")])
-        schedule = dataclasses.replace(
-            schedule,
-            id=stored_id,
-            creator=principal.name,
-            template=dataclasses.replace(schedule.template, creator=principal.name),
-        )
+        # Its jobs are submitted as its creator (Schedule.request_for); the template names nobody.
+        schedule = dataclasses.replace(schedule, id=stored_id, creator=principal.name)
         self._check_submittable(principal, schedule.template)
         stored, created = await self.connector.create_schedule(schedule)
         if created:
