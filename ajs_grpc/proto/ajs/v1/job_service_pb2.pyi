@@ -1348,8 +1348,11 @@ class Schedule(_message.Message):
     """
     time_zone: _builtins.str
     """The IANA time zone the expression is read in ("Europe/Berlin"); empty means
-    UTC. Occurrences in a daylight-saving gap run at the end of the gap; those in
-    a repeated hour run once.
+    UTC. Daylight saving time as Debian's cron handles it: a fixed time (minute
+    and hour fields both values, "30 2 * * *") that a spring-forward gap skips
+    runs at the end of the gap, and one a fall-back repeats runs once; an interval
+    ("*/15 * * * *", "0 * * * *") runs by elapsed time (none in the gap, both
+    passes of the repeated hour).
     """
     overlap_policy: Global___OverlapPolicy.ValueType
     """While the previous occurrence's job runs; SKIP when unspecified."""
