@@ -198,6 +198,7 @@ _JOB_POLICY_KEYS: dict[str, Callable[[Any], Any]] = {
     "multiplier": float,
     "jitter": float,
     "timeout": _optional_duration,
+    "allow_failed_dependencies": _boolean,
     **{name: _flow_policy(name) for name in POLICY_NAMES},
 }
 

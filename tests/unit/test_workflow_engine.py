@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 
 from ajs_grpc.connectors.base import JobFilter
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.core.errors import Code, FailedPrecondition, JobCancelled
+from ajs_grpc.core.errors import Code, ConfigError, FailedPrecondition, JobCancelled
 from ajs_grpc.core.model import ErrorStatus, Job, Progress, Request, RequestState, Response, Update, now
+from ajs_grpc.edge.config import load
 from ajs_grpc.engine.dispatcher import ChildJobs, Dispatcher, attempt_timeout
 from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
@@ -196,15 +198,17 @@ def test_the_chain_carries_the_types_dependency_rule(chain: HandlerChain) -> Non
     assert chain.submit(Request(id="x", type="elsewhere")).allow_failed_dependencies is False
 
 
-def test_a_toml_override_may_allow_failed_dependencies() -> None:
-    plugins = Plugins({}, {}, {"wf.step": workflow_jobs.step})
-    assert (
-        plugins.with_policies({"wf.step": {"allow_failed_dependencies": True}})
-        .jobs["wf.step"]
-        .allow_failed_dependencies
-    )
-    kept = plugins.with_policies({"wf.step": {"timeout": 3.0}}).jobs["wf.step"]
-    assert (kept.allow_failed_dependencies, kept.timeout) == (False, 3.0)
+def test_a_toml_override_may_allow_failed_dependencies(tmp_path: Path) -> None:
+    file = tmp_path / "ajs.toml"
+    file.write_text("[jobs.'wf.step']\nallow_failed_dependencies = true\n[jobs.'wf.join']\ntimeout = \"3s\"\n")
+    policies = load(file, environ={}).job_policies
+    plugins = Plugins({}, {}, {"wf.step": workflow_jobs.step, "wf.join": workflow_jobs.join})
+    overridden = plugins.with_policies(policies).jobs
+    assert overridden["wf.step"].allow_failed_dependencies is True
+    assert (overridden["wf.join"].allow_failed_dependencies, overridden["wf.join"].timeout) == (True, 3.0)
+    file.write_text("[jobs.'wf.step']\nallow_failed_dependencies = 2\n")
+    with pytest.raises(ConfigError, match="allow_failed_dependencies"):
+        load(file, environ={})
 
 
 @pytest.mark.parametrize(("asked", "ran"), [(2, 2), (0, 5), (9, 5)])
