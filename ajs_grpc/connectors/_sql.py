@@ -820,6 +820,8 @@ class SqlConnector(Connector, abc.ABC):
             if found is None:
                 raise self._not_found(request_id)
             job = self._job(found)
+            for dependency in sorted(job.request.depends_on):
+                await session.execute("lock_dependency", {"depends_on": dependency})
             job, response = job.retry(await self._find(session, list(job.request.depends_on)), self._now())
             await self._save(session, found[0], job, response)
             return Done(job, [request_id], work=True)

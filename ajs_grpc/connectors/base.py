@@ -177,8 +177,40 @@ async def plan_submits(
             if indexed:
                 error.metadata = {**error.metadata, "index": str(index)}
             raise
+    _check_dependencies(submits, planned, indexed=indexed)
     _check_acyclic([p.job.request for p in planned if p.created], indexed=indexed)
     return planned
+
+
+def _check_dependencies(submits: Sequence[Submit], planned: Sequence[Planned], *, indexed: bool) -> None:
+    """Refuses dependencies on batch items that were not stored under their id, and order deadlocks.
+
+    An item answered with another job (its unique key matched) is not stored under its id:
+    naming it would name nothing. A job waiting for a later job of its own ordered key would
+    hold that job back (the first unfinished job of a key goes first) and wait forever.
+    """
+    stored = {p.job.request.id: index for index, p in enumerate(planned)}
+    for index, (submit, plan) in enumerate(zip(submits, planned, strict=True)):
+        if not plan.created:
+            continue
+        for dependency in submit.request.depends_on:
+            if dependency not in stored and any(s.request.id == dependency for s in submits):
+                raise NotFound(
+                    f"dependency {dependency!r} is not stored: its submit in this batch was answered with "
+                    "another job (its unique key matched)",
+                    reason="DEPENDENCY_NOT_FOUND",
+                    metadata={"dependency_id": dependency, **({"index": str(index)} if indexed else {})},
+                )
+            later = stored.get(dependency, -1)
+            key = plan.job.flow.ordered_key
+            if later > index and key is not None and planned[later].job.flow.ordered_key == key:
+                raise InvalidArgument(
+                    f"{submit.request.id!r} depends on {dependency!r}, a later job of its ordered key {key!r}: "
+                    "the first unfinished job of a key goes first, so it would wait forever",
+                    [FieldViolation("request.depends_on", f"names a later job of ordered key {key!r}")],
+                    reason="DEPENDENCY_ORDER",
+                    metadata={"dependency_id": dependency, **({"index": str(index)} if indexed else {})},
+                )
 
 
 def _check_acyclic(requests: Sequence[Request], *, indexed: bool) -> None:

@@ -337,11 +337,12 @@ class MemoryConnector(Connector):
         for entry in expired:
             job, response = entry.job.expire(at)
             self._store(entry, job, response)
-        lapsed = [entry for entry in self._entries.values() if entry.job.expired(at)]
-        for entry in lapsed:
+        lapsed = 0
+        for entry in [entry for entry in self._entries.values() if entry.job.expired(at)]:
             if entry.job.expired(at):  # (a cascade may have ended it meanwhile)
                 self._store(entry, *entry.job.lapse(at))
-        return len(expired) + len(lapsed)
+                lapsed += 1
+        return len(expired) + lapsed
 
     @override
     async def next_due_time(

@@ -444,8 +444,9 @@ class Job:
 
         Raises:
             FailedPrecondition: it has not ended (``REQUEST_NOT_ENDED``), it FINISHED
-                (``REQUEST_FINISHED``), or a dependency ended FAILED or CANCELLED and its
-                type does not allow that (``DEPENDENCY_FAILED``: retry that one first).
+                (``REQUEST_FINISHED``), its ``expire_time`` passed (``EXPIRE_TIME_PASSED``), or
+                a dependency ended FAILED or CANCELLED and its type does not allow that
+                (``DEPENDENCY_FAILED``: retry that one first).
         """
         request_id = self.request.id
         metadata = {"request_id": request_id, "state": self.state.name}
@@ -462,6 +463,14 @@ class Job:
                 metadata=metadata,
             )
         at = at or now()
+        expire = self.request.expire_time
+        if expire is not None and expire <= at:
+            raise FailedPrecondition(
+                f"request {request_id!r} cannot be retried: its expire_time {_iso(expire)} has passed; "
+                "submit it again with a later one",
+                reason="EXPIRE_TIME_PASSED",
+                metadata={**metadata, "expire_time": _iso(expire) or ""},
+            )
         response = Response(
             request_id, self.last_response.sequence + 1, at, RequestState.CREATED, data={"reason": "MANUAL_RETRY"}
         )

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
 from typing import Any, Protocol
 
-from ajs_grpc.connectors.base import Claim, Connector, JobFilter
+from ajs_grpc.connectors.base import Claim, Connector, JobFilter, dependency_not_found
 from ajs_grpc.core.errors import (
     AjsError,
     Code,
@@ -173,6 +173,7 @@ class ChildJobs:
             FailedPrecondition: no handler of the chain runs its type (``TYPE_NOT_SUPPORTED``).
             InvalidArgument: its input is not what its type takes.
             AlreadyExists: its id is taken by a request with other content.
+            NotFound: a dependency is not stored, or is another owner's (``DEPENDENCY_NOT_FOUND``).
             JobCancelled: the parent was cancelled; a child just made is cancelled too.
         """
         plugin = self._chain.plugin_for(request.type)
@@ -183,6 +184,13 @@ class ChildJobs:
                 metadata={"type": request.type},
             )
         plugin.decode_input(request.input)
+        for dependency_id in request.depends_on:  # only the owner's own jobs, as at the edge
+            try:
+                dependency = await self._connector.get(dependency_id)
+            except NotFound:
+                raise dependency_not_found(dependency_id) from None
+            if dependency.request.creator != self._parent.request.creator:
+                raise dependency_not_found(dependency_id)
         submit = self._chain.submit(request)
         job, created = await self._connector.enqueue(
             submit.request, submit.max_attempts, submit.flow, allow_failed_dependencies=submit.allow_failed_dependencies

@@ -14,6 +14,7 @@ from google.protobuf import any_pb2
 
 from ajs_grpc.connectors.base import Claim, Connector, Submit
 from ajs_grpc.core.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, NotFound
+from ajs_grpc.core.flow import FlowPolicy, Unique
 from ajs_grpc.core.model import ErrorStatus, Request, RequestState, Update, now
 from ajs_grpc.core.schedules import Catchup, Overlap, Schedule
 from tests.helpers import FakeClock
@@ -385,3 +386,44 @@ async def test_schedules_are_listed_by_id_and_creator_and_deleted(connector: Con
         await connector.get_schedule("b")
     with pytest.raises(NotFound):
         await connector.delete_schedule("b")
+
+
+# -- found by review ----------------------------------------------------------------------------
+
+
+async def test_a_dependency_on_a_later_job_of_its_ordered_key_is_refused(connector: Connector) -> None:
+    policy = FlowPolicy(ordered_by="account")
+    first, second = (
+        Request(id="D", type="t", data={"account": "k"}, depends_on=("E",)),
+        Request(id="E", type="t", data={"account": "k"}),
+    )
+    with pytest.raises(InvalidArgument) as refused:
+        await connector.enqueue_many([Submit(first, 1, policy.flow(first)), Submit(second, 1, policy.flow(second))])
+    assert refused.value.reason == "DEPENDENCY_ORDER"
+    # The other way round is the order the key gives anyway: it runs.
+    later = dataclasses.replace(first, id="D2", depends_on=("E2",))
+    earlier = dataclasses.replace(second, id="E2")
+    await connector.enqueue_many([Submit(earlier, 1, policy.flow(earlier)), Submit(later, 1, policy.flow(later))])
+    await run(connector, "E2")
+    await run(connector, "D2")
+
+
+async def test_a_dependency_on_a_batch_item_answered_by_its_unique_key_is_refused(connector: Connector) -> None:
+    policy = FlowPolicy(unique=Unique(key="report"))
+    stored = Request(id="r1", type="t", data={"report": "q3"})
+    await connector.enqueue(stored, 1, policy.flow(stored))
+    twin = Request(id="r2", type="t", data={"report": "q3"})
+    after = Request(id="after", type="t", depends_on=("r2",))
+    with pytest.raises(NotFound) as refused:
+        await connector.enqueue_many([Submit(twin, 1, policy.flow(twin)), Submit(after)])
+    assert refused.value.reason == "DEPENDENCY_NOT_FOUND"
+    assert refused.value.metadata["index"] == "1"
+
+
+async def test_a_job_past_its_expire_time_is_not_retried(connector: Connector, clock: FakeClock) -> None:
+    await connector.enqueue(Request(id="e", type="t", expire_time=clock() + timedelta(seconds=5)))
+    clock.advance(6)
+    await connector.recover_expired()
+    with pytest.raises(FailedPrecondition) as refused:
+        await connector.retry("e")
+    assert refused.value.reason == "EXPIRE_TIME_PASSED"

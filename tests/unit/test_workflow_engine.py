@@ -94,6 +94,12 @@ async def fan_bad_input(request: Request, ctx: JobContext) -> None:
     await ctx.submit("wf.child", input=wrappers_pb2.StringValue(value="x"))
 
 
+@job("fan-on-another", retry=NO_RETRY)
+async def fan_on_another(request: Request, ctx: JobContext) -> None:
+    """Submits a child depending on the job named by data ``other``."""
+    await ctx.submit("wf.child", depends_on=[request.data["other"]])
+
+
 @job("read-deps", retry=NO_RETRY)
 async def read_deps(request: Request, ctx: JobContext) -> Mapping[str, str]:
     """Reports which dependencies' Responses it got."""
@@ -112,7 +118,17 @@ def read_deps_in_process(request: Request, ctx: SyncJobContext) -> Mapping[str, 
 
 read_deps_process = JobPlugin("read-deps-process", read_deps_in_process, retry=NO_RETRY, handler="process")
 
-LOCAL = [always_fails, sleeper, short_leash, fan_then_fail, sync_fan, fan_unknown, fan_bad_input, read_deps]
+LOCAL = [
+    always_fails,
+    sleeper,
+    short_leash,
+    fan_then_fail,
+    sync_fan,
+    fan_unknown,
+    fan_bad_input,
+    fan_on_another,
+    read_deps,
+]
 SHARED = [workflow_jobs.step, workflow_jobs.join, workflow_jobs.fail, workflow_jobs.parent, workflow_jobs.child]
 
 
@@ -532,3 +548,19 @@ async def test_a_context_without_a_dispatcher_says_so() -> None:
     in_process = SyncJobContext(Request(id="x", type="t"), 1, CancelSignal(), None, lambda update: None)
     with pytest.raises(FailedPrecondition, match="worker process"):
         in_process.wait_for_children()
+
+
+async def test_a_child_may_depend_only_on_its_owners_jobs(
+    connector: MemoryConnector, chain: HandlerChain, dispatcher: Dispatcher
+) -> None:
+    others = new_id("bobs")
+    await submit(connector, chain, Request(id=others, type="wf.child", creator="bob"))
+    parent_id = new_id("alices")
+    await submit(
+        connector, chain, Request(id=parent_id, type="fan-on-another", creator="alice", data={"other": others})
+    )
+    last = await final(connector, parent_id)
+    assert last.state is S.FAILED
+    assert last.error is not None
+    assert last.error.reason == "DEPENDENCY_NOT_FOUND"
+    assert await children_of(connector, parent_id) == []

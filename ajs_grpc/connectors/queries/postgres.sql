@@ -514,3 +514,8 @@ UPDATE schedules SET paused = %(paused)s, update_time = %(now)s,
 UPDATE schedules SET last_time = %(new_last_time)s,
                      last_job_id = CASE WHEN %(last_job_id)s = '' THEN last_job_id ELSE %(last_job_id)s END
  WHERE id = %(id)s AND NOT paused AND last_time IS NOT DISTINCT FROM %(last_time)s::timestamptz
+
+-- name: lock_dependency
+-- A dependency about to be read for a retry by hand, locked: its end, on any instance, then
+-- comes wholly before the read or after the retry's commit (and sees the job waiting).
+UPDATE jobs SET has_dependents = true WHERE id = %(depends_on)s

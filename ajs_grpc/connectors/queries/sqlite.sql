@@ -486,3 +486,7 @@ UPDATE schedules SET paused = :paused, update_time = :now,
 UPDATE schedules SET last_time = :new_last_time,
                      last_job_id = CASE WHEN :last_job_id = '' THEN last_job_id ELSE :last_job_id END
  WHERE id = :id AND NOT paused AND last_time IS :last_time
+
+-- name: lock_dependency
+-- A dependency read for a retry by hand (the writer already holds the database's lock).
+UPDATE jobs SET has_dependents = 1 WHERE id = :depends_on
