@@ -178,6 +178,7 @@ SETTINGS = [
     Setting("limits", "max_watches_per_principal", _integer, 100, "open WatchJob streams per principal"),
     Setting("limits", "watch_send_timeout", parse_duration, 30.0, "a watcher not reading this long is dropped"),
     Setting("limits", "max_queued_per_principal", _integer, 0, "queued jobs of one principal (0: no limit)"),
+    Setting("limits", "max_schedules_per_principal", _integer, 100, "schedules of one principal (0: no limit)"),
     Setting("limits", "max_priority", _signed_integer, 100, "the highest priority a principal may give"),
     Setting("limits", "max_run_after", parse_duration, 90 * 86400.0, "how far ahead a principal may set run_after"),
     Setting("tls", "cert_file", _string, "", "the server's certificate (PEM); enables TLS"),

@@ -44,6 +44,8 @@ class Limits:
     """Seconds a watcher may leave a Response unread before it is dropped."""
     max_queued_per_principal: int = 0
     """Queued (CREATED) jobs one principal may have; 0 for no limit. Admins are exempt."""
+    max_schedules_per_principal: int = 100
+    """Schedules one principal may have; 0 for no limit. Admins are exempt."""
     max_priority: int = 100
     """The highest priority a principal may give; admins are exempt."""
     max_run_after: float = 90 * 86400.0

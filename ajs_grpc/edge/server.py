@@ -168,6 +168,7 @@ class ServerConfig:
                 max_watches_per_principal=settings["limits.max_watches_per_principal"],
                 watch_send_timeout=settings["limits.watch_send_timeout"],
                 max_queued_per_principal=settings["limits.max_queued_per_principal"],
+                max_schedules_per_principal=settings["limits.max_schedules_per_principal"],
                 max_priority=settings["limits.max_priority"],
                 max_run_after=settings["limits.max_run_after"],
             ),

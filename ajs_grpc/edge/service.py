@@ -25,6 +25,8 @@ from ajs_grpc.core.errors import (
     FieldViolation,
     NotFound,
     PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
     Unavailable,
 )
 from ajs_grpc.core.logs import current_request_id
@@ -406,11 +408,31 @@ class JobService:
         # Its jobs are submitted as its creator (Schedule.request_for); the template names nobody.
         schedule = dataclasses.replace(schedule, id=stored_id, creator=principal.name)
         self._check_submittable(principal, schedule.template)
+        await self._check_schedules_quota(principal, stored_id)
         stored, created = await self.connector.create_schedule(schedule)
         if created:
             log.info("%s created schedule %s (%s in %s)", principal.name, stored.id, stored.cron, stored.time_zone)
             self._schedules_changed()
         return pb.CreateScheduleResponse(schedule=self._schedule_as_seen_by(principal, stored))
+
+    async def _check_schedules_quota(self, principal: Principal, schedule_id: str) -> None:
+        """Refuses a non-admin's new schedule beyond ``limits.max_schedules_per_principal``.
+
+        Each schedule submits jobs on its own, past the queued-jobs quota's check at submit:
+        the number of them is what bounds a principal's scheduled work.
+        """
+        limit = self.limits.max_schedules_per_principal
+        if principal.admin or not limit:
+            return
+        owned = await self.connector.list_schedules(creator=principal.name, limit=limit)
+        if len(owned) < limit or any(schedule.id == schedule_id for schedule in owned):
+            return
+        raise ResourceExhausted(
+            f"{principal.name} has {len(owned)} schedules, its quota is {limit}; delete one first",
+            [QuotaViolation(f"principal:{principal.name}", f"at most {limit} schedules")],
+            reason="SCHEDULES_QUOTA",
+            metadata={"limit": str(limit)},
+        )
 
     async def get_schedule(self, message: pb.GetScheduleRequest, caller: Caller) -> pb.GetScheduleResponse:
         """Returns one of the caller's schedules (any, for an admin)."""

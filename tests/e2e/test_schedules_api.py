@@ -15,10 +15,18 @@ import pytest
 
 from ajs_grpc.client import AsyncClient, Catchup, Overlap, Schedule
 from ajs_grpc.connectors.memory import MemoryConnector
-from ajs_grpc.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from ajs_grpc.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from ajs_grpc.core.model import Job, Request, RequestState, now
 from ajs_grpc.core.schedules import occurrence_id
 from ajs_grpc.edge.auth import token_hash
+from ajs_grpc.edge.limits import Limits
 from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.faces import cli
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
@@ -345,6 +353,28 @@ async def test_a_principals_schedule_submits_jobs_as_that_principal(guarded: Ajs
         assert job.request.creator == "alice"
         with pytest.raises(NotFound):
             await bob.get(f"~alice/{job.request.id}")
+
+
+async def test_a_principals_schedules_are_bounded_by_a_quota(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS.format(**{name: token_hash(f"{name}-token") for name in ("alice", "bob", "root")}))
+    server = await start(tokens_file=str(tokens), limits=Limits(max_schedules_per_principal=2))
+    try:
+        async with (
+            AsyncClient(server.address, timeout=10, token="alice-token") as alice,
+            AsyncClient(server.address, timeout=10, token="root-token") as root,
+        ):
+            await alice.create_schedule("one", "0 0 1 1 *", "echo")
+            await alice.create_schedule("two", "0 0 1 1 *", "echo")
+            await alice.create_schedule("two", "0 0 1 1 *", "echo")  # the same again: answered, not counted
+            with pytest.raises(ResourceExhausted) as refused:
+                await alice.create_schedule("three", "0 0 1 1 *", "echo")
+            assert refused.value.reason == "SCHEDULES_QUOTA"
+            await root.create_schedule("three", "0 0 1 1 *", "echo")  # admins are exempt
+            await alice.delete_schedule("one")
+            await alice.create_schedule("three", "0 0 1 1 *", "echo")
+    finally:
+        await server.stop()
 
 
 # -- server wiring ----------------------------------------------------------------------------
