@@ -25,16 +25,39 @@ async function runHash({ target, data, algorithm, rounds }, log = console.error)
   }
 }
 
-if (require.main === module) {
+const USAGE = 'usage: ajs-hash [--target HOST:PORT] [--data TEXT] [--algorithm SHA256|SHA512] [--rounds N]';
+
+// The options, checked: a usage error is one line (exit 2), as the ajs command's are.
+function parseOptions(argv) {
   const { values } = parseArgs({
+    args: argv,
     options: {
+      help: { type: 'boolean', short: 'h', default: false },
       target: { type: 'string', default: '127.0.0.1:50051' },
       data: { type: 'string', default: 'hello' },
       algorithm: { type: 'string', default: 'SHA256' },
       rounds: { type: 'string', default: '1000' },
     },
   });
-  runHash({ ...values, rounds: Number(values.rounds) }).then(
+  if (!/^[1-9][0-9]{0,6}$/.test(values.rounds)) {
+    throw new Error(`--rounds must be a whole number from 1 to 9999999, not ${JSON.stringify(values.rounds)}`);
+  }
+  return { ...values, rounds: Number(values.rounds) };
+}
+
+if (require.main === module) {
+  let options;
+  try {
+    options = parseOptions(process.argv.slice(2));
+  } catch (error) {
+    console.error(`ajs-hash: ${error.message} (ajs-hash --help shows the usage)`);
+    process.exit(2);
+  }
+  if (options.help) {
+    console.log(`${USAGE}\nSubmits a typed hash job to an ajs-grpc server, shows its progress, prints the digest.`);
+    process.exit(0);
+  }
+  runHash(options).then(
     (digest) => console.log(digest),
     (error) => {
       console.error(`ajs-hash: ${error.message}`);
@@ -43,4 +66,4 @@ if (require.main === module) {
   );
 }
 
-module.exports = { runHash };
+module.exports = { runHash, parseOptions };

@@ -80,3 +80,43 @@ test('submitMany queues a batch atomically, in order, and names the refused requ
   });
   await assert.rejects(client.call('GetJob', { request_id: 'n2' }), (error) => error.code === 5); // nothing queued
 });
+
+function runCli(...args) {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [path.resolve(__dirname, '..', 'hash.js'), ...args]);
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => { stdout += chunk; });
+    child.stderr.on('data', (chunk) => { stderr += chunk; });
+    child.on('exit', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+test('--help prints the usage and exits 0', async () => {
+  const { code, stdout, stderr } = await runCli('--help');
+  assert.strictEqual(code, 0);
+  assert.match(stdout, /^usage: ajs-hash /);
+  assert.strictEqual(stderr, '');
+});
+
+test('a bad --rounds or an unknown option is a one-line usage error, exit 2', async () => {
+  for (const args of [['--rounds', 'abc'], ['--rounds', '0'], ['--rounds', '1.5'], ['--bogus']]) {
+    const { code, stdout, stderr } = await runCli(...args);
+    assert.strictEqual(code, 2, `${args.join(' ')}: exit ${code}`);
+    assert.strictEqual(stdout, '');
+    assert.strictEqual(stderr.trim().split('\n').length, 1, stderr);
+    assert.match(stderr, /^ajs-hash: /);
+  }
+});
+
+test('the declared Node.js version is one every installed dependency supports', () => {
+  const lowest = (range) => Number((/>=\s*(\d+)/.exec(range) || [null, '0'])[1]);
+  const declared = lowest(require('../package.json').engines.node);
+  const lock = require('../package-lock.json');
+  for (const [name, entry] of Object.entries(lock.packages)) {
+    if (name && entry.engines && entry.engines.node && /^>=/.test(entry.engines.node.trim())) {
+      assert.ok(lowest(entry.engines.node) <= declared, `${name} needs node ${entry.engines.node}, package.json says >=${declared}`);
+    }
+  }
+  assert.ok(Number(process.versions.node.split('.')[0]) >= declared);
+});
