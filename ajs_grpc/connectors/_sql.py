@@ -692,10 +692,11 @@ class SqlConnector(Connector, abc.ABC):
         saves = []
         store_now = self._store_now(at)
         for row in rows:
-            if self._job(row).expired(at):
+            queued = self._job(row)
+            if queued.expired(at):
                 await self._lapse(session, row, done, at)
                 continue
-            job, response = self._job(row).advance(Update(S.PENDING, data={"worker": worker}), at)
+            job, response = queued.advance(Update(S.PENDING, data={"worker": worker}), at)
             token = uuid.uuid4().hex
             held = {"lease_token": token, "lease_seconds": lease, "worker": worker, "now": store_now}
             saves.append(self._save_params(row[0], job, response, held))

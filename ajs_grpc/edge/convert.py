@@ -6,7 +6,7 @@ Nothing else in the project reads or builds ``ajs.v1`` messages field by field.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -448,16 +448,7 @@ def overlap_from_proto(value: int, field: str = "schedule.overlap_policy") -> Ov
     Raises:
         InvalidArgument: ``value`` is no known policy.
     """
-    if value == pb.OVERLAP_POLICY_UNSPECIFIED:
-        return Overlap.SKIP
-    try:
-        return Overlap(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"unknown overlap policy {value}",
-            [FieldViolation(field, f"unknown overlap policy {value}")],
-            reason="INVALID_FIELDS",
-        ) from None
+    return _policy_from_proto(Overlap, Overlap.SKIP, value, field, "overlap policy")
 
 
 def catchup_from_proto(value: int, field: str = "schedule.catchup_policy") -> Catchup:
@@ -466,15 +457,21 @@ def catchup_from_proto(value: int, field: str = "schedule.catchup_policy") -> Ca
     Raises:
         InvalidArgument: ``value`` is no known policy.
     """
-    if value == pb.CATCHUP_POLICY_UNSPECIFIED:
-        return Catchup.SKIP
+    return _policy_from_proto(Catchup, Catchup.SKIP, value, field, "catch-up policy")
+
+
+_Policy = TypeVar("_Policy", Overlap, Catchup)
+
+
+def _policy_from_proto(policy: type[_Policy], unspecified: _Policy, value: int, field: str, what: str) -> _Policy:
+    """A schedule policy of a wire value; the wire's 0 (UNSPECIFIED) is ``unspecified``, the rest the same numbers."""
+    if value == 0:
+        return unspecified
     try:
-        return Catchup(value)
+        return policy(value)
     except ValueError:
         raise InvalidArgument(
-            f"unknown catch-up policy {value}",
-            [FieldViolation(field, f"unknown catch-up policy {value}")],
-            reason="INVALID_FIELDS",
+            f"unknown {what} {value}", [FieldViolation(field, f"unknown {what} {value}")], reason="INVALID_FIELDS"
         ) from None
 
 

@@ -1,4 +1,4 @@
-"""Who sees which job: ownership, per-principal id namespaces, and NOT_FOUND for the rest.
+"""Who sees which job or schedule: ownership, per-principal id namespaces, and NOT_FOUND for the rest.
 
 Each principal names requests in a namespace of its own
 (:meth:`~ajs_grpc.edge.auth.Principal.qualify`); a job is the caller's when it
@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from ajs_grpc.connectors.base import Connector, request_not_found
+from ajs_grpc.connectors.base import Connector, request_not_found, schedule_not_found
 from ajs_grpc.core.errors import AjsError, NotFound
 from ajs_grpc.core.model import Job, Response
+from ajs_grpc.core.schedules import Schedule
 from ajs_grpc.edge.auth import Principal
 
 __all__ = ["OWNER_DEPTH", "Ownership", "in_names_of"]
@@ -69,6 +70,23 @@ class Ownership:
         )
         response = dataclasses.replace(job.last_response, request_id=request.id)
         return dataclasses.replace(job, request=request, last_response=response)
+
+    async def visible_schedule(self, principal: Principal, schedule_id: str) -> Schedule:
+        """The stored schedule, if the caller created it or is an admin; NOT_FOUND as for an unknown id if not."""
+        schedule = await self._connector.get_schedule(schedule_id)
+        if not principal.admin and schedule.creator != principal.name:
+            log.warning("denied %s access to schedule %s", principal.name, schedule_id)
+            raise schedule_not_found(schedule_id)
+        return schedule
+
+    @staticmethod
+    def schedule_as_seen_by(principal: Principal, schedule: Schedule) -> Schedule:
+        """``schedule`` with its ids in the caller's names."""
+        if principal.admin:
+            return schedule
+        return dataclasses.replace(
+            schedule, id=principal.unqualify(schedule.id), last_job_id=principal.unqualify(schedule.last_job_id)
+        )
 
     @staticmethod
     def response_as_seen_by(principal: Principal, response: Response) -> Response:

@@ -17,7 +17,7 @@ from collections.abc import Set as AbstractSet
 
 import grpc
 
-from ajs_grpc.connectors.base import Connector, JobFilter, dependency_not_found, schedule_not_found
+from ajs_grpc.connectors.base import Connector, JobFilter, dependency_not_found
 from ajs_grpc.core.errors import (
     AjsError,
     AlreadyExists,
@@ -437,7 +437,7 @@ class JobService:
     async def get_schedule(self, message: pb.GetScheduleRequest, caller: Caller) -> pb.GetScheduleResponse:
         """Returns one of the caller's schedules (any, for an admin)."""
         principal = caller.principal
-        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        schedule = await self.ownership.visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
         return pb.GetScheduleResponse(schedule=self._schedule_as_seen_by(principal, schedule))
 
     async def list_schedules(self, message: pb.ListSchedulesRequest, caller: Caller) -> pb.ListSchedulesResponse:
@@ -460,7 +460,7 @@ class JobService:
     async def delete_schedule(self, message: pb.DeleteScheduleRequest, caller: Caller) -> pb.DeleteScheduleResponse:
         """Deletes a schedule; the jobs it submitted stay."""
         principal = caller.principal
-        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        schedule = await self.ownership.visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
         await self.connector.delete_schedule(schedule.id)
         log.info("%s deleted schedule %s", principal.name, schedule.id)
         return pb.DeleteScheduleResponse()
@@ -468,7 +468,7 @@ class JobService:
     async def pause_schedule(self, message: pb.PauseScheduleRequest, caller: Caller) -> pb.PauseScheduleResponse:
         """Pauses a schedule: no occurrence is submitted until it is resumed."""
         principal = caller.principal
-        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        schedule = await self.ownership.visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
         paused = await self.connector.pause_schedule(schedule.id, True)
         log.info("%s paused schedule %s", principal.name, schedule.id)
         return pb.PauseScheduleResponse(schedule=self._schedule_as_seen_by(principal, paused))
@@ -476,32 +476,16 @@ class JobService:
     async def resume_schedule(self, message: pb.ResumeScheduleRequest, caller: Caller) -> pb.ResumeScheduleResponse:
         """Resumes a paused schedule from now (occurrences passed while paused are skipped)."""
         principal = caller.principal
-        schedule = await self._visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
+        schedule = await self.ownership.visible_schedule(principal, principal.qualify(required_id(message.id, "id")))
         resumed = await self.connector.pause_schedule(schedule.id, False)
         log.info("%s resumed schedule %s", principal.name, schedule.id)
         self._schedules_changed()
         return pb.ResumeScheduleResponse(schedule=self._schedule_as_seen_by(principal, resumed))
 
-    async def _visible_schedule(self, principal: Principal, schedule_id: str) -> Schedule:
-        """The stored schedule, if the caller created it or is an admin; NOT_FOUND as for an unknown id if not."""
-        try:
-            schedule = await self.connector.get_schedule(schedule_id)
-        except NotFound:
-            raise schedule_not_found(schedule_id) from None
-        if not principal.admin and schedule.creator != principal.name:
-            log.warning("denied %s access to schedule %s", principal.name, schedule_id)
-            raise schedule_not_found(schedule_id)
-        return schedule
-
-    @staticmethod
-    def _schedule_as_seen_by(principal: Principal, schedule: Schedule) -> pb.Schedule:
+    def _schedule_as_seen_by(self, principal: Principal, schedule: Schedule) -> pb.Schedule:
         """The wire form of ``schedule`` in the caller's names, with its next occurrence reckoned now."""
         next_run = None if schedule.paused else schedule.next_time(now())
-        if not principal.admin:
-            schedule = dataclasses.replace(
-                schedule, id=principal.unqualify(schedule.id), last_job_id=principal.unqualify(schedule.last_job_id)
-            )
-        return convert.schedule_to_proto(schedule, next_run)
+        return convert.schedule_to_proto(self.ownership.schedule_as_seen_by(principal, schedule), next_run)
 
     def _schedules_changed(self) -> None:
         if self.schedules_changed is not None:
