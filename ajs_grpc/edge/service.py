@@ -28,6 +28,7 @@ from ajs_grpc.core.errors import (
     QuotaViolation,
     ResourceExhausted,
     Unavailable,
+    Unimplemented,
 )
 from ajs_grpc.core.logs import current_request_id
 from ajs_grpc.core.model import Job, Request, RequestState, now
@@ -311,6 +312,11 @@ class JobService:
             async for response in self.connector.watch(request_id, message.after_sequence):
                 response = self.ownership.response_as_seen_by(principal, response)
                 yield pb.WatchJobResponse(response=convert.response_to_proto(response))
+
+    async def watch_jobs(self, message: pb.WatchJobsRequest, caller: Caller) -> AsyncIterator[pb.WatchJobsResponse]:
+        """Streams the Responses of the matching jobs (being built: UNIMPLEMENTED until then)."""
+        raise Unimplemented("WatchJobs is not served yet", reason="NOT_YET")
+        yield pb.WatchJobsResponse()  # pragma: no cover - makes this a generator
 
     async def get_job(self, message: pb.GetJobRequest, caller: Caller) -> pb.GetJobResponse:
         """Returns one job (FULL unless asked for BASIC)."""

@@ -593,6 +593,90 @@ class WatchJobResponse(_message.Message):
 Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
 
 @_typing.final
+class WatchJobsRequest(_message.Message):
+    """The request of JobService.WatchJobs. The filters combine with AND; an empty one
+    matches everything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
+    AFTER_TOKEN_FIELD_NUMBER: _builtins.int
+    parent_id: _builtins.str
+    """Only children of this request."""
+    after_token: _builtins.str
+    """The `resume_token` of a message of an earlier WatchJobs call: the stream goes on
+    after it. Empty: from now on. A token the store cannot read is INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RequestState.ValueType]:
+        """Only Responses that put their job in one of these states (all when empty)."""
+
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only jobs of one of these types."""
+
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only jobs in one of these queues ("default" for requests submitted without one)."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[Global___RequestState.ValueType] | None = ...,
+        types: _abc.Iterable[_builtins.str] | None = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        parent_id: _builtins.str = ...,
+        after_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_token", b"after_token", "parent_id", b"parent_id", "queues", b"queues", "states", b"states", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobsRequest: _TypeAlias = WatchJobsRequest  # noqa: Y015
+
+@_typing.final
+class WatchJobsResponse(_message.Message):
+    """The response of JobService.WatchJobs: one per matching stored Response, or a bookmark."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Pass as `after_token` to resume after this message."""
+    type: _builtins.str
+    """The type of the Response's job (empty on a bookmark)."""
+    queue: _builtins.str
+    """The queue of the Response's job (empty on a bookmark)."""
+    @_builtins.property
+    def response(self) -> Global___Response:
+        """The next matching Response; unset on a bookmark."""
+
+    def __init__(
+        self,
+        *,
+        response: Global___Response | None = ...,
+        resume_token: _builtins.str = ...,
+        type: _builtins.str = ...,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "response", b"response", "resume_token", b"resume_token", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobsResponse: _TypeAlias = WatchJobsResponse  # noqa: Y015
+
+@_typing.final
 class GetJobRequest(_message.Message):
     """The request of JobService.GetJob."""
 

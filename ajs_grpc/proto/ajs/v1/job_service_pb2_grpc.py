@@ -50,6 +50,11 @@ class JobServiceStub:
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=ajs_dot_v1_dot_job__service__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.WatchJobs = channel.unary_stream(
+                '/ajs.v1.JobService/WatchJobs',
+                request_serializer=ajs_dot_v1_dot_job__service__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=ajs_dot_v1_dot_job__service__pb2.WatchJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/ajs.v1.JobService/GetJob',
                 request_serializer=ajs_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
@@ -157,6 +162,20 @@ class JobServiceServicer:
         """Streams every stored Response with `sequence > after_sequence`, then the live
         ones, and ends after the final Response. Watching a finished job replays its
         Responses and ends at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJobs(self, request, context):
+        """Streams the Responses of every job that matches a filter, in the order they
+        were stored, as they are stored, each with a resume token. The stream starts
+        with a bookmark (a message without `response`) holding the token of "now", and
+        sends another after a quiet spell, so a client always holds a recent token.
+        A new call with `after_token` resumes with nothing missed and nothing repeated,
+        on any instance sharing the store and across restarts (not on the in-memory
+        store, which keeps nothing). A caller sees only its own jobs; an admin sees all.
+        The stream does not end by itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -316,6 +335,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=ajs_dot_v1_dot_job__service__pb2.WatchJobRequest.FromString,
                     response_serializer=ajs_dot_v1_dot_job__service__pb2.WatchJobResponse.SerializeToString,
             ),
+            'WatchJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJobs,
+                    request_deserializer=ajs_dot_v1_dot_job__service__pb2.WatchJobsRequest.FromString,
+                    response_serializer=ajs_dot_v1_dot_job__service__pb2.WatchJobsResponse.SerializeToString,
+            ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=ajs_dot_v1_dot_job__service__pb2.GetJobRequest.FromString,
@@ -474,6 +498,33 @@ class JobService:
             '/ajs.v1.JobService/WatchJob',
             ajs_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
             ajs_dot_v1_dot_job__service__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ajs.v1.JobService/WatchJobs',
+            ajs_dot_v1_dot_job__service__pb2.WatchJobsRequest.SerializeToString,
+            ajs_dot_v1_dot_job__service__pb2.WatchJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

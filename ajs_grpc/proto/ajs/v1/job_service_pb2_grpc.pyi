@@ -56,6 +56,16 @@ class JobServiceStub:
     ones, and ends after the final Response. Watching a finished job replays its
     Responses and ends at once.
     """
+    WatchJobs: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]
+    """Streams the Responses of every job that matches a filter, in the order they
+    were stored, as they are stored, each with a resume token. The stream starts
+    with a bookmark (a message without `response`) holding the token of "now", and
+    sends another after a quiet spell, so a client always holds a recent token.
+    A new call with `after_token` resumes with nothing missed and nothing repeated,
+    on any instance sharing the store and across restarts (not on the in-memory
+    store, which keeps nothing). A caller sees only its own jobs; an admin sees all.
+    The stream does not end by itself.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """Returns one job."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
@@ -153,6 +163,16 @@ class JobServiceAsyncStub(JobServiceStub):
     """Streams every stored Response with `sequence > after_sequence`, then the live
     ones, and ends after the final Response. Watching a finished job replays its
     Responses and ends at once.
+    """
+    WatchJobs: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
+    """Streams the Responses of every job that matches a filter, in the order they
+    were stored, as they are stored, each with a resume token. The stream starts
+    with a bookmark (a message without `response`) holding the token of "now", and
+    sends another after a quiet spell, so a client always holds a recent token.
+    A new call with `after_token` resumes with nothing missed and nothing repeated,
+    on any instance sharing the store and across restarts (not on the in-memory
+    store, which keeps nothing). A caller sees only its own jobs; an admin sees all.
+    The stream does not end by itself.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job."""
@@ -266,6 +286,22 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams every stored Response with `sequence > after_sequence`, then the live
         ones, and ends after the final Response. Watching a finished job replays its
         Responses and ends at once.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJobs(
+        self,
+        request: _job_service_pb2.WatchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobsResponse]]:
+        """Streams the Responses of every job that matches a filter, in the order they
+        were stored, as they are stored, each with a resume token. The stream starts
+        with a bookmark (a message without `response`) holding the token of "now", and
+        sends another after a quiet spell, so a client always holds a recent token.
+        A new call with `after_token` resumes with nothing missed and nothing repeated,
+        on any instance sharing the store and across restarts (not on the in-memory
+        store, which keeps nothing). A caller sees only its own jobs; an admin sees all.
+        The stream does not end by itself.
         """
 
     @_abc_1.abstractmethod
