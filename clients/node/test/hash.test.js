@@ -1,6 +1,5 @@
 'use strict';
-// Runs the Node client against a live `ajs serve` (in-memory queue) started by the test.
-// AJS_BIN names the ajs command (default: the repository's .venv/bin/ajs).
+// The hash example (hash.js) against a live `ajs serve` (in-memory queue), and its options.
 
 const test = require('node:test');
 const assert = require('node:assert');
@@ -8,25 +7,8 @@ const crypto = require('node:crypto');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
 const { runHash } = require('../hash');
-const { AjsClient } = require('../ajs-client');
-
-const AJS = process.env.AJS_BIN || path.resolve(__dirname, '..', '..', '..', '.venv', 'bin', 'ajs');
-
-function startServer() {
-  return new Promise((resolve, reject) => {
-    const server = spawn(AJS, ['serve', '--address', '127.0.0.1:0', '--connector', 'memory'], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
-    let log = '';
-    server.stderr.on('data', (chunk) => {
-      log += chunk;
-      const found = /serving on (127\.0\.0\.1:\d+)/.exec(log);
-      if (found) resolve({ server, target: found[1] });
-    });
-    server.on('exit', (code) => reject(new Error(`ajs serve exited ${code}:\n${log}`)));
-    server.on('error', reject);
-  });
-}
+const { AjsClient } = require('..');
+const { startServer } = require('./helpers');
 
 function expectedDigest(data, rounds) {
   let value = Buffer.from(data);
@@ -35,8 +17,7 @@ function expectedDigest(data, rounds) {
 }
 
 test('the Node client runs a typed hash job and prints its digest', async (t) => {
-  const { server, target } = await startServer();
-  t.after(() => server.kill('SIGTERM'));
+  const { target } = await startServer(t);
   const progress = [];
   const digest = await runHash({ target, data: 'hello', algorithm: 'SHA256', rounds: 1000 }, (line) => progress.push(line));
   assert.strictEqual(digest, expectedDigest('hello', 1000));
@@ -44,41 +25,40 @@ test('the Node client runs a typed hash job and prints its digest', async (t) =>
 });
 
 test('a wrong input is refused with INVALID_ARGUMENT and a BadRequest on request.input', async (t) => {
-  const { server, target } = await startServer();
-  t.after(() => server.kill('SIGTERM'));
+  const { target } = await startServer(t);
   const client = new AjsClient(target);
   t.after(() => client.close());
   await assert.rejects(
-    client.call('SubmitRequest', { request: { type: 'hash', input: { type_url: 'type.googleapis.com/x.Y', value: Buffer.alloc(0) } } }),
+    client.submit('hash', { input: { typeUrl: 'type.googleapis.com/x.Y', value: Buffer.alloc(0) } }),
     (error) => {
       assert.strictEqual(error.code, 3); // INVALID_ARGUMENT
-      assert.match(error.details, /request\.input: must hold a ajs\.examples\.v1\.HashRequest/);
+      assert.match(error.message, /request\.input: must hold a ajs\.examples\.v1\.HashRequest/);
       assert.ok(error.metadata.get('grpc-status-details-bin').length > 0);
+      assert.ok(error.fieldViolations.some((v) => v.field === 'request.input'), JSON.stringify(error.fieldViolations));
       return true;
     },
   );
 });
 
-test('submitMany queues a batch atomically, in order, and names the refused request', async (t) => {
-  const { server, target } = await startServer();
-  t.after(() => server.kill('SIGTERM'));
+test('batchSubmit queues a batch atomically, in order, and names the refused request', async (t) => {
+  const { target } = await startServer(t);
   const client = new AjsClient(target);
   t.after(() => client.close());
-  const answers = await client.submitMany([
+  const answers = await client.batchSubmit([
     { type: 'echo', id: 'n1', data: { n: '1' } },
     { type: 'echo', id: 'n1', data: { n: '1' } },
-    { type: 'hash', input: { data: Buffer.from('hi').toString('base64'), algorithm: 'ALGORITHM_SHA256', rounds: 1 } },
+    { type: 'hash', input: { data: Buffer.from('hi'), algorithm: 'ALGORITHM_SHA256', rounds: 1 } },
   ]);
   assert.deepStrictEqual(answers.map((a) => a.created), [true, false, true]);
   assert.strictEqual(answers[0].job.request.id, 'n1');
-  const final = await client.watch(answers[2].job.request.id);
+  const final = await client.wait(answers[2].job.request.id);
   assert.strictEqual(final.state, 'REQUEST_STATE_FINISHED');
-  await assert.rejects(client.submitMany([{ type: 'echo', id: 'n2' }, { type: '' }]), (error) => {
+  await assert.rejects(client.batchSubmit([{ type: 'echo', id: 'n2' }, { type: '' }]), (error) => {
     assert.strictEqual(error.code, 3); // INVALID_ARGUMENT
-    assert.match(error.details, /^requests\[1\]: invalid request: request\.type: must not be empty/);
+    assert.match(error.message, /^requests\[1\]: invalid request: request\.type: must not be empty/);
     return true;
   });
-  await assert.rejects(client.call('GetJob', { request_id: 'n2' }), (error) => error.code === 5); // nothing queued
+  await assert.rejects(client.get('n2'), (error) => error.code === 5); // nothing queued
 });
 
 function runCli(...args) {
