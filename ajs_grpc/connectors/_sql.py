@@ -40,6 +40,8 @@ from typing_extensions import override
 from ajs_grpc.connectors.base import (
     Claim,
     Connector,
+    FeedItem,
+    FeedPage,
     JobFilter,
     Page,
     QueueInfo,
@@ -120,6 +122,8 @@ SUBSTITUTIONS = {
     **{state.name: str(int(state)) for state in RequestState},
     "JOB": SELECT_JOBS,
     "RESPONSE_COLUMNS": RESPONSE_COLUMNS,
+    # SQLite: the highest feed number given so far (kept in feed_floor once Responses are deleted).
+    "FEED_END": "max(coalesce((SELECT max(feed) FROM responses), 0), (SELECT n FROM feed_floor))",
 }
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -181,6 +185,8 @@ class Dialect:
     array: Callable[[Sequence[Any]], Any]
     decoding: Decoding
     own_clock: bool = False
+    feed_key: Callable[[int], Any] = int
+    """A feed place's first part as a query parameter (PostgreSQL's transaction ids go as text)."""
 
 
 def error_fields(error: ErrorStatus | None) -> dict[str, Any] | None:
@@ -202,6 +208,17 @@ def _error(fields: dict[str, Any] | None) -> ErrorStatus | None:
 
 def _any(type_url: str | None, value: bytes | None) -> any_pb2.Any | None:
     return None if type_url is None else any_pb2.Any(type_url=type_url, value=bytes(value or b""))
+
+
+def _feed_place(token: str, prefix: str) -> tuple[int, int, int] | None:
+    """The place a feed token of :meth:`SqlConnector.feed` names; None if it is none."""
+    if not token.startswith(prefix):
+        return None
+    parts = token[len(prefix) :].split(".")
+    if len(parts) != 3 or not all(part.isascii() and part.isdigit() and len(part) <= 19 for part in parts):
+        return None
+    k, position, sequence = (int(part) for part in parts)
+    return k, position, sequence
 
 
 def response_from_row(request_id: str, row: Sequence[Any], decoding: Decoding) -> Response:
@@ -282,10 +299,17 @@ class Done(Generic[T]):
     responses: list[str] = dataclasses.field(default_factory=list)
     work: bool = False
     cancels: list[str] = dataclasses.field(default_factory=list)
+    fed: bool = False
+    """New jobs were stored (their first Responses are in the feed, though nobody watches them)."""
 
     def events(self) -> list[str]:
-        """The notices other instances get: ``r:<id>`` new Response, ``w:`` work, ``c:<id>`` cancel."""
-        return [f"r:{i}" for i in self.responses] + (["w:"] if self.work else []) + [f"c:{i}" for i in self.cancels]
+        """The notices other instances get: ``r:<id>`` new Response, ``w:`` work, ``c:<id>`` cancel, ``f:`` feed."""
+        return (
+            [f"r:{i}" for i in self.responses]
+            + (["w:"] if self.work else [])
+            + [f"c:{i}" for i in self.cancels]
+            + (["f:"] if self.fed and not self.responses else [])
+        )
 
 
 Operation = Callable[[Session], Coroutine[Any, Any, T]]
@@ -316,6 +340,8 @@ def deliver(connector: Connector, outcomes: Iterable[Outcome]) -> None:
         if done is not None:
             for request_id in done.responses:
                 connector._notify_response(request_id)
+            if done.fed:
+                connector._notify_feeds()
             if done.work:
                 connector._notify_work()
             for request_id in done.cancels:
@@ -520,7 +546,7 @@ class SqlConnector(Connector, abc.ABC):
             if added:
                 await session.execute_many("insert_job", added)
                 self._inserted(len(added))
-            done: Done[list[tuple[Job, bool]]] = Done([], work=any(p.created for p in plan))
+            done: Done[list[tuple[Job, bool]]] = Done([], work=any(p.created for p in plan), fed=bool(added))
             waiting = [p.job for p in plan if p.created and p.job.waiting]
             if waiting:
                 # The edges first: their marks lock what they name, then the states are read.
@@ -1015,6 +1041,55 @@ class SqlConnector(Connector, abc.ABC):
             more = len(rows) > page_size
             rows = rows[:page_size]
             return Page([self._job(row) for row in rows], rows[-1][0] if more else None, [row[0] for row in rows])
+
+        return await self._read(read)
+
+    @override
+    async def feed(self, after: str, job_filter: JobFilter, limit: int) -> FeedPage:
+        # A place is (k, position, sequence): k the transaction id (PostgreSQL) or the feed
+        # number (SQLite), below "bound" once every transaction that could store there ended.
+        prefix = self.name[0]
+        place = _feed_place(after, prefix) if after else None
+        if after and place is None:
+            raise self._bad_token(after)
+        if place is not None and not limit:
+            return FeedPage([], after)
+        d = self.dialect
+
+        def token(k: int, position: int, sequence: int) -> str:
+            return f"{prefix}{k}.{position}.{sequence}"
+
+        async def read(session: Session) -> FeedPage:
+            bound_text, newest_text = (await session.fetch("feed_horizon", {}))[0]
+            bound, newest = int(bound_text), int(newest_text or 0)
+            if place is None:
+                return FeedPage([], token(bound, 0, 0))
+            params = {
+                "k": d.feed_key(place[0]),
+                "position": place[1],
+                "sequence": place[2],
+                "bound": d.feed_key(bound),
+                "states": d.array(sorted(int(state) for state in job_filter.states)),
+                "types": d.array(sorted(job_filter.types)),
+                "queues": d.array(sorted(job_filter.queues)),
+                "parent_id": job_filter.parent_id,
+                "creator": job_filter.creator,
+                "limit": limit,
+            }
+            rows = await session.fetch("feed", params)
+            items = [
+                FeedItem(
+                    response_from_row(row[2], row[5:], d.decoding),
+                    token(int(row[0]), row[1], row[5]),
+                    row[3],
+                    row[4],
+                )
+                for row in rows
+            ]
+            if len(rows) == limit:
+                return FeedPage(items, items[-1].token, more=True)
+            end = max(place, (bound, 0, 0))
+            return FeedPage(items, token(*end), pending=newest >= bound)
 
         return await self._read(read)
 

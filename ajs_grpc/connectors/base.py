@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
@@ -28,6 +29,8 @@ __all__ = [
     "Clock",
     "Connector",
     "ConnectorListener",
+    "FeedItem",
+    "FeedPage",
     "JobFilter",
     "Page",
     "Planned",
@@ -56,6 +59,13 @@ Clock: TypeAlias = Callable[[], datetime]
 # (issue 9, defect 14: +2.4 MiB per 300 streams on a running job); 32 keeps it
 # small, at one more read per 32 Responses replayed.
 WATCH_BATCH = 32
+# Responses a feed (WatchJobs) reads per round trip.
+FEED_BATCH = 64
+# A feed whose store holds Responses it may not read yet (PostgreSQL: committed after an
+# older transaction still open) reads again after this many seconds, woken or not.
+FEED_PENDING_POLL = 0.1
+# A feed that sent nothing for this many seconds sends a bookmark (its place, a keep-alive).
+FEED_BOOKMARK_EVERY = 10.0
 
 
 def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
@@ -330,21 +340,62 @@ class Renewal:
 
 @dataclasses.dataclass(frozen=True)
 class JobFilter:
-    """Which jobs :meth:`Connector.list_jobs` returns; an empty field matches anything."""
+    """Which jobs :meth:`Connector.list_jobs` returns, or whose Responses a feed yields.
+
+    An empty field matches anything. A feed matches ``states`` against each
+    Response's state (the job's state after it), the other fields against its job.
+    """
 
     states: frozenset[RequestState] = frozenset()
     types: frozenset[str] = frozenset()
     parent_id: str = ""
     creator: str = ""
+    queues: frozenset[str] = frozenset()
 
-    def matches(self, job: Job) -> bool:
-        """True when ``job`` passes the filter."""
+    def matches(self, job: Job, state: RequestState | None = None) -> bool:
+        """True when ``job`` (in ``state``, by default its own) passes the filter."""
         return (
-            (not self.states or job.state in self.states)
+            (not self.states or (job.state if state is None else state) in self.states)
             and (not self.types or job.request.type in self.types)
+            and (not self.queues or job.request.queue in self.queues)
             and (not self.parent_id or job.request.parent_id == self.parent_id)
             and (not self.creator or job.request.creator == self.creator)
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedItem:
+    """A stored Response in the feed of every job's Responses (WatchJobs).
+
+    Attributes:
+        response: the Response.
+        token: the feed's place just after it (resume with it as ``after``).
+        type: its job's type.
+        queue: its job's queue.
+    """
+
+    response: Response
+    token: str
+    type: str
+    queue: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedPage:
+    """What one read of the feed found (:meth:`Connector.feed`).
+
+    Attributes:
+        items: the matching Responses, in feed order.
+        token: the place after everything this read looked at (matching or not).
+        more: the read stopped at its limit: read again at once.
+        pending: Responses are stored that the feed may not yield yet (on PostgreSQL,
+            committed after a transaction that is still open): read again soon.
+    """
+
+    items: list[FeedItem]
+    token: str
+    more: bool = False
+    pending: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,6 +474,8 @@ class Connector(abc.ABC):
         self._announced: dict[str, int] = {}
         self._reads: dict[tuple[str, int], tuple[int, asyncio.Future[list[Response]]]] = {}
         self._clock = clock
+        # Wake-ups of the open feeds (watch_jobs): any Response stored may be theirs.
+        self._feed_watchers: set[asyncio.Event] = set()
 
     def _now(self) -> datetime:
         """The time a claim, a renewal or an expiry is measured from: the given clock's, else the process's."""
@@ -717,6 +770,67 @@ class Connector(abc.ABC):
             NotFound: no such request.
         """
 
+    @abc.abstractmethod
+    async def feed(self, after: str, job_filter: JobFilter, limit: int) -> FeedPage:
+        """Reads the feed of every job's Responses after place ``after``, up to ``limit`` matching ones.
+
+        With ``limit`` 0 nothing is read: the page holds no items and the place
+        ``after`` (checked), or "now" if ``after`` is empty.
+
+        The feed holds each stored Response once, in an order that never changes once
+        read: a Response stored later never comes before one already yielded, on any
+        instance sharing the store, and across restarts of persistent stores. Its places
+        are opaque tokens. ``after`` empty is "now": nothing stored before the call.
+
+        Raises:
+            InvalidArgument: ``after`` is no token of this store (reason BAD_RESUME_TOKEN).
+        """
+
+    def _bad_token(self, token: str) -> InvalidArgument:
+        """The error for a resume token this store did not make."""
+        return InvalidArgument(
+            f"{token[:64]!r} is not a resume token of this {self.name} store",
+            reason="BAD_RESUME_TOKEN",
+            violations=[FieldViolation("after_token", "is not a resume token this server made")],
+        )
+
+    async def watch_jobs(self, job_filter: JobFilter, after: str = "") -> AsyncIterator[FeedItem | str]:
+        """Yields the feed's matching Responses after ``after`` (empty: now), then the live ones.
+
+        Bookmarks (a ``str``, the feed's place) come first, and again after
+        :data:`FEED_BOOKMARK_EVERY` seconds without anything to yield, so a caller
+        always holds a recent place. Never ends by itself.
+
+        Raises:
+            InvalidArgument: ``after`` is no token of this store.
+        """
+        changed = asyncio.Event()
+        self._feed_watchers.add(changed)
+        try:
+            token = (await self.feed(after, job_filter, 0)).token  # checks ``after``; "now" if empty
+            yield token
+            quiet = 0.0
+            while True:
+                changed.clear()
+                page = await self.feed(token, job_filter, FEED_BATCH)
+                for item in page.items:
+                    yield item
+                if page.items:
+                    quiet = 0.0
+                token = page.token
+                if page.more:
+                    continue
+                wait = FEED_PENDING_POLL if page.pending else FEED_BOOKMARK_EVERY - quiet
+                started = asyncio.get_running_loop().time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(wait, 0.0))
+                quiet += asyncio.get_running_loop().time() - started
+                if quiet >= FEED_BOOKMARK_EVERY:
+                    yield token
+                    quiet = 0.0
+        finally:
+            self._feed_watchers.discard(changed)
+
     async def watch(self, request_id: str, after_sequence: int = 0) -> AsyncIterator[Response]:
         """Yields the stored Responses after ``after_sequence``, then the live ones.
 
@@ -803,12 +917,18 @@ class Connector(abc.ABC):
             self._listeners.remove(listener)
 
     def _notify_response(self, request_id: str) -> None:
-        """Wakes the watchers of ``request_id``; call after a Response is stored."""
+        """Wakes the watchers of ``request_id`` and the feeds; call after a Response is stored."""
+        self._notify_feeds()
         waiting = self._watchers.get(request_id)
         if waiting:
             self._announced[request_id] = self._announced.get(request_id, 0) + 1
             for event in waiting:
                 event.set()
+
+    def _notify_feeds(self) -> None:
+        """Wakes the open feeds (:meth:`watch_jobs`) to read what was stored."""
+        for feed in self._feed_watchers:
+            feed.set()
 
     def _notify_work(self) -> None:
         """Tells listeners a request may be ready; call after one is queued."""

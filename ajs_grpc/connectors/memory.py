@@ -7,6 +7,7 @@ every other connector.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import heapq
@@ -20,6 +21,8 @@ from ajs_grpc.connectors.base import (
     Claim,
     Clock,
     Connector,
+    FeedItem,
+    FeedPage,
     JobFilter,
     Page,
     Planned,
@@ -84,6 +87,11 @@ class MemoryConnector(Connector):
         # Dependencies: the ids of the jobs that named each id in depends_on.
         self._dependents: dict[str, set[str]] = {}
         self._schedules: dict[str, Schedule] = {}
+        # The feed (watch_jobs): every Response stored, numbered from 1 in the order stored.
+        # Tokens name this connector's life ("<epoch>.<number>"): a restarted process has none.
+        self._feed: list[tuple[int, _Entry, Response]] = []
+        self._fed = 0
+        self._epoch = uuid.uuid4().hex[:12]
 
     def _entry(self, request_id: str) -> _Entry:
         entry = self._entries.get(request_id)
@@ -95,6 +103,8 @@ class MemoryConnector(Connector):
         was = entry.job.state
         entry.job = job
         entry.responses.append(response)
+        self._fed += 1
+        self._feed.append((self._fed, entry, response))
         if job.state is not RequestState.PENDING:
             entry.lease_token = entry.lease_expires = None
         self._count_flow(entry, was)
@@ -228,12 +238,15 @@ class MemoryConnector(Connector):
         self._order.append(job.request.id)
         entry = _Entry(job, len(self._order), [planned.first])
         self._entries[job.request.id] = entry
+        self._fed += 1
+        self._feed.append((self._fed, entry, planned.first))
         if job.request.parent_id:
             self._children.setdefault(job.request.parent_id, []).append(job.request.id)
         for dependency in job.request.depends_on:
             self._dependents.setdefault(dependency, set()).add(job.request.id)
         self._count_flow(entry, None)
         self._queue(entry)
+        self._notify_feeds()
 
     @override
     async def claim(
@@ -434,6 +447,7 @@ class MemoryConnector(Connector):
                     dependents.discard(request_id)
                     if not dependents:
                         del self._dependents[dependency]
+        self._feed = [fed for fed in self._feed if fed[1].job.request.id not in doomed]
         # Positions must stay stable for page cursors: deleted ones become "" holes.
         self._order = [rid if rid not in doomed else "" for rid in self._order]
 
@@ -582,6 +596,26 @@ class MemoryConnector(Connector):
             jobs.append(job)
             cursors.append(index + 1)
         return Page(jobs, None, cursors)
+
+    @override
+    async def feed(self, after: str, job_filter: JobFilter, limit: int) -> FeedPage:
+        if not after:
+            number = self._fed
+        else:
+            epoch, _, tail = after.partition(".")
+            if epoch != self._epoch or not (tail.isascii() and tail.isdigit()) or int(tail) > self._fed:
+                raise self._bad_token(after)
+            number = int(tail)
+        items: list[FeedItem] = []
+        start = bisect.bisect_right(self._feed, number, key=lambda fed: fed[0])
+        for fed, entry, response in self._feed[start:] if limit else ():
+            number = fed
+            if job_filter.matches(entry.job, response.state):
+                request = entry.job.request
+                items.append(FeedItem(response, f"{self._epoch}.{fed}", request.type, request.queue))
+                if len(items) == limit:
+                    return FeedPage(items, f"{self._epoch}.{number}", more=number < self._fed)
+        return FeedPage(items, f"{self._epoch}.{number}")
 
     @override
     async def count_jobs(self, state: RequestState, creator: str = "") -> int:

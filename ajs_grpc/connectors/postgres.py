@@ -82,6 +82,7 @@ DIALECT = Dialect(
     array=list,
     decoding=Decoding(time=lambda value: value, mapping=lambda value: value, record=lambda value: value),
     own_clock=True,
+    feed_key=str,
 )
 
 
@@ -353,6 +354,7 @@ class PostgresConnector(SqlConnector):
             await asyncio.sleep(RELISTEN_BACKOFF)
 
     def _catch_up(self) -> None:
+        self._notify_feeds()
         for request_id in list(self._watchers):
             self._notify_response(request_id)
         self._notify_work()
@@ -365,6 +367,8 @@ class PostgresConnector(SqlConnector):
             self._notify_work()
         elif kind == "c":
             self._notify_cancel(request_id)
+        elif kind == "f":
+            self._notify_feeds()
 
     # -- writing -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ajs_grpc.connectors.base import QueueInfo
+from ajs_grpc.connectors.base import FeedItem, QueueInfo
 from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
 from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
 from ajs_grpc.core.jobs import JobPlugin
@@ -156,6 +156,13 @@ def field_violations(status: status_pb2.Status) -> list[FieldViolation]:
         if detail.Unpack(bad_request):
             return [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
     return []
+
+
+def feed_item_to_proto(item: FeedItem, response: Response) -> pb.WatchJobsResponse:
+    """A WatchJobs message: ``response`` (the item's, as its reader sees it) with its place and job."""
+    return pb.WatchJobsResponse(
+        response=response_to_proto(response), resume_token=item.token, type=item.type, queue=item.queue
+    )
 
 
 def response_to_proto(response: Response, *, basic: bool = False) -> pb.Response:

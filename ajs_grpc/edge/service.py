@@ -28,7 +28,6 @@ from ajs_grpc.core.errors import (
     QuotaViolation,
     ResourceExhausted,
     Unavailable,
-    Unimplemented,
 )
 from ajs_grpc.core.logs import current_request_id
 from ajs_grpc.core.model import Job, Request, RequestState, now
@@ -40,8 +39,10 @@ from ajs_grpc.edge.ownership import Ownership
 from ajs_grpc.edge.pipeline import Caller, NoObserver, Pipeline, ServiceObserver
 from ajs_grpc.edge.validation import (
     MAX_SEQUENCE,
+    MAX_TOKEN_LENGTH,
     at_index,
     check_id,
+    check_queue,
     check_type,
     invalid,
     queue_name,
@@ -314,9 +315,37 @@ class JobService:
                 yield pb.WatchJobResponse(response=convert.response_to_proto(response))
 
     async def watch_jobs(self, message: pb.WatchJobsRequest, caller: Caller) -> AsyncIterator[pb.WatchJobsResponse]:
-        """Streams the Responses of the matching jobs (being built: UNIMPLEMENTED until then)."""
-        raise Unimplemented("WatchJobs is not served yet", reason="NOT_YET")
-        yield pb.WatchJobsResponse()  # pragma: no cover - makes this a generator
+        """Streams the Responses of the matching jobs as they are stored, after a bookmark (never ends)."""
+        principal = caller.principal
+        violations: list[FieldViolation] = []
+        for index, request_type in enumerate(message.types):
+            check_type(request_type, f"types[{index}]", violations)
+        for index, queue in enumerate(message.queues):
+            check_queue(queue, f"queues[{index}]", violations, required=True)
+        check_id(message.parent_id, "parent_id", violations, required=False)
+        if len(message.after_token) > MAX_TOKEN_LENGTH:
+            violations.append(FieldViolation("after_token", f"must be at most {MAX_TOKEN_LENGTH} characters"))
+        if violations:
+            raise invalid(violations)
+        states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
+        if RequestState.UNSPECIFIED in states:
+            raise invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
+        parent_id = principal.qualify(message.parent_id)
+        job_filter = JobFilter(
+            states=states,
+            types=frozenset(message.types),
+            queues=frozenset(message.queues),
+            parent_id=parent_id,
+            creator=await self._listed_creator(principal, parent_id),
+        )
+        with self.slots.hold(caller.watch_key, self.limits):
+            async for event in self.connector.watch_jobs(job_filter, message.after_token):
+                if isinstance(event, str):
+                    yield pb.WatchJobsResponse(resume_token=event)
+                else:
+                    yield convert.feed_item_to_proto(
+                        event, self.ownership.response_as_seen_by(principal, event.response)
+                    )
 
     async def get_job(self, message: pb.GetJobRequest, caller: Caller) -> pb.GetJobResponse:
         """Returns one job (FULL unless asked for BASIC)."""

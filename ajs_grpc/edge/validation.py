@@ -51,6 +51,8 @@ MAX_DURATION_SECONDS = 315_576_000_000
 NANOS = 1_000_000_000
 # Stores keep sequences and cursors as signed 64-bit integers.
 MAX_SEQUENCE = 2**63 - 1
+# The longest resume token (WatchJobs) a client may send back; the server's are far shorter.
+MAX_TOKEN_LENGTH = 200
 # Ids: printable ASCII without spaces. Types: names such as "echo" or "images.resize".
 _ID = re.compile(r"[!-~]+")
 _TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]*")

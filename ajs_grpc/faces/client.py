@@ -53,6 +53,7 @@ __all__ = [
     "ScheduleInfo",
     "Submitted",
     "TlsOptions",
+    "Watched",
     "channel_options",
     "channel_target",
     "is_local",
@@ -247,6 +248,23 @@ class ScheduleInfo:
 
     schedule: Schedule
     next_run_time: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Watched:
+    """One message of :meth:`AsyncClient.watch_jobs`.
+
+    Attributes:
+        response: the next matching Response; None on a bookmark (a place with nothing new).
+        token: resume after this message with ``watch_jobs(after_token=token)``.
+        type: the job's type ("" on a bookmark).
+        queue: the job's queue ("" on a bookmark).
+    """
+
+    response: Response | None
+    token: str
+    type: str = ""
+    queue: str = ""
 
 
 def _schedule_info(message: pb.Schedule) -> ScheduleInfo:
@@ -701,6 +719,51 @@ class AsyncClient:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
+    async def watch_jobs(
+        self,
+        *,
+        states: Iterable[RequestState] = (),
+        types: Iterable[str] = (),
+        queues: Iterable[str] = (),
+        parent_id: str = "",
+        after_token: str = "",
+    ) -> AsyncIterator[Watched]:
+        """Yields the Responses of every matching job as they are stored, and bookmarks (WatchJobs).
+
+        Starts after ``after_token`` (empty: now). Never ends by itself. A stream that
+        drops (UNAVAILABLE: a restarted server, another instance behind a balancer) is
+        reopened after the last token seen, for up to ``resume_for`` seconds without
+        progress, so nothing is missed or repeated.
+        """
+        request = pb.WatchJobsRequest(
+            states=[int(state) for state in states],  # type: ignore[misc]
+            types=list(types),
+            queues=list(queues),
+            parent_id=parent_id,
+            after_token=after_token,
+        )
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        give_up_at: float | None = None
+        while True:
+            call = self._stub.WatchJobs(request, metadata=self._metadata)
+            try:
+                async for message in call:
+                    request.after_token = message.resume_token
+                    give_up_at, delay = None, 0.05
+                    response = convert.response_from_proto(message.response) if message.HasField("response") else None
+                    yield Watched(response, message.resume_token, message.type, message.queue)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(error) from None
+                give_up_at = give_up_at or loop.time() + self.resume_for
+                if loop.time() >= give_up_at:
+                    raise error_from_rpc(error) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
 
 class Client:
     """A blocking client of JobService with the methods of :class:`AsyncClient`.
@@ -871,6 +934,10 @@ class Client:
     def watch(self, request_id: str, after_sequence: int = 0) -> Iterator[Response]:
         """See :meth:`AsyncClient.watch`."""
         return self._iterate(self._client.watch(request_id, after_sequence))
+
+    def watch_jobs(self, **kwargs: Any) -> Iterator[Watched]:
+        """See :meth:`AsyncClient.watch_jobs`."""
+        return self._iterate(self._client.watch_jobs(**kwargs))
 
     def _iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
         async def step() -> tuple[bool, T | None]:

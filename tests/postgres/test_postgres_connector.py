@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from ajs_grpc.connectors._sql import load_queries
+from ajs_grpc.connectors.base import FeedItem, JobFilter
 from ajs_grpc.connectors.postgres import SCHEMA_VERSION, PostgresConnector
 from ajs_grpc.core.errors import ConnectorError, NotFound
 from ajs_grpc.core.model import Request, RequestState, Update
@@ -322,3 +323,52 @@ async def test_a_queue_filled_in_bulk_is_analyzed_so_claims_keep_their_index(
         await eventually(lambda: analyzed() == 1, within=10)
     finally:
         await connector.close()
+
+
+async def test_the_feed_never_passes_over_a_response_committed_late(
+    two: tuple[PostgresConnector, PostgresConnector],
+) -> None:
+    # Instance 1's transaction stores a Response and stays open while instance 2 stores and
+    # commits more. Read in id or sequence order, a reader would yield instance 2's and then,
+    # resuming after them, never see instance 1's. The feed holds back what follows the open
+    # transaction, and yields it all in one order once it commits.
+    first, second = two
+    start = (await second.feed("", JobFilter(), 0)).token
+    await first.enqueue(Request(id="a", type="t"))
+    with psycopg.connect(postgres_dsn()) as slow:
+        slow.execute(psycopg.sql.SQL("SET search_path TO {}").format(psycopg.sql.Identifier(first.schema)))
+        slow.execute(
+            "INSERT INTO responses (position, sequence, create_time, state, is_final, data) "
+            "SELECT position, 2, now(), %s, false, '{}' FROM jobs WHERE id = 'a'",
+            (int(S.PENDING),),
+        )
+        await second.enqueue(Request(id="b", type="t"))
+        page = await second.feed(start, JobFilter(), 10)
+        assert [(i.response.request_id, i.response.sequence) for i in page.items] == [("a", 1)]
+        assert page.pending  # b is stored, behind the open transaction
+        held = page.token
+        assert (await first.feed(held, JobFilter(), 10)).items == []
+        slow.commit()
+    page = await first.feed(held, JobFilter(), 10)
+    assert [(i.response.request_id, i.response.sequence) for i in page.items] == [("a", 2), ("b", 1)]
+    assert not page.pending
+
+
+async def test_a_feed_follows_what_another_instance_writes(two: tuple[PostgresConnector, PostgresConnector]) -> None:
+    first, second = two
+    got: list[FeedItem | str] = []
+
+    async def follow() -> None:
+        async for event in second.watch_jobs(JobFilter()):
+            got.append(event)
+
+    task = asyncio.create_task(follow())
+    try:
+        await eventually(lambda: len(got) == 1)
+        for index in range(3):
+            await first.enqueue(Request(id=f"r{index}", type="t"))
+        await eventually(lambda: len(got) == 4)
+        assert [e.response.request_id for e in got[1:] if isinstance(e, FeedItem)] == ["r0", "r1", "r2"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

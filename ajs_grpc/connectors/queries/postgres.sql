@@ -126,6 +126,14 @@ CREATE TABLE schedules (
     last_job_id text        NOT NULL
 )
 
+-- name: migration_4
+-- Schema version 4: the feed of every job's Responses (WatchJobs). Each Response records the
+-- transaction that stored it; the feed reads in (xid, position, sequence) order and only below
+-- the oldest transaction still open, so a Response committed later never comes before one read
+-- (a sequence's order is not commit order; this is).
+ALTER TABLE responses ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX responses_feed ON responses (xid, position, sequence)
+
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = %(id)s
@@ -396,6 +404,26 @@ SELECT count(*) FROM jobs WHERE state = %(state)s AND (%(creator)s = '' OR creat
 -- A job's stored Responses after a sequence, in order (a page of a watch).
 SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.position
  WHERE j.id = %(id)s AND r.sequence > %(after)s ORDER BY r.sequence LIMIT %(limit)s
+
+-- name: feed_horizon
+-- Where the feed may be read up to: below the oldest transaction still open (each transaction
+-- below it has ended, so no Response can appear there any more); and the newest Response's.
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text,
+       (SELECT xid FROM responses ORDER BY xid DESC LIMIT 1)::text
+
+-- name: feed
+-- The feed's matching Responses after place (%(k)s, %(position)s, %(sequence)s), below the horizon.
+SELECT r.xid::text, r.position, j.id, j.type, j.queue, ${RESPONSE_COLUMNS}
+  FROM responses r JOIN jobs j ON j.position = r.position
+ WHERE (r.xid, r.position, r.sequence) > (%(k)s::text::xid8, %(position)s, %(sequence)s)
+   AND r.xid < %(bound)s::text::xid8
+   AND (cardinality(%(states)s::smallint[]) = 0 OR r.state = ANY(%(states)s::smallint[]))
+   AND (cardinality(%(types)s::text[]) = 0 OR j.type = ANY(%(types)s::text[]))
+   AND (cardinality(%(queues)s::text[]) = 0 OR j.queue = ANY(%(queues)s::text[]))
+   AND (%(parent_id)s = '' OR j.parent_id = %(parent_id)s)
+   AND (%(creator)s = '' OR j.creator = %(creator)s)
+ ORDER BY r.xid, r.position, r.sequence
+ LIMIT %(limit)s
 
 -- name: set_paused
 -- Pauses or resumes a queue; every instance's next claim sees it.

@@ -125,6 +125,16 @@ CREATE TABLE schedules (
     last_job_id TEXT    NOT NULL
 )
 
+-- name: migration_4
+-- Schema version 4: the feed of every job's Responses (WatchJobs). Each Response gets the next
+-- feed number as it is stored (one writer at a time: numbers follow commit order); feed_floor
+-- keeps the highest number ever given once Responses are deleted, so none is given twice.
+-- Responses stored before this version are not in the feed.
+ALTER TABLE responses ADD COLUMN feed INTEGER;
+CREATE INDEX responses_feed ON responses (feed) WHERE feed IS NOT NULL;
+CREATE TABLE feed_floor (n INTEGER NOT NULL);
+INSERT INTO feed_floor VALUES (0)
+
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
 ${JOB} WHERE j.id = :id
@@ -159,7 +169,7 @@ VALUES (:id, :parent_id, :type, :creator, :create_time, :data, :input_type_url, 
 INSERT INTO responses VALUES ((SELECT position FROM jobs WHERE id = :id), :sequence, :r_create_time, :r_state,
                               :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
-                              :r_error)
+                              :r_error, ${FEED_END} + 1)
 
 -- name: save_job
 -- A running job's new Response (progress): its lease stays.
@@ -168,7 +178,7 @@ UPDATE jobs SET state = :state, attempt = :attempt, cancel_requested = :cancel_r
  WHERE position = :position;
 INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
-                              :r_error)
+                              :r_error, ${FEED_END} + 1)
 
 -- name: save_job_claimed
 -- A job claimed: PENDING under a new lease of :lease_seconds from :now.
@@ -179,7 +189,7 @@ UPDATE jobs SET state = :state, attempt = :attempt, cancel_requested = :cancel_r
  WHERE position = :position;
 INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
-                              :r_error)
+                              :r_error, ${FEED_END} + 1)
 
 -- name: save_job_released
 -- A job no longer running (queued again, or ended): its lease is released.
@@ -189,7 +199,7 @@ UPDATE jobs SET state = :state, attempt = :attempt, cancel_requested = :cancel_r
  WHERE position = :position;
 INSERT INTO responses VALUES (:position, :sequence, :r_create_time, :r_state, :r_is_final, :r_data,
                               :r_output_type_url, :r_output_value, :r_progress_fraction, :r_progress_message,
-                              :r_error)
+                              :r_error, ${FEED_END} + 1)
 
 -- name: claim_due
 -- Due queued jobs without flow policies, highest priority first, then in submit order; only
@@ -342,6 +352,7 @@ UPDATE jobs SET cancel_requested = 1 WHERE position = :position
 
 -- name: delete_ended
 -- Ended jobs older than :before without children left (leaves first: run until none is left).
+UPDATE feed_floor SET n = ${FEED_END};
 DELETE FROM responses WHERE position IN (
     SELECT position FROM jobs j WHERE state >= ${FINISHED} AND update_time < :before
        AND NOT EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id));
@@ -379,6 +390,25 @@ SELECT count(*) FROM jobs WHERE state = :state AND (:creator = '' OR creator = :
 -- A job's stored Responses after a sequence, in order (a page of a watch).
 SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.position
  WHERE j.id = :id AND r.sequence > :after ORDER BY r.sequence LIMIT :limit
+
+-- name: feed_horizon
+-- Where the feed may be read up to: every Response stored (numbers below the next one); and the
+-- newest number.
+SELECT ${FEED_END} + 1, ${FEED_END}
+
+-- name: feed
+-- The feed's matching Responses after place (:k, :position, :sequence), below the horizon.
+SELECT r.feed, r.position, j.id, j.type, j.queue, ${RESPONSE_COLUMNS}
+  FROM responses r JOIN jobs j ON j.position = r.position
+ WHERE r.feed >= :k AND (r.feed > :k OR (r.position, r.sequence) > (:position, :sequence))
+   AND r.feed < :bound
+   AND (:states = '[]' OR r.state IN (SELECT value FROM json_each(:states)))
+   AND (:types = '[]' OR j.type IN (SELECT value FROM json_each(:types)))
+   AND (:queues = '[]' OR j.queue IN (SELECT value FROM json_each(:queues)))
+   AND (:parent_id = '' OR j.parent_id = :parent_id)
+   AND (:creator = '' OR j.creator = :creator)
+ ORDER BY r.feed
+ LIMIT :limit
 
 -- name: set_paused
 -- Pauses or resumes a queue; the next claim sees it.
@@ -443,6 +473,7 @@ SELECT position, id, state FROM jobs WHERE id IN tree ORDER BY position
 
 -- name: delete_jobs
 -- Jobs by position (a JSON array) with their Responses and their edges.
+UPDATE feed_floor SET n = ${FEED_END};
 DELETE FROM responses WHERE position IN (SELECT value FROM json_each(:positions));
 DELETE FROM dependencies WHERE request_id IN (
     SELECT id FROM jobs WHERE position IN (SELECT value FROM json_each(:positions)));

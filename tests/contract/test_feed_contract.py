@@ -1,0 +1,183 @@
+"""The feed of every job's Responses (WatchJobs) in the connector contract.
+
+Every connector passes this suite unchanged: the feed holds each stored Response once, in
+an order a resumed read never contradicts, filtered by the Response's state and its job's
+type, queue, parent and creator; a token resumes exactly after its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ajs_grpc.connectors.base import Connector, FeedItem, JobFilter
+from ajs_grpc.core.errors import InvalidArgument
+from ajs_grpc.core.model import Progress, Request, RequestState, Update
+from tests.helpers import eventually
+
+S = RequestState
+
+
+async def read_all(
+    connector: Connector, after: str, job_filter: JobFilter | None = None, limit: int = 3
+) -> tuple[list[FeedItem], str]:
+    """Every item after ``after``, a page of ``limit`` at a time; and the place after them."""
+    items: list[FeedItem] = []
+    while True:
+        page = await connector.feed(after, job_filter or JobFilter(), limit)
+        items += page.items
+        after = page.token
+        if not page.more:
+            return items, after
+
+
+def seen(items: list[FeedItem]) -> list[tuple[str, int, RequestState]]:
+    return [(item.response.request_id, item.response.sequence, item.response.state) for item in items]
+
+
+async def run_job(connector: Connector, request_id: str, *progress: float) -> None:
+    """Claims ``request_id`` (the only claimable job), reports ``progress``, finishes it."""
+    (claim,) = await connector.claim("w", limit=1)
+    assert claim.job.request.id == request_id
+    for fraction in progress:
+        await connector.respond(request_id, Update(S.PENDING, progress=Progress(fraction)), claim.lease_token)
+    await connector.respond(request_id, Update(S.FINISHED, data={"ok": "1"}), claim.lease_token)
+
+
+async def test_the_feed_starts_now_and_holds_every_response_once_in_order(connector: Connector) -> None:
+    await connector.enqueue(Request(id="before", type="t"))
+    start = (await connector.feed("", JobFilter(), 0)).token
+    await run_job(connector, "before", 0.5)
+    await connector.enqueue(Request(id="after", type="t"))
+    items, _ = await read_all(connector, start)
+    # Nothing stored before "now"; then the Responses in the order they were stored.
+    assert seen(items) == [
+        ("before", 2, S.PENDING),
+        ("before", 3, S.PENDING),
+        ("before", 4, S.FINISHED),
+        ("after", 1, S.CREATED),
+    ]
+    assert items[2].response.data == {"ok": "1"}
+    assert items[1].response.progress == Progress(0.5)
+    assert {(item.type, item.queue) for item in items} == {("t", "default")}
+
+
+async def test_each_items_token_resumes_right_after_it(connector: Connector) -> None:
+    start = (await connector.feed("", JobFilter(), 0)).token
+    for index in range(4):
+        await connector.enqueue(Request(id=f"j{index}", type="t"))
+    items, end = await read_all(connector, start, limit=10)
+    assert [item.response.request_id for item in items] == ["j0", "j1", "j2", "j3"]
+    for index, item in enumerate(items):
+        rest, _ = await read_all(connector, item.token)
+        assert seen(rest) == seen(items[index + 1 :])
+    # The place after a whole read: nothing more until something is stored.
+    assert (await connector.feed(end, JobFilter(), 10)).items == []
+    await connector.enqueue(Request(id="j4", type="t"))
+    assert [item.response.request_id for item in (await connector.feed(end, JobFilter(), 10)).items] == ["j4"]
+
+
+async def test_a_page_stops_at_its_limit_and_says_more(connector: Connector) -> None:
+    start = (await connector.feed("", JobFilter(), 0)).token
+    for index in range(5):
+        await connector.enqueue(Request(id=f"j{index}", type="t"))
+    page = await connector.feed(start, JobFilter(), 2)
+    assert [item.response.request_id for item in page.items] == ["j0", "j1"]
+    assert page.more
+    assert page.token == page.items[-1].token
+    items, _ = await read_all(connector, page.token, limit=2)
+    assert [item.response.request_id for item in items] == ["j2", "j3", "j4"]
+
+
+async def test_filters_match_the_responses_state_and_the_jobs_fields(connector: Connector) -> None:
+    start = (await connector.feed("", JobFilter(), 0)).token
+    await connector.enqueue(Request(id="p", type="parent"))
+    await connector.enqueue(Request(id="c", type="child", parent_id="p", queue="q2", creator="alice"))
+    await connector.enqueue(Request(id="o", type="other", creator="bob"))
+    await run_job(connector, "p")
+
+    async def ids(job_filter: JobFilter) -> list[tuple[str, int]]:
+        items, _ = await read_all(connector, start, job_filter)
+        return [(item.response.request_id, item.response.sequence) for item in items]
+
+    assert await ids(JobFilter(states=frozenset({S.FINISHED}))) == [("p", 3)]
+    assert await ids(JobFilter(states=frozenset({S.CREATED}))) == [("p", 1), ("c", 1), ("o", 1)]
+    assert await ids(JobFilter(types=frozenset({"child", "other"}))) == [("c", 1), ("o", 1)]
+    assert await ids(JobFilter(queues=frozenset({"q2"}))) == [("c", 1)]
+    assert await ids(JobFilter(queues=frozenset({"default"}))) == [("p", 1), ("o", 1), ("p", 2), ("p", 3)]
+    assert await ids(JobFilter(parent_id="p")) == [("c", 1)]
+    assert await ids(JobFilter(creator="bob")) == [("o", 1)]
+    assert await ids(JobFilter(creator="bob", types=frozenset({"child"}))) == []
+    items, _ = await read_all(connector, start, JobFilter(queues=frozenset({"q2"})))
+    assert (items[0].type, items[0].queue) == ("child", "q2")
+
+
+async def test_a_filtered_read_moves_past_what_it_skipped(connector: Connector) -> None:
+    start = (await connector.feed("", JobFilter(), 0)).token
+    for index in range(5):
+        await connector.enqueue(Request(id=f"x{index}", type="skipped"))
+    only = JobFilter(types=frozenset({"wanted"}))
+    page = await connector.feed(start, only, 10)
+    assert page.items == []
+    assert not page.more
+    await connector.enqueue(Request(id="w", type="wanted"))
+    # From the place the empty read reached, the new one comes (and none of the skipped).
+    assert [item.response.request_id for item in (await connector.feed(page.token, only, 10)).items] == ["w"]
+
+
+async def test_deleted_jobs_leave_the_feed_and_numbers_are_not_given_again(connector: Connector) -> None:
+    start = (await connector.feed("", JobFilter(), 0)).token
+    await connector.enqueue(Request(id="a", type="t"))
+    await connector.enqueue(Request(id="b", type="t"))
+    await run_job(connector, "a")
+    await run_job(connector, "b")
+    items, end = await read_all(connector, start)
+    assert len(items) == 6
+    await connector.delete("b")  # the newest Responses go
+    await connector.enqueue(Request(id="c", type="t"))
+    # A client that had read everything sees the new one (its place was not given again).
+    assert [item.response.request_id for item in (await read_all(connector, end))[0]] == ["c"]
+    assert [item.response.request_id for item in (await read_all(connector, start))[0]] == ["a", "a", "a", "c"]
+
+
+async def test_a_token_of_another_kind_is_refused(connector: Connector) -> None:
+    for token in ["nonsense", "x1.2.3", "s1.2", "p-1.0.0", "m.5", "s\u0661.0.0", "p" + "9" * 30 + ".0.0"]:
+        with pytest.raises(InvalidArgument) as refused:
+            await connector.feed(token, JobFilter(), 10)
+        assert refused.value.reason == "BAD_RESUME_TOKEN"
+        assert refused.value.violations[0].field == "after_token"
+
+
+async def test_watch_jobs_streams_live_after_a_bookmark(connector: Connector) -> None:
+    got: list[FeedItem | str] = []
+    stream: AsyncIterator[FeedItem | str] = connector.watch_jobs(JobFilter(types=frozenset({"t"})))
+
+    async def follow() -> None:
+        async for event in stream:
+            got.append(event)
+
+    task = asyncio.create_task(follow())
+    try:
+        await eventually(lambda: len(got) == 1)
+        assert isinstance(got[0], str)  # the bookmark of "now"
+        await connector.enqueue(Request(id="other", type="u"))
+        await connector.enqueue(Request(id="live", type="t"))
+        await run_job(connector, "other")
+        await run_job(connector, "live", 0.5)
+        await eventually(lambda: len(got) == 5)
+        items = [event for event in got if isinstance(event, FeedItem)]
+        assert seen(items) == [
+            ("live", 1, S.CREATED),
+            ("live", 2, S.PENDING),
+            ("live", 3, S.PENDING),
+            ("live", 4, S.FINISHED),
+        ]
+        # Resuming from the bookmark gives the same items.
+        assert isinstance(got[0], str)
+        resumed, _ = await read_all(connector, got[0], JobFilter(types=frozenset({"t"})))
+        assert seen(resumed) == seen(items)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
