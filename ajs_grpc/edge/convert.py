@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from google.longrunning import operations_proto_pb2
 from google.protobuf import any_pb2, descriptor_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -22,6 +23,7 @@ from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
     "ERROR_DOMAIN",
+    "OPERATION_PREFIX",
     "catchup_from_proto",
     "descriptor_set",
     "error_to_status",
@@ -31,6 +33,8 @@ __all__ = [
     "job_type_from_plugin",
     "job_type_from_proto",
     "job_type_to_proto",
+    "operation_from_job",
+    "operation_name",
     "overlap_from_proto",
     "queue_from_proto",
     "queue_to_proto",
@@ -527,3 +531,46 @@ def schedule_from_proto(message: pb.Schedule) -> tuple[Schedule, datetime | None
         last_job_id=message.last_job_id,
     )
     return schedule, time("next_run_time")
+
+
+# -- google.longrunning: a job as an Operation ------------------------------------------------
+
+# Operation.name of a job: this prefix, then the request id (as the caller names it).
+OPERATION_PREFIX = "operations/"
+
+
+def operation_name(request_id: str) -> str:
+    """The ``google.longrunning.Operation.name`` of a request id."""
+    return OPERATION_PREFIX + request_id
+
+
+def operation_from_job(job: pb.Job) -> operations_proto_pb2.Operation:
+    """The ``google.longrunning.Operation`` of a wire Job (its ids as the caller names them).
+
+    ``metadata`` is the Job; ``done`` is true once it ended. A FINISHED job's ``response``
+    is its typed output when it has one, else its final Response; a FAILED or CANCELLED
+    job's ``error`` is the final Response's status. The payloads ``response`` carries are
+    left out of ``metadata.last_response``, so that an Operation is no larger than its Job.
+    """
+    operation = operations_proto_pb2.Operation(name=operation_name(job.request.id))
+    state = RequestState(job.state) if job.state in _STATE_VALUES else RequestState.UNSPECIFIED
+    operation.done = state.is_final
+    shown = pb.Job()
+    shown.CopyFrom(job)
+    final = shown.last_response
+    if state is RequestState.FINISHED:
+        if final.HasField("output"):
+            operation.response.CopyFrom(final.output)
+            final.ClearField("output")
+        else:
+            operation.response.Pack(job.last_response)
+            final.ClearField("output")
+            final.ClearField("data")
+    elif state.is_final:
+        if final.HasField("error"):
+            operation.error.CopyFrom(final.error)
+        else:  # every stored FAILED or CANCELLED Response has an error; this is a safety net
+            code = Code.CANCELLED if state is RequestState.CANCELLED else Code.UNKNOWN
+            operation.error.CopyFrom(status_pb2.Status(code=int(code), message=f"the job ended {state.name}"))
+    operation.metadata.Pack(shown)
+    return operation
