@@ -1,6 +1,7 @@
 """Assembles and runs the server: connector, handler chain, dispatcher, scheduler, gRPC services.
 
-Besides JobService it serves ``grpc.health.v1`` (overall and per service) and
+Besides JobService it serves ``google.longrunning.Operations`` over the same jobs
+(:mod:`~ajs_grpc.edge.operations`), ``grpc.health.v1`` (overall and per service) and
 server reflection. :meth:`AjsServer.stop` drains gracefully: health turns
 NOT_SERVING, new submits are refused with UNAVAILABLE, the dispatcher stops
 claiming and gives running jobs their grace period, then the gRPC server stops.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -32,6 +34,9 @@ from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import Authenticator
 from ajs_grpc.edge.config import ConfigError, Settings
 from ajs_grpc.edge.metrics import Metrics
+from ajs_grpc.edge.operations import SERVICE as OPERATIONS_SERVICE
+from ajs_grpc.edge.operations import SERVICE_NAME as OPERATIONS_SERVICE_NAME
+from ajs_grpc.edge.operations import Operations
 from ajs_grpc.edge.service import SERVICE, SERVICE_NAME, JobService, Limits
 from ajs_grpc.engine.dispatcher import Dispatcher
 from ajs_grpc.engine.handlers.base import HandlerChain
@@ -248,6 +253,7 @@ class AjsServer:
             # A schedule created or resumed here is looked at now (others see it at their next poll).
             schedules_changed=self.scheduler.changed if self.scheduler is not None else None,
         )
+        self.operations = Operations(self.service)
         self.metrics.watch(
             lambda: len(self.dispatcher.running),
             lambda: self.connector.watcher_count,
@@ -286,10 +292,10 @@ class AjsServer:
         self._server = server = grpc.aio.server(options=options)
         services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.serves_jobs:
-            server.add_generic_rpc_handlers((self.service.rpc_handler(),))
-            services.insert(0, SERVICE_NAME)
+            server.add_generic_rpc_handlers((self.service.rpc_handler(), self.operations.rpc_handler()))
+            services[:0] = [SERVICE_NAME, OPERATIONS_SERVICE_NAME]
         else:
-            server.add_generic_rpc_handlers((worker_only_handler(),))
+            server.add_generic_rpc_handlers((worker_only_handler(), worker_only_handler(OPERATIONS_SERVICE)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(services, server)
         try:
@@ -319,6 +325,7 @@ class AjsServer:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving if self.serves_jobs else not_serving)
+        await self.health.set(OPERATIONS_SERVICE_NAME, serving if self.serves_jobs else not_serving)
         await self.health.set(DISPATCHER_HEALTH, serving if self.runs_jobs else not_serving)
         warning = exposure_warning(self.config.address, authenticated=self.authenticated, serves=self.serves_jobs)
         if warning:
@@ -445,8 +452,8 @@ def check_address_free(address: str) -> None:
                 raise OSError(f"cannot listen on {address}: {error.strerror}") from None
 
 
-def worker_only_handler() -> grpc.GenericRpcHandler:
-    """JobService on a worker: every call is answered, in one line, where to make it instead."""
+def worker_only_handler(service: ServiceDescriptor = SERVICE) -> grpc.GenericRpcHandler:
+    """JobService (or ``service``) on a worker: every call is answered, in one line, where to make it instead."""
     error = Unimplemented(
         "this instance only runs jobs (role worker): submit, watch and list jobs through an instance "
         "with role all or frontend",
@@ -461,12 +468,12 @@ def worker_only_handler() -> grpc.GenericRpcHandler:
         yield b""  # never reached: it makes this a generator
 
     return grpc.method_handlers_generic_handler(
-        SERVICE.full_name,
+        service.full_name,
         {
             method.name: grpc.unary_stream_rpc_method_handler(refuse_stream)
             if method.server_streaming
             else grpc.unary_unary_rpc_method_handler(refuse)
-            for method in SERVICE.methods
+            for method in service.methods
         },
     )
 
