@@ -131,7 +131,7 @@ CREATE TABLE schedules (
 -- keeps the highest number ever given once Responses are deleted, so none is given twice.
 -- Responses stored before this version are not in the feed.
 ALTER TABLE responses ADD COLUMN feed INTEGER;
-CREATE INDEX responses_feed ON responses (feed) WHERE feed IS NOT NULL;
+CREATE INDEX responses_feed ON responses (feed);
 CREATE TABLE feed_floor (n INTEGER NOT NULL);
 INSERT INTO feed_floor VALUES (0)
 
