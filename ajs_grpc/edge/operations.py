@@ -20,7 +20,8 @@ status, metrics, logging) as JobService's.
 - ``DeleteOperation`` deletes an ended job as ``DeleteJob`` does (with its
   descendants); it does not cancel, so a job not yet ended is FAILED_PRECONDITION.
 - ``WaitOperation`` waits until the job ends or ``timeout`` passes (60 s when unset,
-  at most 300 s), then answers its latest state (``done`` tells which happened).
+  at most 300 s), or until just before the call's deadline if that comes first, then
+  answers its latest state (``done`` tells which happened).
 - ``ListOperations`` takes an AIP-160 ``filter`` over ``state``, ``type``, ``done`` and
   ``parent_id`` (see :func:`parse_filter`) and pages as ``ListJobs`` does.
 """
@@ -29,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.longrunning import operations_proto_pb2 as lro
@@ -62,6 +65,8 @@ SERVICE_NAME = SERVICE.full_name
 # Seconds WaitOperation waits when its request sets no timeout, and at most.
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 300.0
+# Seconds before the call's deadline at which WaitOperation answers, so that its reply arrives in time.
+DEADLINE_MARGIN = 0.25
 # The longest ListOperations filter taken.
 MAX_FILTER_LENGTH = 2000
 # The parent a ListOperations call may name (google.longrunning's "operations" collection).
@@ -86,6 +91,29 @@ def request_id_of(name: str, field: str = "name") -> str:
     return request_id
 
 
+# Seconds the current call has left before its deadline (None: no deadline); set by _DeadlineAware.
+_time_remaining: contextvars.ContextVar[float | None] = contextvars.ContextVar("time_remaining", default=None)
+
+
+class _DeadlineAware(grpc.GenericRpcHandler):
+    """Serves ``inner``'s unary calls, telling each of them the time its call has left (:data:`_time_remaining`)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
+
+        async def timed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            _time_remaining.set(context.time_remaining())
+            return await behavior(raw, context)
+
+        return grpc.unary_unary_rpc_method_handler(timed, handler.request_deserializer, handler.response_serializer)
+
+
 class Operations:
     """Implements ``google.longrunning.Operations`` over the jobs of a JobService."""
 
@@ -94,7 +122,7 @@ class Operations:
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """The generic handler that serves this service on a ``grpc.aio`` server (JobService's pipeline)."""
-        return self.jobs.pipeline.handler(SERVICE, self)
+        return _DeadlineAware(self.jobs.pipeline.handler(SERVICE, self))
 
     def _named(self, name: str, caller: Caller) -> str:
         """The request id of an operation name; the call's log lines carry its stored id."""
@@ -146,6 +174,9 @@ class Operations:
         """The operation once done, or its latest state when ``timeout`` passed first."""
         request_id = self._named(message.name, caller)
         timeout = _wait_seconds(message)
+        remaining = _time_remaining.get()
+        if remaining is not None:  # the call's deadline caps the wait (google.longrunning's rule)
+            timeout = min(timeout, max(remaining - DEADLINE_MARGIN, 0.0))
         job = await self._job(request_id, caller)
         if not RequestState(job.state).is_final and timeout > 0:
             # Followed as WatchJob follows it (the same ownership and watch slots), from the newest Response.

@@ -176,6 +176,11 @@ async def test_a_wait_that_times_out_answers_the_latest_state(served: Served) ->
             metadata=auth("alice"),
         )
         assert not now.done
+        # Without a timeout (60 s), the call's deadline bounds the wait: the latest state comes before it.
+        before_deadline = await stub.WaitOperation(
+            operations_proto_pb2.WaitOperationRequest(name="operations/long"), metadata=auth("alice"), timeout=1.5
+        )
+        assert not before_deadline.done
         await alice.cancel("long")
 
 
