@@ -233,6 +233,9 @@ def _serve_options() -> list[_Arg]:
         shown = described.show(described.default)
         default_text = f" (default {shown})" if described.default not in ("", [], None) else ""
         options.append(_arg(flag, dest=setting, type=kind, metavar=metavar, help=described.help + default_text))
+    options.append(
+        _arg("--dashboard", default="", metavar="HOST:PORT", help="also serve the web dashboard here (port 0: any)")
+    )
     return options
 
 
@@ -375,7 +378,13 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).debug("effective configuration:\n%s", settings.render())
     loop = asyncio.new_event_loop()
     try:
-        abandoned = loop.run_until_complete(serve(config, announce=settings.summary()))
+        if args.dashboard:
+            from ajs_grpc.faces.dashboard.serve import serve_with_dashboard
+
+            running = serve_with_dashboard(config, args.dashboard, announce=settings.summary())
+        else:
+            running = serve(config, announce=settings.summary())
+        abandoned = loop.run_until_complete(running)
     finally:
         # Jobs that ignored cancellation were abandoned (their final Response is
         # written); give them one more chance to end, but never wait forever.
