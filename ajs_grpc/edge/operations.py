@@ -153,10 +153,9 @@ class Operations:
             parent_id=wanted.parent_id,
             view=pb.JOB_VIEW_FULL,
         )
-        reply = await self.jobs.list_jobs(request, caller)
-        return lro.ListOperationsResponse(
-            operations=[convert.operation_from_job(job) for job in reply.jobs], next_page_token=reply.next_page_token
-        )
+        # Cut to fit the reply as Operations, which are a little larger than their Jobs.
+        operations, next_page_token = await self.jobs.list_page(request, caller, convert.operation_from_job)
+        return lro.ListOperationsResponse(operations=operations, next_page_token=next_page_token)
 
     async def cancel_operation(self, message: lro.CancelOperationRequest, caller: Caller) -> empty_pb2.Empty:
         """Cancels the job: at once if queued, when it stops if running; FAILED_PRECONDITION once done."""

@@ -12,11 +12,13 @@ import binascii
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from ajs_grpc.connectors.base import JobFilter
 from ajs_grpc.core.errors import FieldViolation, InvalidArgument
 from ajs_grpc.edge.validation import MAX_SEQUENCE, invalid
-from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -36,6 +38,7 @@ MAX_PAGE_SIZE = 1000
 # Room a reply keeps for what is not a job (the page token, framing).
 REPLY_OVERHEAD = 4096
 _TOKEN_VERSION = 1
+_Item = TypeVar("_Item", bound=Message)
 
 
 def page_size(asked: int) -> int:
@@ -131,15 +134,15 @@ def _scope_digest(scope: str) -> str:
 
 
 def fit_page(
-    jobs: Sequence[pb.Job], cursors: Sequence[int], next_cursor: int | None, max_reply_bytes: int
-) -> tuple[list[pb.Job], int | None]:
-    """The jobs of a page that fit in a reply, and the cursor after the last one kept.
+    items: Sequence[_Item], cursors: Sequence[int], next_cursor: int | None, max_reply_bytes: int
+) -> tuple[list[_Item], int | None]:
+    """The items of a page (jobs, or their Operations) that fit in a reply, and the cursor after the last one kept.
 
-    A page ends early rather than outgrow the message size limit; it holds one job at least.
+    A page ends early rather than outgrow the message size limit; it holds one item at least.
     """
     budget = max_reply_bytes - REPLY_OVERHEAD
-    kept: list[pb.Job] = []
-    for index, item in enumerate(jobs):
+    kept: list[_Item] = []
+    for index, item in enumerate(items):
         budget -= item.ByteSize() + 8
         if budget < 0 and kept:
             return kept, cursors[index - 1]

@@ -14,8 +14,10 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Set as AbstractSet
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from ajs_grpc.connectors.base import Connector, JobFilter, dependency_not_found
 from ajs_grpc.core.errors import (
@@ -57,6 +59,8 @@ from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 __all__ = ["SERVICE", "SERVICE_NAME", "Caller", "JobService", "Limits", "ServiceObserver"]
 
 log = logging.getLogger(__name__)
+
+_Item = TypeVar("_Item", bound=Message)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["JobService"]
 SERVICE_NAME = SERVICE.full_name
@@ -356,6 +360,17 @@ class JobService:
 
     async def list_jobs(self, message: pb.ListJobsRequest, caller: Caller) -> pb.ListJobsResponse:
         """Returns a page of jobs in submit order (only the caller's own, unless an admin)."""
+        jobs, next_page_token = await self.list_page(message, caller, lambda job: job)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=next_page_token)
+
+    async def list_page(
+        self, message: pb.ListJobsRequest, caller: Caller, shown: Callable[[pb.Job], _Item]
+    ) -> tuple[list[_Item], str]:
+        """A page of ListJobs and the next page's token ("" on the last page).
+
+        Each job is as ``shown`` makes it (an Operation, for the Operations facade), and the
+        page is cut to fit a reply in that form.
+        """
         principal = caller.principal
         violations: list[FieldViolation] = []
         if message.page_size < 0:
@@ -380,12 +395,11 @@ class JobService:
         after = paging.decode_page_token(message.page_token, job_filter, newest_first) if message.page_token else 0
         size = paging.page_size(message.page_size)
         page = await self.connector.list_jobs(job_filter, size, after, newest_first=newest_first)
-        items = [convert.job_to_proto(self.ownership.as_seen_by(principal, job), job_view) for job in page.jobs]
+        items = [shown(convert.job_to_proto(self.ownership.as_seen_by(principal, job), job_view)) for job in page.jobs]
         kept, next_cursor = paging.fit_page(items, page.cursors, page.next_cursor, self.max_reply_bytes)
-        reply = pb.ListJobsResponse(jobs=kept)
-        if next_cursor is not None:
-            reply.next_page_token = paging.encode_page_token(next_cursor, job_filter, newest_first)
-        return reply
+        if next_cursor is None:
+            return kept, ""
+        return kept, paging.encode_page_token(next_cursor, job_filter, newest_first)
 
     async def _listed_creator(self, principal: Principal, parent_id: str) -> str:
         """Whose jobs a ListJobs call lists: the caller's own, all of an owned parent's, or (admins) all."""

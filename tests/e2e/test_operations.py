@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ajs_grpc.client import AsyncClient
 from ajs_grpc.connectors.memory import MemoryConnector
+from ajs_grpc.core.model import Request
 from ajs_grpc.edge.auth import token_hash
 from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
@@ -436,5 +437,32 @@ async def test_a_worker_answers_operations_with_where_to_go() -> None:
             error = await fails(stub.GetOperation(operations_proto_pb2.GetOperationRequest(name="operations/x")))
             assert error.code() == grpc.StatusCode.UNIMPLEMENTED
             assert error_info(error).reason == "WORKER_ONLY"
+    finally:
+        await server.stop()
+
+
+async def test_a_page_of_operations_ends_before_its_reply_outgrows_the_message_limit() -> None:
+    limit = 40_000
+    config = ServerConfig(address="127.0.0.1:0", max_message_bytes=limit, shutdown_grace=0.5)
+    server = AjsServer(config, connector=MemoryConnector(), chain=jobs_for_tests.chain())
+    await server.start()
+    try:
+        async with AsyncClient(server.address, timeout=10) as client:
+            await client.submit_many([Request(id=f"n-{index:03}", type="noop") for index in range(400)])
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = operations_pb2_grpc.OperationsStub(channel)
+            names: list[str] = []
+            token = ""
+            while True:
+                # An Operation is larger than its Job (it names it, and a done one repeats its final Response).
+                reply = await stub.ListOperations(
+                    operations_proto_pb2.ListOperationsRequest(page_size=1000, page_token=token)
+                )
+                assert reply.ByteSize() <= limit
+                names += [operation.name for operation in reply.operations]
+                token = reply.next_page_token
+                if not token:
+                    break
+            assert names == [f"operations/n-{index:03}" for index in range(400)]
     finally:
         await server.stop()
