@@ -29,7 +29,7 @@ if [ -z "$googleapis" ]; then
 fi
 if [ -z "$googleapis" ] || [ ! -f "$googleapis/google/rpc/status.proto" ]; then
   echo "clients/go: google/rpc/status.proto not found: set GOOGLEAPIS_PROTOS to a directory holding it," >&2
-  echo "  or PYTHON to a python with googleapis-common-protos (the server's venv has it; Debian: python3-googleapis-common-protos)" >&2
+  echo "  or PYTHON to a python with googleapis-common-protos (the server's venv has it: pip install -e . in .venv)" >&2
   exit 2
 fi
 

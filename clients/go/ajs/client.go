@@ -1,6 +1,7 @@
 // Package ajs is a small Go client of the ajs-grpc JobService: submit a request, read or
 // cancel its job, and watch its Responses to the end, resuming by sequence after a dropped
-// stream (a server restart, a network hiccup) so that nothing is missed or repeated.
+// stream (a server restart, a network hiccup) so that nothing is missed or repeated; or
+// watch many jobs' Responses at once (WatchJobs), resuming by token.
 //
 // Errors from the server are *Error values that carry the google.rpc details, above all
 // the ErrorInfo reason (REQUEST_NOT_FOUND, NO_TOKEN, ...), which is the stable thing to

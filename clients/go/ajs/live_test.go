@@ -265,3 +265,91 @@ func TestErrorsCarryTheirReason(t *testing.T) {
 		t.Fatalf("no field violation on request.type: %+v (%v)", fields, err)
 	}
 }
+
+// WatchJobs follows several countdowns (and not an echo, which the filter leaves out)
+// while the server is killed and started again: every Response of every matching job
+// comes once, and a later watch from the first bookmark's token replays the same ones.
+func TestWatchJobsResumesAcrossARestart(t *testing.T) {
+	server := liveserver.Start(t, "--shutdown-grace", "0.5")
+	client := dial(t, server.Target, ajs.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 180*time.Second)
+	defer cancel()
+
+	filter := ajs.JobsFilter{Types: []string{"countdown"}}
+	var resumes []ajs.Resume
+	watch := client.WatchJobs(ctx, filter, "", ajs.WithBookmarks(), ajs.WithOnResume(func(r ajs.Resume) { resumes = append(resumes, r) }))
+	defer watch.Close()
+	first, err := watch.Next()
+	if err != nil || first.GetResponse() != nil || first.GetResumeToken() == "" {
+		t.Fatalf("first message %v, %v; want a bookmark", first, err)
+	}
+	start := first.GetResumeToken()
+	ids := []string{"jobs-a", "jobs-b"}
+	for _, id := range ids {
+		if _, _, err := client.Submit(ctx, countdown(id, 4, "0.3")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := client.Submit(ctx, &ajspb.Request{Id: "jobs-echo", Type: "echo"}); err != nil {
+		t.Fatal(err)
+	}
+
+	seen := map[string][]uint64{}
+	var order []string
+	ended := map[string]bool{}
+	restarted := make(chan error, 1)
+	killed := false
+	for len(ended) < len(ids) {
+		message, err := watch.Next()
+		if err != nil {
+			t.Fatalf("WatchJobs ended with %v after %v\nserver log:\n%s", err, order, server.Log())
+		}
+		r := message.GetResponse()
+		if r == nil {
+			continue // a bookmark
+		}
+		id := r.GetRequestId()
+		if message.GetType() != "countdown" || message.GetQueue() != "default" {
+			t.Fatalf("%s: type %q queue %q got through the filter", id, message.GetType(), message.GetQueue())
+		}
+		seen[id] = append(seen[id], r.GetSequence())
+		order = append(order, fmt.Sprintf("%s#%d", id, r.GetSequence()))
+		if r.GetIsFinal() {
+			ended[id] = true
+		}
+		if !killed && r.GetProgress() != nil {
+			killed = true
+			go func() {
+				server.Kill()
+				restarted <- server.Restart()
+			}()
+		}
+	}
+	if err := <-restarted; err != nil {
+		t.Fatal(err)
+	}
+	if len(resumes) == 0 {
+		t.Fatalf("no resume across the restart: %v", order)
+	}
+	for _, id := range ids {
+		for i, sequence := range seen[id] {
+			if sequence != uint64(i+1) {
+				t.Fatalf("%s: sequences %v, want each once from 1: %v", id, seen[id], order)
+			}
+		}
+	}
+	// The token of the first bookmark still works after the restart: the same Responses again.
+	again := client.WatchJobs(ctx, filter, start)
+	defer again.Close()
+	for i, want := range order {
+		message, err := again.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := message.GetResponse()
+		if got := fmt.Sprintf("%s#%d", r.GetRequestId(), r.GetSequence()); got != want {
+			t.Fatalf("replay %d: %s, want %s (first watch: %v)", i, got, want, order)
+		}
+	}
+	t.Logf("%d Responses of %d jobs, each once, across a SIGKILL (%d resume attempts)", len(order), len(ids), len(resumes))
+}

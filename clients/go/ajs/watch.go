@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"ajs-grpc/clients/go/ajspb"
 )
@@ -16,21 +17,24 @@ import (
 type Resume struct {
 	// Err is why the stream ended (a dropped connection, a server going away).
 	Err error
-	// AfterSequence is the last sequence seen: the new stream starts after it.
+	// AfterSequence is the last sequence seen: the new stream starts after it (Watch).
 	AfterSequence uint64
+	// AfterToken is the last resume token seen: the new stream starts after it (WatchJobs).
+	AfterToken string
 	// Attempt counts the failed attempts in a row, from 1.
 	Attempt int
 	// Delay is the wait before the new attempt.
 	Delay time.Duration
 }
 
-// WatchOption changes how a Watcher resumes.
+// WatchOption changes how a Watcher or a JobsWatcher resumes.
 type WatchOption func(*watchSettings)
 
 type watchSettings struct {
 	minDelay, maxDelay time.Duration
 	maxAttempts        int
 	onResume           func(Resume)
+	bookmarks          bool
 }
 
 // WithBackoff sets the wait before the first reconnection attempt (100 ms by default);
@@ -51,20 +55,39 @@ func WithOnResume(f func(Resume)) WatchOption {
 	return func(s *watchSettings) { s.onResume = f }
 }
 
+// WithBookmarks makes a JobsWatcher's Next return the bookmarks too (messages without a
+// Response, holding only a resume token): the first one tells that the stream is live.
+func WithBookmarks() WatchOption {
+	return func(s *watchSettings) { s.bookmarks = true }
+}
+
 // Watcher follows one job's Responses: see Client.Watch. It is not safe for concurrent
 // use; one goroutine calls Next.
 type Watcher struct {
-	client   *Client
-	ctx      context.Context
-	id       string
-	settings watchSettings
+	client *Client
+	ctx    context.Context
+	id     string
+	resumer
 
-	last    uint64 // the greatest sequence returned so far (or the starting after_sequence)
-	stream  ajspb.JobService_WatchJobClient
-	cancel  context.CancelFunc // ends the current stream
-	failed  int                // failed attempts in a row
-	resumes int
-	err     error // set once the watch has ended: io.EOF after the final Response
+	last   uint64 // the greatest sequence returned so far (or the starting after_sequence)
+	stream ajspb.JobService_WatchJobClient
+	cancel context.CancelFunc // ends the current stream
+	err    error              // set once the watch has ended: io.EOF after the final Response
+}
+
+// resumer holds the reconnection state shared by Watcher and JobsWatcher.
+type resumer struct {
+	settings watchSettings
+	failed   int // failed attempts in a row
+	resumes  int
+}
+
+func newResumer(opts []WatchOption) resumer {
+	settings := watchSettings{minDelay: 100 * time.Millisecond, maxDelay: 5 * time.Second}
+	for _, opt := range opts {
+		opt(&settings)
+	}
+	return resumer{settings: settings}
 }
 
 // Watch follows the job of request id from the Response after afterSequence (0: from the
@@ -75,11 +98,7 @@ type Watcher struct {
 // retrying cannot fix (NotFound, PermissionDenied, ...) end the watch as an *Error;
 // the context ending ends it with the context's error.
 func (c *Client) Watch(ctx context.Context, id string, afterSequence uint64, opts ...WatchOption) *Watcher {
-	settings := watchSettings{minDelay: 100 * time.Millisecond, maxDelay: 5 * time.Second}
-	for _, opt := range opts {
-		opt(&settings)
-	}
-	return &Watcher{client: c, ctx: ctx, id: id, settings: settings, last: afterSequence}
+	return &Watcher{client: c, ctx: ctx, id: id, resumer: newResumer(opts), last: afterSequence}
 }
 
 // LastSequence is the sequence of the last Response Next returned (or the starting
@@ -87,7 +106,7 @@ func (c *Client) Watch(ctx context.Context, id string, afterSequence uint64, opt
 func (w *Watcher) LastSequence() uint64 { return w.last }
 
 // Resumes counts the reconnection attempts so far.
-func (w *Watcher) Resumes() int { return w.resumes }
+func (r *resumer) Resumes() int { return r.resumes }
 
 // Close ends the watch and its stream; Next then returns io.EOF (or the error it had).
 func (w *Watcher) Close() {
@@ -115,7 +134,7 @@ func (w *Watcher) Next() (*ajspb.Response, error) {
 			if err != nil {
 				cancel()
 				if err := w.retry(err); err != nil {
-					return nil, err
+					return nil, w.end(err)
 				}
 				continue
 			}
@@ -131,7 +150,7 @@ func (w *Watcher) Next() (*ajspb.Response, error) {
 				err = errEndedEarly
 			}
 			if err := w.retry(err); err != nil {
-				return nil, err
+				return nil, w.end(err)
 			}
 			continue
 		}
@@ -148,36 +167,42 @@ func (w *Watcher) Next() (*ajspb.Response, error) {
 	return nil, w.err
 }
 
-var errEndedEarly = &Error{Code: codes.Unavailable, Message: "the stream ended before the final Response"}
+var errEndedEarly = fromStatus(status.New(codes.Unavailable, "the server ended the stream early"))
 
-// retry waits before the next attempt after err, or ends the watch; nil means go on.
 func (w *Watcher) retry(err error) error {
-	if w.ctx.Err() != nil {
-		return w.end(w.ctx.Err())
+	return w.wait(w.ctx, err, Resume{AfterSequence: w.last})
+}
+
+// wait waits before the next attempt after err, or says why to give up (the context
+// ended, err cannot be fixed by retrying, too many attempts); nil means try again.
+func (r *resumer) wait(ctx context.Context, err error, at Resume) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
 	}
 	if !resumable(err) {
-		return w.end(AsError(err))
+		return AsError(err)
 	}
-	w.failed++
-	if w.settings.maxAttempts > 0 && w.failed > w.settings.maxAttempts {
-		return w.end(AsError(err))
+	r.failed++
+	if r.settings.maxAttempts > 0 && r.failed > r.settings.maxAttempts {
+		return AsError(err)
 	}
-	delay := w.settings.minDelay << uint(w.failed-1)
-	if delay > w.settings.maxDelay || delay <= 0 {
-		delay = w.settings.maxDelay
+	delay := r.settings.minDelay << uint(r.failed-1)
+	if delay > r.settings.maxDelay || delay <= 0 {
+		delay = r.settings.maxDelay
 	}
 	delay = time.Duration(float64(delay) * (0.8 + 0.4*rand.Float64()))
-	if w.settings.onResume != nil {
-		w.settings.onResume(Resume{Err: AsError(err), AfterSequence: w.last, Attempt: w.failed, Delay: delay})
+	if r.settings.onResume != nil {
+		at.Err, at.Attempt, at.Delay = AsError(err), r.failed, delay
+		r.settings.onResume(at)
 	}
 	timer := time.NewTimer(delay)
 	defer timer.Stop()
 	select {
 	case <-timer.C:
-		w.resumes++
+		r.resumes++
 		return nil
-	case <-w.ctx.Done():
-		return w.end(w.ctx.Err())
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand"
 	"os"
 	"os/signal"
 	"sort"
@@ -26,6 +27,7 @@ import (
 )
 
 func main() {
+	rand.Seed(time.Now().UnixNano())
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
@@ -67,7 +69,7 @@ func parse(args []string, stderr io.Writer) (settings, error) {
 	flags.BoolVar(&s.insecureToken, "insecure-token", false, "send the token without TLS (a server on this machine)")
 	flags.IntVar(&s.steps, "steps", 10, "the countdown's steps, 1 to 100000")
 	flags.Float64Var(&s.interval, "interval", 0.5, "`seconds` between two steps, 0 to 3600")
-	flags.StringVar(&s.id, "id", "", "the id of the watched countdown (default: go-demo-<time>); the cancelled one is <id>-cancel")
+	flags.StringVar(&s.id, "id", "", "the id of the watched countdown (default: go-demo-<random>); the cancelled one is <id>-cancel")
 	if err := flags.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return s, err
@@ -89,7 +91,7 @@ func parse(args []string, stderr io.Writer) (settings, error) {
 		s.token = os.Getenv("AJS_TOKEN")
 	}
 	if s.id == "" {
-		s.id = fmt.Sprintf("go-demo-%d", time.Now().UnixNano())
+		s.id = fmt.Sprintf("go-demo-%06x", rand.Intn(1<<24))
 	}
 	return s, nil
 }
