@@ -17,11 +17,10 @@ const VIEW_PREFIX = 'JOB_VIEW_';
 // Stream errors after which a watch calls again: the connection or the server went away.
 const RETRYABLE = new Set([
   grpc.status.UNAVAILABLE,
-  grpc.status.INTERNAL,
-  grpc.status.UNKNOWN,
+  grpc.status.INTERNAL, // a stream reset without a status
   grpc.status.ABORTED,
   grpc.status.CANCELLED, // only when the server (not this client) cancelled the stream
-  grpc.status.DEADLINE_EXCEEDED,
+  grpc.status.DEADLINE_EXCEEDED, // a proxy's timeout: this client sets no deadline on streams
 ]);
 
 const DEFAULT_BACKOFF = { initialMs: 100, maxMs: 5000, multiplier: 2, jitter: 0.2, maxRetries: 20 };

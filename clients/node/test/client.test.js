@@ -193,6 +193,29 @@ describe('AjsClient against a live server', () => {
     await client.cancel(long.job.request.id);
   });
 
+  it('watch throws at once on an error that is no outage, and gives up after maxRetries on one', async () => {
+    const retried = [];
+    await assert.rejects(async () => {
+      for await (const response of client.watch(unique('missing'), { onRetry: () => retried.push(1) })) assert.fail(response);
+    }, (error) => error instanceof AjsError && error.code === status.NOT_FOUND);
+    assert.deepStrictEqual(retried, []);
+
+    const nowhere = new AjsClient('127.0.0.1:1'); // nothing listens there
+    try {
+      const delays = [];
+      await assert.rejects(async () => {
+        for await (const response of nowhere.watch('x', {
+          backoff: { initialMs: 10, maxMs: 40, maxRetries: 3 },
+          onRetry: (error, attempt, delayMs) => delays.push([error.codeName, attempt, delayMs]),
+        })) assert.fail(response);
+      }, (error) => error.code === status.UNAVAILABLE);
+      assert.deepStrictEqual(delays.map(([code, attempt]) => [code, attempt]), [['UNAVAILABLE', 1], ['UNAVAILABLE', 2], ['UNAVAILABLE', 3]]);
+      assert.ok(delays.every(([, attempt, delayMs]) => delayMs <= 40 * 1.2 && delayMs >= Math.min(40, 10 * 2 ** (attempt - 1)) * 0.8));
+    } finally {
+      nowhere.close();
+    }
+  });
+
   it('errors carry the code, the message and the google.rpc details', async () => {
     await assert.rejects(client.get(unique('missing')), (error) => {
       assert.ok(error instanceof AjsError);
