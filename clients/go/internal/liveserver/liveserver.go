@@ -95,6 +95,7 @@ func (s *Server) start(address string) (string, error) {
 	process := exec.Command(s.bin, args...)
 	process.Dir = s.Dir
 	process.Stdout, process.Stderr = logFile, logFile
+	dieWithParent(process)
 	if err := process.Start(); err != nil {
 		return "", fmt.Errorf("starting %s: %w", s.bin, err)
 	}
