@@ -46,8 +46,11 @@ function startServer(t, args = ['--connector', 'memory'], { address = '127.0.0.1
   });
 }
 
-/** A tokens file in `dir` for `{ name: { token, roles, types } }`; returns its path. */
-function tokensFile(dir, principals) {
+/**
+ * A tokens file in `dir` for `{ name: { token, roles, types } }`, and client certificates
+ * mapped by a subject alternative name: `{ name: { san, roles } }`; returns its path.
+ */
+function tokensFile(dir, principals, certificates = {}) {
   const entries = Object.entries(principals).map(([principal, { token, roles = [], types }]) => [
     '[[tokens]]',
     `sha256 = "${crypto.createHash('sha256').update(token).digest('hex')}"`,
@@ -56,6 +59,9 @@ function tokensFile(dir, principals) {
     ...(types ? [`types = ${JSON.stringify(types)}`] : []),
     '',
   ].join('\n'));
+  for (const [principal, { san, roles = [] }] of Object.entries(certificates)) {
+    entries.push(['[[certificates]]', `san = "${san}"`, `principal = "${principal}"`, `roles = ${JSON.stringify(roles)}`, ''].join('\n'));
+  }
   const file = path.join(dir, 'tokens.toml');
   fs.writeFileSync(file, entries.join('\n'));
   return file;
@@ -83,6 +89,18 @@ function makeCertificates(dir) {
   return { caFile: file('ca.pem'), certFile: file('server.pem'), keyFile: file('server.key') };
 }
 
+/** A client certificate for `san` (a DNS name) signed by makeCertificates' CA in `dir`: `{ certFile, keyFile }`. */
+function makeClientCertificate(dir, name, san) {
+  const file = (suffix) => path.join(dir, `${name}${suffix}`);
+  const openssl = (...args) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', `/CN=${name}`,
+    '-keyout', file('.key'), '-out', file('.csr'));
+  fs.writeFileSync(file('.ext'), [`subjectAltName=DNS:${san}`, 'extendedKeyUsage=clientAuth', 'basicConstraints=CA:FALSE'].join('\n'));
+  openssl('x509', '-req', '-in', file('.csr'), '-CA', path.join(dir, 'ca.pem'), '-CAkey', path.join(dir, 'ca.key'),
+    '-CAcreateserial', '-days', '1', '-extfile', file('.ext'), '-out', file('.pem'));
+  return { certFile: file('.pem'), keyFile: file('.key') };
+}
+
 /** Waits until `check()` (maybe async) is truthy, polling; fails after `timeoutMs`. */
 async function eventually(check, { timeoutMs = 20000, everyMs = 50, what = 'the condition' } = {}) {
   const deadline = Date.now() + timeoutMs;
@@ -94,4 +112,4 @@ async function eventually(check, { timeoutMs = 20000, everyMs = 50, what = 'the 
   }
 }
 
-module.exports = { AJS, tempDir, startServer, tokensFile, makeCertificates, eventually };
+module.exports = { AJS, tempDir, startServer, tokensFile, makeCertificates, makeClientCertificate, eventually };
