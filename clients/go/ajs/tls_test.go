@@ -92,13 +92,7 @@ func certificates(t *testing.T) (caFile, certFile, keyFile string) {
 func TestTLSAndBearerToken(t *testing.T) {
 	caFile, certFile, keyFile := certificates(t)
 	token := "go-client-test-token"
-	digest := sha256.Sum256([]byte(token))
-	tokens := filepath.Join(t.TempDir(), "tokens.toml")
-	entry := "[[tokens]]\nsha256 = \"" + hex.EncodeToString(digest[:]) + "\"\nprincipal = \"gopher\"\n"
-	if err := os.WriteFile(tokens, []byte(entry), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	server := liveserver.Start(t, "--tls-cert", certFile, "--tls-key", keyFile, "--tokens-file", tokens)
+	server := liveserver.Start(t, "--tls-cert", certFile, "--tls-key", keyFile, "--tokens-file", tokensFile(t, token, "gopher"))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -121,7 +115,35 @@ func TestTLSAndBearerToken(t *testing.T) {
 		t.Fatalf("without a token: %v", err)
 	}
 
-	if _, err := ajs.Dial(server.Target, ajs.Options{Token: token}); err == nil {
-		t.Fatal("Dial sent a token over plaintext without InsecureToken")
+	if _, err := ajs.Dial("192.0.2.1:50051", ajs.Options{Token: token}); err == nil {
+		t.Fatal("Dial would send a token in plain text beyond loopback without InsecureToken")
 	}
+}
+
+// Without TLS a token goes to a loopback address (and only there, unless InsecureToken).
+func TestBearerTokenInPlainTextToLoopback(t *testing.T) {
+	token := "go-client-plain-token"
+	server := liveserver.Start(t, "--tokens-file", tokensFile(t, token, "gopher"))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	client := dial(t, server.Target, ajs.Options{Token: token})
+	job, _, err := client.Submit(ctx, &ajspb.Request{Type: "echo"})
+	if err != nil || job.GetRequest().GetCreator() != "gopher" {
+		t.Fatalf("submit with a token over plaintext to %s: %v, %v", server.Target, job, err)
+	}
+	if _, err := ajs.Dial("192.0.2.1:50051", ajs.Options{Token: token, InsecureToken: true}); err != nil {
+		t.Fatalf("InsecureToken: %v", err)
+	}
+}
+
+// tokensFile writes a tokens file giving token to principal and returns its path.
+func tokensFile(t *testing.T, token, principal string) string {
+	t.Helper()
+	digest := sha256.Sum256([]byte(token))
+	path := filepath.Join(t.TempDir(), "tokens.toml")
+	entry := "[[tokens]]\nsha256 = \"" + hex.EncodeToString(digest[:]) + "\"\nprincipal = \"" + principal + "\"\n"
+	if err := os.WriteFile(path, []byte(entry), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }

@@ -106,7 +106,7 @@ func (c *Client) Watch(ctx context.Context, id string, afterSequence uint64, opt
 func (w *Watcher) LastSequence() uint64 { return w.last }
 
 // Resumes counts the reconnection attempts so far.
-func (r *resumer) Resumes() int { return r.resumes }
+func (w *Watcher) Resumes() int { return w.resumes }
 
 // Close ends the watch and its stream; Next then returns io.EOF (or the error it had).
 func (w *Watcher) Close() {

@@ -51,6 +51,9 @@ func (c *Client) WatchJobs(ctx context.Context, filter JobsFilter, afterToken st
 // the watch started from now.
 func (w *JobsWatcher) Token() string { return w.token }
 
+// Resumes counts the reconnection attempts so far.
+func (w *JobsWatcher) Resumes() int { return w.resumes }
+
 // Close ends the watch and its stream; Next then returns io.EOF (or the error it had).
 func (w *JobsWatcher) Close() { w.end(io.EOF) }
 

@@ -66,7 +66,7 @@ func parse(args []string, stderr io.Writer) (settings, error) {
 	flags.StringVar(&s.caFile, "ca-file", "", "PEM `file` of the CA of the server's certificate; turns TLS on")
 	flags.StringVar(&s.serverName, "server-name", "", "the `name` in the server's certificate, if not the target's host")
 	flags.StringVar(&s.token, "token", "", "bearer `token` (default: $AJS_TOKEN)")
-	flags.BoolVar(&s.insecureToken, "insecure-token", false, "send the token without TLS (a server on this machine)")
+	flags.BoolVar(&s.insecureToken, "insecure-token", false, "send the token in plain text beyond loopback (without TLS it goes only to 127.0.0.1, ::1, localhost)")
 	flags.IntVar(&s.steps, "steps", 10, "the countdown's steps, 1 to 100000")
 	flags.Float64Var(&s.interval, "interval", 0.5, "`seconds` between two steps, 0 to 3600")
 	flags.StringVar(&s.id, "id", "", "the id of the watched countdown (default: go-demo-<random>); the cancelled one is <id>-cancel")
