@@ -12,6 +12,7 @@ const { loadContract } = require('./contract');
 const { AjsError } = require('./errors');
 
 const STATE_PREFIX = 'REQUEST_STATE_';
+const FINAL_STATES = new Set(['REQUEST_STATE_FINISHED', 'REQUEST_STATE_FAILED', 'REQUEST_STATE_CANCELLED']);
 const VIEW_PREFIX = 'JOB_VIEW_';
 
 // Stream errors after which a watch calls again: the connection or the server went away.
@@ -361,9 +362,15 @@ class AjsClient {
    */
   async *watch(id, { afterSequence = 0, signal, backoff, onRetry } = {}) {
     let last = Number(afterSequence);
+    // The server ends a stream by itself only after the final Response, at once when
+    // afterSequence is at or past it: a quiet end is the end if the job has ended.
+    const ended = async () => {
+      const job = await this.get(id, { view: 'BASIC' });
+      return FINAL_STATES.has(job.state) && (job.lastResponse ? job.lastResponse.sequence : 0) <= last;
+    };
     const messages = this._resumable(
       () => this.stub.WatchJob({ requestId: id, afterSequence: last }),
-      { signal, backoff, onRetry },
+      { signal, backoff, onRetry, ended },
     );
     for await (const { response } of messages) {
       if (!response || response.sequence <= last) continue; // never twice, whatever the server does
@@ -408,9 +415,9 @@ class AjsClient {
 
   /**
    * The messages of a server stream, calling `open` again after a retryable error or an
-   * end the server did not mean, with backoff. `open` reads the caller's resume position.
+   * end that `ended()` does not confirm, with backoff. `open` reads the caller's resume position.
    */
-  async *_resumable(open, { signal, backoff = {}, onRetry = () => {} }) {
+  async *_resumable(open, { signal, backoff = {}, onRetry = () => {}, ended = async () => false }) {
     const policy = { ...this.backoff, ...backoff };
     let failures = 0;
     for (;;) {
@@ -425,6 +432,7 @@ class AjsClient {
           failures = 0;
           yield message;
         }
+        if (await ended()) return;
         error = new AjsError({ code: grpc.status.UNAVAILABLE, message: 'the stream ended before its end' });
       } catch (caught) {
         signal?.throwIfAborted();

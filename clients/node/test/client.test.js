@@ -179,6 +179,13 @@ describe('AjsClient against a live server', () => {
     const tail = [];
     for await (const response of client.watch(job.request.id, { afterSequence: 2 })) tail.push(response.sequence);
     assert.deepStrictEqual(tail, all.slice(2));
+    // At or past the final Response of an ended job: nothing, and the watch ends (no retries).
+    for (const afterSequence of [all.length, all.length + 10]) {
+      const none = [];
+      const retried = [];
+      for await (const response of client.watch(job.request.id, { afterSequence, onRetry: (error) => retried.push(error) })) none.push(response);
+      assert.deepStrictEqual([none, retried], [[], []]);
+    }
 
     const long = await client.submit('countdown', { data: { steps: '500', interval: '0.2' } });
     const controller = new AbortController();
