@@ -166,7 +166,7 @@ class AjsClient {
 
   /** Calls a unary method of JobService by name ("GetJob"), with camelCase fields; rejects with an AjsError. */
   call(method, request = {}) {
-    if (typeof this.stub[method] !== 'function') throw new TypeError(`JobService has no method ${method}`);
+    if (typeof this.stub[method] !== 'function') return Promise.reject(new TypeError(`JobService has no method ${method}`));
     const callOptions = this.deadlineMs ? { deadline: Date.now() + this.deadlineMs } : {};
     return new Promise((resolve, reject) => {
       this.stub[method](request, callOptions, (error, reply) => (error ? reject(AjsError.fromServiceError(error)) : resolve(reply)));
