@@ -55,9 +55,10 @@ class Served:
         return Client(self.target, token=TOKENS[principal])
 
 
-def start_dashboard(folder: Path) -> Served:
-    """``ajs serve --dashboard 127.0.0.1:0`` with a tokens file; waits for both addresses in its log."""
+def start_dashboard(folder: Path, *, tokens: bool = True) -> Served:
+    """``ajs serve --dashboard 127.0.0.1:0`` (with a tokens file); waits for both addresses in its log."""
     log = folder / "serve.log"
+    auth = ["--tokens-file", str(tokens_file(folder))] if tokens else []
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [
@@ -67,10 +68,11 @@ def start_dashboard(folder: Path) -> Served:
                 "127.0.0.1:0",
                 "--dashboard",
                 "127.0.0.1:0",
-                "--tokens-file",
-                str(tokens_file(folder)),
+                *auth,
                 "--database",
                 str(folder / "ajs.db"),
+                "--shutdown-grace",
+                "1s",
             ],
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -166,6 +168,21 @@ class Http:
             headers["Origin"] = self.base
         status, _, body = self.call(path, headers=headers, method=method, data=b"" if method == "POST" else None)
         return status, json.loads(body)
+
+    def events(self, path: str) -> Iterator[tuple[str, Any]]:
+        """The (event, data) pairs of a server-sent event stream, as they come."""
+        with self.opener.open(urllib.request.Request(self.base + path), timeout=15) as reply:
+            assert reply.headers.get_content_type() == "text/event-stream"
+            event, data = "", ""
+            for raw in reply:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[len("event: ") :]
+                elif line.startswith("data: "):
+                    data = line[len("data: ") :]
+                elif not line and event:
+                    yield event, json.loads(data)
+                    event, data = "", ""
 
 
 PROTECTED_PAGES = ["/", "/jobs", "/job?id=x", "/static/common.js", "/static/job.js", "/static/vendor/uPlot.iife.min.js"]
@@ -275,13 +292,66 @@ def test_a_user_cannot_see_another_principals_job_but_an_admin_can(served: Serve
     assert cancelled["id"] == "~bob/bobs-job"
 
 
+def test_the_overview_counts_only_the_viewers_jobs_and_those_that_ended(served: Served) -> None:
+    alice = Http(served.url)
+    alice.sign_in("alice")
+    stream = alice.events("/api/events/overview")
+    # The first events may come before the WatchJobs stream is open (ended is null until it is).
+    for event, data in stream:
+        if event == "overview" and data["ended"] is not None:
+            break
+    with served.client("bob") as bob:
+        for submitted in [bob.submit("echo", {"n": str(n)}) for n in range(5)]:
+            assert list(bob.watch(submitted.job.request.id))[-1].state.name == "FINISHED"
+    with served.client("alice") as client:
+        mine = [client.submit("echo", {"n": str(n)}).job.request.id for n in range(2)]
+        for request_id in mine:
+            assert list(client.watch(request_id))[-1].state.name == "FINISHED"
+    ended = 0
+    for event, data in stream:
+        assert event == "overview", data
+        ended += sum(count for _, count in data["ended"])
+        if ended >= 2:
+            break
+    assert ended == 2  # bob's five are not alice's to see
+    assert "echo" in {row["name"] for row in data["types"]}
+    stream.close()
+
+
+def test_without_a_tokens_file_the_dashboard_is_as_open_as_the_api_but_writes_still_need_csrf(
+    tmp_path: Path,
+) -> None:
+    running = start_dashboard(tmp_path, tokens=False)
+    try:
+        visitor = Http(running.url)
+        assert visitor.call("/")[0] == 200
+        status, headers, _ = visitor.call("/signin")
+        assert status == 303
+        assert headers["Location"] == "/"
+        status, session = visitor.json("/api/session")
+        assert session == {"authenticated": False, "principal": "", "admin": True, "csrf": session["csrf"]}
+        with Client(running.target) as client:
+            job = client.submit("countdown", {"steps": "1000", "interval": "1"}).job
+        path = "/api/job/cancel?id=" + urllib.parse.quote(job.request.id)
+        assert visitor.call(path, data=b"", headers={"Origin": running.url})[0] == 403
+        status, cancelled = visitor.json(path, method="POST")
+        assert status == 200
+        assert cancelled["id"] == job.request.id
+    finally:
+        running.process.terminate()
+        running.process.wait(timeout=30)
+
+
 # -- in the browser ---------------------------------------------------------------------------
 
 
 def _wait(driver: Any, condition: Any, timeout: float = 30) -> Any:
+    """Waits until ``condition(driver)`` is truthy; elements replaced by a live update meanwhile are looked up again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=ignored).until(condition)
 
 
 def _text(driver: Any, element_id: str) -> str:
@@ -347,11 +417,13 @@ def test_in_the_browser_sign_in_follow_a_countdown_to_finished_and_cancel_anothe
 
     # The job list: filtered to CANCELLED, newest first, it shows that job.
     driver.get(served.url + "/jobs?state=CANCELLED&type=countdown&order=desc")
-    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-id='{endless}']"))
-    states_shown = {
-        row.get_attribute("data-state") for row in driver.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr")
-    }
-    assert states_shown == {"CANCELLED"}
+
+    def listed(d: Any) -> dict[str, str]:
+        rows = d.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr")
+        return {row.get_attribute("data-id"): row.get_attribute("data-state") for row in rows}
+
+    shown = _wait(driver, lambda d: (found := listed(d)) and endless in found and found)
+    assert set(shown.values()) == {"CANCELLED"}
 
     # Retry from the job page: it runs again.
     driver.get(served.url + "/job?id=" + urllib.parse.quote(endless, safe=""))

@@ -27,7 +27,9 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -38,7 +40,7 @@ from aiohttp import web
 from ajs_grpc.core.errors import AjsError, Code, InvalidArgument
 from ajs_grpc.core.model import RequestState
 from ajs_grpc.faces.client import AsyncClient
-from ajs_grpc.faces.dashboard.views import OverviewSampler, job_json, response_json
+from ajs_grpc.faces.dashboard.views import count_jobs, job_json, response_json
 
 __all__ = ["SESSION_COOKIE", "Dashboard"]
 
@@ -49,8 +51,10 @@ SESSION_COOKIE = "ajs_session"
 SESSION_IDLE = 12 * 3600.0
 # At most this many sessions are kept; the least recently used goes first.
 MAX_SESSIONS = 10_000
-# Seconds between two overview samples on its event stream.
+# Seconds between two overview events on its event stream.
 OVERVIEW_EVERY = 1.0
+# Seconds after which the overview recounts even though nothing it watches changed.
+RECOUNT_EVERY = 10.0
 # Seconds between comments that keep an idle event stream open through proxies.
 KEEPALIVE_EVERY = 15.0
 
@@ -399,22 +403,40 @@ class Dashboard:
     # -- event streams ---------------------------------------------------------------------
 
     async def _overview_events(self, request: web.Request) -> web.StreamResponse:
-        """Every second: queued / running / failed counts by type and queue, and the jobs ended since the last."""
+        """Every second (event ``overview``): the counts, and the jobs that ended per second since the last event.
+
+        Ended jobs are the final Responses of a WatchJobs stream (the viewer's own jobs;
+        an admin's: all), as ``ended: [[unix second, count], ...]`` (null until the stream
+        is open); the counts are recounted through ListJobs after a change, and every
+        ``RECOUNT_EVERY`` seconds whatever happened.
+        """
         client = self._client(request)
         try:
             types = [t.name for t in await client.job_types()]
         except AjsError as error:
             return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)
-        sampler = OverviewSampler()
+        activity = _Activity()
         async with self._event_stream(request) as stream:
-            while True:
-                try:
-                    await stream.send("overview", await sampler.sample(client, types))
-                except AjsError as error:
-                    await stream.send("problem", {"code": error.code.name, "message": error.message})
-                    if error.code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):
-                        break
-                await asyncio.sleep(OVERVIEW_EVERY)
+            follower = asyncio.create_task(activity.follow(client, stream))
+            loop = asyncio.get_running_loop()
+            counted_at = -RECOUNT_EVERY
+            counts: dict[str, Any] = {}
+            try:
+                while True:
+                    if activity.changed or loop.time() - counted_at >= RECOUNT_EVERY:
+                        activity.changed = False
+                        counted_at = loop.time()
+                        try:
+                            counts = await count_jobs(client, types)
+                        except AjsError as error:
+                            await stream.send("problem", {"code": error.code.name, "message": error.message})
+                            if error.code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):
+                                break
+                    ended = activity.take_ended() if activity.live else None
+                    await stream.send("overview", {**counts, "time": datetime.now(UTC).isoformat(), "ended": ended})
+                    await asyncio.sleep(OVERVIEW_EVERY)
+            finally:
+                follower.cancel()
         return stream.response
 
     async def _job_events(self, request: web.Request) -> web.StreamResponse:
@@ -491,6 +513,40 @@ class _EventStream:
                 await asyncio.sleep(KEEPALIVE_EVERY)
                 async with self._lock:
                     await self.response.write(b": keep-alive\n\n")
+
+
+class _Activity:
+    """What a WatchJobs stream of the viewer's jobs has shown since the overview last looked.
+
+    Ended jobs are counted per second of their final Response's time (not of its arrival),
+    so the chart shows when jobs ended even when a stream delivers them in bursts.
+    """
+
+    def __init__(self) -> None:
+        self.ended: Counter[int] = Counter()
+        self.changed = True
+        self.live = False
+
+    def take_ended(self) -> list[list[int]]:
+        """[[second, jobs ended in it], ...] counted since the last call."""
+        taken = sorted([second, count] for second, count in self.ended.items())
+        self.ended.clear()
+        return taken
+
+    async def follow(self, client: AsyncClient, stream: _EventStream) -> None:
+        """Counts final Responses until cancelled; a refused stream is reported once."""
+        try:
+            async for watched in client.watch_jobs():
+                self.live = True
+                response = watched.response
+                if response is not None:
+                    self.changed = True
+                    if response.is_final:
+                        self.ended[int(response.create_time.timestamp())] += 1
+        except AjsError as error:
+            self.live = False
+            with contextlib.suppress(ConnectionResetError):
+                await stream.send("problem", {"code": error.code.name, "message": f"live updates: {error.message}"})
 
 
 async def _is_admin(client: AsyncClient) -> bool:

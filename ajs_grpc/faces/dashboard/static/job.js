@@ -5,7 +5,8 @@
   const { el } = ajs;
   const id = new URLSearchParams(location.search).get("id") || "";
   let job = null;
-  let lastSequence = 0;
+  let lastSequence = 0; // the newest Response in the timeline
+  let shownSequence = 0; // the newest Response the header shows: older news never replaces it
   let source = null;
 
   function setText(elementId, text) {
@@ -36,6 +37,9 @@
   }
 
   function showJob(current) {
+    // A reply (of cancel, say) may arrive after the stream has shown newer Responses.
+    if (current.last.sequence < shownSequence) return;
+    shownSequence = current.last.sequence;
     job = current;
     document.title = "Job " + current.id + " · ajs dashboard";
     setText("job-id", current.id);
@@ -66,7 +70,7 @@
     }
     detail(list, "Input", current.input_type);
     detail(list, "Children", el("a", { href: "/jobs?parent=" + encodeURIComponent(current.id), text: "list" }));
-    const entries = Object.entries(current.data);
+    const entries = Object.entries(current.data).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
     document.querySelector("#job-data tbody").replaceChildren(
       ...entries.map(([key, value]) => el("tr", {}, el("td", { text: key }), el("td", { text: value }))),
     );
@@ -95,6 +99,8 @@
       el("td", { class: "num", text: response.progress ? Math.round(response.progress.fraction * 100) + "%" : "" }),
       el("td", {}, noteOf(response)),
     ));
+    if (response.sequence < shownSequence) return;
+    shownSequence = response.sequence;
     if (job) job.state = response.state;
     showState(response.state, fraction, response.progress ? response.progress.message : undefined);
     showError(response.error);

@@ -8,6 +8,7 @@
   let tokens = [""]; // page tokens of the pages up to the current one
   let nextToken = "";
   let timer = null;
+  let generation = 0; // a reply to an older load is dropped
 
   function chip(name, value, label, checked) {
     return el("label", {}, el("input", { type: "checkbox", name, value, checked: checked ? "checked" : false }), label);
@@ -82,14 +83,17 @@
 
   async function load() {
     clearTimeout(timer);
+    const mine = ++generation;
     const filters = filtersFromUrl();
     const token = tokens[tokens.length - 1];
     try {
       const page = await ajs.api("/api/jobs?" + query(filters, token).toString());
+      if (mine !== generation) return;
       document.querySelector("#jobs-table tbody").replaceChildren(...page.jobs.map(row));
       document.getElementById("jobs-empty").hidden = page.jobs.length > 0;
       nextToken = page.next_page_token;
     } catch (error) {
+      if (mine !== generation) return;
       document.querySelector("#jobs-table tbody").replaceChildren(
         el("tr", {}, el("td", { colspan: 7, class: "error", text: error.message })),
       );

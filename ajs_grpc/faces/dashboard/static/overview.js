@@ -6,8 +6,8 @@
   const WINDOW = 300; // seconds of throughput kept on the chart
   const times = [];
   const rates = [];
-  const recent = []; // [time, ended, seconds] of the last minute's samples
-  let lastTime = null;
+  const buckets = new Map(); // unix second -> jobs ended in it
+  let liveSince = null; // the first second the server counted for this page
   let chart = null;
 
   function makeChart() {
@@ -68,22 +68,24 @@
     document.getElementById("total-queued").textContent = shown(total(sample.types, "queued"), sample.capped, sample.cap);
     document.getElementById("total-running").textContent = shown(total(sample.types, "running"), sample.capped, sample.cap);
     document.getElementById("total-failed").textContent = shown(total(sample.types, "failed"), sample.capped, sample.cap);
-    const now = new Date(sample.time).getTime() / 1000;
-    if (sample.ended !== null && lastTime !== null && now > lastTime) {
-      times.push(now);
-      rates.push(sample.ended / (now - lastTime));
-      while (times.length && times[0] < now - WINDOW) {
-        times.shift();
-        rates.shift();
+    if (sample.ended !== null) {
+      const now = Math.floor(new Date(sample.time).getTime() / 1000); // the server's clock
+      if (liveSince === null) liveSince = now;
+      for (const [second, count] of sample.ended) buckets.set(second, (buckets.get(second) || 0) + count);
+      // Whole seconds only: the current one is still counting.
+      const first = Math.max(liveSince, now - WINDOW);
+      times.length = 0;
+      rates.length = 0;
+      for (let second = first; second < now; second++) {
+        times.push(second);
+        rates.push(buckets.get(second) || 0);
       }
+      for (const second of buckets.keys()) if (second < now - WINDOW) buckets.delete(second);
       chart.setData([times, rates]);
-      recent.push([now, sample.ended, now - lastTime]);
-      while (recent.length && recent[0][0] <= now - 60) recent.shift();
-      const ended = recent.reduce((sum, entry) => sum + entry[1], 0);
-      const span = recent.reduce((sum, entry) => sum + entry[2], 0);
-      document.getElementById("rate").textContent = span > 0 ? (ended / span).toFixed(1) : "0.0";
+      const minute = rates.slice(-60);
+      const rate = minute.length ? minute.reduce((a, b) => a + b, 0) / minute.length : 0;
+      document.getElementById("rate").textContent = rate.toFixed(1);
     }
-    lastTime = now;
     document.getElementById("overview-note").textContent =
       "Counts of the jobs you may see, updated every second" +
       (sample.capped ? "; more than " + sample.cap + " in a state: counts stop there and the throughput is an estimate." : ".");
