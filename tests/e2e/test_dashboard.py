@@ -318,6 +318,23 @@ def test_the_overview_counts_only_the_viewers_jobs_and_those_that_ended(served: 
     stream.close()
 
 
+def test_an_admin_sees_paused_queues_on_the_overview(served: Served) -> None:
+    with served.client("root") as root_client:
+        root_client.pause_queue("maintenance")
+        try:
+            root = Http(served.url)
+            root.sign_in("root")
+            stream = root.events("/api/events/overview")
+            for event, data in stream:
+                assert event == "overview", data
+                if data["queues"]:
+                    break
+            assert {"name": "maintenance", "queued": 0, "running": 0, "failed": 0, "paused": True} in data["queues"]
+            stream.close()
+        finally:
+            root_client.resume_queue("maintenance")
+
+
 def test_without_a_tokens_file_the_dashboard_is_as_open_as_the_api_but_writes_still_need_csrf(
     tmp_path: Path,
 ) -> None:

@@ -398,6 +398,8 @@ class Dashboard:
         try:
             return web.json_response(await call(self._client(request)))
         except AjsError as error:
+            if error.code is Code.UNAUTHENTICATED:  # e.g. the token expired: sign in again
+                self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
             return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)
 
     # -- event streams ---------------------------------------------------------------------
@@ -427,7 +429,7 @@ class Dashboard:
                         activity.changed = False
                         counted_at = loop.time()
                         try:
-                            counts = await count_jobs(client, types)
+                            counts = await count_jobs(client, types, admin=request["session"].admin)
                         except AjsError as error:
                             await stream.send("problem", {"code": error.code.name, "message": error.message})
                             if error.code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):

@@ -96,12 +96,16 @@ async def _list_capped(client: AsyncClient, states: Collection[RequestState], **
             return _Listed(jobs, True)
 
 
-async def count_jobs(client: AsyncClient, types: Collection[str]) -> dict[str, Any]:
-    """Queued, running and failed jobs per type and per queue, as the client's principal may see them."""
+async def count_jobs(client: AsyncClient, types: Collection[str], *, admin: bool = False) -> dict[str, Any]:
+    """Queued, running and failed jobs per type and per queue, as the client's principal may see them.
+
+    For an admin, queues also say whether they are paused (ListQueues is admin-only).
+    """
+    paused = {queue.name for queue in await client.list_queues() if queue.paused} if admin else set()
     unfinished = await _list_capped(client, UNFINISHED)
     failed = await _list_capped(client, (RequestState.FAILED,))
     by_type: dict[str, Counter[str]] = {name: Counter() for name in types}
-    by_queue: dict[str, Counter[str]] = {}
+    by_queue: dict[str, Counter[str]] = {name: Counter() for name in paused}
     for job in unfinished.jobs + failed.jobs:
         column = {RequestState.CREATED: "queued", RequestState.PENDING: "running"}.get(job.state, "failed")
         by_type.setdefault(job.request.type, Counter())[column] += 1
@@ -115,7 +119,7 @@ async def count_jobs(client: AsyncClient, types: Collection[str]) -> dict[str, A
 
     return {
         "types": rows(by_type),
-        "queues": rows(by_queue),
+        "queues": [{**row, "paused": row["name"] in paused} for row in rows(by_queue)],
         "capped": unfinished.capped or failed.capped,
         "cap": COUNT_CAP,
     }

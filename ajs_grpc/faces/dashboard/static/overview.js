@@ -43,8 +43,9 @@
     const built = rows.map((row) => {
       const filter = filterKey ? filterKey + "=" + encodeURIComponent(row.name) + "&" : "";
       const first = filterKey === "type" ? el("a", { href: "/jobs?type=" + encodeURIComponent(row.name), text: row.name }) : row.name;
+      const paused = row.paused ? el("span", { class: "badge PAUSED", text: "paused", title: "no job of it starts" }) : null;
       return el("tr", { "data-name": row.name },
-        el("td", {}, first),
+        el("td", {}, first, paused ? " " : null, paused),
         countCell(row.queued, filterKey ? "/jobs?" + filter + "state=CREATED" : null),
         countCell(row.running, filterKey ? "/jobs?" + filter + "state=PENDING" : null),
         countCell(row.failed, filterKey ? "/jobs?" + filter + "state=FAILED" : null),
