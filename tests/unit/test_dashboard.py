@@ -9,7 +9,7 @@ import pytest
 from ajs_grpc.core.errors import ConfigError
 from ajs_grpc.edge.server import ServerConfig
 from ajs_grpc.faces.dashboard.app import _local_path
-from ajs_grpc.faces.dashboard.serve import check_config, loopback_target
+from ajs_grpc.faces.dashboard.serve import check_config, exposure_warning, loopback_target
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,11 @@ def test_the_dashboard_refuses_a_worker_and_tls_it_cannot_reach() -> None:
         check_config(ServerConfig(tls_cert_file="cert.pem", tls_key_file="key.pem"))
     check_config(ServerConfig(role="frontend"))
     check_config(ServerConfig(tokens_file="tokens.toml"))
+
+
+def test_a_dashboard_beyond_this_machine_is_warned_of() -> None:
+    assert exposure_warning("127.0.0.1:8080", authenticated=False) is None
+    assert exposure_warning("localhost:8080", authenticated=True) is None
+    assert exposure_warning("[::1]:8080", authenticated=False) is None
+    assert "without sign-in" in (exposure_warning("0.0.0.0:8080", authenticated=False) or "")
+    assert "plain HTTP" in (exposure_warning(":8080", authenticated=True) or "")

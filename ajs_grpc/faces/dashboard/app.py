@@ -55,6 +55,8 @@ MAX_SESSIONS = 10_000
 OVERVIEW_EVERY = 1.0
 # Seconds after which the overview recounts even though nothing it watches changed.
 RECOUNT_EVERY = 10.0
+# After a change, the overview waits this many times as long as its last count took before counting again.
+COUNT_SHARE = 4
 # Seconds between comments that keep an idle event stream open through proxies.
 KEEPALIVE_EVERY = 15.0
 
@@ -421,15 +423,18 @@ class Dashboard:
         async with self._event_stream(request) as stream:
             follower = asyncio.create_task(activity.follow(client, stream))
             loop = asyncio.get_running_loop()
-            counted_at = -RECOUNT_EVERY
+            counted_at, took = -RECOUNT_EVERY, 0.0
             counts: dict[str, Any] = {}
             try:
                 while True:
-                    if activity.changed or loop.time() - counted_at >= RECOUNT_EVERY:
+                    since = loop.time() - counted_at
+                    # A large backlog takes long to count: then it is counted less often.
+                    if (activity.changed and since >= COUNT_SHARE * took) or since >= RECOUNT_EVERY:
                         activity.changed = False
                         counted_at = loop.time()
                         try:
                             counts = await count_jobs(client, types, admin=request["session"].admin)
+                            took = loop.time() - counted_at
                         except AjsError as error:
                             await stream.send("problem", {"code": error.code.name, "message": error.message})
                             if error.code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):

@@ -13,7 +13,7 @@ from ajs_grpc.edge.auth import Authenticator
 from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.faces.dashboard.app import Dashboard, WhoIs
 
-__all__ = ["check_config", "dashboard_for", "loopback_target", "serve_with_dashboard"]
+__all__ = ["check_config", "dashboard_for", "exposure_warning", "loopback_target", "serve_with_dashboard"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,26 @@ def dashboard_for(server: AjsServer, address: str) -> Dashboard:
     return Dashboard(loopback_target(server), address, authenticated=bool(config.tokens_file), who_is=who_is)
 
 
+def exposure_warning(address: str, *, authenticated: bool) -> str | None:
+    """What ``ajs serve`` warns of when the dashboard (plain HTTP) listens beyond this machine."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or "" for every address
+        loopback = False
+    if loopback:
+        return None
+    if not authenticated:
+        return (
+            f"the dashboard listens on {address}, beyond this machine, without sign-in: anyone who can reach it "
+            "may read, cancel and retry every job (configure auth.tokens_file)"
+        )
+    return (
+        f"the dashboard listens on {address} over plain HTTP: tokens and session cookies cross the network "
+        "unencrypted; put it behind a proxy that terminates TLS"
+    )
+
+
 async def serve_with_dashboard(config: ServerConfig, dashboard_address: str, announce: str = "") -> int:
     """Runs a server and its dashboard until SIGTERM or SIGINT, then stops both (as ``edge.server.serve``).
 
@@ -82,6 +102,9 @@ async def serve_with_dashboard(config: ServerConfig, dashboard_address: str, ann
     try:
         dashboard = dashboard_for(server, dashboard_address)
         await dashboard.start()
+        warning = exposure_warning(dashboard_address, authenticated=dashboard.authenticated)
+        if warning:
+            log.warning("%s", warning)
         if announce:
             log.info("%s", announce)
         await stop_requested.wait()

@@ -64,11 +64,22 @@
   }
 
   function onSample(sample) {
+    if (sample.types) showCounts(sample);
+    showThroughput(sample);
+  }
+
+  function showCounts(sample) {
     fillTable("types-table", sample.types, "type");
     fillTable("queues-table", sample.queues, null);
     document.getElementById("total-queued").textContent = shown(total(sample.types, "queued"), sample.capped, sample.cap);
     document.getElementById("total-running").textContent = shown(total(sample.types, "running"), sample.capped, sample.cap);
     document.getElementById("total-failed").textContent = shown(total(sample.types, "failed"), sample.capped, sample.cap);
+    document.getElementById("overview-note").textContent =
+      "Counts of the jobs you may see, kept up to date live" +
+      (sample.capped ? "; more than " + sample.cap + " in a state: counts stop there." : ".");
+  }
+
+  function showThroughput(sample) {
     if (sample.ended !== null) {
       const now = Math.floor(new Date(sample.time).getTime() / 1000); // the server's clock
       if (liveSince === null) liveSince = now;
@@ -87,9 +98,6 @@
       const rate = minute.length ? minute.reduce((a, b) => a + b, 0) / minute.length : 0;
       document.getElementById("rate").textContent = rate.toFixed(1);
     }
-    document.getElementById("overview-note").textContent =
-      "Counts of the jobs you may see, updated every second" +
-      (sample.capped ? "; more than " + sample.cap + " in a state: counts stop there and the throughput is an estimate." : ".");
   }
 
   document.addEventListener("DOMContentLoaded", () => {
