@@ -342,6 +342,10 @@ def test_without_a_tokens_file_the_dashboard_is_as_open_as_the_api_but_writes_st
     try:
         visitor = Http(running.url)
         assert visitor.call("/")[0] == 200
+        # A page of another site whose name now points here (DNS rebinding) gets nothing.
+        port = urllib.parse.urlsplit(running.url).port
+        assert visitor.call("/api/session", headers={"Host": f"evil.example:{port}"})[0] == 421
+        assert visitor.call("/", headers={"Host": f"localhost:{port}"})[0] == 200
         status, headers, _ = visitor.call("/signin")
         assert status == 303
         assert headers["Location"] == "/"

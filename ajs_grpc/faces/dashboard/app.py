@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import html
+import ipaddress
 import json
 import logging
 import secrets
@@ -42,7 +43,7 @@ from ajs_grpc.core.model import RequestState
 from ajs_grpc.faces.client import AsyncClient
 from ajs_grpc.faces.dashboard.views import count_jobs, job_json, response_json
 
-__all__ = ["SESSION_COOKIE", "Dashboard"]
+__all__ = ["SESSION_COOKIE", "Dashboard", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class Dashboard:
         self._open_session = Session(token=None, principal="", admin=True)
         self._streams: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
+        self._loopback_only = False
         self.app = self._make_app()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -150,9 +152,9 @@ class Dashboard:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or None, int(port), reuse_address=True)
         await site.start()
-        server = site._server  # the asyncio server: the port actually bound
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        bound = self._runner.addresses  # (host, port, ...) of each listening socket
+        self.port = int(bound[0][1]) if bound else int(port)
+        self._loopback_only = is_loopback(host.strip("[]"))
         log.info("dashboard on http://%s:%d/", host or "0.0.0.0", self.port)
         return self.port
 
@@ -212,6 +214,10 @@ class Dashboard:
     async def _signed_in(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if not self.authenticated and self._loopback_only and not is_loopback(request.url.host or ""):
+            # An open dashboard on loopback answers only to loopback names: a page of another
+            # site whose name was rebound to 127.0.0.1 (DNS rebinding) must not read or act.
+            return _json_error(421, "MISDIRECTED", "this dashboard answers only to localhost")
         session = self._session_of(request)
         if session is None and not self._is_public(request):
             if request.path.startswith("/api/"):
@@ -281,11 +287,11 @@ class Dashboard:
         client = AsyncClient(self.target, channel=self._channel, token=token, timeout=15.0)
         try:
             await client.list_page(page_size=1)
+            admin = await _is_admin(client)
         except AjsError as error:
             if error.code is Code.UNAUTHENTICATED:
                 return self._signin_form(next_page, f"The server refused this token: {error.message}", 401)
-            raise
-        admin = await _is_admin(client)
+            return self._signin_form(next_page, f"The server could not check the token: {error.message}", 503)
         described = self._who_is(token) if self._who_is is not None else None
         principal = described[0] if described else ""
         session = Session(token=token, principal=principal, admin=admin)
@@ -565,6 +571,17 @@ async def _is_admin(client: AsyncClient) -> bool:
             return False
         raise
     return True
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (IPv4 or IPv6, brackets or not)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _local_path(target: str) -> str:

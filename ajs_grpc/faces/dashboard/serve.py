@@ -11,7 +11,7 @@ from pathlib import Path
 from ajs_grpc.core.errors import AjsError, ConfigError
 from ajs_grpc.edge.auth import Authenticator
 from ajs_grpc.edge.server import AjsServer, ServerConfig
-from ajs_grpc.faces.dashboard.app import Dashboard, WhoIs
+from ajs_grpc.faces.dashboard.app import Dashboard, WhoIs, is_loopback
 
 __all__ = ["check_config", "dashboard_for", "exposure_warning", "loopback_target", "serve_with_dashboard"]
 
@@ -67,12 +67,7 @@ def dashboard_for(server: AjsServer, address: str) -> Dashboard:
 
 def exposure_warning(address: str, *, authenticated: bool) -> str | None:
     """What ``ajs serve`` warns of when the dashboard (plain HTTP) listens beyond this machine."""
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name, or "" for every address
-        loopback = False
-    if loopback:
+    if is_loopback(address.rpartition(":")[0]):
         return None
     if not authenticated:
         return (
