@@ -318,6 +318,23 @@ def test_the_overview_counts_only_the_viewers_jobs_and_those_that_ended(served: 
     stream.close()
 
 
+def test_a_typed_input_and_output_are_shown_as_json(served: Served) -> None:
+    from ajs_examples.proto.ajs.examples.v1.hash_pb2 import Algorithm, HashRequest
+
+    with served.client("alice") as client:
+        task = HashRequest(data=b"abc", algorithm=Algorithm.ALGORITHM_SHA256, rounds=1)
+        request_id = client.submit("hash", input=task).job.request.id
+        assert list(client.watch(request_id))[-1].state.name == "FINISHED"
+    alice = Http(served.url)
+    alice.sign_in("alice")
+    status, job = alice.json("/api/job?id=" + urllib.parse.quote(request_id, safe=""))
+    assert status == 200
+    assert job["input_type"] == "ajs.examples.v1.HashRequest"
+    assert job["input"] == {"data": "YWJj", "algorithm": "ALGORITHM_SHA256", "rounds": 1}
+    assert job["last"]["output_type"] == "ajs.examples.v1.HashResponse"
+    assert job["last"]["output"] == {"hex_digest": hashlib.sha256(b"abc").hexdigest()}
+
+
 def test_an_admin_sees_paused_queues_on_the_overview(served: Served) -> None:
     with served.client("root") as root_client:
         root_client.pause_queue("maintenance")
@@ -506,3 +523,18 @@ def test_in_the_browser_job_data_is_shown_as_text_never_run(served: Served, brow
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr"))
     assert not driver.find_elements(By.CSS_SELECTOR, "main img, main script, main i")
     assert "owned" not in driver.title
+
+
+def test_in_the_browser_a_typed_output_is_shown_as_json(served: Served, browser: Any) -> None:
+    from ajs_examples.proto.ajs.examples.v1.hash_pb2 import Algorithm, HashRequest
+
+    driver = browser
+    with served.client("alice") as client:
+        task = HashRequest(data=b"dashboard", algorithm=Algorithm.ALGORITHM_SHA256, rounds=1)
+        request_id = client.submit("hash", input=task).job.request.id
+    _sign_in_in_browser(driver, served, "alice")
+    driver.get(served.url + "/job?id=" + urllib.parse.quote(request_id, safe=""))
+    _wait(driver, lambda d: _text(d, "job-state") == "FINISHED")
+    digest = hashlib.sha256(b"dashboard").hexdigest()
+    _wait(driver, lambda d: digest in _text(d, "job-output"))
+    assert "ALGORITHM_SHA256" in _text(driver, "job-input")

@@ -41,7 +41,7 @@ from aiohttp import web
 from ajs_grpc.core.errors import AjsError, Code, InvalidArgument
 from ajs_grpc.core.model import RequestState
 from ajs_grpc.faces.client import AsyncClient
-from ajs_grpc.faces.dashboard.views import count_jobs, job_json, response_json
+from ajs_grpc.faces.dashboard.views import Payloads, count_jobs, job_json, response_json
 
 __all__ = ["SESSION_COOKIE", "Dashboard", "is_loopback"]
 
@@ -382,7 +382,7 @@ class Dashboard:
         request_id = request.query.get("id", "")
 
         async def call(client: AsyncClient) -> Any:
-            return job_json(await client.get(request_id))
+            return job_json(await client.get(request_id), await Payloads.of(client))
 
         return await self._api(request, call)
 
@@ -390,7 +390,7 @@ class Dashboard:
         request_id = request.query.get("id", "")
 
         async def call(client: AsyncClient) -> Any:
-            return job_json(await client.cancel(request_id))
+            return job_json(await client.cancel(request_id), await Payloads.of(client))
 
         return await self._api(request, call)
 
@@ -398,7 +398,7 @@ class Dashboard:
         request_id = request.query.get("id", "")
 
         async def call(client: AsyncClient) -> Any:
-            return job_json(await client.retry(request_id))
+            return job_json(await client.retry(request_id), await Payloads.of(client))
 
         return await self._api(request, call)
 
@@ -465,16 +465,17 @@ class Dashboard:
         client = self._client(request)
         try:
             job = await client.get(request_id)
+            payloads = await Payloads.of(client)
         except AjsError as error:
             return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)
         async with self._event_stream(request) as stream:
-            await stream.send("job", job_json(job))
+            await stream.send("job", job_json(job, payloads))
             try:
                 async for response in client.watch(request_id, after_sequence=after):
-                    await stream.send("response", response_json(response), event_id=str(response.sequence))
+                    await stream.send("response", response_json(response, payloads), event_id=str(response.sequence))
                     if response.is_final:
                         break
-                await stream.send("job", job_json(await client.get(request_id)))
+                await stream.send("job", job_json(await client.get(request_id), payloads))
                 await stream.send("end", {})
             except AjsError as error:
                 await stream.send("problem", {"code": error.code.name, "message": error.message})

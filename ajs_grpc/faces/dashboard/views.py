@@ -7,15 +7,20 @@ return, so an overview never counts a job its viewer could not list.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from ajs_grpc.core.model import ErrorStatus, Job, RequestState, Response
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from ajs_grpc.core.model import ErrorStatus, Job, JobType, RequestState, Response
+from ajs_grpc.edge import dynamic
 from ajs_grpc.faces.client import AsyncClient
 
-__all__ = ["count_jobs", "job_json", "response_json"]
+__all__ = ["Payloads", "count_jobs", "job_json", "response_json"]
 
 # States the overview counts (queued, running) and those it treats as ended.
 UNFINISHED = (RequestState.CREATED, RequestState.PENDING)
@@ -35,7 +40,36 @@ def _error_json(error: ErrorStatus | None) -> dict[str, Any] | None:
     return {"code": error.code.name, "message": error.message, "reason": error.reason, "metadata": dict(error.metadata)}
 
 
-def response_json(response: Response) -> dict[str, Any]:
+class Payloads:
+    """Typed inputs and outputs as JSON, read with the descriptors the server publishes for its job types."""
+
+    def __init__(self, job_types: Collection[JobType] = ()) -> None:
+        self._sets = {
+            name: job_type.file_descriptor_set
+            for job_type in job_types
+            for name in (job_type.input_type, job_type.output_type)
+            if name and job_type.file_descriptor_set
+        }
+
+    @classmethod
+    async def of(cls, client: AsyncClient) -> Payloads:
+        """The payload reader of the server ``client`` calls."""
+        return cls(await client.job_types())
+
+    def json(self, payload: any_pb2.Any | None) -> Any:
+        """``payload`` as a JSON value, or None if no job type describes its message."""
+        if payload is None or payload.TypeName() not in self._sets:
+            return None
+        try:
+            return json.loads(dynamic.to_json(self._sets[payload.TypeName()], payload))
+        except (KeyError, TypeError, ValueError, DecodeError):
+            return None
+
+
+NO_PAYLOADS = Payloads()
+
+
+def response_json(response: Response, payloads: Payloads = NO_PAYLOADS) -> dict[str, Any]:
     """One Response as the job page's timeline shows it."""
     return {
         "sequence": response.sequence,
@@ -47,11 +81,12 @@ def response_json(response: Response) -> dict[str, Any]:
         else {"fraction": response.progress.fraction, "message": response.progress.message},
         "data": dict(response.data),
         "output_type": response.output.TypeName() if response.output is not None else None,
+        "output": payloads.json(response.output),
         "error": _error_json(response.error),
     }
 
 
-def job_json(job: Job) -> dict[str, Any]:
+def job_json(job: Job, payloads: Payloads = NO_PAYLOADS) -> dict[str, Any]:
     """A job as the list and the job page show it (ids as its viewer names them)."""
     request = job.request
     return {
@@ -69,12 +104,13 @@ def job_json(job: Job) -> dict[str, Any]:
         "depends_on": list(request.depends_on),
         "data": dict(request.data),
         "input_type": request.input.TypeName() if request.input is not None else None,
+        "input": payloads.json(request.input),
         "create_time": _iso(request.create_time),
         "update_time": _iso(job.update_time),
         "run_after": _iso(request.run_after),
         "due_time": _iso(job.due_time),
         "expire_time": _iso(request.expire_time),
-        "last": response_json(job.last_response),
+        "last": response_json(job.last_response, payloads),
     }
 
 

@@ -68,7 +68,17 @@
       });
       detail(list, "Depends on", links);
     }
-    detail(list, "Input", current.input_type);
+    if (current.input_type) {
+      const input = el("span", {}, el("span", { class: "muted", text: current.input_type }));
+      if (current.input !== null) input.append(el("pre", { class: "json", id: "job-input", text: JSON.stringify(current.input, null, 2) }));
+      detail(list, "Input", input);
+    }
+    const output = current.last && current.last.output_type ? current.last : null;
+    if (output) {
+      const shown = el("span", {}, el("span", { class: "muted", text: output.output_type }));
+      if (output.output !== null) shown.append(el("pre", { class: "json", id: "job-output", text: JSON.stringify(output.output, null, 2) }));
+      detail(list, "Output", shown);
+    }
     detail(list, "Children", el("a", { href: "/jobs?parent=" + encodeURIComponent(current.id), text: "list" }));
     const entries = Object.entries(current.data).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
     document.querySelector("#job-data tbody").replaceChildren(
@@ -83,7 +93,10 @@
     if (response.error) note.append(el("span", { class: "err", text: response.error.code + ": " + response.error.message }));
     const data = Object.entries(response.data);
     if (data.length) note.append(el("code", { text: " " + data.map(([k, v]) => k + "=" + v).join(" ") }));
-    if (response.output_type) note.append(el("span", { class: "muted", text: " output " + response.output_type }));
+    if (response.output_type) {
+      note.append(el("span", { class: "muted", text: " output " + response.output_type + " " }));
+      if (response.output !== null) note.append(el("code", { text: JSON.stringify(response.output) }));
+    }
     return note;
   }
 
