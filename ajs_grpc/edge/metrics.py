@@ -41,7 +41,10 @@ class Metrics:
         self.ended = Counter("ajs_jobs_ended", "Jobs that ended, by final state", ["type", "state"], registry=registry)
         self.retried = Counter("ajs_jobs_retried", "Attempts handed back to the queue", ["type"], registry=registry)
         self.calls = Counter(
-            "ajs_grpc_calls", "gRPC calls (JobService, Operations) by method and status code", ["method", "code"], registry=registry
+            "ajs_grpc_calls",
+            "gRPC calls (JobService, Operations) by method and status code",
+            ["method", "code"],
+            registry=registry,
         )
         self.duration = Histogram(
             "ajs_job_duration_seconds", "How long attempts ran", ["type"], buckets=_DURATION_BUCKETS, registry=registry
