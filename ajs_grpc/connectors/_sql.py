@@ -124,6 +124,10 @@ SUBSTITUTIONS = {
     "RESPONSE_COLUMNS": RESPONSE_COLUMNS,
     # SQLite: the highest feed number given so far (kept in feed_floor once Responses are deleted).
     "FEED_END": "max(coalesce((SELECT max(feed) FROM responses), 0), (SELECT n FROM feed_floor))",
+    # PostgreSQL: the label of a job's next Response (in a statement that saves the job as "saved"):
+    # the writer's transaction id, or the job's previous Response's label if that is higher.
+    "FEED_XID": "GREATEST(pg_current_xact_id(), (SELECT p.xid FROM responses p "
+    "WHERE p.position = saved.position AND p.sequence = %(sequence)s - 1))",
 }
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -210,15 +214,17 @@ def _any(type_url: str | None, value: bytes | None) -> any_pb2.Any | None:
     return None if type_url is None else any_pb2.Any(type_url=type_url, value=bytes(value or b""))
 
 
-def _feed_place(token: str, prefix: str) -> tuple[int, int, int] | None:
-    """The place a feed token of :meth:`SqlConnector.feed` names; None if it is none."""
+def _feed_place(token: str, prefix: str) -> tuple[str, int, int, int] | None:
+    """The store and place a feed token of :meth:`SqlConnector.feed` names; None if it is none."""
     if not token.startswith(prefix):
         return None
-    parts = token[len(prefix) :].split(".")
+    store, *parts = token[len(prefix) :].split(".")
     if len(parts) != 3 or not all(part.isascii() and part.isdigit() and len(part) <= 19 for part in parts):
         return None
     k, position, sequence = (int(part) for part in parts)
-    return k, position, sequence
+    if max(k, position, sequence) >= 2**63:
+        return None
+    return store, k, position, sequence
 
 
 def response_from_row(request_id: str, row: Sequence[Any], decoding: Decoding) -> Response:
@@ -1049,21 +1055,25 @@ class SqlConnector(Connector, abc.ABC):
         # A place is (k, position, sequence): k the transaction id (PostgreSQL) or the feed
         # number (SQLite), below "bound" once every transaction that could store there ended.
         prefix = self.name[0]
-        place = _feed_place(after, prefix) if after else None
-        if after and place is None:
+        parsed = _feed_place(after, prefix) if after else None
+        if after and parsed is None:
             raise self._bad_token(after)
-        if place is not None and not limit:
-            return FeedPage([], after)
         d = self.dialect
 
-        def token(k: int, position: int, sequence: int) -> str:
-            return f"{prefix}{k}.{position}.{sequence}"
-
         async def read(session: Session) -> FeedPage:
-            bound_text, newest_text = (await session.fetch("feed_horizon", {}))[0]
+            bound_text, newest_text, store, next_text = (await session.fetch("feed_horizon", {}))[0]
             bound, newest = int(bound_text), int(newest_text or 0)
-            if place is None:
+
+            def token(k: int, position: int, sequence: int) -> str:
+                return f"{prefix}{store}.{k}.{position}.{sequence}"
+
+            if parsed is None:
                 return FeedPage([], token(bound, 0, 0))
+            made_by, *place = parsed
+            if made_by != store or place[0] > int(next_text):  # another store's, or from ahead of this one
+                raise self._bad_token(after)
+            if not limit:
+                return FeedPage([], after)
             params = {
                 "k": d.feed_key(place[0]),
                 "position": place[1],
@@ -1088,7 +1098,7 @@ class SqlConnector(Connector, abc.ABC):
             ]
             if len(rows) == limit:
                 return FeedPage(items, items[-1].token, more=True)
-            end = max(place, (bound, 0, 0))
+            end = max((place[0], place[1], place[2]), (bound, 0, 0))
             return FeedPage(items, token(*end), pending=newest >= bound)
 
         return await self._read(read)

@@ -20,7 +20,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapp
 from datetime import datetime
 from typing import ClassVar, Protocol, TypeAlias
 
-from ajs_grpc.core.errors import AjsError, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from ajs_grpc.core.errors import (
+    AjsError,
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+)
 from ajs_grpc.core.model import NO_FLOW, Flow, Job, Request, RequestState, Response, Update, now
 from ajs_grpc.core.schedules import Schedule
 
@@ -476,6 +484,9 @@ class Connector(abc.ABC):
         self._clock = clock
         # Wake-ups of the open feeds (watch_jobs): any Response stored may be theirs.
         self._feed_watchers: set[asyncio.Event] = set()
+        # How many times the feeds were woken, and their reads in flight (see _shared_feed).
+        self._feed_announced = 0
+        self._feed_reads: dict[tuple[str, JobFilter], tuple[int, asyncio.Future[FeedPage]]] = {}
 
     def _now(self) -> datetime:
         """The time a claim, a renewal or an expiry is measured from: the given clock's, else the process's."""
@@ -770,7 +781,6 @@ class Connector(abc.ABC):
             NotFound: no such request.
         """
 
-    @abc.abstractmethod
     async def feed(self, after: str, job_filter: JobFilter, limit: int) -> FeedPage:
         """Reads the feed of every job's Responses after place ``after``, up to ``limit`` matching ones.
 
@@ -782,9 +792,14 @@ class Connector(abc.ABC):
         instance sharing the store, and across restarts of persistent stores. Its places
         are opaque tokens. ``after`` empty is "now": nothing stored before the call.
 
+        A token from ahead of the store (another store's, or one restored from a
+        backup since) is refused rather than read past.
+
         Raises:
             InvalidArgument: ``after`` is no token of this store (reason BAD_RESUME_TOKEN).
+            Unimplemented: the connector keeps no feed (a plugin's written before it).
         """
+        raise Unimplemented(f"the {self.name} connector keeps no feed of Responses", reason="FEED_NOT_SUPPORTED")
 
     def _bad_token(self, token: str) -> InvalidArgument:
         """The error for a resume token this store did not make."""
@@ -812,7 +827,7 @@ class Connector(abc.ABC):
             quiet = 0.0
             while True:
                 changed.clear()
-                page = await self.feed(token, job_filter, FEED_BATCH)
+                page = await self._shared_feed(token, job_filter)
                 for item in page.items:
                     yield item
                 if page.items:
@@ -822,14 +837,42 @@ class Connector(abc.ABC):
                     continue
                 wait = FEED_PENDING_POLL if page.pending else FEED_BOOKMARK_EVERY - quiet
                 started = asyncio.get_running_loop().time()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+                # that comes in the loop turn the event is set, and every Response sets it.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), max(wait, 0.0))
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await changed.wait()
                 quiet += asyncio.get_running_loop().time() - started
                 if quiet >= FEED_BOOKMARK_EVERY:
                     yield token
                     quiet = 0.0
         finally:
             self._feed_watchers.discard(changed)
+
+    async def _shared_feed(self, after: str, job_filter: JobFilter) -> FeedPage:
+        """:meth:`feed` after ``after``, one read for every stream at that place with that filter.
+
+        As :meth:`_shared_read` for watches: the streams of one dashboard or one worker
+        fleet wake together at each Response and share a read, unless a Response was
+        announced after it started.
+        """
+        key = (after, job_filter)
+        found = self._feed_reads.get(key)
+        read: asyncio.Future[FeedPage]
+        if found is None or found[0] != self._feed_announced:
+            read = asyncio.ensure_future(self.feed(after, job_filter, FEED_BATCH))
+            self._feed_reads[key] = (self._feed_announced, read)
+
+            def forget(done: asyncio.Future[FeedPage]) -> None:
+                if (kept := self._feed_reads.get(key)) is not None and kept[1] is done:
+                    del self._feed_reads[key]
+                if not done.cancelled():
+                    done.exception()  # retrieved: a failed read nobody awaits any more is not logged as lost
+
+            read.add_done_callback(forget)
+        else:
+            read = found[1]
+        return await asyncio.shield(read)
 
     async def watch(self, request_id: str, after_sequence: int = 0) -> AsyncIterator[Response]:
         """Yields the stored Responses after ``after_sequence``, then the live ones.
@@ -927,6 +970,7 @@ class Connector(abc.ABC):
 
     def _notify_feeds(self) -> None:
         """Wakes the open feeds (:meth:`watch_jobs`) to read what was stored."""
+        self._feed_announced += 1
         for feed in self._feed_watchers:
             feed.set()
 

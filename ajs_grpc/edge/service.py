@@ -43,6 +43,7 @@ from ajs_grpc.edge.validation import (
     MAX_SEQUENCE,
     MAX_TOKEN_LENGTH,
     at_index,
+    check_filter_values,
     check_id,
     check_queue,
     check_type,
@@ -322,10 +323,11 @@ class JobService:
         """Streams the Responses of the matching jobs as they are stored, after a bookmark (never ends)."""
         principal = caller.principal
         violations: list[FieldViolation] = []
-        for index, request_type in enumerate(message.types):
-            check_type(request_type, f"types[{index}]", violations)
-        for index, queue in enumerate(message.queues):
-            check_queue(queue, f"queues[{index}]", violations, required=True)
+        check_filter_values(message.states, "states", violations)
+        check_filter_values(message.types, "types", violations, lambda value, at: check_type(value, at, violations))
+        check_filter_values(
+            message.queues, "queues", violations, lambda value, at: check_queue(value, at, violations, required=True)
+        )
         check_id(message.parent_id, "parent_id", violations, required=False)
         if len(message.after_token) > MAX_TOKEN_LENGTH:
             violations.append(FieldViolation("after_token", f"must be at most {MAX_TOKEN_LENGTH} characters"))
@@ -375,8 +377,8 @@ class JobService:
         violations: list[FieldViolation] = []
         if message.page_size < 0:
             violations.append(FieldViolation("page_size", "must not be negative"))
-        for index, request_type in enumerate(message.types):
-            check_type(request_type, f"types[{index}]", violations)
+        check_filter_values(message.states, "states", violations)
+        check_filter_values(message.types, "types", violations, lambda value, at: check_type(value, at, violations))
         check_id(message.parent_id, "parent_id", violations, required=False)
         if violations:
             raise invalid(violations)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import uuid
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
@@ -113,6 +114,23 @@ def check_id(value: str, field: str, violations: list[FieldViolation], *, requir
         violations.append(FieldViolation(field, f"must be at most {MAX_ID_LENGTH} characters"))
     elif not _ID.fullmatch(value):
         violations.append(FieldViolation(field, "must be printable ASCII without spaces"))
+
+
+# The most values one filter field (types, queues, states) may list: a stream's filter is applied at
+# every read, and nobody needs more.
+MAX_FILTER_VALUES = 100
+
+
+def check_filter_values(
+    values: Sequence[Any], field: str, violations: list[FieldViolation], check: Callable[[Any, str], None] | None = None
+) -> None:
+    """Adds violations if ``values`` (a repeated filter field) are too many, or one fails ``check``."""
+    if len(values) > MAX_FILTER_VALUES:
+        violations.append(FieldViolation(field, f"must list at most {MAX_FILTER_VALUES} values"))
+        return
+    if check is not None:
+        for index, value in enumerate(values):
+            check(value, f"{field}[{index}]")
 
 
 def check_type(value: str, field: str, violations: list[FieldViolation]) -> None:

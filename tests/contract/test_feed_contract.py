@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from ajs_grpc.connectors.base import Connector, FeedItem, JobFilter
-from ajs_grpc.core.errors import InvalidArgument
+from ajs_grpc.connectors.base import Connector, FeedItem, FeedPage, JobFilter
+from ajs_grpc.connectors.memory import MemoryConnector
+from ajs_grpc.core.errors import InvalidArgument, Unimplemented
 from ajs_grpc.core.model import Progress, Request, RequestState, Update
+from tests.conftest import CONNECTORS, drop_schema
 from tests.helpers import eventually
 
 S = RequestState
@@ -181,3 +184,89 @@ async def test_watch_jobs_streams_live_after_a_bookmark(connector: Connector) ->
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_token_of_another_store_of_the_same_kind_is_refused(
+    connector: Connector, connector_name: str, tmp_path: Path
+) -> None:
+    # A database made again (or another instance's in-memory queue) gives tokens of its own.
+    other = CONNECTORS[connector_name](tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    await other.open()
+    try:
+        foreign = (await other.feed("", JobFilter(), 0)).token
+    finally:
+        await other.close()
+        if isinstance(schema := getattr(other, "schema", None), str):
+            drop_schema(schema)
+    with pytest.raises(InvalidArgument) as refused:
+        await connector.feed(foreign, JobFilter(), 10)
+    assert refused.value.reason == "BAD_RESUME_TOKEN"
+
+
+async def test_a_cancelled_stream_stops_while_responses_keep_coming(connector: Connector) -> None:
+    # Every stored Response wakes every stream: a cancel that comes in the same loop turn
+    # must still end the stream (and free its slot), not be swallowed by the wake-up.
+    async def follow() -> None:
+        async for _ in connector.watch_jobs(JobFilter(types=frozenset({"other"}))):
+            pass
+
+    followers = [asyncio.create_task(follow()) for _ in range(20)]
+    await eventually(lambda: len(connector._feed_watchers) == 20)
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        index = 0
+        while not stop.is_set():
+            await connector.enqueue(Request(id=f"j{index}", type="t"))
+            index += 1
+            await asyncio.sleep(0)  # the memory connector never awaits: let the followers run
+
+    producer = asyncio.create_task(produce())
+    try:
+        await eventually(lambda: connector._feed_announced > 20)
+        for follower in followers:
+            follower.cancel()
+        _, running = await asyncio.wait(followers, timeout=5)
+        assert not running
+        assert not connector._feed_watchers
+    finally:
+        stop.set()
+        await producer
+
+
+async def test_a_connector_plugin_without_a_feed_answers_unimplemented() -> None:
+    # Connectors written before the feed still load; WatchJobs on them is UNIMPLEMENTED.
+    with pytest.raises(Unimplemented) as refused:
+        await Connector.feed(MemoryConnector(), "", JobFilter(), 0)
+    assert refused.value.reason == "FEED_NOT_SUPPORTED"
+
+
+async def test_streams_at_one_place_with_one_filter_share_their_reads(connector: Connector) -> None:
+    reads = 0
+    feed = connector.feed
+
+    async def counted(after: str, job_filter: JobFilter, limit: int) -> FeedPage:
+        nonlocal reads
+        reads += limit > 0
+        return await feed(after, job_filter, limit)
+
+    connector.feed = counted  # type: ignore[method-assign]
+    got: list[list[FeedItem]] = [[] for _ in range(20)]
+
+    async def follow(into: list[FeedItem]) -> None:
+        async for event in connector.watch_jobs(JobFilter(types=frozenset({"t"}))):
+            if isinstance(event, FeedItem):
+                into.append(event)
+
+    followers = [asyncio.create_task(follow(into)) for into in got]
+    try:
+        await eventually(lambda: len(connector._feed_watchers) == 20 and not connector._feed_reads)
+        before = reads
+        await connector.enqueue(Request(id="one", type="t"))
+        await eventually(lambda: all(len(into) == 1 for into in got))
+        assert reads - before < 10  # a few shared reads (wake-ups from two sources), not one per stream
+    finally:
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)

@@ -110,6 +110,9 @@ async def test_a_principal_sees_only_its_own_jobs_and_an_admin_all(secured: Secu
         (pb.WatchJobsRequest(types=["bad type"]), "types[0]"),
         (pb.WatchJobsRequest(queues=["", "ok"]), "queues[0]"),
         (pb.WatchJobsRequest(parent_id="with space"), "parent_id"),
+        (pb.WatchJobsRequest(types=["t"] * 101), "types"),
+        (pb.WatchJobsRequest(queues=["q"] * 101), "queues"),
+        (pb.WatchJobsRequest(states=[pb.REQUEST_STATE_CREATED] * 101), "states"),
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
@@ -122,3 +125,11 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
     assert field in [name for name, _ in bad_request(refused.value)]
     if field == "after_token" and len(request_message.after_token) < 100:
         assert error_info(refused.value).reason == "BAD_RESUME_TOKEN"
+
+
+async def test_list_jobs_refuses_a_filter_of_more_than_100_types(stub: pb_grpc.JobServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ListJobs(pb.ListJobsRequest(types=[f"t{i}" for i in range(101)]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(refused.value) == [("types", "must list at most 100 values")]
+    assert (await stub.ListJobs(pb.ListJobsRequest(types=[f"t{i}" for i in range(100)]))).jobs == []

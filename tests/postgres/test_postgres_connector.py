@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
 
-from ajs_grpc.connectors._sql import load_queries
+from ajs_grpc.connectors._sql import Done, load_queries
 from ajs_grpc.connectors.base import FeedItem, JobFilter
 from ajs_grpc.connectors.postgres import SCHEMA_VERSION, PostgresConnector
 from ajs_grpc.core.errors import ConnectorError, NotFound
 from ajs_grpc.core.model import Request, RequestState, Update
 from tests.conftest import drop_schema, postgres_dsn, unique_schema
-from tests.helpers import eventually
+from tests.helpers import FakeClock, eventually
 
 S = RequestState
 
@@ -372,3 +373,57 @@ async def test_a_feed_follows_what_another_instance_writes(two: tuple[PostgresCo
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_feed_keeps_each_jobs_responses_in_stored_order_when_writers_race(schema: str) -> None:
+    # Instance 1's transaction takes its id, then instance 2 requeues J (its lease ran out) and
+    # commits, then instance 1 cancels J in that older transaction. By transaction id alone the
+    # cancel (sequence 4) would come before the requeue (sequence 3) it follows.
+    clock = FakeClock()
+    first = PostgresConnector(postgres_dsn(), schema, writers=1, clock=clock)
+    second = PostgresConnector(postgres_dsn(), schema, writers=1, clock=clock)
+    await first.open()
+    await second.open()
+    try:
+        await _race_a_requeue_and_a_cancel(first, second, clock)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _race_a_requeue_and_a_cancel(first: PostgresConnector, second: PostgresConnector, clock: FakeClock) -> None:
+    start = (await first.feed("", JobFilter(), 0)).token
+    await first.enqueue(Request(id="J", type="t"), max_attempts=2)
+    await first.claim("w", limit=1, lease=5)
+    clock.advance(10)  # the worker hung: its lease ran out
+    began, go_on = asyncio.Event(), asyncio.Event()
+
+    async def earlier_write(session: Any) -> Done[None]:  # a write ahead of the cancel in one group commit
+        await session.connection.execute("SELECT pg_current_xact_id()")
+        began.set()
+        await go_on.wait()
+        return Done(None)
+
+    writing = asyncio.create_task(first._write(earlier_write))
+    cancelling = asyncio.create_task(first.cancel("J"))
+    await began.wait()
+    assert await second.recover_expired() == 1  # J's sequence 3 (CREATED), committed first
+    go_on.set()
+    await writing
+    assert (await cancelling).state is S.CANCELLED  # sequence 4, in the older transaction
+    fed = [(i.response.sequence, i.response.state) for i in (await second.feed(start, JobFilter(), 100)).items]
+    assert fed == [(1, S.CREATED), (2, S.PENDING), (3, S.CREATED), (4, S.CANCELLED)]
+
+
+async def test_a_transaction_open_in_another_database_does_not_hold_the_feed_back(
+    two: tuple[PostgresConnector, PostgresConnector],
+) -> None:
+    first, _ = two
+    start = (await first.feed("", JobFilter(), 0)).token
+    other_database = psycopg.conninfo.make_conninfo(postgres_dsn(), dbname="postgres")
+    with psycopg.connect(other_database) as elsewhere:
+        elsewhere.execute("SELECT pg_current_xact_id()")  # an id, held until the end of this block
+        await first.enqueue(Request(id="a", type="t"))
+        page = await first.feed(start, JobFilter(), 10)
+        assert [i.response.request_id for i in page.items] == ["a"]
+        assert not page.pending

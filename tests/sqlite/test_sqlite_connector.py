@@ -21,8 +21,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ajs_grpc.connectors._sql import load_queries
+from ajs_grpc.connectors.base import JobFilter
 from ajs_grpc.connectors.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteConnector
-from ajs_grpc.core.errors import AlreadyExists, ConnectorError, ResourceExhausted
+from ajs_grpc.core.errors import AlreadyExists, ConnectorError, InvalidArgument, ResourceExhausted
 from ajs_grpc.core.model import Request, RequestState
 from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
@@ -294,3 +295,20 @@ async def test_a_full_disk_answers_submits_resource_exhausted_with_details(tmp_p
                 assert info.reason == "STORAGE_FULL"
         finally:
             await server.stop()
+
+
+async def test_a_feed_token_from_ahead_of_the_store_or_out_of_range_is_refused(tmp_path: Path) -> None:
+    # A database restored from an older backup: a client's token points past what it holds.
+    connector = SqliteConnector(tmp_path / "a.db", synchronous="NORMAL")
+    await connector.open()
+    try:
+        await connector.enqueue(Request(id="a", type="t"))
+        now = (await connector.feed("", JobFilter(), 0)).token
+        store, k, _, _ = now[1:].split(".")
+        for bad in (f"s{store}.{int(k) + 5000}.0.0", f"s{store}.1.{2**63}.0", f"s{store}.1.0"):
+            with pytest.raises(InvalidArgument) as refused:
+                await connector.feed(bad, JobFilter(), 10)
+            assert refused.value.reason == "BAD_RESUME_TOKEN"
+        assert (await connector.feed(now, JobFilter(), 10)).items == []
+    finally:
+        await connector.close()

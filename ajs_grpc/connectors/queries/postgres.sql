@@ -131,8 +131,15 @@ CREATE TABLE schedules (
 -- transaction that stored it; the feed reads in (xid, position, sequence) order and only below
 -- the oldest transaction still open, so a Response committed later never comes before one read
 -- (a sequence's order is not commit order; this is).
+-- A job's next Response is labelled with at least its previous one's id (${FEED_XID}): a transaction
+-- that got its id early and stores a job's Response after another committed one for that job
+-- would otherwise come first. The label is never below the writer's own id, so the horizon holds.
+-- feed_store names this store in its tokens: a token of another store (or of this one before a
+-- restore) is refused rather than read past.
 ALTER TABLE responses ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
-CREATE INDEX responses_feed ON responses (xid, position, sequence)
+CREATE INDEX responses_feed ON responses (xid, position, sequence);
+CREATE TABLE feed_store (id text NOT NULL);
+INSERT INTO feed_store VALUES (substr(md5(random()::text || clock_timestamp()::text), 1, 16))
 
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
@@ -186,7 +193,8 @@ WITH saved AS (
      WHERE position = %(position)s RETURNING position)
 INSERT INTO responses
 SELECT saved.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_final)s, %(r_data)s,
-       %(r_output_type_url)s, %(r_output_value)s, %(r_progress_fraction)s, %(r_progress_message)s, %(r_error)s
+       %(r_output_type_url)s, %(r_output_value)s, %(r_progress_fraction)s, %(r_progress_message)s, %(r_error)s,
+       ${FEED_XID}
   FROM saved
 
 -- name: save_job_claimed
@@ -201,7 +209,8 @@ WITH saved AS (
      WHERE position = %(position)s RETURNING position)
 INSERT INTO responses
 SELECT saved.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_final)s, %(r_data)s,
-       %(r_output_type_url)s, %(r_output_value)s, %(r_progress_fraction)s, %(r_progress_message)s, %(r_error)s
+       %(r_output_type_url)s, %(r_output_value)s, %(r_progress_fraction)s, %(r_progress_message)s, %(r_error)s,
+       ${FEED_XID}
   FROM saved
 
 -- name: save_job_released
@@ -213,7 +222,8 @@ WITH saved AS (
      WHERE position = %(position)s RETURNING position)
 INSERT INTO responses
 SELECT saved.position, %(sequence)s, %(r_create_time)s, %(r_state)s, %(r_is_final)s, %(r_data)s,
-       %(r_output_type_url)s, %(r_output_value)s, %(r_progress_fraction)s, %(r_progress_message)s, %(r_error)s
+       %(r_output_type_url)s, %(r_output_value)s, %(r_progress_fraction)s, %(r_progress_message)s, %(r_error)s,
+       ${FEED_XID}
   FROM saved
 
 -- name: claim_due
@@ -407,9 +417,19 @@ SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.positi
 
 -- name: feed_horizon
 -- Where the feed may be read up to: below the oldest transaction still open (each transaction
--- below it has ended, so no Response can appear there any more); and the newest Response's.
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text,
-       (SELECT xid FROM responses ORDER BY xid DESC LIMIT 1)::text
+-- below it has ended, so no Response can appear there any more) but for those of other databases,
+-- which cannot write here (a session of this database names them by their id's low 32 bits);
+-- the newest Response's label; this store's id; and the next transaction id (no token is beyond).
+WITH s AS (SELECT pg_current_snapshot() AS snap)
+SELECT coalesce(
+           (SELECT min(x) FROM s, pg_snapshot_xip(s.snap) AS x
+             WHERE (x::text::numeric %% 4294967296)::bigint NOT IN (
+                   SELECT backend_xid::text::bigint FROM pg_stat_activity
+                    WHERE backend_xid IS NOT NULL AND datname IS NOT NULL AND datname <> current_database())),
+           (SELECT pg_snapshot_xmax(snap) FROM s))::text,
+       (SELECT xid FROM responses ORDER BY xid DESC LIMIT 1)::text,
+       (SELECT id FROM feed_store),
+       (SELECT pg_snapshot_xmax(snap) FROM s)::text
 
 -- name: feed
 -- The feed's matching Responses after place (%(k)s, %(position)s, %(sequence)s), below the horizon.

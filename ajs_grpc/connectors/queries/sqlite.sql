@@ -129,11 +129,12 @@ CREATE TABLE schedules (
 -- Schema version 4: the feed of every job's Responses (WatchJobs). Each Response gets the next
 -- feed number as it is stored (one writer at a time: numbers follow commit order); feed_floor
 -- keeps the highest number ever given once Responses are deleted, so none is given twice.
--- Responses stored before this version are not in the feed.
+-- Responses stored before this version are not in the feed. feed_floor.store names this store in
+-- its tokens: a token of another store (a database made again) is refused rather than read past.
 ALTER TABLE responses ADD COLUMN feed INTEGER;
 CREATE INDEX responses_feed ON responses (feed);
-CREATE TABLE feed_floor (n INTEGER NOT NULL);
-INSERT INTO feed_floor VALUES (0)
+CREATE TABLE feed_floor (n INTEGER NOT NULL, store TEXT NOT NULL);
+INSERT INTO feed_floor VALUES (0, lower(hex(randomblob(8))))
 
 -- name: find_job
 -- A job by id, for reads and for the idempotence check of a submit.
@@ -392,9 +393,9 @@ SELECT ${RESPONSE_COLUMNS} FROM responses r JOIN jobs j ON j.position = r.positi
  WHERE j.id = :id AND r.sequence > :after ORDER BY r.sequence LIMIT :limit
 
 -- name: feed_horizon
--- Where the feed may be read up to: every Response stored (numbers below the next one); and the
--- newest number.
-SELECT ${FEED_END} + 1, ${FEED_END}
+-- Where the feed may be read up to: every Response stored (numbers below the next one); the
+-- newest number; this store's id; and the next number (no token is beyond).
+SELECT ${FEED_END} + 1, ${FEED_END}, (SELECT store FROM feed_floor), ${FEED_END} + 1
 
 -- name: feed
 -- The feed's matching Responses after place (:k, :position, :sequence), below the horizon.
