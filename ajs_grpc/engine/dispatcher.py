@@ -401,8 +401,11 @@ class Dispatcher:
                 except Exception:  # the loop must survive a broken store
                     log.exception("claiming failed; retrying in %.1fs", ERROR_BACKOFF)
                     sleep = ERROR_BACKOFF
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel (a stop)
+            # that comes in the loop turn the wake-up is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), sleep)
+                async with asyncio.timeout(sleep):
+                    await self._wake.wait()
 
     async def _until_next_due(self) -> float | None:
         due = await self.connector.next_due_time(self.types, self.queues)

@@ -117,8 +117,9 @@ class Scheduler:
             except Exception:
                 log.exception("schedules: a round failed unexpectedly, tried again in %.1fs", self.poll)
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see Dispatcher's loop
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
 
     async def run_once(self) -> float:
         """One round over every schedule; returns the seconds until the next one is due (at most ``poll``).
