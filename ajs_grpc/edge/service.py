@@ -323,27 +323,9 @@ class JobService:
         """Streams the Responses of the matching jobs as they are stored, after a bookmark (never ends)."""
         principal = caller.principal
         violations: list[FieldViolation] = []
-        check_filter_values(message.states, "states", violations)
-        check_filter_values(message.types, "types", violations, lambda value, at: check_type(value, at, violations))
-        check_filter_values(
-            message.queues, "queues", violations, lambda value, at: check_queue(value, at, violations, required=True)
-        )
-        check_id(message.parent_id, "parent_id", violations, required=False)
         if len(message.after_token) > MAX_TOKEN_LENGTH:
             violations.append(FieldViolation("after_token", f"must be at most {MAX_TOKEN_LENGTH} characters"))
-        if violations:
-            raise invalid(violations)
-        states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
-        if RequestState.UNSPECIFIED in states:
-            raise invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
-        parent_id = principal.qualify(message.parent_id)
-        job_filter = JobFilter(
-            states=states,
-            types=frozenset(message.types),
-            queues=frozenset(message.queues),
-            parent_id=parent_id,
-            creator=await self._listed_creator(principal, parent_id),
-        )
+        job_filter = await self._job_filter(principal, message, violations)
         with self.slots.hold(caller.watch_key, self.limits):
             async for event in self.connector.watch_jobs(job_filter, message.after_token):
                 if isinstance(event, str):
@@ -377,23 +359,9 @@ class JobService:
         violations: list[FieldViolation] = []
         if message.page_size < 0:
             violations.append(FieldViolation("page_size", "must not be negative"))
-        check_filter_values(message.states, "states", violations)
-        check_filter_values(message.types, "types", violations, lambda value, at: check_type(value, at, violations))
-        check_id(message.parent_id, "parent_id", violations, required=False)
-        if violations:
-            raise invalid(violations)
+        job_filter = await self._job_filter(principal, message, violations)
         job_view = view(message.view, pb.JOB_VIEW_BASIC)
         newest_first = paging.newest_first(message.order_by)
-        states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
-        if RequestState.UNSPECIFIED in states:
-            raise invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
-        parent_id = principal.qualify(message.parent_id)
-        job_filter = JobFilter(
-            states=states,
-            types=frozenset(message.types),
-            parent_id=parent_id,
-            creator=await self._listed_creator(principal, parent_id),
-        )
         after = paging.decode_page_token(message.page_token, job_filter, newest_first) if message.page_token else 0
         size = paging.page_size(message.page_size)
         page = await self.connector.list_jobs(job_filter, size, after, newest_first=newest_first)
@@ -402,6 +370,35 @@ class JobService:
         if next_cursor is None:
             return kept, ""
         return kept, paging.encode_page_token(next_cursor, job_filter, newest_first)
+
+    async def _job_filter(
+        self, principal: Principal, message: pb.ListJobsRequest | pb.WatchJobsRequest, violations: list[FieldViolation]
+    ) -> JobFilter:
+        """The filter of a ListJobs or WatchJobs call, checked (with ``violations`` found before), as the caller sees.
+
+        Raises:
+            InvalidArgument: any violation.
+        """
+        queues = list(message.queues) if isinstance(message, pb.WatchJobsRequest) else []
+        check_filter_values(message.states, "states", violations)
+        check_filter_values(message.types, "types", violations, lambda value, at: check_type(value, at, violations))
+        check_filter_values(
+            queues, "queues", violations, lambda value, at: check_queue(value, at, violations, required=True)
+        )
+        check_id(message.parent_id, "parent_id", violations, required=False)
+        if violations:
+            raise invalid(violations)
+        states = frozenset(convert.state_from_proto(value, "states") for value in message.states)
+        if RequestState.UNSPECIFIED in states:
+            raise invalid([FieldViolation("states", "REQUEST_STATE_UNSPECIFIED is no state a job can be in")])
+        parent_id = principal.qualify(message.parent_id)
+        return JobFilter(
+            states=states,
+            types=frozenset(message.types),
+            queues=frozenset(queues),
+            parent_id=parent_id,
+            creator=await self._listed_creator(principal, parent_id),
+        )
 
     async def _listed_creator(self, principal: Principal, parent_id: str) -> str:
         """Whose jobs a ListJobs call lists: the caller's own, all of an owned parent's, or (admins) all."""

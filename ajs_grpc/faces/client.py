@@ -20,13 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Collection, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +76,7 @@ DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 T = TypeVar("T")
+M = TypeVar("M")
 
 # UNAVAILABLE (an instance draining or gone) and CANCELLED (a stream a proxy or a stopping
 # server reset; a call the client itself cancels is never retried) are retried, on another
@@ -694,19 +707,33 @@ class AsyncClient:
         seen, for up to ``resume_for`` seconds without progress.
         """
         seen = after_sequence
+
+        def reopen() -> grpc.aio.UnaryStreamCall[pb.WatchJobRequest, pb.WatchJobResponse]:
+            request = pb.WatchJobRequest(request_id=request_id, after_sequence=seen)
+            return self._stub.WatchJob(request, metadata=self._metadata)
+
+        async with contextlib.aclosing(self._resuming(reopen)) as messages:  # a caller's break cancels the call
+            async for message in messages:
+                response = convert.response_from_proto(message.response)
+                seen = response.sequence
+                yield response
+
+    async def _resuming(self, reopen: Callable[[], grpc.aio.UnaryStreamCall[Any, M]]) -> AsyncGenerator[M, None]:
+        """The messages of the stream ``reopen()`` opens, until it ends; reopened after it drops.
+
+        A stream that fails UNAVAILABLE (a restarted server, a drained instance) is opened
+        again after a backoff, with what ``reopen`` reads then (the caller's place), for up
+        to ``resume_for`` seconds without a message. Any other error is raised.
+        """
         loop = asyncio.get_running_loop()
         delay = 0.05
         give_up_at: float | None = None
         while True:
-            call = self._stub.WatchJob(
-                pb.WatchJobRequest(request_id=request_id, after_sequence=seen), metadata=self._metadata
-            )
+            call = reopen()
             try:
                 async for message in call:
-                    response = convert.response_from_proto(message.response)
-                    seen = response.sequence
                     give_up_at, delay = None, 0.05
-                    yield response
+                    yield message
                 return
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
@@ -742,27 +769,12 @@ class AsyncClient:
             parent_id=parent_id,
             after_token=after_token,
         )
-        loop = asyncio.get_running_loop()
-        delay = 0.05
-        give_up_at: float | None = None
-        while True:
-            call = self._stub.WatchJobs(request, metadata=self._metadata)
-            try:
-                async for message in call:
-                    request.after_token = message.resume_token
-                    give_up_at, delay = None, 0.05
-                    response = convert.response_from_proto(message.response) if message.HasField("response") else None
-                    yield Watched(response, message.resume_token, message.type, message.queue)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_rpc(error) from None
-                give_up_at = give_up_at or loop.time() + self.resume_for
-                if loop.time() >= give_up_at:
-                    raise error_from_rpc(error) from None
-            finally:
-                call.cancel()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        reopen = lambda: self._stub.WatchJobs(request, metadata=self._metadata)  # noqa: E731 - reads the place now
+        async with contextlib.aclosing(self._resuming(reopen)) as messages:
+            async for message in messages:
+                request.after_token = message.resume_token
+                response = convert.response_from_proto(message.response) if message.HasField("response") else None
+                yield Watched(response, message.resume_token, message.type, message.queue)
 
 
 class Client:
