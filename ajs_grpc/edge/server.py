@@ -10,13 +10,14 @@ claiming and gives running jobs their grace period, then the gRPC server stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -499,8 +500,18 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-async def serve(config: ServerConfig, announce: str = "") -> int:
+async def serve(
+    config: ServerConfig,
+    announce: str = "",
+    beside: Callable[[AjsServer], contextlib.AbstractAsyncContextManager[object]] | None = None,
+) -> int:
     """Runs a server until SIGTERM or SIGINT, then drains it; logs ``announce`` once it serves.
+
+    Args:
+        config: the server's configuration.
+        announce: logged once everything serves.
+        beside: what runs beside the server in this process (a face such as the dashboard):
+            entered once the server started, left before it drains.
 
     Returns:
         How many abandoned jobs (which ignored cancellation) still run in threads.
@@ -513,11 +524,12 @@ async def serve(config: ServerConfig, announce: str = "") -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     await server.start()
-    if announce:
-        log.info("%s", announce)
     try:
-        await stop_requested.wait()
-        log.info("signal received")
+        async with beside(server) if beside is not None else contextlib.nullcontext():
+            if announce:
+                log.info("%s", announce)
+            await stop_requested.wait()
+            log.info("signal received")
     finally:
         await server.stop()
     return server.dispatcher.abandoned_count

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import ipaddress
 import logging
-import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ajs_grpc.core.errors import AjsError, ConfigError
 from ajs_grpc.edge.auth import Authenticator
-from ajs_grpc.edge.server import AjsServer, ServerConfig
+from ajs_grpc.edge.server import AjsServer, ServerConfig, serve
 from ajs_grpc.faces.dashboard.app import Dashboard, WhoIs, is_loopback
 
 __all__ = ["check_config", "dashboard_for", "exposure_warning", "loopback_target", "serve_with_dashboard"]
@@ -81,31 +81,24 @@ def exposure_warning(address: str, *, authenticated: bool) -> str | None:
 
 
 async def serve_with_dashboard(config: ServerConfig, dashboard_address: str, announce: str = "") -> int:
-    """Runs a server and its dashboard until SIGTERM or SIGINT, then stops both (as ``edge.server.serve``).
+    """Runs a server and its dashboard until SIGTERM or SIGINT, then stops both (``edge.server.serve``).
 
     Returns:
         How many abandoned jobs (which ignored cancellation) still run in threads.
     """
     check_config(config)
-    server = AjsServer(config)
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    await server.start()
-    dashboard: Dashboard | None = None
+    return await serve(config, announce, beside=lambda server: _dashboard_beside(server, dashboard_address))
+
+
+@contextlib.asynccontextmanager
+async def _dashboard_beside(server: AjsServer, address: str) -> AsyncIterator[None]:
+    """The dashboard of ``server`` on ``address`` while the block runs (stopped before the server drains)."""
+    dashboard = dashboard_for(server, address)
+    await dashboard.start()
     try:
-        dashboard = dashboard_for(server, dashboard_address)
-        await dashboard.start()
-        warning = exposure_warning(dashboard_address, authenticated=dashboard.authenticated)
+        warning = exposure_warning(address, authenticated=dashboard.authenticated)
         if warning:
             log.warning("%s", warning)
-        if announce:
-            log.info("%s", announce)
-        await stop_requested.wait()
-        log.info("signal received")
+        yield
     finally:
-        if dashboard is not None:
-            await dashboard.stop()
-        await server.stop()
-    return server.dispatcher.abandoned_count
+        await dashboard.stop()
