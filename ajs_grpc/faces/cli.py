@@ -514,7 +514,17 @@ def _numbered(error: AjsError, start: int) -> AjsError:
 
 
 async def _watch(client: AsyncClient, args: argparse.Namespace) -> int:
-    return await _follow(client, args.request_id, args.after)
+    if args.request_id:
+        return await _follow(client, args.request_id, args.after)
+    # Every matching job (WatchJobs): one JSON line per Response, each with the token to resume after it.
+    async for item in client.watch_jobs(
+        states=args.states, types=args.types, queues=args.queues, parent_id=args.parent, after_token=args.after_token
+    ):
+        if item.response is not None:
+            record = {"request_id": item.response.request_id, "type": item.type, "queue": item.queue}
+            record |= item.response.as_dict() | {"resume_token": item.token}
+            out.print(json.dumps(record), highlight=False)
+    return EXIT_OK
 
 
 async def _get(client: AsyncClient, args: argparse.Namespace) -> int:
@@ -1100,13 +1110,23 @@ def _commands() -> list[_Command]:
         ),
         _Command(
             "watch",
-            "follow a job until it ends",
+            "follow a job until it ends (without an id: every matching job's Responses as JSON lines)",
             _remote(_watch),
             [
                 *client,
-                _arg("request_id"),
+                _arg("request_id", nargs="?", default="", help="the job (leave out to follow every matching job)"),
                 _arg("--after", type=int, default=0, help="skip Responses up to this sequence"),
+                _arg("--state", dest="states", action="append", type=_state, default=[], help="without an id"),
+                _arg("--type", dest="types", action="append", default=[], help="without an id"),
+                _arg("--queue", dest="queues", action="append", default=[], help="without an id"),
+                _arg("--parent", default="", help="without an id: only this job's children"),
+                _arg("--after-token", default="", help="without an id: resume after this resume_token"),
             ],
+            check=lambda args: (
+                "--state, --type, --queue, --parent and --after-token follow every matching job: leave out the id"
+                if args.request_id and (args.states or args.types or args.queues or args.parent or args.after_token)
+                else None
+            ),
         ),
         _Command("get", "show a job as JSON", _remote(_get), [*client, _arg("request_id")]),
         _Command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ajs_grpc.client import AsyncClient
 from tests.helpers import eventually_sync
 from tests.serve_process import AJS, Served, start_server
 
@@ -400,3 +402,64 @@ def test_submit_jsonl_from_stdin_and_a_bad_line_queues_nothing_of_its_batch(serv
     )
     assert unreadable.returncode == 2
     assert unreadable.stderr.startswith("ajs: line 1 of - is not an ajs.v1.Request in JSON")
+
+
+def test_watch_without_an_id_prints_every_matching_jobs_responses_as_json_lines(served: Served) -> None:
+    async def bookmark() -> str:
+        async with AsyncClient(served.target, timeout=10) as client:
+            return (await anext(client.watch_jobs())).token
+
+    token = asyncio.run(bookmark())
+    watcher = subprocess.Popen(
+        [AJS, "watch", "--type", "echo", "--after-token", token, "--target", served.target],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for name in ("one", "two"):
+            assert ajs("submit", "echo", "--id", name, "--data", f"n={name}", target=served.target).returncode == 0
+        ajs("submit", "countdown", "--data", "steps=1", "--id", "skipped", target=served.target)
+        assert watcher.stdout is not None
+        lines: list[dict[str, object]] = []
+        while sum(1 for line in lines if line["is_final"]) < 2:
+            lines.append(json.loads(watcher.stdout.readline()))
+        assert [(line["request_id"], line["sequence"], line["state"]) for line in lines] == [
+            ("one", 1, "CREATED"),
+            ("one", 2, "PENDING"),
+            ("one", 3, "FINISHED"),
+            ("two", 1, "CREATED"),
+            ("two", 2, "PENDING"),
+            ("two", 3, "FINISHED"),
+        ]
+        assert {(line["type"], line["queue"]) for line in lines} == {("echo", "default")}
+        # Each line's token resumes right after it.
+        assert (first_after(served, str(lines[2]["resume_token"])) or {}).get("request_id") == "two"
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(10)
+        if watcher.stdout is not None:
+            watcher.stdout.close()
+
+
+def first_after(served: Served, token: str) -> dict[str, object] | None:
+    """The first line ``ajs watch --type echo --after-token TOKEN`` prints (it never ends by itself)."""
+    resumed = subprocess.Popen(
+        [AJS, "watch", "--type", "echo", "--after-token", token, "--target", served.target],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert resumed.stdout is not None
+        line = resumed.stdout.readline()
+        return json.loads(line) if line else None
+    finally:
+        resumed.send_signal(signal.SIGINT)
+        resumed.wait(10)
+        if resumed.stdout is not None:
+            resumed.stdout.close()
+
+
+def test_watch_with_an_id_takes_no_filter() -> None:
+    refused = ajs("watch", "some-id", "--type", "echo", target="127.0.0.1:1")
+    assert refused.returncode == 2
+    assert "leave out the id" in refused.stderr
