@@ -484,6 +484,7 @@ class Connector(abc.ABC):
         self._clock = clock
         # Wake-ups of the open feeds (watch_jobs): any Response stored may be theirs.
         self._feed_watchers: set[asyncio.Event] = set()
+        self._feeds_ended = False
         # How many times the feeds were woken, and their reads in flight (see _shared_feed).
         self._feed_announced = 0
         self._feed_reads: dict[tuple[str, JobFilter], tuple[int, asyncio.Future[FeedPage]]] = {}
@@ -814,7 +815,7 @@ class Connector(abc.ABC):
 
         Bookmarks (a ``str``, the feed's place) come first, and again after
         :data:`FEED_BOOKMARK_EVERY` seconds without anything to yield, so a caller
-        always holds a recent place. Never ends by itself.
+        always holds a recent place. Ends only after :meth:`end_feeds`.
 
         Raises:
             InvalidArgument: ``after`` is no token of this store.
@@ -825,7 +826,7 @@ class Connector(abc.ABC):
             token = (await self.feed(after, job_filter, 0)).token  # checks ``after``; "now" if empty
             yield token
             quiet = 0.0
-            while True:
+            while not self._feeds_ended:
                 changed.clear()
                 page = await self._shared_feed(token, job_filter)
                 for item in page.items:
@@ -967,6 +968,11 @@ class Connector(abc.ABC):
             self._announced[request_id] = self._announced.get(request_id, 0) + 1
             for event in waiting:
                 event.set()
+
+    def end_feeds(self) -> None:
+        """Ends every open :meth:`watch_jobs` at its next wake-up, now (a server draining)."""
+        self._feeds_ended = True
+        self._notify_feeds()
 
     def _notify_feeds(self) -> None:
         """Wakes the open feeds (:meth:`watch_jobs`) to read what was stored."""

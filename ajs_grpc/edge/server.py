@@ -409,6 +409,9 @@ class AjsServer:
         log.info("draining: health NOT_SERVING, no new submits or claims")
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
+        # WatchJobs streams never end by themselves: they end now (UNAVAILABLE, DRAINING), and
+        # their clients resume with their tokens elsewhere rather than hold the drain to rpc_grace.
+        self.connector.end_feeds()
         try:
             if self.scheduler is not None:
                 await self.scheduler.stop()

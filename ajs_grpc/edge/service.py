@@ -326,6 +326,11 @@ class JobService:
         if len(message.after_token) > MAX_TOKEN_LENGTH:
             violations.append(FieldViolation("after_token", f"must be at most {MAX_TOKEN_LENGTH} characters"))
         job_filter = await self._job_filter(principal, message, violations)
+        draining = Unavailable(
+            "the server is shutting down; resume with your last resume_token on another instance", reason="DRAINING"
+        )
+        if not self.accepting:
+            raise draining
         with self.slots.hold(caller.watch_key, self.limits):
             async for event in self.connector.watch_jobs(job_filter, message.after_token):
                 if isinstance(event, str):
@@ -334,6 +339,7 @@ class JobService:
                     yield convert.feed_item_to_proto(
                         event, self.ownership.response_as_seen_by(principal, event.response)
                     )
+        raise draining  # the feeds end only when the server drains
 
     async def get_job(self, message: pb.GetJobRequest, caller: Caller) -> pb.GetJobResponse:
         """Returns one job (FULL unless asked for BASIC)."""

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from ajs_grpc.client import AsyncClient, Watched
+from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.core.model import RequestState
-from ajs_grpc.edge.server import AjsServer
+from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 from ajs_grpc.proto.ajs.v1 import job_service_pb2_grpc as pb_grpc
+from tests import jobs_for_tests
 from tests.e2e.test_security import Secured, client, secured
 from tests.e2e.test_service import bad_request, error_info
 
@@ -133,3 +136,35 @@ async def test_list_jobs_refuses_a_filter_of_more_than_100_types(stub: pb_grpc.J
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request(refused.value) == [("types", "must list at most 100 values")]
     assert (await stub.ListJobs(pb.ListJobsRequest(types=[f"t{i}" for i in range(100)]))).jobs == []
+
+
+async def test_a_draining_server_ends_the_streams_so_clients_resume_elsewhere() -> None:
+    # A job runs past the drain's start (shutdown grace): the streams still end at once, so a
+    # client moves on with its token instead of holding the drain until rpc_grace.
+    config = ServerConfig(address="127.0.0.1:0", shutdown_grace=30, cancel_grace=0.5, rpc_grace=30)
+    server = AjsServer(config, connector=MemoryConnector(), chain=jobs_for_tests.chain())
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    stub = pb_grpc.JobServiceStub(channel)
+    try:
+        stream = aiter(stub.WatchJobs(pb.WatchJobsRequest()))
+        assert not (await anext(stream)).HasField("response")  # the bookmark: open
+        await stub.SubmitRequest(pb.SubmitRequestRequest(request=pb.Request(type="block", id="long")))
+        while (await anext(stream)).response.state != pb.REQUEST_STATE_PENDING:
+            pass  # until the job runs
+        stopping = asyncio.create_task(server.stop())
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for _ in stream:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(ended.value).reason == "DRAINING"
+        assert not stopping.done()  # the running job still holds the drain; the stream did not
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.WatchJobs(pb.WatchJobsRequest()):
+                pass
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        await stub.CancelJob(pb.CancelJobRequest(request_id="long"))
+        await stopping
+    finally:
+        await channel.close()
+        await server.stop()
