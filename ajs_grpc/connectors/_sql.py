@@ -1089,10 +1089,9 @@ class SqlConnector(Connector, abc.ABC):
             rows = await session.fetch("feed", params)
             items = [
                 FeedItem(
-                    response_from_row(row[2], row[5:], d.decoding),
-                    token(int(row[0]), row[1], row[5]),
-                    row[3],
-                    row[4],
+                    response_from_row(row[2], row[7:], d.decoding),
+                    token(int(row[0]), row[1], row[7]),
+                    *row[3:7],
                 )
                 for row in rows
             ]
@@ -1102,6 +1101,12 @@ class SqlConnector(Connector, abc.ABC):
             return FeedPage(items, token(*end), pending=newest >= bound)
 
         return await self._read(read)
+
+    @override
+    def _feed_order(self, token: str) -> tuple[int, ...]:
+        place = _feed_place(token, self.name[0])
+        assert place is not None, "a token checked by feed()"
+        return place[1:]
 
     @override
     async def count_jobs(self, state: RequestState, creator: str = "") -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -74,6 +75,8 @@ FEED_BATCH = 64
 FEED_PENDING_POLL = 0.1
 # A feed that sent nothing for this many seconds sends a bookmark (its place, a keep-alive).
 FEED_BOOKMARK_EVERY = 10.0
+# Feed items kept in memory for the open streams to filter (see _FeedTail).
+FEED_TAIL_KEEP = 4096
 
 
 def resubmitted(existing: Job, request: Request) -> tuple[Job, bool]:
@@ -371,6 +374,17 @@ class JobFilter:
         )
 
 
+def item_matches(job_filter: JobFilter, item: FeedItem) -> bool:
+    """True when a feed item passes ``job_filter`` (as :meth:`Connector.feed` filters in the store)."""
+    return (
+        (not job_filter.states or item.response.state in job_filter.states)
+        and (not job_filter.types or item.type in job_filter.types)
+        and (not job_filter.queues or item.queue in job_filter.queues)
+        and (not job_filter.parent_id or item.parent_id == job_filter.parent_id)
+        and (not job_filter.creator or item.creator == job_filter.creator)
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class FeedItem:
     """A stored Response in the feed of every job's Responses (WatchJobs).
@@ -380,12 +394,16 @@ class FeedItem:
         token: the feed's place just after it (resume with it as ``after``).
         type: its job's type.
         queue: its job's queue.
+        creator: its job's creator (for filtering; not shown).
+        parent_id: its job's parent (for filtering; not shown).
     """
 
     response: Response
     token: str
     type: str
     queue: str
+    creator: str = ""
+    parent_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,6 +503,7 @@ class Connector(abc.ABC):
         # Wake-ups of the open feeds (watch_jobs): any Response stored may be theirs.
         self._feed_watchers: set[asyncio.Event] = set()
         self._feeds_ended = False
+        self._feed_tail: _FeedTail | None = None
         # How many times the feeds were woken, and their reads in flight (see _shared_feed).
         self._feed_announced = 0
         self._feed_reads: dict[tuple[str, JobFilter], tuple[int, asyncio.Future[FeedPage]]] = {}
@@ -810,6 +829,10 @@ class Connector(abc.ABC):
             violations=[FieldViolation("after_token", "is not a resume token this server made")],
         )
 
+    def _feed_order(self, token: str) -> tuple[int, ...]:
+        """Where a (checked) token of :meth:`feed` lies in the feed: tuples compare as places do."""
+        raise Unimplemented(f"the {self.name} connector keeps no feed of Responses", reason="FEED_NOT_SUPPORTED")
+
     async def watch_jobs(self, job_filter: JobFilter, after: str = "") -> AsyncIterator[FeedItem | str]:
         """Yields the feed's matching Responses after ``after`` (empty: now), then the live ones.
 
@@ -817,38 +840,50 @@ class Connector(abc.ABC):
         :data:`FEED_BOOKMARK_EVERY` seconds without anything to yield, so a caller
         always holds a recent place. Ends only after :meth:`end_feeds`.
 
+        Live Responses come from one unfiltered reader of the feed that every open
+        stream shares (:class:`_FeedTail`), filtered here; a stream behind what it
+        keeps (one resuming from an old token) reads the store with its filter until
+        it is within it.
+
         Raises:
             InvalidArgument: ``after`` is no token of this store.
         """
-        changed = asyncio.Event()
-        self._feed_watchers.add(changed)
+        token = (await self.feed(after, job_filter, 0)).token  # checks ``after``; "now" if empty
+        tail = self._feed_tail
+        if tail is None or tail.closed:
+            tail = self._feed_tail = _FeedTail(self)
+        tail.users += 1
         try:
-            token = (await self.feed(after, job_filter, 0)).token  # checks ``after``; "now" if empty
             yield token
+            place = self._feed_order(token)
             quiet = 0.0
             while not self._feeds_ended:
-                changed.clear()
-                page = await self._shared_feed(token, job_filter)
-                for item in page.items:
+                seen = tail.generation
+                if tail.error is not None:
+                    raise tail.error
+                if tail.holds(place):
+                    items, token, place = tail.after(place, token)
+                    items = [item for item in items if item_matches(job_filter, item)]
+                    more = False
+                else:  # behind the tail: catch up from the store
+                    page = await self._shared_feed(token, job_filter)
+                    items, token, place, more = page.items, page.token, self._feed_order(page.token), page.more
+                for item in items:
                     yield item
-                if page.items:
+                if items:
                     quiet = 0.0
-                token = page.token
-                if page.more:
+                if more or (not tail.holds(place) and tail.started):
                     continue
-                wait = FEED_PENDING_POLL if page.pending else FEED_BOOKMARK_EVERY - quiet
                 started = asyncio.get_running_loop().time()
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
-                # that comes in the loop turn the event is set, and every Response sets it.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(wait, 0.0)):
-                        await changed.wait()
+                await tail.advanced(seen, FEED_BOOKMARK_EVERY - quiet)
                 quiet += asyncio.get_running_loop().time() - started
                 if quiet >= FEED_BOOKMARK_EVERY:
                     yield token
                     quiet = 0.0
         finally:
-            self._feed_watchers.discard(changed)
+            tail.users -= 1
+            if not tail.users:
+                tail.close()
 
     async def _shared_feed(self, after: str, job_filter: JobFilter) -> FeedPage:
         """:meth:`feed` after ``after``, one read for every stream at that place with that filter.
@@ -973,6 +1008,8 @@ class Connector(abc.ABC):
         """Ends every open :meth:`watch_jobs` at its next wake-up, now (a server draining)."""
         self._feeds_ended = True
         self._notify_feeds()
+        if self._feed_tail is not None:
+            self._feed_tail.wake()
 
     def _notify_feeds(self) -> None:
         """Wakes the open feeds (:meth:`watch_jobs`) to read what was stored."""
@@ -1004,3 +1041,96 @@ class Connector(abc.ABC):
                 reason="LEASE_NOT_HELD",
                 metadata={"request_id": request_id},
             )
+
+
+class _FeedTail:
+    """The newest part of a connector's feed, read once for every open stream.
+
+    One task reads the whole feed (no filter) from where it started, as Responses are
+    stored, and keeps the last :data:`FEED_TAIL_KEEP` items; streams filter them in
+    memory. So a Response stored wakes one read of the store, not one per stream.
+    It starts with the first stream and stops with the last.
+    """
+
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+        self.users = 0
+        self.closed = False
+        self.started = False
+        self.error: BaseException | None = None
+        self.generation = 0
+        self._items: list[FeedItem] = []
+        self._places: list[tuple[int, ...]] = []
+        self._base: tuple[int, ...] = ()
+        self._end: tuple[int, ...] = ()
+        self._end_token = ""
+        self._advanced = asyncio.Event()
+        self._changed = asyncio.Event()
+        connector._feed_watchers.add(self._changed)
+        self._task = asyncio.create_task(self._read(), name="ajs-feed-tail")
+
+    def holds(self, place: tuple[int, ...]) -> bool:
+        """True when everything after ``place`` up to the tail's end is kept here."""
+        return self.started and place >= self._base
+
+    def after(self, place: tuple[int, ...], token: str) -> tuple[list[FeedItem], str, tuple[int, ...]]:
+        """The kept items after ``place`` (whose token is ``token``), and the token and place after them.
+
+        A stream that read the store beyond the tail's end stays where it is until the tail passes it.
+        """
+        if self._end <= place:
+            return [], token, place
+        return self._items[bisect.bisect_right(self._places, place) :], self._end_token, self._end
+
+    async def advanced(self, seen: int, within: float) -> None:
+        """Returns when the tail moved on since ``generation`` was ``seen``, or after ``within`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(within, 0.0)):
+                while self.generation == seen and not self.connector._feeds_ended:
+                    self._advanced.clear()
+                    await self._advanced.wait()
+
+    def close(self) -> None:
+        """Stops the reader (the last stream left)."""
+        self.closed = True
+        self._task.cancel()
+        self.connector._feed_watchers.discard(self._changed)
+
+    def wake(self) -> None:
+        """Wakes the streams waiting for the tail (to see that the feeds ended)."""
+        self._advanced.set()
+
+    def _moved(self) -> None:
+        self.generation += 1
+        self._advanced.set()
+
+    async def _read(self) -> None:
+        connector = self.connector
+        try:
+            self._end_token = (await connector.feed("", JobFilter(), 0)).token
+            self._base = self._end = connector._feed_order(self._end_token)
+            self.started = True
+            self._moved()
+            while True:
+                self._changed.clear()
+                page = await connector.feed(self._end_token, JobFilter(), FEED_BATCH)
+                if page.items or page.token != self._end_token:
+                    self._items += page.items
+                    self._places += [connector._feed_order(item.token) for item in page.items]
+                    self._end_token, self._end = page.token, connector._feed_order(page.token)
+                    if len(self._items) > FEED_TAIL_KEEP:  # forget the older half
+                        cut = len(self._items) // 2
+                        self._base = self._places[cut - 1]
+                        del self._items[:cut], self._places[:cut]
+                    self._moved()
+                if page.more:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FEED_PENDING_POLL if page.pending else None):
+                        await self._changed.wait()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # the streams raise it, and their clients resume
+            self.error = error
+            self.closed = True
+            self._moved()

@@ -612,10 +612,15 @@ class MemoryConnector(Connector):
             number = fed
             if job_filter.matches(entry.job, response.state):
                 request = entry.job.request
-                items.append(FeedItem(response, f"{self._epoch}.{fed}", request.type, request.queue))
+                token = f"{self._epoch}.{fed}"
+                items.append(FeedItem(response, token, request.type, request.queue, request.creator, request.parent_id))
                 if len(items) == limit:
                     return FeedPage(items, f"{self._epoch}.{number}", more=number < self._fed)
         return FeedPage(items, f"{self._epoch}.{number}")
+
+    @override
+    def _feed_order(self, token: str) -> tuple[int, ...]:
+        return (int(token.partition(".")[2]),)
 
     @override
     async def count_jobs(self, state: RequestState, creator: str = "") -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ajs_grpc.connectors import base
 from ajs_grpc.connectors.base import Connector, FeedItem, FeedPage, JobFilter
 from ajs_grpc.connectors.memory import MemoryConnector
 from ajs_grpc.core.errors import InvalidArgument, Unimplemented
@@ -212,7 +213,7 @@ async def test_a_cancelled_stream_stops_while_responses_keep_coming(connector: C
             pass
 
     followers = [asyncio.create_task(follow()) for _ in range(20)]
-    await eventually(lambda: len(connector._feed_watchers) == 20)
+    await eventually(lambda: connector._feed_tail is not None and connector._feed_tail.users == 20)
     stop = asyncio.Event()
 
     async def produce() -> None:
@@ -261,7 +262,11 @@ async def test_streams_at_one_place_with_one_filter_share_their_reads(connector:
 
     followers = [asyncio.create_task(follow(into)) for into in got]
     try:
-        await eventually(lambda: len(connector._feed_watchers) == 20 and not connector._feed_reads)
+        await eventually(
+            lambda: (
+                connector._feed_tail is not None and connector._feed_tail.users == 20 and connector._feed_tail.started
+            )
+        )
         before = reads
         await connector.enqueue(Request(id="one", type="t"))
         await eventually(lambda: all(len(into) == 1 for into in got))
@@ -270,3 +275,68 @@ async def test_streams_at_one_place_with_one_filter_share_their_reads(connector:
         for follower in followers:
             follower.cancel()
         await asyncio.gather(*followers, return_exceptions=True)
+
+
+async def test_streams_with_different_filters_share_one_reader(connector: Connector) -> None:
+    reads = 0
+    feed = connector.feed
+
+    async def counted(after: str, job_filter: JobFilter, limit: int) -> FeedPage:
+        nonlocal reads
+        reads += limit > 0
+        return await feed(after, job_filter, limit)
+
+    connector.feed = counted  # type: ignore[method-assign]
+    got: dict[str, list[FeedItem]] = {f"t{index}": [] for index in range(20)}
+
+    async def follow(request_type: str) -> None:
+        async for event in connector.watch_jobs(JobFilter(types=frozenset({request_type}))):
+            if isinstance(event, FeedItem):
+                got[request_type].append(event)
+
+    followers = [asyncio.create_task(follow(request_type)) for request_type in got]
+    try:
+        await eventually(lambda: connector._feed_tail is not None and connector._feed_tail.users == 20)
+        await eventually(lambda: connector._feed_tail is not None and connector._feed_tail.started)
+        before = reads
+        await connector.enqueue(Request(id="one", type="t7"))
+        await eventually(lambda: len(got["t7"]) == 1)
+        assert reads - before < 10  # one reader for all of them, not one read per stream
+        assert all(not items for request_type, items in got.items() if request_type != "t7")
+    finally:
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+
+
+async def test_a_stream_behind_what_the_tail_keeps_catches_up_from_the_store(
+    connector: Connector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "FEED_TAIL_KEEP", 4)  # the tail forgets all but the newest few
+    start = (await connector.feed("", JobFilter(), 0)).token
+    live: list[FeedItem] = []
+
+    async def follow(into: list[FeedItem], after: str) -> None:
+        async for event in connector.watch_jobs(JobFilter(), after):
+            if isinstance(event, FeedItem):
+                into.append(event)
+
+    first = asyncio.create_task(follow(live, ""))
+    late: list[FeedItem] = []
+    second: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: connector._feed_tail is not None and connector._feed_tail.started)
+        for index in range(20):
+            await connector.enqueue(Request(id=f"j{index}", type="t"))
+        await eventually(lambda: len(live) == 20)
+        second = asyncio.create_task(follow(late, start))  # from before all of them
+        await eventually(lambda: len(late) == 20)
+        await connector.enqueue(Request(id="j20", type="t"))
+        await eventually(lambda: len(late) == 21 and len(live) == 21)
+        assert [item.response.request_id for item in late] == [f"j{index}" for index in range(21)]
+        assert [item.token for item in late] == [item.token for item in live]
+    finally:
+        for task in (first, second):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (first, second) if t is not None), return_exceptions=True)

@@ -433,7 +433,7 @@ SELECT coalesce(
 
 -- name: feed
 -- The feed's matching Responses after place (%(k)s, %(position)s, %(sequence)s), below the horizon.
-SELECT r.xid::text, r.position, j.id, j.type, j.queue, ${RESPONSE_COLUMNS}
+SELECT r.xid::text, r.position, j.id, j.type, j.queue, j.creator, j.parent_id, ${RESPONSE_COLUMNS}
   FROM responses r JOIN jobs j ON j.position = r.position
  WHERE (r.xid, r.position, r.sequence) > (%(k)s::text::xid8, %(position)s, %(sequence)s)
    AND r.xid < %(bound)s::text::xid8

@@ -399,7 +399,7 @@ SELECT ${FEED_END} + 1, ${FEED_END}, (SELECT store FROM feed_floor), ${FEED_END}
 
 -- name: feed
 -- The feed's matching Responses after place (:k, :position, :sequence), below the horizon.
-SELECT r.feed, r.position, j.id, j.type, j.queue, ${RESPONSE_COLUMNS}
+SELECT r.feed, r.position, j.id, j.type, j.queue, j.creator, j.parent_id, ${RESPONSE_COLUMNS}
   FROM responses r JOIN jobs j ON j.position = r.position
  WHERE r.feed >= :k AND (r.feed > :k OR (r.position, r.sequence) > (:position, :sequence))
    AND r.feed < :bound
