@@ -363,26 +363,23 @@ class JobFilter:
     creator: str = ""
     queues: frozenset[str] = frozenset()
 
-    def matches(self, job: Job, state: RequestState | None = None) -> bool:
-        """True when ``job`` (in ``state``, by default its own) passes the filter."""
+    def matches(self, job: Job) -> bool:
+        """True when ``job`` passes the filter."""
+        request = job.request
+        return self._admits(job.state, request.type, request.queue, request.parent_id, request.creator)
+
+    def matches_item(self, item: FeedItem) -> bool:
+        """True when a feed item (its Response's state, its job's fields) passes the filter."""
+        return self._admits(item.response.state, item.type, item.queue, item.parent_id, item.creator)
+
+    def _admits(self, state: RequestState, request_type: str, queue: str, parent_id: str, creator: str) -> bool:
         return (
-            (not self.states or (job.state if state is None else state) in self.states)
-            and (not self.types or job.request.type in self.types)
-            and (not self.queues or job.request.queue in self.queues)
-            and (not self.parent_id or job.request.parent_id == self.parent_id)
-            and (not self.creator or job.request.creator == self.creator)
+            (not self.states or state in self.states)
+            and (not self.types or request_type in self.types)
+            and (not self.queues or queue in self.queues)
+            and (not self.parent_id or parent_id == self.parent_id)
+            and (not self.creator or creator == self.creator)
         )
-
-
-def item_matches(job_filter: JobFilter, item: FeedItem) -> bool:
-    """True when a feed item passes ``job_filter`` (as :meth:`Connector.feed` filters in the store)."""
-    return (
-        (not job_filter.states or item.response.state in job_filter.states)
-        and (not job_filter.types or item.type in job_filter.types)
-        and (not job_filter.queues or item.queue in job_filter.queues)
-        and (not job_filter.parent_id or item.parent_id == job_filter.parent_id)
-        and (not job_filter.creator or item.creator == job_filter.creator)
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -863,7 +860,7 @@ class Connector(abc.ABC):
                     raise tail.error
                 if tail.holds(place):
                     items, token, place = tail.after(place, token)
-                    items = [item for item in items if item_matches(job_filter, item)]
+                    items = [item for item in items if job_filter.matches_item(item)]
                     more = False
                 else:  # behind the tail: catch up from the store
                     page = await self._shared_feed(token, job_filter)

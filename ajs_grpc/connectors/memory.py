@@ -610,13 +610,17 @@ class MemoryConnector(Connector):
         start = bisect.bisect_right(self._feed, number, key=lambda fed: fed[0])
         for fed, entry, response in self._feed[start:] if limit else ():
             number = fed
-            if job_filter.matches(entry.job, response.state):
-                request = entry.job.request
-                token = f"{self._epoch}.{fed}"
-                items.append(FeedItem(response, token, request.type, request.queue, request.creator, request.parent_id))
+            request = entry.job.request
+            item = FeedItem(response, self._token(fed), request.type, request.queue, request.creator, request.parent_id)
+            if job_filter.matches_item(item):
+                items.append(item)
                 if len(items) == limit:
-                    return FeedPage(items, f"{self._epoch}.{number}", more=number < self._fed)
-        return FeedPage(items, f"{self._epoch}.{number}")
+                    return FeedPage(items, item.token, more=number < self._fed)
+        return FeedPage(items, self._token(number))
+
+    def _token(self, number: int) -> str:
+        """The feed token of place ``number`` of this connector's life."""
+        return f"{self._epoch}.{number}"
 
     @override
     def _feed_order(self, token: str) -> tuple[int, ...]:

@@ -494,12 +494,17 @@ def exposure_warning(address: str, *, authenticated: bool, serves: bool = True) 
 
 def _is_loopback(address: str) -> bool:
     """True when HOST:PORT listens on this machine only."""
-    host = address.rpartition(":")[0].strip("[]")
+    return is_loopback_host(address.rpartition(":")[0])
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (IPv4 or IPv6, in brackets or not)."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name, or "" / "[::]" for every address
+    except ValueError:  # a name, or "" / "::" for every address
         return False
 
 

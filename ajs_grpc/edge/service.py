@@ -45,7 +45,6 @@ from ajs_grpc.edge.validation import (
     at_index,
     check_filter_values,
     check_id,
-    check_queue,
     check_type,
     invalid,
     queue_name,
@@ -187,7 +186,7 @@ class JobService:
 
     def _check_accepting(self) -> None:
         if not self.accepting:
-            raise Unavailable("the server is shutting down; submit to another instance", reason="DRAINING")
+            raise _draining("submit to another instance")
 
     async def _prepare(
         self,
@@ -326,11 +325,9 @@ class JobService:
         if len(message.after_token) > MAX_TOKEN_LENGTH:
             violations.append(FieldViolation("after_token", f"must be at most {MAX_TOKEN_LENGTH} characters"))
         job_filter = await self._job_filter(principal, message, violations)
-        draining = Unavailable(
-            "the server is shutting down; resume with your last resume_token on another instance", reason="DRAINING"
-        )
+        resume = "resume with your last resume_token on another instance"
         if not self.accepting:
-            raise draining
+            raise _draining(resume)
         with self.slots.hold(caller.watch_key, self.limits):
             async for event in self.connector.watch_jobs(job_filter, message.after_token):
                 if isinstance(event, str):
@@ -339,7 +336,7 @@ class JobService:
                     yield convert.feed_item_to_proto(
                         event, self.ownership.response_as_seen_by(principal, event.response)
                     )
-        raise draining  # the feeds end only when the server drains
+        raise _draining(resume)  # the feeds end only when the server drains
 
     async def get_job(self, message: pb.GetJobRequest, caller: Caller) -> pb.GetJobResponse:
         """Returns one job (FULL unless asked for BASIC)."""
@@ -387,10 +384,8 @@ class JobService:
         """
         queues = list(message.queues) if isinstance(message, pb.WatchJobsRequest) else []
         check_filter_values(message.states, "states", violations)
-        check_filter_values(message.types, "types", violations, lambda value, at: check_type(value, at, violations))
-        check_filter_values(
-            queues, "queues", violations, lambda value, at: check_queue(value, at, violations, required=True)
-        )
+        check_filter_values(message.types, "types", violations, check_type)
+        check_filter_values(queues, "queues", violations, check_type)  # (queue names are named as types are)
         check_id(message.parent_id, "parent_id", violations, required=False)
         if violations:
             raise invalid(violations)
@@ -574,3 +569,8 @@ class JobService:
         if not principal.admin:
             log.warning("denied %s: it may not %s", principal.name, what)
             raise PermissionDenied(f"{principal.name} may not {what}: that takes the admin role", reason="NOT_ADMIN")
+
+
+def _draining(advice: str) -> Unavailable:
+    """The error of a call the draining server no longer takes, with where to go instead."""
+    return Unavailable(f"the server is shutting down; {advice}", reason="DRAINING")

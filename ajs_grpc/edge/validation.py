@@ -122,7 +122,10 @@ MAX_FILTER_VALUES = 100
 
 
 def check_filter_values(
-    values: Sequence[Any], field: str, violations: list[FieldViolation], check: Callable[[Any, str], None] | None = None
+    values: Sequence[Any],
+    field: str,
+    violations: list[FieldViolation],
+    check: Callable[[Any, str, list[FieldViolation]], None] | None = None,
 ) -> None:
     """Adds violations if ``values`` (a repeated filter field) are too many, or one fails ``check``."""
     if len(values) > MAX_FILTER_VALUES:
@@ -130,7 +133,7 @@ def check_filter_values(
         return
     if check is not None:
         for index, value in enumerate(values):
-            check(value, f"{field}[{index}]")
+            check(value, f"{field}[{index}]", violations)
 
 
 def check_type(value: str, field: str, violations: list[FieldViolation]) -> None:

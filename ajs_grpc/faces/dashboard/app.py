@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import html
-import ipaddress
 import json
 import logging
 import secrets
@@ -40,10 +39,11 @@ from aiohttp import web
 
 from ajs_grpc.core.errors import AjsError, Code, InvalidArgument
 from ajs_grpc.core.model import RequestState
+from ajs_grpc.edge.server import is_loopback_host
 from ajs_grpc.faces.client import AsyncClient
 from ajs_grpc.faces.dashboard.views import Payloads, count_jobs, job_json, response_json
 
-__all__ = ["SESSION_COOKIE", "Dashboard", "is_loopback"]
+__all__ = ["SESSION_COOKIE", "Dashboard"]
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Dashboard:
         await site.start()
         bound = self._runner.addresses  # (host, port, ...) of each listening socket
         self.port = int(bound[0][1]) if bound else int(port)
-        self._loopback_only = is_loopback(host.strip("[]"))
+        self._loopback_only = is_loopback_host(host)
         log.info("dashboard on http://%s:%d/", host or "0.0.0.0", self.port)
         return self.port
 
@@ -214,7 +214,7 @@ class Dashboard:
     async def _signed_in(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if not self.authenticated and self._loopback_only and not is_loopback(request.url.host or ""):
+        if not self.authenticated and self._loopback_only and not is_loopback_host(request.url.host or ""):
             # An open dashboard on loopback answers only to loopback names: a page of another
             # site whose name was rebound to 127.0.0.1 (DNS rebinding) must not read or act.
             return _json_error(421, "MISDIRECTED", "this dashboard answers only to localhost")
@@ -408,7 +408,7 @@ class Dashboard:
         except AjsError as error:
             if error.code is Code.UNAUTHENTICATED:  # e.g. the token expired: sign in again
                 self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
-            return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)
+            return _call_error(error)
 
     # -- event streams ---------------------------------------------------------------------
 
@@ -424,7 +424,7 @@ class Dashboard:
         try:
             types = [t.name for t in await client.job_types()]
         except AjsError as error:
-            return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)
+            return _call_error(error)
         activity = _Activity()
         async with self._event_stream(request) as stream:
             follower = asyncio.create_task(activity.follow(client, stream))
@@ -467,7 +467,7 @@ class Dashboard:
             job = await client.get(request_id)
             payloads = await Payloads.of(client)
         except AjsError as error:
-            return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)
+            return _call_error(error)
         async with self._event_stream(request) as stream:
             await stream.send("job", job_json(job, payloads))
             try:
@@ -574,17 +574,6 @@ async def _is_admin(client: AsyncClient) -> bool:
     return True
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (IPv4 or IPv6, brackets or not)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _local_path(target: str) -> str:
     """``target`` if it is a path on this site, else "/" (no open redirect to another site)."""
     parts = urlsplit(target)
@@ -607,3 +596,8 @@ def _file(folder: Any, name: str) -> web.StreamResponse:
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _call_error(error: AjsError) -> web.Response:
+    """The JSON reply of an API call that JobService refused: the HTTP status of its code."""
+    return _json_error(_HTTP_STATUS.get(error.code, 500), error.code.name, error.message)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ajs_grpc.core.errors import AjsError, ConfigError
 from ajs_grpc.edge.auth import Authenticator
-from ajs_grpc.edge.server import AjsServer, ServerConfig, serve
-from ajs_grpc.faces.dashboard.app import Dashboard, WhoIs, is_loopback
+from ajs_grpc.edge.server import AjsServer, ServerConfig, is_loopback_host, serve
+from ajs_grpc.faces.dashboard.app import Dashboard, WhoIs
 
 __all__ = ["check_config", "dashboard_for", "exposure_warning", "loopback_target", "serve_with_dashboard"]
 
@@ -67,7 +67,7 @@ def dashboard_for(server: AjsServer, address: str) -> Dashboard:
 
 def exposure_warning(address: str, *, authenticated: bool) -> str | None:
     """What ``ajs serve`` warns of when the dashboard (plain HTTP) listens beyond this machine."""
-    if is_loopback(address.rpartition(":")[0]):
+    if is_loopback_host(address.rpartition(":")[0]):
         return None
     if not authenticated:
         return (

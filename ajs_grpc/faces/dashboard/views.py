@@ -70,16 +70,10 @@ NO_PAYLOADS = Payloads()
 
 
 def response_json(response: Response, payloads: Payloads = NO_PAYLOADS) -> dict[str, Any]:
-    """One Response as the job page's timeline shows it."""
-    return {
-        "sequence": response.sequence,
+    """One Response as the job page's timeline shows it: ``ajs get``'s form, with its time, output and error reason."""
+    return response.as_dict() | {
         "time": _iso(response.create_time),
-        "state": response.state.name,
         "final": response.is_final,
-        "progress": None
-        if response.progress is None
-        else {"fraction": response.progress.fraction, "message": response.progress.message},
-        "data": dict(response.data),
         "output_type": response.output.TypeName() if response.output is not None else None,
         "output": payloads.json(response.output),
         "error": _error_json(response.error),
@@ -87,29 +81,13 @@ def response_json(response: Response, payloads: Payloads = NO_PAYLOADS) -> dict[
 
 
 def job_json(job: Job, payloads: Payloads = NO_PAYLOADS) -> dict[str, Any]:
-    """A job as the list and the job page show it (ids as its viewer names them)."""
-    request = job.request
-    return {
-        "id": request.id,
-        "type": request.type,
-        "state": job.state.name,
+    """A job as the list and the job page show it (ids as its viewer names them): ``ajs get``'s form, and more."""
+    shown = job.as_dict()
+    del shown["last_response"]
+    return shown | {
         "final": job.state.is_final,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "cancel_requested": job.cancel_requested,
-        "creator": request.creator,
-        "queue": request.queue,
-        "priority": request.priority,
-        "parent_id": request.parent_id,
-        "depends_on": list(request.depends_on),
-        "data": dict(request.data),
-        "input_type": request.input.TypeName() if request.input is not None else None,
-        "input": payloads.json(request.input),
-        "create_time": _iso(request.create_time),
-        "update_time": _iso(job.update_time),
-        "run_after": _iso(request.run_after),
-        "due_time": _iso(job.due_time),
-        "expire_time": _iso(request.expire_time),
+        "input_type": job.request.input.TypeName() if job.request.input is not None else None,
+        "input": payloads.json(job.request.input),
         "last": response_json(job.last_response, payloads),
     }
 
