@@ -360,6 +360,27 @@ class WorkerCrashed(JobSignal):
     """The worker process running the job died; retried like any error by default."""
 
 
+class WorkerLost(Retry):
+    """The remote worker running the attempt went away (its stream broke or ended).
+
+    The job goes back to the queue at once, like a job whose server died: it runs
+    again if attempts are left, else it ends FAILED.
+    """
+
+    code = Code.ABORTED
+    default_reason = "WORKER_LOST"
+
+    def __init__(self, message: str = "the remote worker running the job went away") -> None:
+        super().__init__(message, delay=0.0)
+
+
+class NotStarted(JobSignal):
+    """The attempt was handed back before it started: it runs again without counting."""
+
+    code = Code.ABORTED
+    default_reason = "NOT_STARTED"
+
+
 # -- status codes back to exceptions ------------------------------------------------------
 
 ERRORS: Mapping[Code, type[AjsError]] = {

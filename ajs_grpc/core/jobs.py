@@ -178,11 +178,27 @@ class CancelSignal:
     def __init__(self) -> None:
         self._flag = threading.Event()
         self._event = asyncio.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self.reason = ""
+        """Why the job is to stop (``CANCELLED_BY_CLIENT``, ``JOB_TIMEOUT``, ...), once set."""
 
-    def set(self) -> None:
-        """Asks the job to stop. Call on the event loop."""
+    def set(self, reason: str = "") -> None:
+        """Asks the job to stop, for ``reason``. Call on the event loop."""
+        if self._flag.is_set():
+            return
+        self.reason = reason
         self._flag.set()
         self._event.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` (on the event loop) when the signal is set; at once if it is."""
+        if self._flag.is_set():
+            callback()
+        else:
+            self._callbacks.append(callback)
 
     def is_set(self) -> bool:
         """True once :meth:`set` was called."""
@@ -265,6 +281,11 @@ class _BaseContext:
         self._cancel = cancel
 
     @property
+    def cancel_signal(self) -> CancelSignal:
+        """The job's cancel signal (its :attr:`~CancelSignal.reason` says why, once set)."""
+        return self._cancel
+
+    @property
     def cancelled(self) -> bool:
         """True once cancellation was asked for; a long job should then stop."""
         return self._cancel.is_set()
@@ -301,6 +322,7 @@ class JobContext(_BaseContext):
         dependencies: the final Responses of its dependencies (see :attr:`dependencies`).
         children: submits children and waits for them (the dispatcher's); None where
             there is no dispatcher (then :meth:`submit` and :meth:`wait_for_children` raise).
+        deadline: when the attempt must have ended; None for no limit.
     """
 
     def __init__(
@@ -313,8 +335,11 @@ class JobContext(_BaseContext):
         *,
         dependencies: Mapping[str, Response] | None = None,
         children: Children | None = None,
+        deadline: datetime | None = None,
     ) -> None:
         super().__init__(request, attempt, cancel, input, dependencies)
+        self.deadline = deadline
+        """When the attempt must have ended (its timeout); None for no limit."""
         self._report = report
         self._children = children
         self._submits = 0
@@ -742,6 +767,13 @@ def to_update(returned: JobReturn) -> Update:
     if isinstance(returned, Message):
         return Update(RequestState.FINISHED, output=_pack(returned))
     return Update(RequestState.FINISHED, data=_check_data(returned))
+
+
+def error_status(error: BaseException) -> ErrorStatus:
+    """The Status of a failed attempt: the project's errors carry theirs (job signals too)."""
+    if isinstance(error, AjsError):
+        return ErrorStatus(error.code, error.message, reason=error.reason, metadata=error.metadata)
+    return failure(error)
 
 
 def failure(error: BaseException) -> ErrorStatus:

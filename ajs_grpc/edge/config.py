@@ -155,6 +155,7 @@ SETTINGS = [
     Setting("server", "cancel_grace", parse_duration, 10.0, "a cancelled job's time to stop"),
     Setting("server", "shutdown_grace", parse_duration, 30.0, "running jobs' time on SIGTERM"),
     Setting("server", "max_connection_age", parse_duration, 300.0, "clients reconnect after this"),
+    Setting("server", "worker_heartbeat", parse_duration, 10.0, "remote workers' heartbeat interval"),
     Setting("server", "scheduler", _boolean, True, "submit the schedules' jobs where jobs run"),
     Setting("storage", "connector", _string, "sqlite", "sqlite, postgres, memory or a plugin's name"),
     Setting("storage", "database", _string, "ajs.db", "sqlite: the database file"),

@@ -5,6 +5,7 @@ Nothing else in the project reads or builds ``ajs.v1`` messages field by field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -16,9 +17,10 @@ from google.rpc import error_details_pb2, status_pb2
 from ajs_grpc.connectors.base import FeedItem, QueueInfo
 from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
 from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
-from ajs_grpc.core.jobs import JobPlugin
+from ajs_grpc.core.jobs import JobPlugin, RetryPolicy
 from ajs_grpc.core.model import ErrorStatus, Job, JobType, Progress, Request, RequestState, Response, RetrySchedule
 from ajs_grpc.core.schedules import Catchup, Overlap, Schedule
+from ajs_grpc.edge import dynamic
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = [
@@ -60,6 +62,10 @@ def _timestamp(at: datetime | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(at)
     return stamp
+
+
+timestamp = _timestamp
+"""The wire form of a time (None stays None)."""
 
 
 def _datetime(stamp: timestamp_pb2.Timestamp) -> datetime:
@@ -292,6 +298,10 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
+duration = _duration
+"""The wire form of seconds."""
+
+
 def _seconds(value: duration_pb2.Duration) -> float:
     return value.ToTimedelta().total_seconds()
 
@@ -429,6 +439,60 @@ def job_type_from_proto(message: pb.JobType) -> JobType:
         flow=_flow_from_proto(message),
         allow_failed_dependencies=message.allow_failed_dependencies,
     )
+
+
+def plugin_from_job_type(message: pb.JobType, function: Callable[..., Any], handler: str) -> JobPlugin:
+    """The job plugin of a type a remote worker declares: its contract and policies, run by ``handler``.
+
+    An unset retry policy is the plugins' default (:class:`RetryPolicy`).
+
+    Raises:
+        ValueError: the declaration is not usable, with the field at fault first (``input_type: ...``).
+    """
+    try:
+        declared = job_type_from_proto(message)
+    except (TypeError, ValueError) as error:  # a flow policy out of range
+        raise ValueError(f"flow policies: {error}") from None
+    classes: dict[str, type[Message] | None] = {}
+    for field in ("input_type", "output_type"):
+        name = getattr(declared, field)
+        if not name:
+            classes[field] = None
+            continue
+        try:
+            classes[field] = dynamic.message_class(declared.file_descriptor_set, name)
+        except Exception as error:  # a set protobuf cannot load, or one without the message
+            raise ValueError(f"{field}: {name!r} is not defined by file_descriptor_set ({error})") from None
+    retry = RetryPolicy()
+    if message.HasField("retry_policy"):
+        schedule = declared.retry_policy
+        try:
+            retry = RetryPolicy(
+                max_attempts=schedule.max_attempts or retry.max_attempts,
+                initial_backoff=schedule.initial_backoff,
+                max_backoff=schedule.max_backoff,
+                multiplier=schedule.multiplier or 1.0,
+                jitter=schedule.jitter,
+            )
+        except ValueError as error:
+            raise ValueError(f"retry_policy: {error}") from None
+    if declared.timeout is not None and declared.timeout <= 0:
+        raise ValueError("timeout: must be positive")
+    try:
+        return JobPlugin(
+            declared.name,
+            function,
+            declared.description,
+            retry=retry,
+            timeout=declared.timeout,
+            input_type=classes["input_type"],
+            output_type=classes["output_type"],
+            handler=handler,
+            flow=declared.flow or FlowPolicy(),
+            allow_failed_dependencies=declared.allow_failed_dependencies,
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"flow policies: {error}") from None
 
 
 def queue_to_proto(queue: QueueInfo) -> pb.Queue:

@@ -115,11 +115,14 @@ class Pipeline:
         handlers: dict[str, grpc.RpcMethodHandler[bytes, Message]] = {}
         for method in service.methods:
             implementation = getattr(servicer, method_name(method.name), None)
-            if implementation is None or method.client_streaming:
+            if implementation is None or (method.client_streaming and not method.server_streaming):
                 raise TypeError(f"{type(servicer).__name__} does not serve {service.full_name}.{method.name}")
-            handlers[method.name] = (
-                self._stream(method, implementation) if method.server_streaming else self._unary(method, implementation)
-            )
+            if method.client_streaming:
+                handlers[method.name] = self._bidi(method, implementation)
+            elif method.server_streaming:
+                handlers[method.name] = self._stream(method, implementation)
+            else:
+                handlers[method.name] = self._unary(method, implementation)
         return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
     # -- the links ----------------------------------------------------------------
@@ -229,6 +232,32 @@ class Pipeline:
                 await abort(context, failed[0])
 
         return grpc.unary_stream_rpc_method_handler(handle, response_serializer=_serialize)
+
+    # -- bidirectional calls ---------------------------------------------------------------
+
+    def _bidi(
+        self,
+        method: MethodDescriptor,
+        implementation: Callable[[AsyncIterator[Message], Caller], AsyncIterator[Message]],
+    ) -> grpc.RpcMethodHandler[bytes, Message]:
+        """Each incoming message is decoded as it comes (undecodable: INVALID_ARGUMENT)."""
+        message_type = message_factory.GetMessageClass(method.input_type)
+        rpc = method.name
+
+        async def messages(raw_messages: AsyncIterator[bytes]) -> AsyncIterator[Message]:
+            async for raw in raw_messages:
+                yield parse(message_type, raw)
+
+        async def handle(raw_messages: AsyncIterator[bytes], context: Context) -> AsyncIterator[Message]:
+            caller: list[Caller] = []
+            with self._outcome(rpc, caller) as failed:
+                caller.append(self.authenticate(context))
+                async for reply in implementation(messages(raw_messages), caller[0]):
+                    yield reply
+            if failed:
+                await abort(context, failed[0])
+
+        return grpc.stream_stream_rpc_method_handler(handle, response_serializer=_serialize)
 
 
 def _as_ajs_error(error: Exception) -> AjsError:

@@ -39,6 +39,8 @@ from ajs_grpc.edge.operations import SERVICE as OPERATIONS_SERVICE
 from ajs_grpc.edge.operations import SERVICE_NAME as OPERATIONS_SERVICE_NAME
 from ajs_grpc.edge.operations import Operations
 from ajs_grpc.edge.service import SERVICE, SERVICE_NAME, JobService, Limits
+from ajs_grpc.edge.workers import SERVICE_NAME as WORKER_SERVICE_NAME
+from ajs_grpc.edge.workers import WorkerService
 from ajs_grpc.engine.dispatcher import Dispatcher
 from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
@@ -81,7 +83,10 @@ class ServerConfig:
             nothing) or ``worker`` (run jobs; serve only health and reflection).
         max_connection_age: seconds after which a client connection is asked to
             reconnect, so long-lived channels rebalance across instances (watches
-            are resumed by the client).
+            are resumed by the client). A remote worker's session ends with its
+            connection: where workers run jobs longer than the 30 s grace, raise it.
+        worker_heartbeat: seconds a remote worker may stay silent; a session silent
+            for three of them ends and its jobs go back to the queue.
         max_message_bytes: the largest gRPC message received.
         job_policies: per job type, overrides of its retry policy and timeout.
         tls_cert_file, tls_key_file: the server's certificate and key (PEM): TLS.
@@ -117,6 +122,7 @@ class ServerConfig:
     plugin_dirs: PluginDirs = dataclasses.field(default_factory=PluginDirs)
     role: str = "all"
     max_connection_age: float = 300.0
+    worker_heartbeat: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     job_policies: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     tls_cert_file: str = ""
@@ -159,6 +165,7 @@ class ServerConfig:
             lease=settings["server.lease"],
             retention=settings["server.retention"],
             max_connection_age=settings["server.max_connection_age"],
+            worker_heartbeat=settings["server.worker_heartbeat"],
             plugin_dirs=PluginDirs(
                 connectors=tuple(Path(p) for p in settings["plugins.connectors_dirs"]),
                 handlers=tuple(Path(p) for p in settings["plugins.handlers_dirs"]),
@@ -255,6 +262,7 @@ class AjsServer:
             schedules_changed=self.scheduler.changed if self.scheduler is not None else None,
         )
         self.operations = Operations(self.service)
+        self.workers = WorkerService(self.chain, self.service.pipeline, heartbeat_interval=config.worker_heartbeat)
         self.metrics.watch(
             lambda: len(self.dispatcher.running),
             lambda: self.connector.watcher_count,
@@ -297,6 +305,9 @@ class AjsServer:
             services[:0] = [SERVICE_NAME, OPERATIONS_SERVICE_NAME]
         else:
             server.add_generic_rpc_handlers((worker_only_handler(), worker_only_handler(OPERATIONS_SERVICE)))
+        if self.runs_jobs:  # remote workers connect where jobs are claimed
+            server.add_generic_rpc_handlers((self.workers.rpc_handler(),))
+            services.insert(0, WORKER_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(services, server)
         try:
@@ -409,6 +420,7 @@ class AjsServer:
         log.info("draining: health NOT_SERVING, no new submits or claims")
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
+        self.workers.accepting = False
         # WatchJobs streams never end by themselves: they end now (UNAVAILABLE, DRAINING), and
         # their clients resume with their tokens elsewhere rather than hold the drain to rpc_grace.
         self.connector.end_feeds()
@@ -416,8 +428,10 @@ class AjsServer:
             if self.scheduler is not None:
                 await self.scheduler.stop()
             if self.runs_jobs:
+                # Remote workers finish or hand back their jobs through their open sessions first.
                 await self.dispatcher.stop()
         finally:
+            self.workers.close()
             try:
                 if self._server is not None:
                     await self._server.stop(self.config.rpc_grace)

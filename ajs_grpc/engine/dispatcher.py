@@ -52,6 +52,7 @@ from ajs_grpc.core.errors import (
     JobCancelled,
     JobTimeout,
     NotFound,
+    NotStarted,
     PermanentError,
     Retry,
     Unavailable,
@@ -62,7 +63,7 @@ from ajs_grpc.core.jobs import (
     JobContext,
     JobPlugin,
     JobReturn,
-    failure,
+    error_status,
     to_update,
 )
 from ajs_grpc.core.logs import current_request_id
@@ -88,6 +89,19 @@ class _StopReason(enum.Enum):
     TIMEOUT = "timed out"
     LEASE_LOST = "lease lost"
 
+    @property
+    def code(self) -> str:
+        """The reason as the job's cancel signal (and a remote worker) is told it."""
+        return _STOP_CODES[self]
+
+
+_STOP_CODES = {
+    _StopReason.CLIENT: "CANCELLED_BY_CLIENT",
+    _StopReason.SHUTDOWN: "SERVER_SHUTDOWN",
+    _StopReason.TIMEOUT: "JOB_TIMEOUT",
+    _StopReason.LEASE_LOST: "LEASE_LOST",
+}
+
 
 @dataclasses.dataclass(eq=False)
 class _Execution:
@@ -105,6 +119,8 @@ class _Execution:
     after: asyncio.Task[None] | None = None
     # The limit of this attempt's time and whose it is ("type" or "request"), see attempt_timeout.
     timeout: tuple[float, str] | None = None
+    # Claimed for a handler's offer (a remote worker's credit), outside max_concurrent_jobs.
+    offered: bool = False
 
     @property
     def request_id(self) -> str:
@@ -301,8 +317,10 @@ class Dispatcher:
         self.worker_id = worker_id or default_worker_id()
         self.observer = observer or _NoObserver()
         self.max_result_bytes = max_result_bytes
-        self.types = chain.runnable_types
-        """The types this dispatcher claims: those its chain runs (another instance may run others)."""
+        self.types = sorted(name for name, handler in chain.types if handler.offers() is None)
+        """The types this dispatcher claims into its slots: those its chain runs (another instance may
+        run others), but for those of handlers that make offers (remote workers), claimed per offer."""
+        self._offering = [handler for handler in chain.handlers if handler.offers() is not None]
         self.queues = sorted(queues) if queues is not None else None
         """The queues this dispatcher claims from; None for all."""
         self._running: dict[str, _Execution] = {}
@@ -386,37 +404,63 @@ class Dispatcher:
             # Cleared before looking: a wake-up that arrives while we claim is kept.
             self._wake.clear()
             sleep: float | None = None
-            # Jobs given up on whose work still runs hold their slots until it ends.
-            free = self.max_concurrent_jobs - len(self._running) - self.abandoned_count
-            if free > 0 and self.types:
-                try:
-                    claims = await self.connector.claim(
-                        self.worker_id, limit=free, lease=self.lease, types=self.types, queues=self.queues
-                    )
-                    for claim in claims:
-                        self._start_job(claim)
-                    if len(claims) == free:
-                        continue
-                    sleep = await self._until_next_due()
-                except Exception:  # the loop must survive a broken store
-                    log.exception("claiming failed; retrying in %.1fs", ERROR_BACKOFF)
-                    sleep = ERROR_BACKOFF
+            try:
+                if await self._claim_round():
+                    continue
+                sleep = await self._until_next_due()
+            except Exception:  # the loop must survive a broken store
+                log.exception("claiming failed; retrying in %.1fs", ERROR_BACKOFF)
+                sleep = ERROR_BACKOFF
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel (a stop)
             # that comes in the loop turn the wake-up is set.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(sleep):
                     await self._wake.wait()
 
+    async def _claim_round(self) -> bool:
+        """Claims what there is room for; True when a claim was full (there may be more)."""
+        full = False
+        # Jobs given up on whose work still runs hold their slots until it ends.
+        local = sum(not execution.offered for execution in self._running.values())
+        free = self.max_concurrent_jobs - local - self.abandoned_count
+        if free > 0 and self.types:
+            claims = await self._claim(self.types, free)
+            for claim in claims:
+                self._start_job(claim)
+            full = len(claims) == free
+        for handler in self._offering:
+            for types, count in handler.offers() or []:
+                if count <= 0 or self._stopping:
+                    continue
+                claims = await self._claim(types, count)
+                for claim in claims:  # reserved before anything else can claim for the same offer
+                    handler.reserve(claim.job)
+                    self._start_job(claim, offered=True)
+                full = full or len(claims) == count
+        return full
+
+    async def _claim(self, types: list[str], limit: int) -> list[Claim]:
+        connector = self.connector
+        return await connector.claim(self.worker_id, limit=limit, lease=self.lease, types=types, queues=self.queues)
+
+    def _claimable_types(self) -> list[str]:
+        """The types a claim could take now: the slots' and those of the handlers' offers."""
+        offered = {t for handler in self._offering for types, count in handler.offers() or [] if count for t in types}
+        return sorted(set(self.types) | offered)
+
     async def _until_next_due(self) -> float | None:
-        due = await self.connector.next_due_time(self.types, self.queues)
+        types = self._claimable_types()
+        if not types:
+            return None
+        due = await self.connector.next_due_time(types, self.queues)
         if due is None:
             return None
         # At least a millisecond: a request due "now" that could not be claimed
         # (a race with another claimer) must not spin the loop.
         return max((due - now()).total_seconds(), 0.001)
 
-    def _start_job(self, claim: Claim) -> None:
-        execution = _Execution(claim, CancelSignal())
+    def _start_job(self, claim: Claim, *, offered: bool = False) -> None:
+        execution = _Execution(claim, CancelSignal(), offered=offered)
         request_id = execution.request_id
         earlier = self._running.get(request_id)
         if earlier is not None:
@@ -504,9 +548,11 @@ class Dispatcher:
             due = max(job.request.create_time, job.request.run_after or job.request.create_time)
             self.observer.job_started(job.request.type, (job.last_response.create_time - due).total_seconds())
         execution.timeout = attempt_timeout(plugin, job.request)
+        deadline = None
         if execution.timeout is not None:
             seconds = execution.timeout[0]
             execution.timers.append(loop.call_later(seconds, self._stop_job, execution, _StopReason.TIMEOUT))
+            deadline = now() + timedelta(seconds=seconds)
 
         async def report(update: Update) -> None:
             await self._report(execution, update)
@@ -515,6 +561,7 @@ class Dispatcher:
             decoded = plugin.decode_input(job.request.input) if plugin is not None else None
             dependencies = await self._dependencies(job.request)
         except AjsError as error:  # the input was checked at submit: the plugin changed since, or the store is away
+            handler.unreserve(job.request.id)
             handle = _raise(error)
         else:
             context = JobContext(
@@ -525,6 +572,7 @@ class Dispatcher:
                 decoded,
                 dependencies=dependencies,
                 children=ChildJobs(self.connector, self.chain, job, execution.cancel),
+                deadline=deadline,
             )
             handle = handler.handle(context)
         task = asyncio.create_task(handle)
@@ -631,6 +679,8 @@ class Dispatcher:
         # its end is the stop's (cancelled, timed out, handed back), not FINISHED.
         if reason is not None:
             return self._stopped(execution, error, "the job stopped")
+        if isinstance(error, NotStarted):  # handed back before it began: the attempt does not count
+            return Update(RequestState.CREATED, data={"reason": error.message}, refund_attempt=True)
         if error is None:
             try:
                 update = to_update(task.result())
@@ -669,7 +719,7 @@ class Dispatcher:
         job = execution.claim.job
         plugin = self.chain.plugin_for(job.request.type)
         policy = plugin.retry if plugin is not None else NO_RETRY
-        status = _status(error)
+        status = error_status(error)
         if policy.retries(error) and job.attempts_left:
             explicit = error.delay if isinstance(error, Retry) else None
             delay = explicit if explicit is not None else policy.backoff(job.attempt)
@@ -700,7 +750,7 @@ class Dispatcher:
                 execution.stop_reason = reason
             return
         execution.stop_reason = reason
-        execution.cancel.set()
+        execution.cancel.set(reason.code)
         loop = asyncio.get_running_loop()
         execution.timers.append(loop.call_later(self.cancel_grace, self._force_stop, execution))
 
@@ -714,13 +764,6 @@ class Dispatcher:
             execution.task.cancel()
             loop = asyncio.get_running_loop()
             execution.timers.append(loop.call_later(ABANDON_AFTER, _resolve, execution.abandoned))
-
-
-def _status(error: BaseException) -> ErrorStatus:
-    """The Status of a failed attempt: the project's errors carry theirs (job signals too)."""
-    if isinstance(error, AjsError):
-        return ErrorStatus(error.code, error.message, reason=error.reason, metadata=error.metadata)
-    return failure(error)
 
 
 async def _raise(error: BaseException) -> JobReturn:

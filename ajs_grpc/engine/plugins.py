@@ -33,6 +33,7 @@ from ajs_grpc.core.errors import PluginError, PluginKind
 from ajs_grpc.core.flow import POLICY_NAMES, FlowPolicy
 from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.engine.handlers.base import HandlerChain, RequestHandler
+from ajs_grpc.engine.handlers.remote import RemoteRequestHandler
 
 __all__ = [
     "HandlerSpec",
@@ -62,6 +63,8 @@ PLUGIN_KEYS = frozenset({"timeout", "allow_failed_dependencies"})
 REJECT = "reject"
 # The handler that runs jobs asking for no other handler when the configuration lists none.
 INTERNAL = "internal"
+# The handler of remote workers' types; before the last one when the configuration lists it nowhere.
+REMOTE = "remote"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +146,9 @@ class Plugins:
 
         Args:
             specs: handlers in order with their job types; None puts every job on
-                the handler it asks for (``JobPlugin.handler``), internal first.
+                the handler it asks for (``JobPlugin.handler``), internal first. The remote
+                handler (types of remote workers) comes just before the last one unless
+                listed; it may list types no plugin provides (a worker declares them).
         """
         if specs is None:
             wanted: dict[str, list[str]] = {INTERNAL: []}
@@ -158,6 +163,9 @@ class Plugins:
                 raise PluginError("handler", f"no handler named {spec.name!r}; found: {_names(self.handlers)}")
             handler = self.handlers[spec.name]()
             for job_type in spec.types:
+                if job_type not in self.jobs and isinstance(handler, RemoteRequestHandler):
+                    handler.expect(job_type)
+                    continue
                 if job_type not in self.jobs:
                     raise PluginError(
                         "job", f"handler {spec.name!r} lists job type {job_type!r}, which no plugin provides"
@@ -167,6 +175,8 @@ class Plugins:
                 except TypeError as error:
                     raise PluginError("config", f"handler {spec.name!r} cannot run {job_type!r}: {error}") from None
             links.append(handler)
+        if REMOTE in self.handlers and not any(isinstance(link, RemoteRequestHandler) for link in links):
+            links.append(self.handlers[REMOTE]())
         if REJECT not in self.handlers:
             raise PluginError("handler", f"the {REJECT!r} handler is not installed")
         return HandlerChain(links, self.handlers[REJECT]())

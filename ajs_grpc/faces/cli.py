@@ -16,9 +16,11 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +37,7 @@ from ajs_grpc import __version__
 from ajs_grpc.core.durations import format_duration
 from ajs_grpc.core.errors import AjsError, Code, ConfigError, InvalidArgument, PluginError, UsageError
 from ajs_grpc.core.flow import FlowPolicy, JobStates
+from ajs_grpc.core.jobs import JobPlugin
 from ajs_grpc.core.logs import setup_logging
 from ajs_grpc.core.model import JobType, Request, RequestState, Response
 from ajs_grpc.core.schedules import Catchup, Overlap
@@ -44,6 +47,7 @@ from ajs_grpc.edge.config import SETTINGS, Settings
 from ajs_grpc.edge.config import load as load_settings
 from ajs_grpc.engine.plugins import HandlerSpec, PluginDirs, discover
 from ajs_grpc.faces.client import DEFAULT_TARGET, AsyncClient, ScheduleInfo, TlsOptions
+from ajs_grpc.faces.worker import Worker
 from ajs_grpc.proto.ajs.v1 import job_service_pb2 as pb
 
 __all__ = ["main"]
@@ -756,11 +760,74 @@ def _local_types(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _client(args: argparse.Namespace) -> AsyncClient:
-    tls = None
+def _tls(args: argparse.Namespace) -> TlsOptions | None:
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
-        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=tls, insecure=args.insecure)
+        return TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return None
+
+
+def _client(args: argparse.Namespace) -> AsyncClient:
+    return AsyncClient(args.target, timeout=args.timeout, token=args.token, tls=_tls(args), insecure=args.insecure)
+
+
+def _job_plugins(spec: str) -> list[JobPlugin]:
+    """The job plugins ``module:name`` names: a JobPlugin, a list of them, or a job function (its name is its type).
+
+    Raises:
+        UsageError: it names nothing of the kind.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"{spec!r}: name a job as MODULE:NAME (a JobPlugin, a list of them, or a function)")
+    sys.path.insert(0, os.getcwd())  # a module beside the caller, as python -m finds it
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"{spec!r}: {error}") from None
+    if isinstance(found, JobPlugin):
+        return [found]
+    if isinstance(found, list | tuple) and found and all(isinstance(item, JobPlugin) for item in found):
+        return list(found)
+    if callable(found):
+        try:
+            return [JobPlugin(getattr(found, "__name__", attribute), found)]
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{spec!r}: {error}") from None
+    raise UsageError(f"{spec!r} is not a JobPlugin, a list of them, or a job function")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        plugins = [plugin for spec in args.jobs for plugin in _job_plugins(spec)]
+        worker = Worker(
+            plugins,
+            args.target,
+            name=args.name,
+            max_concurrent=args.max_concurrent,
+            token=args.token,
+            tls=_tls(args),
+            insecure=args.insecure,
+        )
+    except UsageError as error:
+        err.print(f"ajs: {error.message}")
+        return EXIT_USAGE
+    except ValueError as error:
+        err.print(f"ajs: {error}")
+        return EXIT_USAGE
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(stop, worker.drain)
+        await worker.run()
+
+    try:
+        asyncio.run(run())
+    except AjsError as error:
+        err.print(f"ajs: {error.code.name}: {error.message}")
+        return EXIT_REFUSED
+    return EXIT_OK
 
 
 def _describe_end(response: Response) -> str:
@@ -1191,6 +1258,23 @@ def _commands() -> list[_Command]:
                     default="",
                     help="a service's status, e.g. ajs.v1.JobService (default: the server's)",
                 ),
+            ],
+        ),
+        _Command(
+            "worker",
+            "run jobs for a server as a remote worker (drains on SIGTERM)",
+            _worker,
+            [
+                *client,
+                _arg(
+                    "jobs",
+                    nargs="+",
+                    metavar="MODULE:NAME",
+                    help="job plugins to run: a JobPlugin, a list of them, or a job function (its name is its type)",
+                ),
+                _arg("--name", default=None, help="the worker's name in the server's logs (default host:pid)"),
+                _arg("--max-concurrent", type=int, default=8, metavar="N", help="jobs run at once (default 8)"),
+                _arg("--log-level", default="info", choices=["debug", "info", "warning", "error"]),
             ],
         ),
         _Command(

@@ -15,7 +15,7 @@ from typing import ClassVar
 from ajs_grpc.connectors.base import Submit
 from ajs_grpc.core.errors import NotSupported
 from ajs_grpc.core.jobs import JobContext, JobPlugin, JobReturn
-from ajs_grpc.core.model import Request
+from ajs_grpc.core.model import Job, Request
 
 __all__ = ["HandlerChain", "NotSupported", "RequestHandler"]
 
@@ -55,6 +55,22 @@ class RequestHandler(abc.ABC):
     def plugin(self, request_type: str) -> JobPlugin | None:
         """The job plugin registered for ``request_type``, if any."""
         return self._jobs.get(request_type)
+
+    def offers(self) -> list[tuple[list[str], int]] | None:
+        """What this handler can start now, when more than the dispatcher's slots bound it.
+
+        None (the default): its jobs take the dispatcher's slots (``max_concurrent_jobs``).
+        Otherwise groups of types, each with how many jobs of those types it takes now; the
+        dispatcher claims no more than that, outside its own slots, and hands each claimed
+        job to :meth:`reserve` before it runs.
+        """
+        return None
+
+    def reserve(self, job: Job) -> None:  # noqa: B027 - optional hook
+        """Holds the place of a job claimed for one of :meth:`offers` (called before it runs)."""
+
+    def unreserve(self, request_id: str) -> None:  # noqa: B027 - optional hook
+        """Gives back a reserved place whose job will not be handled (it ended before it started)."""
 
     @abc.abstractmethod
     async def handle(self, ctx: JobContext) -> JobReturn:
