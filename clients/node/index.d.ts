@@ -1,4 +1,5 @@
-// Types of ajs-grpc-client (hand-written; index.js is the implementation).
+// Types of ajs-grpc-client (hand-written; index.js is the implementation): the client
+// (AjsClient) and the worker (Worker).
 // Messages are ajs.v1's (protos/ajs/v1/job_service.proto) as @grpc/grpc-js gives them:
 // fields in lowerCamelCase, enums as their names, 64-bit integers as numbers, unset
 // message fields null, bytes as Buffers; google.protobuf.Any keeps `type_url`.
@@ -298,3 +299,125 @@ export function toDate(timestamp: Timestamp | null | undefined): Date | null;
 export function stateName(state: StateName): RequestState;
 /** The ajs.v1 package of the loaded contract (JobService and its messages). */
 export function loadContract(): GrpcObject;
+
+// ---- the worker (ajs.v1.WorkerService/Work)
+
+/** A google.protobuf.Duration given as seconds, or as a Duration. */
+export type DurationLike = number | Duration;
+
+export interface WorkerRetryPolicy {
+  maxAttempts?: number;
+  /** Seconds, or a Duration. */
+  initialBackoff?: DurationLike;
+  maxBackoff?: DurationLike;
+  multiplier?: number;
+  jitter?: number;
+}
+
+export interface JobTypeSpec {
+  description?: string;
+  /** Full name of the input message ("ajs.examples.v1.HashRequest"); needs root or fileDescriptorSet. */
+  inputType?: string;
+  outputType?: string;
+  /** A protobufjs Root defining inputType and outputType: their files and imports are declared. */
+  root?: Root;
+  /** A serialized google.protobuf.FileDescriptorSet instead of root (e.g. protoc --include_imports). */
+  fileDescriptorSet?: Uint8Array;
+  retryPolicy?: WorkerRetryPolicy;
+  /** How long one attempt may run, in seconds; none: no limit. */
+  timeout?: DurationLike;
+  concurrency?: { key: string; limit: number } | null;
+  rateLimit?: { key: string; rate: number; period: Duration | null; burst: number } | null;
+  orderedBy?: string;
+  unique?: { key: string; states: RequestState[]; ttl: Duration | null } | null;
+  allowFailedDependencies?: boolean;
+}
+
+/** One attempt of a job, handed to a handler. */
+export interface WorkerJob<I = JsonObject | null> {
+  request: Request;
+  /** 1 on the first run. */
+  attempt: number;
+  /** When the attempt must have ended; null for no limit. */
+  deadline: Date | null;
+  /** The final Responses of the request's dependencies. */
+  dependencies: Response[];
+  /** Request.input decoded by the type's inputType (protobufjs toObject: lowerCamelCase, enums by name, bytes as Buffers); null for an untyped type. */
+  input: I;
+  /** Aborted when the server cancels the job or the session is lost; its reason is a JobError (code CANCELLED). */
+  signal: AbortSignal;
+  workerId: string;
+  /** Reports progress (a PENDING Response watchers see); false when it could not be sent. */
+  progress(fraction: number, message?: string, data?: Record<string, string | number | boolean>): boolean;
+}
+
+export interface JobResult {
+  /** A plain object of the type's outputType (ProtoJSON), a protobufjs message, or an Any. */
+  output?: JsonObject | Any | null;
+  data?: Record<string, string | number | boolean>;
+}
+
+export type JobHandler<I = any> = (job: WorkerJob<I>) => Promise<JobResult | void> | JobResult | void;
+
+export interface WorkerOptions {
+  /** The server (default 127.0.0.1:50051). */
+  target?: string;
+  tls?: boolean | TlsOptions;
+  token?: string | (() => string | Promise<string>);
+  credentials?: ChannelCredentials;
+  channelOptions?: ChannelOptions;
+  /** For humans and logs (default: the host name). */
+  name?: string;
+  /** How many jobs run at once (default 1). */
+  maxConcurrent?: number;
+  /** Heartbeat period in ms (default: half the server's heartbeat_interval). */
+  heartbeatMs?: number;
+  /** How the worker connects again after the stream breaks (100 ms doubling to 5 s, 20% jitter). */
+  backoff?: { initialMs?: number; maxMs?: number; multiplier?: number; jitter?: number };
+  /** After a drain, how long to wait for the server to end the call (5000 ms). */
+  drainGraceMs?: number;
+}
+
+export interface WorkerEvents {
+  registered: [info: { workerId: string; heartbeatIntervalMs: number }];
+  reconnecting: [error: AjsError | null, attempt: number, delayMs: number];
+  assignment: [info: { requestId: string; type: string; attempt: number }];
+  cancel: [info: { requestId: string; attempt: number; reason: string }];
+  outcome: [info: { requestId: string; attempt: number; error: Status | null }];
+  draining: [];
+}
+
+export class Worker {
+  constructor(options?: WorkerOptions);
+  readonly target: string;
+  readonly name: string;
+  readonly maxConcurrent: number;
+  /** The id of the current (or last) session; "" before the first registration. */
+  readonly workerId: string;
+  /** How many jobs run now. */
+  readonly running: number;
+  register<I = any>(name: string, spec: JobTypeSpec, handler: JobHandler<I>): this;
+  register<I = any>(name: string, handler: JobHandler<I>): this;
+  /** Runs until drained or stopped; rejects with an AjsError on a registration refused for good. */
+  run(options?: { signal?: AbortSignal }): Promise<void>;
+  /** Takes no more jobs, finishes the running ones, closes the stream; resolves when run() has ended. */
+  drain(): Promise<void>;
+  /** Ends the stream at once; running jobs are aborted (the server runs them again). */
+  stop(): Promise<void>;
+  on<E extends keyof WorkerEvents>(event: E, listener: (...args: WorkerEvents[E]) => void): this;
+  once<E extends keyof WorkerEvents>(event: E, listener: (...args: WorkerEvents[E]) => void): this;
+  off<E extends keyof WorkerEvents>(event: E, listener: (...args: WorkerEvents[E]) => void): this;
+}
+
+/** An error a handler throws to end the attempt with a gRPC status (and ErrorInfo / RetryInfo details). */
+export class JobError extends Error {
+  constructor(code: number, message: string, options?: { reason?: string; domain?: string; metadata?: Record<string, string>; retryDelayMs?: number; cause?: unknown });
+  code: number;
+  reason: string;
+  domain: string;
+  errorMetadata: Record<string, string>;
+  retryDelayMs?: number;
+}
+
+/** The serialized FileDescriptorSet of the files of `root` defining `fullNames`, dependencies first. */
+export function descriptorSet(root: Root, fullNames: string[]): Buffer;

@@ -2,7 +2,6 @@
 // AjsClient: the Node.js client of ajs-grpc's ajs.v1.JobService.
 
 const crypto = require('node:crypto');
-const fs = require('node:fs');
 const { setTimeout: sleep } = require('node:timers/promises');
 const grpc = require('@grpc/grpc-js');
 const protobuf = require('protobufjs');
@@ -10,6 +9,7 @@ require('protobufjs/ext/descriptor'); // adds Root.fromDescriptor
 const protojson = require('protobufjs/ext/protojson');
 const { loadContract } = require('./contract');
 const { AjsError } = require('./errors');
+const { channelSetup } = require('./channel');
 
 const STATE_PREFIX = 'REQUEST_STATE_';
 const FINAL_STATES = new Set(['REQUEST_STATE_FINISHED', 'REQUEST_STATE_FAILED', 'REQUEST_STATE_CANCELLED']);
@@ -25,12 +25,6 @@ const RETRYABLE = new Set([
 ]);
 
 const DEFAULT_BACKOFF = { initialMs: 100, maxMs: 5000, multiplier: 2, jitter: 0.2, maxRetries: 20 };
-
-// Reconnect quickly after a server restart (grpc-js waits up to 2 minutes by default).
-const DEFAULT_CHANNEL_OPTIONS = {
-  'grpc.initial_reconnect_backoff_ms': 200,
-  'grpc.max_reconnect_backoff_ms': 5000,
-};
 
 /** "FINISHED" or "REQUEST_STATE_FINISHED" -> "REQUEST_STATE_FINISHED". */
 function stateName(state) {
@@ -91,28 +85,6 @@ function isAny(value) {
   return Boolean(anyTypeUrl(value)) && value.value instanceof Uint8Array;
 }
 
-/** Channel credentials of the `tls` option: true (system roots) or { ca | caFile, cert | certFile, key | keyFile }. */
-function channelCredentials(tls) {
-  if (!tls) return grpc.credentials.createInsecure();
-  const options = tls === true ? {} : tls;
-  const read = (inline, file) => (inline !== undefined ? Buffer.from(inline) : file ? fs.readFileSync(file) : null);
-  const ca = read(options.ca, options.caFile); // null: the system's roots (Node's bundled CA list)
-  const cert = read(options.cert, options.certFile);
-  const key = read(options.key, options.keyFile);
-  if (Boolean(cert) !== Boolean(key)) throw new TypeError('tls: a client certificate needs its key, and a key its certificate');
-  return grpc.credentials.createSsl(ca, key, cert);
-}
-
-/** `token` is a string or a function giving one (maybe a Promise): the bearer token of every call. */
-function tokenSource(token) {
-  if (token === undefined || token === null || token === '') return null;
-  const get = typeof token === 'function' ? token : () => token;
-  return async () => {
-    const value = await get();
-    return value ? `Bearer ${value}` : null;
-  };
-}
-
 /**
  * A client of one ajs-grpc server (or a load balancer in front of several).
  *
@@ -122,38 +94,9 @@ class AjsClient {
   constructor(target = '127.0.0.1:50051', options = {}) {
     const { tls = false, token, credentials, channelOptions = {}, deadlineMs = 0, backoff = {} } = options;
     const ajs = loadContract();
-    const authorization = tokenSource(token);
-    let creds = credentials || channelCredentials(tls);
-    const interceptors = [];
-    const secure = credentials ? (typeof credentials._isSecure === 'function' ? credentials._isSecure() : true) : Boolean(tls);
-    if (authorization && secure) {
-      // Call credentials: grpc-js sends them only over a secure channel.
-      creds = grpc.credentials.combineChannelCredentials(
-        creds,
-        grpc.credentials.createFromMetadataGenerator((_params, callback) => {
-          authorization().then((value) => {
-            const metadata = new grpc.Metadata();
-            if (value) metadata.set('authorization', value);
-            callback(null, metadata);
-          }, callback);
-        }),
-      );
-    } else if (authorization) {
-      // Plaintext (a server on localhost, or TLS ended by a proxy in front): the same
-      // header, added by an interceptor, since grpc-js composes no call credentials here.
-      interceptors.push((callOptions, nextCall) => new grpc.InterceptingCall(nextCall(callOptions), {
-        start(metadata, listener, next) {
-          authorization().then((value) => {
-            if (value) metadata.set('authorization', value);
-            next(metadata, listener);
-          }, (error) => {
-            listener.onReceiveStatus({ code: grpc.status.UNAUTHENTICATED, details: `token: ${error.message}`, metadata: new grpc.Metadata() });
-          });
-        },
-      }));
-    }
+    const channel = channelSetup({ tls, token, credentials, channelOptions });
     this.target = target;
-    this.stub = new ajs.JobService(target, creds, { ...DEFAULT_CHANNEL_OPTIONS, ...channelOptions, interceptors });
+    this.stub = new ajs.JobService(target, channel.credentials, channel.options);
     this.deadlineMs = deadlineMs;
     this.backoff = { ...DEFAULT_BACKOFF, ...backoff };
     this._types = null;

@@ -9,18 +9,19 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 
-// proto/ holds a copy of the repository's protos/ajs/v1/job_service.proto, so that the
-// package works outside the repository (a test checks the copy is current).
+// proto/ holds a copy of the repository's protos/ajs/v1/job_service.proto and
+// worker_service.proto, so that the package works outside the repository (a test checks
+// the copies are current).
 const PROTOS = path.resolve(__dirname, '..', 'proto');
 const GOOGLEAPIS = path.dirname(require.resolve('google-proto-files/package.json'));
 
 let service = null;
 let statusRoot = null;
 
-/** The ajs.v1 package of the gRPC definition (JobService and its messages). */
+/** The ajs.v1 package of the gRPC definition (JobService, WorkerService and their messages). */
 function loadContract() {
   if (!service) {
-    const definition = protoLoader.loadSync('ajs/v1/job_service.proto', {
+    const definition = protoLoader.loadSync(['ajs/v1/job_service.proto', 'ajs/v1/worker_service.proto'], {
       includeDirs: [PROTOS, GOOGLEAPIS],
       keepCase: false,
       longs: Number,

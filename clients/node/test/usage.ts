@@ -1,6 +1,7 @@
 // A typed use of the client, checked by `tsc --noEmit -p test/tsconfig.json` (types.test.js);
 // never run. Each @ts-expect-error line must stay an error, so the types are not too loose.
-import { AjsClient, AjsError, Job, Response, WatchJobsEvent, status, toDate, stateName } from '..';
+import { AjsClient, AjsError, Job, Response, WatchJobsEvent, status, toDate, stateName, Worker, JobError, WorkerJob, descriptorSet } from '..';
+import { Root } from 'protobufjs';
 
 interface HashInput { data: Buffer | string; algorithm?: 'ALGORITHM_SHA256' | 'ALGORITHM_SHA512'; rounds?: number; [field: string]: unknown }
 interface HashOutput { hexDigest: string; [field: string]: unknown }
@@ -83,4 +84,36 @@ export async function usage(): Promise<void> {
   await client.submit('echo', { data: { n: 1 } });
   plain.close();
   client.close();
+}
+
+export async function workerUsage(root: Root): Promise<void> {
+  const worker = new Worker({ target: '127.0.0.1:50051', token: 'worker-token', name: 'w', maxConcurrent: 4, backoff: { maxMs: 2000 } });
+  worker.register<{ data: Buffer; algorithm: string; rounds: number }>('hash', {
+    description: 'hashes', inputType: 'ajs.examples.v1.HashRequest', outputType: 'ajs.examples.v1.HashResponse', root,
+    retryPolicy: { maxAttempts: 3, initialBackoff: 0.2, maxBackoff: 2, multiplier: 2, jitter: 0 }, timeout: 30,
+  }, async (job) => {
+    const rounds: number = job.input.rounds;
+    job.progress(0.5, 'half', { rounds });
+    if (job.signal.aborted) throw new JobError(status.CANCELLED, 'stopped', { reason: 'STOPPED', retryDelayMs: 100 });
+    const deadline: Date | null = job.deadline;
+    void deadline;
+    return { output: { hexDigest: 'ab' }, data: { attempt: job.attempt } };
+  });
+  worker.register('untyped', async (job: WorkerJob) => { void job.request.data; });
+  worker.on('registered', ({ workerId }) => { const id: string = workerId; void id; });
+  worker.on('reconnecting', (error, attempt, delayMs) => { void error?.codeName; void attempt; void delayMs; });
+  const set: Buffer = descriptorSet(root, ['ajs.examples.v1.HashRequest']);
+  void set;
+  const running: number = worker.running;
+  void running;
+  const controller = new AbortController();
+  const done: Promise<void> = worker.run({ signal: controller.signal });
+  await worker.drain();
+  await done;
+  // @ts-expect-error: maxConcurrent is a number
+  new Worker({ maxConcurrent: '2' });
+  // @ts-expect-error: a handler's data values are strings, numbers or booleans
+  worker.register('bad', async () => ({ data: { x: {} } }));
+  // @ts-expect-error: no such event
+  worker.on('assigned', () => {});
 }
