@@ -18,12 +18,14 @@ const { descriptorSet } = require('./descriptors');
 
 const TYPE_URL_PREFIX = 'type.googleapis.com/';
 
-// A registration refused with one of these will be refused again: the worker stops.
+// A registration refused with one of these will be refused again: the worker stops
+// (UNIMPLEMENTED: a server without WorkerService).
 const PERMANENT = new Set([
   grpc.status.INVALID_ARGUMENT,
   grpc.status.PERMISSION_DENIED,
   grpc.status.FAILED_PRECONDITION,
   grpc.status.UNAUTHENTICATED,
+  grpc.status.UNIMPLEMENTED,
 ]);
 
 const DEFAULT_BACKOFF = { initialMs: 100, maxMs: 5000, multiplier: 2, jitter: 0.2 };
@@ -218,7 +220,7 @@ class Worker extends EventEmitter {
    * Connects, registers and runs jobs until drained (drain(), or `signal` aborted) or
    * stopped (stop()); reconnects with backoff when the stream breaks. Resolves after the
    * drain; rejects with an AjsError when the server refuses the registration for good
-   * (INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION, UNAUTHENTICATED).
+   * (INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION, UNAUTHENTICATED, UNIMPLEMENTED).
    */
   run({ signal } = {}) {
     if (this._runs) return this._runs;
