@@ -22,6 +22,7 @@ from ajs_grpc.core.errors import (
     AjsError,
     FailedPrecondition,
     FieldViolation,
+    PermanentError,
     PermissionDenied,
     Retry,
     Unavailable,
@@ -247,6 +248,10 @@ def _outcome(outcome: wpb.ReportOutcome) -> Result | AjsError:
     if status.code == 0:
         return invalid([FieldViolation("outcome.error.code", "must not be OK (leave error unset for success)")])
     error: AjsError = from_status(status.code, message, reason=reason, metadata=status.metadata)
+    if outcome.non_retryable:
+        permanent = PermanentError(message, reason=reason, metadata=status.metadata)
+        permanent.code = status.code
+        return permanent
     for detail in outcome.error.details:
         retry_info = error_details_pb2.RetryInfo()
         if detail.Unpack(retry_info):  # the worker says when to run it again

@@ -307,6 +307,9 @@ class Worker:
                 raise
             except Exception as error:  # the job failed: its status goes to the server
                 outcome.error.CopyFrom(_status_of(error))
+                # What the plugin's own policy never retries (PermanentError, errors outside retry_on).
+                known = self.plugins.get(request.type)
+                outcome.non_retryable = known is None or not known.retry.retries(error)
             finally:
                 if self._running.pop(key, None) is not None and self._outbox is outbox:
                     outbox.put_nowait(wpb.WorkRequest(outcome=outcome))

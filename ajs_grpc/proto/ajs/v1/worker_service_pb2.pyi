@@ -313,10 +313,11 @@ Global___ReportProgress: _TypeAlias = ReportProgress  # noqa: Y015
 class ReportOutcome(_message.Message):
     """The end of an assigned job. Without `error` the job ends FINISHED with `data`
     and `output`. With `error`, the attempt failed: it runs again if the type's
-    retry policy allows (not for INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
-    PERMISSION_DENIED, FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED or
-    UNAUTHENTICATED; after the delay of a google.rpc.RetryInfo detail if it has one),
-    else it ends FAILED with this Status (its ErrorInfo reason and metadata kept).
+    retry policy allows (not when `non_retryable`, nor for INVALID_ARGUMENT,
+    NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION, OUT_OF_RANGE,
+    UNIMPLEMENTED or UNAUTHENTICATED; after the delay of a google.rpc.RetryInfo
+    detail if it has one), else it ends FAILED with this Status (its ErrorInfo reason
+    and metadata kept).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -346,10 +347,13 @@ class ReportOutcome(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Assignment.request.id."""
     attempt: _builtins.int
     """Assignment.attempt."""
+    non_retryable: _builtins.bool
+    """Another attempt cannot succeed: the job ends FAILED whatever its retry policy."""
     @_builtins.property
     def data(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Untyped results."""
@@ -370,10 +374,11 @@ class ReportOutcome(_message.Message):
         data: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         output: _any_pb2.Any | None = ...,
         error: _status_pb2.Status | None = ...,
+        non_retryable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "data", b"data", "error", b"error", "output", b"output", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "data", b"data", "error", b"error", "non_retryable", b"non_retryable", "output", b"output", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
