@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Generates the Go stubs of protos/ajs/v1/*.proto into ajspb/ with protoc, protoc-gen-go
-# and protoc-gen-go-grpc (Debian's). The stubs are not committed: run this after a change
-# to protos/ (go.sh and test.sh run it when the stubs are missing or older than the protos).
+# and protoc-gen-go-grpc (Debian's), and those of the example plugins' messages
+# (plugins/examples/protos: ajs.examples.v1.HashRequest, ...) into examplespb/, which the
+# example worker cmd/ajs-go-worker uses. The stubs are not committed: run this after a
+# change to the protos (go.sh and test.sh run it when the stubs are missing or older).
 #
 # google/rpc/status.proto is read from googleapis-common-protos (the Python package the
 # server itself uses): $GOOGLEAPIS_PROTOS names a directory holding google/rpc/status.proto,
@@ -46,3 +48,14 @@ protoc -I . -I /usr/include -I "$googleapis" \
   --go-grpc_out="$here" --go-grpc_opt="$go_opts" \
   "${sources[@]}"
 echo "generated $(cd "$here" && ls ajspb/*.pb.go | tr '\n' ' ')from ${sources[*]}" >&2
+
+# The example plugins' messages (no services), into their own package.
+examples_pkg=ajs-grpc/clients/go/examplespb
+cd "$root/plugins/examples/protos"
+mapfile -t examples < <(find ajs -name '*.proto' | sort)
+maps=()
+for source in "${examples[@]}"; do maps+=("M$source=$examples_pkg"); done
+go_opts=$(IFS=,; echo "module=ajs-grpc/clients/go,${maps[*]}")
+rm -f "$here"/examplespb/*.pb.go
+protoc -I . -I /usr/include --go_out="$here" --go_opt="$go_opts" "${examples[@]}"
+echo "generated $(cd "$here" && ls examplespb/*.pb.go | tr '\n' ' ')from ${examples[*]}" >&2

@@ -21,8 +21,9 @@ grep -q google.golang.org/protobuf "$AJS_GO_DEBIAN_GOPATH/src/github.com/golang/
 
 stale=0
 [ -n "$(ls "$here"/ajspb/*.pb.go 2>/dev/null)" ] || stale=1
-for proto in $(find "$root/protos" -name '*.proto'); do
-  for stub in "$here"/ajspb/*.pb.go; do
+[ -n "$(ls "$here"/examplespb/*.pb.go 2>/dev/null)" ] || stale=1
+for proto in $(find "$root/protos" "$root/plugins/examples/protos" -name '*.proto'); do
+  for stub in "$here"/ajspb/*.pb.go "$here"/examplespb/*.pb.go; do
     [ -e "$stub" ] && [ "$proto" -nt "$stub" ] && stale=1
   done
 done

@@ -126,6 +126,9 @@ func (b bearerToken) RequireTransportSecurity() bool { return b.requireTLS }
 // Close closes the connection; calls in flight end with Canceled.
 func (c *Client) Close() error { return c.conn.Close() }
 
+// Conn is the client's gRPC connection, for NewWorker or other services' stubs.
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
 // Service is the generated JobService client on the same connection, for the calls this
 // package does not wrap (ListJobs, BatchSubmitRequests, schedules, ...). Its errors are
 // plain gRPC errors: AsError turns one into an *Error.
