@@ -270,6 +270,28 @@ def start_ajs(connector: str, args: argparse.Namespace, workdir: Path, name: str
     return server
 
 
+def start_worker(server: Server, max_concurrent: int) -> subprocess.Popen[bytes]:
+    """``ajs worker`` running the no-op ``remote_noop`` for ``server``, in a directory beside its log."""
+    worker_dir = server.workdir / "worker"
+    worker_dir.mkdir(exist_ok=True)
+    (worker_dir / "bench_remote.py").write_text(REMOTE_WORKER)
+    ajs = shutil.which("ajs", path=str(Path(sys.executable).parent)) or shutil.which("ajs") or "ajs"
+    command = [ajs, "worker", "--target", server.address, "bench_remote:remote_noop"]
+    with (worker_dir / "worker.log").open("wb") as sink:
+        return subprocess.Popen(
+            [*command, "--max-concurrent", str(max_concurrent), "--name", "bench"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=worker_dir,
+        )
+
+
+REMOTE_WORKER = """\
+async def remote_noop(request, ctx):
+    return {"i": request.data.get("i", "")}
+"""
+
+
 def drop_schema(dsn: str, schema: str) -> None:
     """Removes a benchmark's PostgreSQL schema."""
     import psycopg
@@ -471,7 +493,7 @@ class Figure:
 
 def figures(args: argparse.Namespace) -> list[Figure]:
     """The rows, in order, with the issue's targets."""
-    n, q, k = f"{args.fanout:,}", f"{args.queued:,}", f"{args.jobs:,}"
+    n, q, k, r = f"{args.fanout:,}", f"{args.queued:,}", f"{args.jobs:,}", f"{args.remote_jobs:,}"
     return [
         Figure(
             "submit",
@@ -547,6 +569,17 @@ def figures(args: argparse.Namespace) -> list[Figure]:
             TIMES,
             "",
             {"sqlite": ("<=", 2.0, "value")},
+        ),
+        Figure(
+            "e2e_local", f"end-to-end no-op jobs, in-process ({r} jobs, alternating with the next)", "jobs/s", "unary"
+        ),
+        Figure("e2e_remote", f"end-to-end no-op jobs through one Python remote worker ({r} jobs)", "jobs/s", "unary"),
+        Figure(
+            "e2e_remote_vs",
+            "end-to-end, one remote worker / in-process",
+            TIMES,
+            "",
+            {"sqlite": (">=", 0.5, "value"), "postgres": (">=", 0.5, "value"), "memory": (">=", 0.5, "value")},
         ),
         Figure("fill", f"BatchSubmitRequests filling the queue to {q}", "jobs/s", "unary"),
         Figure("submit_queued", f"unary SubmitRequest with {q} queued", "calls/s", "unary"),
@@ -786,7 +819,49 @@ async def run_queue(connector: str, args: argparse.Namespace, workdir: Path, out
         server.stop()
 
 
-RUNS = (run_jobs, run_policy, run_fanout, run_queue)
+async def run_remote(connector: str, args: argparse.Namespace, workdir: Path, out: dict[str, float]) -> None:
+    """End-to-end no-op jobs through one Python remote worker (``ajs worker``) against the in-process handler.
+
+    One server runs both: ``echo`` in-process and ``remote_noop`` in a worker process with as
+    many jobs at once as the server's ``--max-jobs``. The two alternate, twice each, and each
+    figure is the mean of its two runs, so that drift hits both alike (issue 16).
+    """
+    server = start_ajs(connector, args, workdir, "remote")
+    worker = start_worker(server, args.max_jobs)
+    try:
+        async with connected(server) as stub:
+            while "remote_noop" not in {t.name for t in (await stub.ListJobTypes(pb.ListJobTypesRequest())).job_types}:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"ajs worker exited: {(server.workdir / 'worker' / 'worker.log').read_text()}")
+                await asyncio.sleep(0.05)
+            rates: dict[str, list[float]] = {"echo": [], "remote_noop": []}
+            for round_ in range(3):  # the first round warms both up and is not counted
+                for job_type in ("echo", "remote_noop"):
+                    prefix = f"{job_type}-{round_}-"
+                    calls = await unary(
+                        stub, [request(f"{prefix}{i}", job_type) for i in range(args.remote_jobs)], INFLIGHT
+                    )
+                    await drained(stub, f"{prefix}{args.remote_jobs - 1}")
+                    first = min(seconds(reply.job.request.create_time) for reply in calls.replies)
+                    if round_:
+                        rates[job_type].append(args.remote_jobs / (await last_update(stub, prefix) - first))
+            out["e2e_local"] = sum(rates["echo"]) / len(rates["echo"])
+            out["e2e_remote"] = sum(rates["remote_noop"]) / len(rates["remote_noop"])
+            out["e2e_remote_vs"] = out["e2e_remote"] / out["e2e_local"]
+            log(
+                f"{connector}: {args.remote_jobs:,} no-op jobs, in-process {out['e2e_local']:,.0f} jobs/s, "
+                f"one remote worker {out['e2e_remote']:,.0f} jobs/s ({out['e2e_remote_vs']:.2f}{TIMES})"
+            )
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        server.stop()
+
+
+RUNS = (run_jobs, run_policy, run_fanout, run_queue, run_remote)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -982,6 +1057,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queued", type=int, help="jobs queued for the large-queue runs (default 1,000,000)")
     parser.add_argument("--fanout", type=int, help="WatchJob streams on one job (default 1000)")
     parser.add_argument("--fanout-steps", type=int, help="progress Responses of the fan-out job (default 50)")
+    parser.add_argument("--remote-jobs", type=int, help="jobs per run of the remote-worker comparison (default 1000)")
     parser.add_argument("--idle", type=int, help="jobs for the idle pickup latency (default 200)")
     parser.add_argument("--load-seconds", type=float, help="length of the open-loop load (default 10)")
     parser.add_argument("--max-jobs", type=int, default=64, help="the server's --max-jobs (default %(default)s)")
@@ -990,7 +1066,7 @@ def main(argv: list[str] | None = None) -> None:
         "--runs",
         type=lambda value: {name.strip() for name in value.split(",") if name.strip()},
         default=set(),
-        help="only these runs: jobs, policy, fanout, queue (default all; figures of the others are left blank)",
+        help="only these runs: jobs, policy, fanout, queue, remote (default all; figures of the others are left blank)",
     )
     parser.add_argument("--json", metavar="FILE", help="write one JSON object per figure to FILE")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
@@ -1006,6 +1082,7 @@ def main(argv: list[str] | None = None) -> None:
         "fanout": (1000, 100),
         "fanout_steps": (50, 20),
         "idle": (200, 30),
+        "remote_jobs": (1000, 300),
         "load_seconds": (10.0, 2.0),
     }
     for name, (full, quick) in sizes.items():

@@ -171,7 +171,9 @@ async def ended(client: AsyncClient, request_id: str) -> list[Response]:
 # -- running jobs remotely --------------------------------------------------------------
 
 
-async def test_a_typed_job_runs_in_a_remote_worker_with_progress_watched(server: AjsServer, client: AsyncClient) -> None:
+async def test_a_typed_job_runs_in_a_remote_worker_with_progress_watched(
+    server: AjsServer, client: AsyncClient
+) -> None:
     async with working(server, [REVERSE]):
         submitted = await client.submit("reverse", input=wrappers_pb2.StringValue(value="stressed"))
         responses = await ended(client, submitted.job.request.id)
@@ -495,9 +497,10 @@ async def test_workers_need_the_worker_role_and_run_only_their_types(tmp_path: P
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED and reason_of(error) == "TYPE_NOT_ALLOWED"
         error = await refusal(server, register("held"))
         assert error.code() is grpc.StatusCode.UNAUTHENTICATED
-        async with working(server, [held("w1")], token="runner-token"), AsyncClient(
-            server.address, token="alice-token"
-        ) as client:
+        async with (
+            working(server, [held("w1")], token="runner-token"),
+            AsyncClient(server.address, token="alice-token") as client,
+        ):
             submitted = await client.submit("held")
             await eventually(lambda: GATE.running == 1)
             GATE.release.set()
