@@ -1,4 +1,4 @@
-"""Remote workers as real processes: `ajs worker` killed mid-job, and instances that claim only what their workers run."""
+"""Remote workers as processes: `ajs worker` killed mid-job, instances claiming only what their workers run."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ class RemoteWorker:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
+def home(tmp_path: Path) -> Path:
     (tmp_path / "slow_jobs.py").write_text(JOBS)
-    yield tmp_path
+    return tmp_path
 
 
 def step_pid(response: Response) -> int:
@@ -174,7 +174,8 @@ def test_ajs_worker_stops_when_the_server_refuses_its_types_for_good(home: Path)
             timeout=30,
         )
         assert run.returncode == 5
-        assert "FAILED_PRECONDITION" in run.stderr and "runs in this server's 'internal' handler" in run.stderr
+        assert "FAILED_PRECONDITION" in run.stderr
+        assert "runs in this server's 'internal' handler" in run.stderr
     finally:
         served.process.send_signal(signal.SIGTERM)
         served.process.wait(30)

@@ -179,9 +179,11 @@ async def test_a_typed_job_runs_in_a_remote_worker_with_progress_watched(
         responses = await ended(client, submitted.job.request.id)
     assert [r.progress.message for r in responses if r.progress] == ["step 1", "step 2", "step 3"]
     final = responses[-1]
-    assert final.state is S.FINISHED and final.is_final
+    assert final.state is S.FINISHED
+    assert final.is_final
     output = wrappers_pb2.StringValue()
-    assert isinstance(final.output, any_pb2.Any) and final.output.Unpack(output)
+    assert isinstance(final.output, any_pb2.Any)
+    assert final.output.Unpack(output)
     assert output.value == "desserts"
 
 
@@ -209,12 +211,14 @@ async def test_a_job_waits_queued_while_no_worker_runs_its_type() -> None:
         request_id = submitted.job.request.id
         await asyncio.sleep(0.3)  # a claim would come within milliseconds; nothing may claim it
         job = await client.get(request_id)
-        assert job.state is S.CREATED and job.attempt == 0
+        assert job.state is S.CREATED
+        assert job.attempt == 0
         async with working(server, [held("w1")]):
             await eventually(lambda: len(GATE.started) == 1)
             GATE.release.set()
             final = (await ended(client, request_id))[-1]
-    assert final.state is S.FINISHED and final.data["attempt"] == "1"
+    assert final.state is S.FINISHED
+    assert final.data["attempt"] == "1"
 
 
 async def test_a_type_no_worker_declared_is_refused_at_submit(client: AsyncClient) -> None:
@@ -233,7 +237,8 @@ async def test_the_server_never_assigns_more_than_the_credit(server: AjsServer, 
         await eventually(lambda: GATE.running == 2)
         await asyncio.sleep(0.2)
         queued = [job for job in [await client.get(i) for i in ids] if job.state is S.CREATED]
-        assert GATE.running == 2 and len(queued) == 4
+        assert GATE.running == 2
+        assert len(queued) == 4
         GATE.release.set()
         finals = [(await ended(client, i))[-1] for i in ids]
     assert all(f.state is S.FINISHED for f in finals)
@@ -247,19 +252,23 @@ async def test_jobs_are_shared_fairly_between_workers(server: AjsServer, client:
         await eventually(lambda: len(GATE.started) == 6)
         by_worker = [worker for _, _, worker in GATE.started]
         GATE.release.set()
-    assert by_worker.count("w1") == 3 and by_worker.count("w2") == 3
+    assert by_worker.count("w1") == 3
+    assert by_worker.count("w2") == 3
 
 
 async def test_remote_jobs_do_not_take_the_servers_own_slots() -> None:
     config = ServerConfig(address="127.0.0.1:0", max_concurrent_jobs=1, cancel_grace=0.5, shutdown_grace=0.5)
-    async with serving(config) as server, AsyncClient(server.address) as client:
-        async with working(server, [held("w1")], max_concurrent=3):
-            for _ in range(3):
-                await client.submit("held")
-            await eventually(lambda: GATE.running == 3)
-            echo = await client.submit("echo", data={"a": "b"})  # the server's one slot is still free
-            assert (await ended(client, echo.job.request.id))[-1].state is S.FINISHED
-            GATE.release.set()
+    async with (
+        serving(config) as server,
+        AsyncClient(server.address) as client,
+        working(server, [held("w1")], max_concurrent=3),
+    ):
+        for _ in range(3):
+            await client.submit("held")
+        await eventually(lambda: GATE.running == 3)
+        echo = await client.submit("echo", data={"a": "b"})  # the server's one slot is still free
+        assert (await ended(client, echo.job.request.id))[-1].state is S.FINISHED
+        GATE.release.set()
 
 
 # -- cancel, timeouts, failures -------------------------------------------------------------
@@ -273,7 +282,8 @@ async def test_a_cancel_reaches_the_remote_job(server: AjsServer, client: AsyncC
         final = (await ended(client, submitted.job.request.id))[-1]
         await eventually(lambda: GATE.running == 0)
     assert final.state is S.CANCELLED
-    assert final.error is not None and final.error.reason == "CANCELLED_BY_CLIENT"
+    assert final.error is not None
+    assert final.error.reason == "CANCELLED_BY_CLIENT"
     assert GATE.cancel_reasons == ["CANCELLED_BY_CLIENT"]
 
 
@@ -283,7 +293,8 @@ async def test_a_remote_job_past_its_timeout_is_stopped_and_fails(server: AjsSer
         submitted = await client.submit("held")
         final = (await ended(client, submitted.job.request.id))[-1]
     assert final.state is S.FAILED
-    assert final.error is not None and final.error.code is Code.DEADLINE_EXCEEDED
+    assert final.error is not None
+    assert final.error.code is Code.DEADLINE_EXCEEDED
     assert GATE.cancel_reasons == ["JOB_TIMEOUT"]
     assert GATE.deadlines[0] is not None  # the worker was told when the attempt must end
 
@@ -294,17 +305,21 @@ async def test_a_failed_remote_attempt_is_retried_by_the_declared_policy(
     async with working(server, [FLAKY]):
         submitted = await client.submit("flaky")
         responses = await ended(client, submitted.job.request.id)
-    assert responses[-1].state is S.FINISHED and responses[-1].data == {"attempt": "2"}
+    assert responses[-1].state is S.FINISHED
+    assert responses[-1].data == {"attempt": "2"}
     retried = [r for r in responses if r.state is S.CREATED and r.error is not None]
-    assert len(retried) == 1 and "first attempts fail" in retried[0].error.message  # type: ignore[union-attr]
+    assert len(retried) == 1
+    assert "first attempts fail" in retried[0].error.message
 
 
 async def test_a_permanent_remote_error_fails_at_once_with_its_details(server: AjsServer, client: AsyncClient) -> None:
     async with working(server, [REFUSES]):
         submitted = await client.submit("refuses")
         final = (await ended(client, submitted.job.request.id))[-1]
-    assert final.state is S.FAILED and final.error is not None
-    assert final.error.reason == "BAD_DATA" and final.error.metadata["field"] == "x"
+    assert final.state is S.FAILED
+    assert final.error is not None
+    assert final.error.reason == "BAD_DATA"
+    assert final.error.metadata["field"] == "x"
     assert (await client.get(submitted.job.request.id)).attempt == 1
 
 
@@ -313,7 +328,8 @@ async def test_a_remote_retry_keeps_the_delay_the_worker_asked_for(server: AjsSe
         submitted = await client.submit("later")
         request_id = submitted.job.request.id
         job = await eventually_reads(lambda: client.get(request_id), lambda j: j.state is S.CREATED and j.attempt == 1)
-    assert job.due_time is not None and job.last_response.create_time is not None
+    assert job.due_time is not None
+    assert job.last_response.create_time is not None
     waited = (job.due_time - job.last_response.create_time).total_seconds()
     assert 0.2 < waited < 1.0  # the worker's 0.3 s, not the policy's 10 s
 
@@ -328,13 +344,15 @@ async def test_a_broken_stream_hands_its_jobs_back_at_once(server: AjsServer, cl
         await eventually(lambda: len(GATE.started) == 1)
     # w1's stream is gone (its task was cancelled): the job is queued again at once, not after its lease.
     job = await eventually_reads(lambda: client.get(request_id), lambda j: j.state is S.CREATED, within=2.0)
-    assert job.last_response.error is not None and job.last_response.error.reason == "WORKER_LOST"
+    assert job.last_response.error is not None
+    assert job.last_response.error.reason == "WORKER_LOST"
     async with working(server, [held("w2")], name="w2"):
         await eventually(lambda: len(GATE.started) == 2)
         GATE.release.set()
         responses = await ended(client, request_id)
     assert [r.is_final for r in responses].count(True) == 1
-    assert responses[-1].state is S.FINISHED and responses[-1].data == {"worker": "w2", "attempt": "2"}
+    assert responses[-1].state is S.FINISHED
+    assert responses[-1].data == {"worker": "w2", "attempt": "2"}
 
 
 async def test_a_silent_worker_is_dropped_after_three_heartbeats(server: AjsServer, client: AsyncClient) -> None:
@@ -351,7 +369,8 @@ async def test_a_silent_worker_is_dropped_after_three_heartbeats(server: AjsServ
     assert ended_call.value.code() is grpc.StatusCode.UNAVAILABLE
     assert reason_of(ended_call.value) == "HEARTBEAT_MISSED"
     job = await client.get(submitted.job.request.id)
-    assert job.state is S.CREATED and job.last_response.error is not None
+    assert job.state is S.CREATED
+    assert job.last_response.error is not None
 
 
 async def test_a_draining_worker_finishes_its_job_and_takes_no_more(server: AjsServer, client: AsyncClient) -> None:
@@ -369,14 +388,14 @@ async def test_a_draining_worker_finishes_its_job_and_takes_no_more(server: AjsS
 
 
 async def test_a_server_that_stops_hands_remote_jobs_back_without_counting_the_attempt() -> None:
-    async with serving() as server, AsyncClient(server.address) as client:
-        async with working(server, [held("w1")]):
-            submitted = await client.submit("held")
-            await eventually(lambda: GATE.running == 1)
-            await server.stop()
-            await eventually(lambda: GATE.running == 0)
-            job = await server.connector.get(submitted.job.request.id)
-    assert job.state is S.CREATED and job.attempt == 0
+    async with serving() as server, AsyncClient(server.address) as client, working(server, [held("w1")]):
+        submitted = await client.submit("held")
+        await eventually(lambda: GATE.running == 1)
+        await server.stop()
+        await eventually(lambda: GATE.running == 0)
+        job = await server.connector.get(submitted.job.request.id)
+    assert job.state is S.CREATED
+    assert job.attempt == 0
     assert GATE.cancel_reasons == ["SERVER_SHUTDOWN"]
 
 
@@ -415,15 +434,20 @@ async def refusal(server: AjsServer, *messages: wpb.WorkRequest, metadata: objec
         for message in messages:
             await call.write(message)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            while True:
-                read = await asyncio.wait_for(call.read(), 10)
-                assert read is not grpc.aio.EOF, "the session was not refused"
+            await asyncio.wait_for(read_until_refused(call), 10)
     return refused.value
+
+
+async def read_until_refused(call: grpc.aio.StreamStreamCall[wpb.WorkRequest, wpb.WorkResponse]) -> None:
+    while True:
+        read = await call.read()
+        assert read is not grpc.aio.EOF, "the session was not refused"
 
 
 async def test_registration_must_come_first(server: AjsServer) -> None:
     error = await refusal(server, wpb.WorkRequest(heartbeat=wpb.Heartbeat()))
-    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and violations_of(error) == ["register"]
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert violations_of(error) == ["register"]
 
 
 async def test_a_registration_is_checked_field_by_field(server: AjsServer) -> None:
@@ -438,13 +462,15 @@ async def test_a_registration_is_checked_field_by_field(server: AjsServer) -> No
 
 async def test_a_type_the_server_runs_itself_cannot_be_registered(server: AjsServer) -> None:
     error = await refusal(server, register("echo"))
-    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION and reason_of(error) == "TYPE_RUNS_LOCALLY"
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(error) == "TYPE_RUNS_LOCALLY"
 
 
 async def test_workers_of_a_type_must_declare_it_alike(server: AjsServer) -> None:
     async with working(server, [REVERSE]):
         error = await refusal(server, register("reverse"))  # no typed input: not what the first declared
-    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION and reason_of(error) == "TYPE_DECLARED_DIFFERENTLY"
+    assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(error) == "TYPE_DECLARED_DIFFERENTLY"
 
 
 async def test_a_bad_message_mid_session_ends_it_and_hands_back_its_jobs(
@@ -468,7 +494,8 @@ async def test_a_bad_message_mid_session_ends_it_and_hands_back_its_jobs(
     assert ended_call.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert violations_of(ended_call.value) == ["progress.progress.fraction"]
     job = await eventually_reads(lambda: client.get(submitted.job.request.id), lambda j: j.state is S.CREATED)
-    assert job.last_response.error is not None and job.last_response.error.reason == "WORKER_LOST"
+    assert job.last_response.error is not None
+    assert job.last_response.error.reason == "WORKER_LOST"
 
 
 WORKER_TOKENS = """
@@ -492,9 +519,11 @@ async def test_workers_need_the_worker_role_and_run_only_their_types(tmp_path: P
         alice = (("authorization", "Bearer alice-token"),)
         runner = (("authorization", "Bearer runner-token"),)
         error = await refusal(server, register("held"), metadata=alice)
-        assert error.code() is grpc.StatusCode.PERMISSION_DENIED and reason_of(error) == "WORKER_ROLE_NEEDED"
+        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert reason_of(error) == "WORKER_ROLE_NEEDED"
         error = await refusal(server, register("other"), metadata=runner)
-        assert error.code() is grpc.StatusCode.PERMISSION_DENIED and reason_of(error) == "TYPE_NOT_ALLOWED"
+        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert reason_of(error) == "TYPE_NOT_ALLOWED"
         error = await refusal(server, register("held"))
         assert error.code() is grpc.StatusCode.UNAUTHENTICATED
         async with (
