@@ -411,8 +411,10 @@ export class Worker {
 
 /** An error a handler throws to end the attempt with a gRPC status (and ErrorInfo / RetryInfo details). */
 export class JobError extends Error {
-  constructor(code: number, message: string, options?: { reason?: string; domain?: string; metadata?: Record<string, string>; retryDelayMs?: number; cause?: unknown });
+  constructor(code: number, message: string, options?: { reason?: string; domain?: string; metadata?: Record<string, string>; retryDelayMs?: number; nonRetryable?: boolean; cause?: unknown });
   code: number;
+  /** The job ends FAILED whatever its retry policy (ReportOutcome.non_retryable). */
+  nonRetryable: boolean;
   reason: string;
   domain: string;
   errorMetadata: Record<string, string>;

@@ -35,12 +35,14 @@ const DEFAULT_HEARTBEAT_INTERVAL_MS = 10000;
  * An error a job handler throws to end its attempt with a given gRPC status:
  * `throw new JobError(status.INVALID_ARGUMENT, 'no such algorithm', { reason: 'BAD_ALGORITHM' })`.
  * `reason`, `domain` (default "ajs-grpc") and `metadata` make a google.rpc.ErrorInfo
- * detail; `retryDelayMs` a google.rpc.RetryInfo (the delay before the next attempt).
- * Any Error with a numeric `code` (and optional `reason`, `domain`, `errorMetadata`,
- * `retryDelayMs`) is read the same way; other errors end the attempt UNKNOWN.
+ * detail; `retryDelayMs` a google.rpc.RetryInfo (the delay before the next attempt);
+ * `nonRetryable: true` ends the job FAILED whatever its retry policy
+ * (ReportOutcome.non_retryable). Any Error with a numeric `code` (and optional `reason`,
+ * `domain`, `errorMetadata`, `retryDelayMs`, `nonRetryable`) is read the same way; other
+ * errors end the attempt UNKNOWN.
  */
 class JobError extends Error {
-  constructor(code, message, { reason = '', domain = '', metadata = {}, retryDelayMs, cause } = {}) {
+  constructor(code, message, { reason = '', domain = '', metadata = {}, retryDelayMs, nonRetryable = false, cause } = {}) {
     super(message, cause === undefined ? undefined : { cause });
     this.name = 'JobError';
     this.code = code;
@@ -48,6 +50,7 @@ class JobError extends Error {
     this.domain = domain;
     this.errorMetadata = metadata;
     if (retryDelayMs !== undefined) this.retryDelayMs = retryDelayMs;
+    this.nonRetryable = Boolean(nonRetryable);
   }
 }
 
@@ -410,7 +413,10 @@ class Worker extends EventEmitter {
     };
     run().then(
       (result) => this._end(session, key, entry, { requestId: request.id, attempt, ...result }),
-      (error) => this._end(session, key, entry, { requestId: request.id, attempt, data: {}, error: statusOf(error, controller.signal) }),
+      (error) => this._end(session, key, entry, {
+        requestId: request.id, attempt, data: {}, error: statusOf(error, controller.signal),
+        nonRetryable: Boolean(error && error.nonRetryable === true && !controller.signal.aborted),
+      }),
     );
   }
 

@@ -94,7 +94,7 @@ export async function workerUsage(root: Root): Promise<void> {
   }, async (job) => {
     const rounds: number = job.input.rounds;
     job.progress(0.5, 'half', { rounds });
-    if (job.signal.aborted) throw new JobError(status.CANCELLED, 'stopped', { reason: 'STOPPED', retryDelayMs: 100 });
+    if (job.signal.aborted) throw new JobError(status.CANCELLED, 'stopped', { reason: 'STOPPED', retryDelayMs: 100, nonRetryable: true });
     const deadline: Date | null = job.deadline;
     void deadline;
     return { output: { hexDigest: 'ab' }, data: { attempt: job.attempt } };

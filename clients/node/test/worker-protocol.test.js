@@ -195,26 +195,30 @@ test('a refused registration (PERMISSION_DENIED) ends run() with its error; UNAV
   assert.strictEqual(sessions.length, 2);
 });
 
-test('job errors: JobError with RetryInfo, a missing type, a bad output, plain outputs and protobufjs messages', async (t) => {
+test('job errors: JobError with RetryInfo or nonRetryable, a missing type, a bad output, plain outputs and protobufjs messages', async (t) => {
   const { target, sessions } = await fakeServer(t, (call, session) => {
     session.next('register').then(() => {
       registered(call);
       const request = (id, type) => ({ assignment: { request: { id, type, data: {} }, attempt: 1 } });
-      for (const [id, type] of [['j1', 'later'], ['j2', 'nope'], ['j3', 'bad-output'], ['j4', 'message'], ['j5', 'plain']]) call.write(request(id, type));
+      for (const [id, type] of [['j1', 'later'], ['j2', 'nope'], ['j3', 'bad-output'], ['j4', 'message'], ['j5', 'plain'], ['j6', 'never']]) call.write(request(id, type));
     });
   });
   const worker = new Worker({ target, maxConcurrent: 5 });
   worker.register('later', async () => { throw new JobError(status.UNAVAILABLE, 'try later', { reason: 'BUSY', retryDelayMs: 1500 }); });
   worker.register('bad-output', { outputType: 'ajs.examples.v1.HashResponse', root }, async () => ({ output: { hexDigest: 5 } }));
   worker.register('message', async () => ({ output: HashResponse.create({ hexDigest: 'ab' }), data: { n: 1 } }));
+  worker.register('never', async () => { throw new JobError(status.UNAVAILABLE, 'gone for good', { nonRetryable: true }); });
   worker.register('plain', { outputType: 'ajs.examples.v1.HashResponse', root }, async () => ({ output: { hexDigest: 'cd' } }));
   worker.run();
   t.after(() => worker.stop());
-  await eventually(() => sessions[0] && sessions[0].kinds().filter((kind) => kind === 'outcome').length === 5, { what: 'five outcomes' });
+  await eventually(() => sessions[0] && sessions[0].kinds().filter((kind) => kind === 'outcome').length === 6, { what: 'six outcomes' });
   const outcomes = Object.fromEntries(sessions[0].messages.filter((m) => m.kind === 'outcome').map((m) => [m.outcome.requestId, m.outcome]));
   assert.strictEqual(outcomes.j1.error.code, status.UNAVAILABLE);
   const retry = outcomes.j1.error.details.find((d) => d.type_url.endsWith('google.rpc.RetryInfo'));
   assert.deepStrictEqual(loadStatusRoot().lookupType('google.rpc.RetryInfo').toObject(loadStatusRoot().lookupType('google.rpc.RetryInfo').decode(retry.value), { longs: Number }).retryDelay, { seconds: 1, nanos: 500000000 });
+  assert.strictEqual(outcomes.j1.nonRetryable, false);
+  assert.strictEqual(outcomes.j6.nonRetryable, true);
+  assert.strictEqual(outcomes.j6.error.code, status.UNAVAILABLE);
   assert.strictEqual(outcomes.j2.error.code, status.UNIMPLEMENTED);
   assert.strictEqual(outcomes.j3.error.code, status.INTERNAL);
   assert.match(outcomes.j3.error.message, /hexDigest: expected string/);
