@@ -10,7 +10,7 @@ const crypto = require('node:crypto');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
 const { AjsClient, Worker, status } = require('..');
-const { startServer, eventually, tokensFile, tempDir } = require('./helpers');
+const { startServer, eventually, tokensFile, tempDir, makeCertificates } = require('./helpers');
 
 process.env.AJS_SERVER_WORKER_HEARTBEAT = '1s';
 const SERVE = ['--connector', 'memory', '--cancel-grace', '2'];
@@ -184,13 +184,20 @@ test('SIGTERM drains: the running job finishes and reports, the worker exits 0',
   assert.match(worker.stderr(), /SIGTERM: draining \(1 running\)/);
 });
 
-test('auth: a worker token registers; a token without the worker role is refused for good (exit 1)', async (t) => {
+test('auth over TLS: a worker token registers and runs a job; a token without the worker role is refused for good (exit 1)', async (t) => {
   const dir = tempDir(t);
-  const tokens = tokensFile(dir, { runner: { token: 'runner-token', roles: ['worker'] }, alice: { token: 'alice-token', roles: [] } });
-  const { target } = await startServer(t, [...SERVE, '--tokens-file', tokens]);
-  const good = startHashWorker(t, target, ['--name', 'authorized'], { AJS_TOKEN: 'runner-token' });
+  const { caFile, certFile, keyFile } = makeCertificates(dir);
+  const principals = { runner: { token: 'runner-token', roles: ['worker'] }, alice: { token: 'alice-token', roles: [] } };
+  const { target } = await startServer(t, [...SERVE, '--tls-cert', certFile, '--tls-key', keyFile, '--tokens-file', tokensFile(dir, principals)]);
+  const good = startHashWorker(t, target, ['--name', 'authorized', '--tls-ca', caFile], { AJS_TOKEN: 'runner-token' });
   assert.match(await good.registered, /\S/);
-  const refused = startHashWorker(t, target, ['--name', 'refused', '--token', 'alice-token']);
+  const client = new AjsClient(target, { tls: { caFile }, token: 'alice-token' });
+  t.after(() => client.close());
+  const { job } = await client.submit('node-hash', { input: { data: Buffer.from('tls'), algorithm: 'ALGORITHM_SHA256', rounds: 2 } });
+  const final = await client.wait(job.request.id);
+  assert.strictEqual(final.state, 'REQUEST_STATE_FINISHED', JSON.stringify(final.error));
+  assert.deepStrictEqual(await client.decodeOutput(final), { hexDigest: expectedDigest('tls', 2) });
+  const refused = startHashWorker(t, target, ['--name', 'refused', '--tls-ca', caFile, '--token', 'alice-token']);
   const { code } = await refused.exited;
   assert.strictEqual(code, 1);
   assert.match(refused.stderr(), /refused: PERMISSION_DENIED/);
