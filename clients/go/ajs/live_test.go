@@ -129,7 +129,7 @@ func TestWatchResumesAcrossServerRestarts(t *testing.T) {
 		}
 	}
 	if queued < 3 {
-		t.Fatalf("the job was queued %d times: the restarts did not interrupt it: %v", queued, log)
+		t.Fatalf("the job was queued %d times: the restarts did not interrupt it: %v\nserver log:\n%s", queued, log, server.Log())
 	}
 	// A fresh watch replays exactly what the resumed one saw.
 	replay := client.Watch(ctx, id, 0)

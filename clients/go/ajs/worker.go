@@ -87,8 +87,9 @@ type JobTypeSpec struct {
 // fails the attempt: an error carrying a gRPC status (NewError, *Error, status.Error)
 // is reported with its code, message and details (a non-retryable code such as
 // InvalidArgument fails the job at once; others run it again within the type's retry
-// policy); a context's error is reported as Canceled or DeadlineExceeded; any other
-// error as Unknown with its text. A panic is reported as Internal.
+// policy; NonRetryable(err) fails it at once whatever the code); a context's error is
+// reported as Canceled or DeadlineExceeded; any other error as Unknown with its text. A
+// panic is reported as Internal.
 type Handler func(ctx context.Context, job *Assignment) (*Result, error)
 
 // Result is the successful end of a job.
@@ -169,6 +170,27 @@ func NewError(code codes.Code, message string, details ...protov1.Message) *Erro
 	}
 	return fromStatus(s)
 }
+
+// NonRetryable marks a handler's error as final: the outcome says non_retryable, and the
+// job ends FAILED whatever its retry policy (the error's code, message and details are
+// reported as they are). Nil stays nil.
+func NonRetryable(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &nonRetryable{err}
+}
+
+// IsNonRetryable tells whether err was marked with NonRetryable.
+func IsNonRetryable(err error) bool {
+	var n *nonRetryable
+	return errors.As(err, &n)
+}
+
+type nonRetryable struct{ err error }
+
+func (n *nonRetryable) Error() string { return n.err.Error() }
+func (n *nonRetryable) Unwrap() error { return n.err }
 
 // Worker runs the jobs of the types registered with Register, handed out by an ajs-grpc
 // server's WorkerService, until Run's context ends.
@@ -295,7 +317,8 @@ func FileDescriptorSet(messages ...proto.Message) ([]byte, error) {
 // it takes no more jobs, waits for the running ones (at most DrainTimeout), sends their
 // outcomes, closes its side of the stream and returns nil. A registration the server
 // refuses for good (InvalidArgument, PermissionDenied, FailedPrecondition,
-// Unauthenticated) ends Run with that *Error.
+// Unauthenticated, or Unimplemented: a server without WorkerService) ends Run with that
+// *Error.
 func (w *Worker) Run(ctx context.Context) error {
 	w.mu.Lock()
 	if w.running {
@@ -351,7 +374,7 @@ func describeEnd(err error, registered bool) string {
 // refused tells whether a registration's error is final: trying again cannot help.
 func refused(err error) bool {
 	switch Code(err) {
-	case codes.InvalidArgument, codes.PermissionDenied, codes.FailedPrecondition, codes.Unauthenticated:
+	case codes.InvalidArgument, codes.PermissionDenied, codes.FailedPrecondition, codes.Unauthenticated, codes.Unimplemented:
 		return true
 	}
 	return false
@@ -621,6 +644,7 @@ func outcome(r *running) *ajspb.ReportOutcome {
 	o := &ajspb.ReportOutcome{RequestId: r.job.Request.GetId(), Attempt: r.job.Attempt}
 	if r.err != nil {
 		o.Error = statusOf(r.err, r.job.CancelReason())
+		o.NonRetryable = IsNonRetryable(r.err)
 		return o
 	}
 	if r.result == nil {

@@ -5,10 +5,12 @@ package ajs_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -238,5 +240,45 @@ func TestWorkerReconnectsThenRefused(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("Run did not end on a refusal\n%s", logs)
+	}
+}
+
+// A handler's error marked NonRetryable says so in its outcome; a panic is Internal.
+func TestWorkerOutcomeErrors(t *testing.T) {
+	scripted, w, logs := startScripted(t, ajs.WorkerOptions{})
+	err := w.Register(ajs.JobTypeSpec{Name: "scripted"}, func(ctx context.Context, job *ajs.Assignment) (*ajs.Result, error) {
+		if job.Request.GetId() == "panics" {
+			panic("oops")
+		}
+		return nil, ajs.NonRetryable(errors.New("boom"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	stream, _ := accept(t, scripted, "w-1")
+	assign(t, stream, "fails", 1)
+	o := next(t, stream).GetOutcome()
+	if o.GetRequestId() != "fails" || !o.GetNonRetryable() || codes.Code(o.GetError().GetCode()) != codes.Unknown || o.GetError().GetMessage() != "boom" {
+		t.Fatalf("outcome %v", o)
+	}
+	next(t, stream) // the credit
+	assign(t, stream, "panics", 1)
+	o = next(t, stream).GetOutcome()
+	if o.GetNonRetryable() || codes.Code(o.GetError().GetCode()) != codes.Internal || !strings.Contains(o.GetError().GetMessage(), "oops") {
+		t.Fatalf("outcome %v", o)
+	}
+	stop()
+	scripted.ends <- nil
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Run did not return\n%s", logs)
 	}
 }
