@@ -8,6 +8,7 @@ from ajs_grpc.engine.handlers.base import HandlerChain
 from ajs_grpc.engine.handlers.internal import InternalAsyncRequestHandler
 from ajs_grpc.engine.handlers.process import ProcessPoolRequestHandler
 from ajs_grpc.engine.handlers.reject import RejectRequestHandler
+from ajs_grpc.engine.handlers.remote import RemoteRequestHandler
 from ajs_grpc.engine.plugins import HandlerSpec, PluginError, build_chain, discover
 from tests import jobs_for_tests
 
@@ -36,10 +37,29 @@ def test_default_chain_puts_each_job_on_the_handler_it_asks_for() -> None:
     assert [type(h) for h in chain.handlers] == [
         InternalAsyncRequestHandler,
         ProcessPoolRequestHandler,
+        RemoteRequestHandler,
         RejectRequestHandler,
     ]
     assert {"echo", "countdown", "fail"} <= set(chain.handlers[0].types)
     assert chain.handlers[1].types == ["hash"]
+    assert chain.handlers[2].types == []  # until a remote worker declares some
+
+
+def test_the_remote_handler_takes_types_no_plugin_provides_and_is_placed_once() -> None:
+    chain = build_chain([HandlerSpec("remote", ("resize", "hash")), HandlerSpec("internal", ("echo",))])
+    remote = chain.handlers[0]
+    assert isinstance(remote, RemoteRequestHandler)
+    assert [type(h) for h in chain.handlers] == [
+        RemoteRequestHandler,
+        InternalAsyncRequestHandler,
+        RejectRequestHandler,
+    ]
+    assert chain.handler_for("resize") is remote
+    # A type a local plugin provides keeps its contract when it runs remotely.
+    hash_plugin = remote.plugin("hash")
+    assert hash_plugin is not None
+    assert hash_plugin.input_type is not None
+    assert hash_plugin.input_type.DESCRIPTOR.full_name == "ajs.examples.v1.HashRequest"
 
 
 def test_configured_chain_keeps_order_and_types() -> None:
