@@ -55,7 +55,10 @@ func TestWatchResumesAcrossServerRestarts(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 180*time.Second)
 	defer cancel()
 
-	job, created, err := client.Submit(ctx, countdown("go-restart", 6, "0.3"))
+	// 12 steps of 0.3 s: long enough that the watch, which resumes with a backoff (up to
+	// about 1.5 s after a restart), still sees the second run's progress in time to
+	// interrupt it again (6 steps were too few on a loaded machine).
+	job, created, err := client.Submit(ctx, countdown("go-restart", 12, "0.3"))
 	if err != nil || !created {
 		t.Fatalf("submit: created %v, %v", created, err)
 	}

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -399,4 +401,33 @@ func fileSet(t *testing.T, serialized []byte) []string {
 		names = append(names, f.GetName())
 	}
 	return names
+}
+
+// Over TLS with a bearer token of the worker role: the worker registers and runs a job
+// (the token's principal may submit it too).
+func TestWorkerOverTLS(t *testing.T) {
+	caFile, certFile, keyFile := certificates(t)
+	digest := sha256.Sum256([]byte("go-runner-token"))
+	tokens := filepath.Join(t.TempDir(), "tokens.toml")
+	entry := fmt.Sprintf("[[tokens]]\nsha256 = %q\nprincipal = \"runner\"\nroles = [\"worker\"]\n", hex.EncodeToString(digest[:]))
+	if err := os.WriteFile(tokens, []byte(entry), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	server := liveserver.Start(t, "--tls-cert", certFile, "--tls-key", keyFile, "--tokens-file", tokens)
+	client := dial(t, server.Target, ajs.Options{CAFile: caFile, Token: "go-runner-token"})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	startWorker(t, client, ajs.WorkerOptions{Name: "go-tls"}, func(w *ajs.Worker) {
+		if err := w.Register(hashjob.Spec("go-hash-tls"), hashjob.Handler(w.Name())); err != nil {
+			t.Fatal(err)
+		}
+	})
+	input := &examplespb.HashRequest{Data: []byte("tls"), Algorithm: examplespb.Algorithm_ALGORITHM_SHA256}
+	if _, _, err := client.Submit(ctx, hashRequest(t, "go-tls-1", "go-hash-tls", input, nil)); err != nil {
+		t.Fatal(err)
+	}
+	final, err := client.Wait(ctx, "go-tls-1")
+	if err != nil || final.GetState() != ajspb.RequestState_REQUEST_STATE_FINISHED || final.GetData()["worker"] != "go-tls" {
+		t.Fatalf("over TLS: %v %v %v", describe(final), final.GetData(), err)
+	}
 }

@@ -7,7 +7,7 @@
 // drains it: no new jobs, the running ones finish and report, then it exits 0; a second
 // signal ends it at once.
 //
-//	ajs-go-worker --target 127.0.0.1:50051 [--token TOKEN] [--name NAME] [--type go-hash] [--max-concurrent 1]
+//	ajs-go-worker --target 127.0.0.1:50051 [--token TOKEN] [--name NAME] [--type go-hash] [--max-concurrent 1] [--tls] [--tls-ca PEM]
 package main
 
 import (
@@ -46,7 +46,7 @@ var errUsage = errors.New("usage")
 
 type settings struct {
 	target, caFile, serverName, token, name, typeName string
-	insecureToken                                     bool
+	insecureToken, tls                                bool
 	maxConcurrent                                     int
 }
 
@@ -66,6 +66,8 @@ func parse(args []string, stderr io.Writer) (settings, error) {
 	flags.StringVar(&s.typeName, "type", hashjob.DefaultType, "the job `type` to register")
 	flags.IntVar(&s.maxConcurrent, "max-concurrent", 1, "how many jobs to run at once, 1 to 10000")
 	flags.StringVar(&s.caFile, "ca-file", "", "PEM `file` of the CA of the server's certificate; turns TLS on")
+	flags.StringVar(&s.caFile, "tls-ca", "", "the same as --ca-file (the Node worker's name for it)")
+	flags.BoolVar(&s.tls, "tls", false, "TLS with the system's certificate authorities (implied by --ca-file)")
 	flags.StringVar(&s.serverName, "server-name", "", "the `name` in the server's certificate, if not the target's host")
 	flags.BoolVar(&s.insecureToken, "insecure-token", false, "send the token in plain text beyond loopback (without TLS it goes only to 127.0.0.1, ::1, localhost)")
 	if err := flags.Parse(args); err != nil {
@@ -97,7 +99,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	client, err := ajs.Dial(s.target, ajs.Options{CAFile: s.caFile, ServerName: s.serverName, Token: s.token, InsecureToken: s.insecureToken})
+	client, err := ajs.Dial(s.target, ajs.Options{CAFile: s.caFile, TLS: s.tls, ServerName: s.serverName, Token: s.token, InsecureToken: s.insecureToken})
 	if err != nil {
 		return err
 	}
