@@ -26,6 +26,7 @@ COMMANDS = [
     ["pause", "images"],
     ["resume", "images"],
     ["health"],
+    ["worker", "jobs:resize"],
     ["types"],
 ]
 

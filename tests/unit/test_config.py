@@ -29,7 +29,7 @@ def test_the_example_file_sets_every_key_to_its_default() -> None:
 def test_the_example_file_builds_a_server_configuration_and_chain() -> None:
     config = ServerConfig.from_settings(load(EXAMPLE, environ={}))
     chain = discover().with_policies(config.job_policies).chain(config.handlers)
-    assert [h.name for h in chain.handlers] == ["internal", "process", "reject"]
+    assert [h.name for h in chain.handlers] == ["internal", "process", "remote", "reject"]
     countdown = chain.plugin_for("countdown")
     assert countdown is not None
     assert countdown.retry.max_attempts == 10
