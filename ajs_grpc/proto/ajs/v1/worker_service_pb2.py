@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61js/v1/worker_service.proto\x12\x06\x61js.v1\x1a\x18\x61js/v1/job_service.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x8c\x02\n\x0bWorkRequest\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.ajs.v1.RegisterWorkerH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.ajs.v1.GrantCreditH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.ajs.v1.ReportProgressH\x00\x12(\n\x07outcome\x18\x04 \x01(\x0b\x32\x15.ajs.v1.ReportOutcomeH\x00\x12&\n\theartbeat\x18\x05 \x01(\x0b\x32\x11.ajs.v1.HeartbeatH\x00\x12$\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x13.ajs.v1.DrainWorkerH\x00\x42\x06\n\x04kind\"\x9c\x01\n\x0cWorkResponse\x12.\n\nregistered\x18\x01 \x01(\x0b\x32\x18.ajs.v1.WorkerRegisteredH\x00\x12(\n\nassignment\x18\x02 \x01(\x0b\x32\x12.ajs.v1.AssignmentH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.ajs.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"a\n\x0eRegisterWorker\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\"\n\tjob_types\x18\x02 \x03(\x0b\x32\x0f.ajs.v1.JobType\x12\x16\n\x0emax_concurrent\x18\x03 \x01(\r\"\\\n\x10WorkerRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1c\n\x0bGrantCredit\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"\x95\x01\n\nAssignment\x12 \n\x07request\x18\x01 \x01(\x0b\x32\x0f.ajs.v1.Request\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x0c\x64\x65pendencies\x18\x04 \x03(\x0b\x32\x10.ajs.v1.Response\"\xb6\x01\n\x0eReportProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x08progress\x18\x03 \x01(\x0b\x32\x10.ajs.v1.Progress\x12.\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32 .ajs.v1.ReportProgress.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf0\x01\n\rReportOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12-\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x1f.ajs.v1.ReportOutcome.DataEntry\x12$\n\x06output\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rnon_retryable\x18\x06 \x01(\x08\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0b\n\tHeartbeat\"\r\n\x0b\x44rainWorker\"G\n\x10\x43\x61ncelAssignment\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t2F\n\rWorkerService\x12\x35\n\x04Work\x12\x13.ajs.v1.WorkRequest\x1a\x14.ajs.v1.WorkResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61js/v1/worker_service.proto\x12\x06\x61js.v1\x1a\x18\x61js/v1/job_service.proto\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x8c\x02\n\x0bWorkRequest\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.ajs.v1.RegisterWorkerH\x00\x12%\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x13.ajs.v1.GrantCreditH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.ajs.v1.ReportProgressH\x00\x12(\n\x07outcome\x18\x04 \x01(\x0b\x32\x15.ajs.v1.ReportOutcomeH\x00\x12&\n\theartbeat\x18\x05 \x01(\x0b\x32\x11.ajs.v1.HeartbeatH\x00\x12$\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x13.ajs.v1.DrainWorkerH\x00\x42\x06\n\x04kind\"\x9c\x01\n\x0cWorkResponse\x12.\n\nregistered\x18\x01 \x01(\x0b\x32\x18.ajs.v1.WorkerRegisteredH\x00\x12(\n\nassignment\x18\x02 \x01(\x0b\x32\x12.ajs.v1.AssignmentH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.ajs.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"a\n\x0eRegisterWorker\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\"\n\tjob_types\x18\x02 \x03(\x0b\x32\x0f.ajs.v1.JobType\x12\x16\n\x0emax_concurrent\x18\x03 \x01(\r\"v\n\x10WorkerRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10max_result_bytes\x18\x03 \x01(\x04\"\x1c\n\x0bGrantCredit\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"\x95\x01\n\nAssignment\x12 \n\x07request\x18\x01 \x01(\x0b\x32\x0f.ajs.v1.Request\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x0c\x64\x65pendencies\x18\x04 \x03(\x0b\x32\x10.ajs.v1.Response\"\xb6\x01\n\x0eReportProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x08progress\x18\x03 \x01(\x0b\x32\x10.ajs.v1.Progress\x12.\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32 .ajs.v1.ReportProgress.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf0\x01\n\rReportOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12-\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x1f.ajs.v1.ReportOutcome.DataEntry\x12$\n\x06output\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rnon_retryable\x18\x06 \x01(\x08\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0b\n\tHeartbeat\"\r\n\x0b\x44rainWorker\"G\n\x10\x43\x61ncelAssignment\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t2F\n\rWorkerService\x12\x35\n\x04Work\x12\x13.ajs.v1.WorkRequest\x1a\x14.ajs.v1.WorkResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,25 +47,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERWORKER']._serialized_start=612
   _globals['_REGISTERWORKER']._serialized_end=709
   _globals['_WORKERREGISTERED']._serialized_start=711
-  _globals['_WORKERREGISTERED']._serialized_end=803
-  _globals['_GRANTCREDIT']._serialized_start=805
-  _globals['_GRANTCREDIT']._serialized_end=833
-  _globals['_ASSIGNMENT']._serialized_start=836
-  _globals['_ASSIGNMENT']._serialized_end=985
-  _globals['_REPORTPROGRESS']._serialized_start=988
-  _globals['_REPORTPROGRESS']._serialized_end=1170
-  _globals['_REPORTPROGRESS_DATAENTRY']._serialized_start=1127
-  _globals['_REPORTPROGRESS_DATAENTRY']._serialized_end=1170
-  _globals['_REPORTOUTCOME']._serialized_start=1173
-  _globals['_REPORTOUTCOME']._serialized_end=1413
-  _globals['_REPORTOUTCOME_DATAENTRY']._serialized_start=1127
-  _globals['_REPORTOUTCOME_DATAENTRY']._serialized_end=1170
-  _globals['_HEARTBEAT']._serialized_start=1415
-  _globals['_HEARTBEAT']._serialized_end=1426
-  _globals['_DRAINWORKER']._serialized_start=1428
-  _globals['_DRAINWORKER']._serialized_end=1441
-  _globals['_CANCELASSIGNMENT']._serialized_start=1443
-  _globals['_CANCELASSIGNMENT']._serialized_end=1514
-  _globals['_WORKERSERVICE']._serialized_start=1516
-  _globals['_WORKERSERVICE']._serialized_end=1586
+  _globals['_WORKERREGISTERED']._serialized_end=829
+  _globals['_GRANTCREDIT']._serialized_start=831
+  _globals['_GRANTCREDIT']._serialized_end=859
+  _globals['_ASSIGNMENT']._serialized_start=862
+  _globals['_ASSIGNMENT']._serialized_end=1011
+  _globals['_REPORTPROGRESS']._serialized_start=1014
+  _globals['_REPORTPROGRESS']._serialized_end=1196
+  _globals['_REPORTPROGRESS_DATAENTRY']._serialized_start=1153
+  _globals['_REPORTPROGRESS_DATAENTRY']._serialized_end=1196
+  _globals['_REPORTOUTCOME']._serialized_start=1199
+  _globals['_REPORTOUTCOME']._serialized_end=1439
+  _globals['_REPORTOUTCOME_DATAENTRY']._serialized_start=1153
+  _globals['_REPORTOUTCOME_DATAENTRY']._serialized_end=1196
+  _globals['_HEARTBEAT']._serialized_start=1441
+  _globals['_HEARTBEAT']._serialized_end=1452
+  _globals['_DRAINWORKER']._serialized_start=1454
+  _globals['_DRAINWORKER']._serialized_end=1467
+  _globals['_CANCELASSIGNMENT']._serialized_start=1469
+  _globals['_CANCELASSIGNMENT']._serialized_end=1540
+  _globals['_WORKERSERVICE']._serialized_start=1542
+  _globals['_WORKERSERVICE']._serialized_end=1612
 # @@protoc_insertion_point(module_scope)

@@ -167,8 +167,15 @@ class WorkerRegistered(_message.Message):
 
     WORKER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_RESULT_BYTES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The session's id, as the server's logs name it."""
+    max_result_bytes: _builtins.int
+    """The largest result a job may return: the UTF-8 bytes of ReportOutcome.data's
+    keys and values plus the serialized size of its output. A job that returns more
+    fails; the worker reports that as its error (RESOURCE_EXHAUSTED, non_retryable)
+    instead of sending it, since a message past the server's limit ends the session.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """The worker sends Heartbeat at least this often."""
@@ -178,10 +185,11 @@ class WorkerRegistered(_message.Message):
         *,
         worker_id: _builtins.str = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        max_result_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "max_result_bytes", b"max_result_bytes", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -314,10 +322,9 @@ class ReportOutcome(_message.Message):
     """The end of an assigned job. Without `error` the job ends FINISHED with `data`
     and `output`. With `error`, the attempt failed: it runs again if the type's
     retry policy allows (not when `non_retryable`, nor for INVALID_ARGUMENT,
-    NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION, OUT_OF_RANGE,
-    UNIMPLEMENTED or UNAUTHENTICATED; after the delay of a google.rpc.RetryInfo
-    detail if it has one), else it ends FAILED with this Status (its ErrorInfo reason
-    and metadata kept).
+    NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, FAILED_PRECONDITION, UNIMPLEMENTED
+    or UNAUTHENTICATED; after the delay of a google.rpc.RetryInfo detail if it has
+    one), else it ends FAILED with this Status (its ErrorInfo reason and metadata kept).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -403,7 +410,11 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class DrainWorker(_message.Message):
-    """Takes back the credits not yet spent: the worker is stopping."""
+    """Takes back the credits not yet spent: the worker is stopping. The server sends
+    no assignment it has not sent yet (a job it had set aside for the worker goes back
+    to the queue without counting an attempt), and ends the call once the worker holds
+    no job. Credits granted after it are ignored.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

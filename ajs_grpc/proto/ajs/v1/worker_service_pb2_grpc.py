@@ -62,8 +62,10 @@ class WorkerServiceServicer:
         it and still sends its outcome (which is then not the job's end).
         - The worker sends Heartbeat at least every WorkerRegistered.heartbeat_interval;
         a session silent for three intervals is ended.
-        - DrainWorker takes back the credits not spent: the worker finishes what it
-        holds, then closes its side of the stream.
+        - DrainWorker takes back the credits not spent: the server sends no more
+        assignments and ends the call (OK) once every job the worker holds has its
+        outcome. The worker keeps reading until then (an assignment may cross its
+        DrainWorker: it runs it).
 
         When the stream ends or breaks, the jobs it held go back to the queue at once
         and run again (attempt + 1, within their retry policy's attempts).
