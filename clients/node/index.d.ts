@@ -374,7 +374,10 @@ export interface WorkerOptions {
   heartbeatMs?: number;
   /** How the worker connects again after the stream breaks (100 ms doubling to 5 s, 20% jitter). */
   backoff?: { initialMs?: number; maxMs?: number; multiplier?: number; jitter?: number };
-  /** After a drain, how long to wait for the server to end the call (5000 ms). */
+  /**
+   * Draining and holding no job, how long to wait for the server to end the call before
+   * cancelling it (10000 ms).
+   */
   drainGraceMs?: number;
 }
 

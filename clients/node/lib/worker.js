@@ -132,6 +132,30 @@ function stringMap(data) {
   return Object.fromEntries(Object.entries(data || {}).map(([key, value]) => [key, String(value)]));
 }
 
+function varintLength(n) {
+  let length = 1;
+  for (let rest = n; rest >= 128; rest = Math.floor(rest / 128)) length += 1;
+  return length;
+}
+
+/** The serialized size of a google.protobuf.Any ({ type_url, value }), as the server counts it. */
+function anySize(any) {
+  if (!any) return 0;
+  const url = Buffer.byteLength(anyTypeUrl(any));
+  const value = any.value ? any.value.length : 0;
+  return (url ? 1 + varintLength(url) + url : 0) + (value ? 1 + varintLength(value) + value : 0);
+}
+
+/**
+ * The size of a job's result as WorkerRegistered.max_result_bytes counts it: the UTF-8
+ * bytes of its data's keys and values plus the serialized size of its output.
+ */
+function resultSize({ data, output }) {
+  let size = 0;
+  for (const [key, value] of Object.entries(data || {})) size += Buffer.byteLength(key) + Buffer.byteLength(value);
+  return size + anySize(output);
+}
+
 /**
  * A worker of one ajs-grpc server (or a load balancer in front of several).
  *
@@ -151,7 +175,7 @@ class Worker extends EventEmitter {
     super();
     const {
       target = '127.0.0.1:50051', tls = false, token, credentials, channelOptions = {},
-      name = os.hostname(), maxConcurrent = 1, heartbeatMs = 0, backoff = {}, drainGraceMs = 5000,
+      name = os.hostname(), maxConcurrent = 1, heartbeatMs = 0, backoff = {}, drainGraceMs = 10000,
     } = options;
     if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1) throw new TypeError(`maxConcurrent must be a whole number of at least 1, not ${maxConcurrent}`);
     this.target = target;
@@ -261,8 +285,9 @@ class Worker extends EventEmitter {
   }
 
   /**
-   * Stops taking jobs: sends DrainWorker, lets the running jobs end and report, then
-   * closes the stream. Resolves when run() has ended.
+   * Stops taking jobs: sends DrainWorker, lets the running jobs (and any assignment that
+   * crossed the DrainWorker) end and report; the server then ends the call. Resolves when
+   * run() has ended.
    */
   drain() {
     if (!this._draining) {
@@ -290,7 +315,7 @@ class Worker extends EventEmitter {
       const call = stub.Work();
       const session = {
         call, open: true, registered: false, jobs: new Map(), heartbeat: null, grace: null,
-        drainSent: false, halfClosed: false, error: null,
+        drainSent: false, maxResultBytes: 0, error: null,
       };
       this._session = session;
       const finish = (error) => {
@@ -318,7 +343,8 @@ class Worker extends EventEmitter {
       call.on('status', (status) => {
         let error = session.error;
         if (!error && status.code !== grpc.status.OK) error = AjsError.fromServiceError({ ...status, message: status.details });
-        if (!error && !session.halfClosed) error = new AjsError({ code: grpc.status.UNAVAILABLE, message: 'the server ended the worker session' });
+        // Ended OK after DrainWorker: the drain is complete. Ended OK otherwise: a broken session.
+        if (!error && !session.drainSent) error = new AjsError({ code: grpc.status.UNAVAILABLE, message: 'the server ended the worker session' });
         finish(error);
       });
       this._write(session, {
@@ -332,7 +358,7 @@ class Worker extends EventEmitter {
   }
 
   _write(session, message) {
-    if (!session.open || session.halfClosed) return false;
+    if (!session.open) return false;
     session.call.write(message);
     return true;
   }
@@ -341,8 +367,9 @@ class Worker extends EventEmitter {
     switch (message.kind) {
       case 'registered': {
         session.registered = true;
-        const { workerId, heartbeatInterval } = message.registered;
+        const { workerId, heartbeatInterval, maxResultBytes } = message.registered;
         this.workerId = workerId;
+        session.maxResultBytes = Number(maxResultBytes) || 0; // 0: the server sets no limit
         const intervalMs = durationMs(heartbeatInterval) || DEFAULT_HEARTBEAT_INTERVAL_MS;
         const every = this.heartbeatMs > 0 ? this.heartbeatMs : Math.max(50, Math.floor(intervalMs / 2));
         session.heartbeat = setInterval(() => this._write(session, { heartbeat: {} }), every);
@@ -365,20 +392,24 @@ class Worker extends EventEmitter {
     }
   }
 
+  /**
+   * Sends DrainWorker. The worker keeps reading (an assignment may cross it: it runs) and
+   * does not close its side: the server ends the call once the worker holds no job.
+   */
   _sendDrain(session) {
     if (session.drainSent) return;
     session.drainSent = true;
     this._write(session, { drain: {} });
-    if (session.jobs.size === 0) this._halfClose(session);
+    if (session.jobs.size === 0) this._awaitEnd(session);
   }
 
-  /** Ends the worker's side of the stream; the server ends the call (or it is cancelled after drainGraceMs). */
-  _halfClose(session) {
-    if (session.halfClosed || !session.open) return;
-    session.halfClosed = true;
-    clearInterval(session.heartbeat);
-    session.call.end();
-    session.grace = setTimeout(() => session.call.cancel(), this.drainGraceMs);
+  /** Draining and holding no job: the server ends the call; if it has not after drainGraceMs, cancel it. */
+  _awaitEnd(session) {
+    if (session.grace || !session.open) return;
+    session.grace = setTimeout(() => {
+      session.error = session.error || new AjsError({ code: grpc.status.DEADLINE_EXCEEDED, message: `the server did not end the drained session within ${this.drainGraceMs} ms` });
+      session.call.cancel();
+    }, this.drainGraceMs);
   }
 
   _start(session, assignment) {
@@ -388,6 +419,10 @@ class Worker extends EventEmitter {
     const controller = new AbortController();
     const entry = { controller, ended: false };
     session.jobs.set(key, entry);
+    if (session.grace) { // an assignment that crossed DrainWorker: it runs, the server waits for it
+      clearTimeout(session.grace);
+      session.grace = null;
+    }
     this.emit('assignment', { requestId: request.id, type: request.type, attempt });
     const registered = this._types.get(request.type);
     const job = {
@@ -463,10 +498,19 @@ class Worker extends EventEmitter {
     entry.ended = true;
     if (session.jobs.get(key) !== entry) return; // abandoned with its session
     session.jobs.delete(key);
+    const limit = session.maxResultBytes;
+    const size = limit > 0 ? resultSize(outcome) : 0;
+    if (size > limit) {
+      // A message past the server's limit would end the whole session: report the job's failure instead.
+      const error = new JobError(grpc.status.RESOURCE_EXHAUSTED, `the job returned ${size} bytes, more than the server's limit of ${limit}`, {
+        reason: 'RESULT_TOO_LARGE', metadata: { bytes: size, limit },
+      });
+      outcome = { requestId: outcome.requestId, attempt: outcome.attempt, data: {}, error: statusOf(error, { aborted: false }), nonRetryable: true };
+    }
     this._write(session, { outcome });
     this.emit('outcome', { requestId: outcome.requestId, attempt: outcome.attempt, error: outcome.error || null });
     if (session.drainSent) {
-      if (session.jobs.size === 0) this._halfClose(session);
+      if (session.jobs.size === 0) this._awaitEnd(session); // no credit after DrainWorker
     } else {
       this._write(session, { credit: { count: 1 } });
     }

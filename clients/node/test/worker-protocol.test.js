@@ -47,6 +47,7 @@ async function fakeServer(t, script) {
           return false;
         });
       });
+      // This worker never half-closes (the server ends a drained call); record it if it does.
       call.on('end', () => { session.halfClosed = true; call.end(); });
       call.on('error', () => {});
       script(call, session, sessions.length);
@@ -128,23 +129,114 @@ test('an unsupported algorithm fails INVALID_ARGUMENT with an ErrorInfo; a cance
   assert.match(outcomes.slow.error.message, /CANCELLED_BY_CLIENT/);
 });
 
-test('credits: the worker sends credits only as jobs end, and none after DrainWorker; drain half-closes once jobs end', async (t) => {
+test('drain: no credit after DrainWorker, the worker keeps reading and does not half-close; an assignment crossing DrainWorker runs; the server ends the call', async (t) => {
+  let halfClosedAtEnd = null;
   const { target, sessions } = await fakeServer(t, (call, session) => {
     session.next('register').then(() => {
       registered(call);
       call.write(assignment('a', { data: Buffer.from('x'), algorithm: 'ALGORITHM_SHA256', rounds: 3 }, { data: { pause_ms: '150' } }));
     });
+    // The server had sent b before it read DrainWorker: it crosses the drain.
+    session.next('drain').then(() => call.write(assignment('b', { data: Buffer.from('y'), algorithm: 'ALGORITHM_SHA256', rounds: 1 }, { data: { pause_ms: '200' } })));
+    eventually(() => session.messages.filter((m) => m.kind === 'outcome').length === 2, { what: 'both outcomes' }).then(async () => {
+      await new Promise((resolve) => setTimeout(resolve, 300)); // a half-close would show by now
+      halfClosedAtEnd = session.halfClosed;
+      call.end(); // status OK: the drain is complete
+    });
   });
   const worker = hashWorker({ target, name: 'unit', maxConcurrent: 1 });
+  const events = [];
+  worker.on('reconnecting', (error) => events.push(`reconnecting ${error && error.code}`));
   const running = worker.run();
   await eventually(() => sessions[0] && sessions[0].kinds().includes('progress'), { what: 'progress' });
-  const drained = worker.drain();
-  await drained;
+  const started = Date.now();
+  await worker.drain();
   await running;
+  assert.ok(Date.now() - started < 5000, 'run() ended when the server ended the call, not after the grace');
+  assert.strictEqual(halfClosedAtEnd, false, 'the worker did not close its side before the server ended the call');
   const kinds = sessions[0].kinds().filter((kind) => kind !== 'heartbeat' && kind !== 'progress');
-  assert.deepStrictEqual(kinds, ['register', 'drain', 'outcome']);
-  assert.ok(sessions[0].halfClosed, 'the worker closed its side');
-  assert.strictEqual(sessions[0].messages.find((m) => m.kind === 'outcome').outcome.error, null);
+  assert.deepStrictEqual(kinds, ['register', 'drain', 'outcome', 'outcome']);
+  const outcomes = sessions[0].messages.filter((m) => m.kind === 'outcome').map((m) => m.outcome);
+  assert.deepStrictEqual(outcomes.map((o) => o.requestId).sort(), ['a', 'b']);
+  for (const outcome of outcomes) assert.strictEqual(outcome.error, null);
+  assert.ok(sessions[0].messages.some((m) => m.kind === 'progress' && m.progress.requestId === 'b'), 'b ran');
+  assert.deepStrictEqual(events, [], 'no reconnect: a drained session that the server ends OK is the end');
+  assert.strictEqual(sessions.length, 1);
+});
+
+test('drain: a server that does not end the call is cancelled drainGraceMs after the worker holds nothing', async (t) => {
+  const { target, sessions } = await fakeServer(t, (call, session) => {
+    session.next('register').then(() => registered(call));
+  });
+  const worker = hashWorker({ target, name: 'unit' });
+  worker.drainGraceMs = 300;
+  const running = worker.run();
+  await eventually(() => worker.workerId === 'w-1', { what: 'the registration' });
+  const started = Date.now();
+  await worker.drain();
+  await running;
+  const took = Date.now() - started;
+  assert.ok(took >= 250 && took < 3000, `run() ended ${took} ms after drain()`);
+  assert.deepStrictEqual(sessions[0].kinds().filter((kind) => kind !== 'heartbeat'), ['register', 'drain']);
+  assert.strictEqual(sessions[0].halfClosed, false);
+});
+
+test('max_result_bytes: a result past the limit is reported as RESOURCE_EXHAUSTED RESULT_TOO_LARGE, non-retryable, without data or output', async (t) => {
+  const limit = 100;
+  const { target, sessions } = await fakeServer(t, (call, session) => {
+    session.next('register').then(() => {
+      call.write({ registered: { workerId: 'w-1', heartbeatInterval: { seconds: 10 }, maxResultBytes: limit } });
+      const request = (id, type) => ({ assignment: { request: { id, type, data: {} }, attempt: 1 } });
+      for (const [id, type] of [['fits', 'data'], ['over', 'data'], ['typed-fits', 'typed'], ['typed-over', 'typed']]) call.write(request(id, type));
+    });
+  });
+  const Any = protobuf.Root.fromJSON({ nested: { google: { nested: { protobuf: protobuf.common.get('google/protobuf/any.proto') } } } }).lookupType('google.protobuf.Any');
+  const output = HashResponse.create({ hexDigest: 'cd'.repeat(10) });
+  const anyBytes = Any.encode({ type_url: 'type.googleapis.com/ajs.examples.v1.HashResponse', value: HashResponse.encode(output).finish() }).finish().length;
+  const worker = new Worker({ target, maxConcurrent: 4 });
+  // UTF-8: 'é' and 'ü' are two bytes each. 'fits': 2 + 49 * 2 = 100 bytes; 'over': 102.
+  worker.register('data', async (job) => ({ data: { é: 'ü'.repeat(job.request.id === 'fits' ? 49 : 50) } }));
+  // The output counts with its Any's serialized size.
+  worker.register('typed', async (job) => ({ output, data: { k: 'v'.repeat(limit - anyBytes - 1 + (job.request.id === 'typed-over' ? 1 : 0)) } }));
+  worker.run();
+  t.after(() => worker.stop());
+  await eventually(() => sessions[0] && sessions[0].kinds().filter((kind) => kind === 'outcome').length === 4, { what: 'four outcomes' });
+  const outcomes = Object.fromEntries(sessions[0].messages.filter((m) => m.kind === 'outcome').map((m) => [m.outcome.requestId, m.outcome]));
+  assert.strictEqual(outcomes.fits.error, null);
+  assert.strictEqual(outcomes.fits.data['é'].length, 49);
+  assert.strictEqual(outcomes['typed-fits'].error, null);
+  assert.strictEqual(HashResponse.decode(outcomes['typed-fits'].output.value).hexDigest, 'cd'.repeat(10));
+  const ErrorInfo = loadStatusRoot().lookupType('google.rpc.ErrorInfo');
+  for (const [id, size] of [['over', 102], ['typed-over', 101]]) {
+    const outcome = outcomes[id];
+    assert.strictEqual(outcome.error.code, status.RESOURCE_EXHAUSTED, id);
+    assert.strictEqual(outcome.error.message, `the job returned ${size} bytes, more than the server's limit of ${limit}`);
+    assert.strictEqual(outcome.nonRetryable, true);
+    assert.deepStrictEqual(outcome.data, {});
+    assert.strictEqual(outcome.output, null);
+    const info = ErrorInfo.decode(outcome.error.details.find((d) => d.type_url.endsWith('google.rpc.ErrorInfo')).value);
+    assert.strictEqual(info.reason, 'RESULT_TOO_LARGE');
+    assert.strictEqual(info.domain, 'ajs-grpc');
+    assert.deepStrictEqual(info.metadata, { bytes: String(size), limit: String(limit) });
+  }
+  assert.strictEqual(sessions[0].kinds().filter((kind) => kind === 'credit').length, 4, 'a credit after each outcome');
+});
+
+test('max_result_bytes 0 (the server did not say): no check', async (t) => {
+  const { target, sessions } = await fakeServer(t, (call, session) => {
+    session.next('register').then(() => {
+      registered(call);
+      call.write({ assignment: { request: { id: 'big', type: 'data', data: {} }, attempt: 1 } });
+    });
+  });
+  const worker = new Worker({ target });
+  worker.register('data', async () => ({ data: { k: 'x'.repeat(100000) } }));
+  worker.run();
+  t.after(() => worker.stop());
+  await eventually(() => sessions[0] && sessions[0].kinds().includes('outcome'), { what: 'an outcome' });
+  const { outcome } = sessions[0].messages.find((m) => m.kind === 'outcome');
+  assert.strictEqual(outcome.error, null);
+  assert.strictEqual(outcome.data.k.length, 100000);
 });
 
 test('heartbeats at half the interval; a broken stream aborts its jobs and the worker registers again', async (t) => {
@@ -157,6 +249,7 @@ test('heartbeats at half the interval; a broken stream aborts its jobs and the w
         setTimeout(() => call.emit('error', { code: status.UNAVAILABLE, details: 'going away' }), 400);
       }
     });
+    session.next('drain').then(() => call.end()); // it holds nothing: the drain is complete
   });
   const worker = new Worker({ target, name: 'unit', backoff: { initialMs: 50, maxMs: 100 } });
   worker.register('probe', async (job) => {

@@ -2,7 +2,8 @@
 // The Node worker against a live `ajs serve` (in-memory queue, 1 s heartbeats): the
 // hash-worker example runs typed jobs submitted with the Node client, its progress
 // reaches WatchJob, a cancel reaches a running job, a SIGKILLed worker's job runs again
-// in another worker and ends once, credits hold jobs to maxConcurrent, SIGTERM drains.
+// in another worker and ends once, credits hold jobs to maxConcurrent, SIGTERM drains,
+// a result past the server's max_result_bytes fails its job alone.
 
 const test = require('node:test');
 const assert = require('node:assert');
@@ -10,6 +11,7 @@ const crypto = require('node:crypto');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
 const { AjsClient, Worker, status } = require('..');
+const { loadStatusRoot } = require('../lib/contract');
 const { startServer, eventually, tokensFile, tempDir, makeCertificates } = require('./helpers');
 
 process.env.AJS_SERVER_WORKER_HEARTBEAT = '1s';
@@ -175,13 +177,44 @@ test('SIGTERM drains: the running job finishes and reports, the worker exits 0',
   for await (const response of client.watch(job.request.id)) {
     if (response.progress) break;
   }
+  const signalled = Date.now();
   worker.child.kill('SIGTERM');
   const { code } = await worker.exited;
   assert.strictEqual(code, 0, worker.stderr());
+  // The job has 8 rounds of 100 ms: the server ended the call once its outcome came, well before the 10 s grace.
+  assert.ok(Date.now() - signalled < 5000, `exited ${Date.now() - signalled} ms after SIGTERM`);
   const final = await client.wait(job.request.id);
   assert.strictEqual(final.state, 'REQUEST_STATE_FINISHED', JSON.stringify(final.error));
   assert.deepStrictEqual(final.data, { worker: 'drainer', language: 'node', attempt: '1' });
   assert.match(worker.stderr(), /SIGTERM: draining \(1 running\)/);
+});
+
+test('a result past the server\'s max_result_bytes fails its job RESULT_TOO_LARGE, attempt 1, and the session goes on', async (t) => {
+  const { target } = await startServer(t, SERVE);
+  const worker = new Worker({ target, name: 'big' });
+  worker.register('node-big', { retryPolicy: { maxAttempts: 3 } }, async (job) => ({ data: { x: 'a'.repeat(Number(job.request.data.size)) } }));
+  const registered = new Promise((resolve) => worker.once('registered', resolve));
+  const running = worker.run();
+  t.after(() => worker.stop());
+  await registered;
+  const client = new AjsClient(target);
+  t.after(() => client.close());
+  const { job } = await client.submit('node-big', { data: { size: String(5 * 1024 * 1024) } });
+  const failed = await client.wait(job.request.id);
+  assert.strictEqual(failed.state, 'REQUEST_STATE_FAILED');
+  assert.strictEqual(failed.error.code, status.RESOURCE_EXHAUSTED);
+  assert.match(failed.error.message, /the job returned 5242881 bytes, more than the server's limit of \d+/);
+  const ErrorInfo = loadStatusRoot().lookupType('google.rpc.ErrorInfo');
+  const info = failed.error.details.find((detail) => (detail.type_url || detail.typeUrl).endsWith('google.rpc.ErrorInfo'));
+  assert.ok(info, JSON.stringify(failed.error));
+  assert.strictEqual(ErrorInfo.decode(info.value).reason, 'RESULT_TOO_LARGE');
+  assert.strictEqual((await client.get(job.request.id)).attempt, 1, 'non-retryable');
+  const { job: small } = await client.submit('node-big', { data: { size: '10' } });
+  const finished = await client.wait(small.request.id);
+  assert.strictEqual(finished.state, 'REQUEST_STATE_FINISHED', JSON.stringify(finished.error));
+  assert.strictEqual(finished.data.x, 'a'.repeat(10));
+  await worker.drain();
+  await running;
 });
 
 test('auth over TLS: a worker token registers and runs a job; a token without the worker role is refused for good (exit 1)', async (t) => {
