@@ -16,6 +16,7 @@ import (
 	"time"
 
 	protov1 "github.com/golang/protobuf/proto"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	statuspb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -52,6 +53,10 @@ type WorkerOptions struct {
 	// to finish; then their contexts are cancelled and the stream is dropped (the server
 	// queues them again). 0: no limit.
 	DrainTimeout time.Duration
+	// DrainGrace is how long a draining worker that holds no job waits for the server to
+	// end the call (it does once every job has its outcome) before cancelling it
+	// (default 10 s).
+	DrainGrace time.Duration
 	// AbandonWait is how long a broken stream's jobs (whose contexts are cancelled:
 	// the server has queued them again) get to return before the worker reconnects
 	// regardless (default 5 s), so that an aborted job rarely overlaps the next ones.
@@ -227,6 +232,9 @@ func NewWorker(conn grpc.ClientConnInterface, opts WorkerOptions) *Worker {
 	if opts.AbandonWait <= 0 {
 		opts.AbandonWait = 5 * time.Second
 	}
+	if opts.DrainGrace <= 0 {
+		opts.DrainGrace = 10 * time.Second
+	}
 	logger := opts.Logger
 	if logger == nil {
 		logger = log.New(os.Stderr, "ajs worker: ", log.LstdFlags)
@@ -314,8 +322,11 @@ func FileDescriptorSet(messages ...proto.Message) ([]byte, error) {
 // most MaxConcurrent at once. When the stream breaks (a server restart, a lost
 // connection) the jobs it held are abandoned (their contexts are cancelled: the server has
 // queued them again) and Run connects again, after a backoff. When ctx ends, Run drains:
-// it takes no more jobs, waits for the running ones (at most DrainTimeout), sends their
-// outcomes, closes its side of the stream and returns nil. A registration the server
+// it sends DrainWorker and no more credit, keeps reading (an assignment that crossed the
+// DrainWorker runs like any other), waits for the running jobs (at most DrainTimeout) and
+// sends their outcomes; the server then ends the call and Run returns nil (if the server
+// has not ended it DrainGrace after the worker holds no job, Run cancels it and returns
+// nil). A registration the server
 // refuses for good (InvalidArgument, PermissionDenied, FailedPrecondition,
 // Unauthenticated, or Unimplemented: a server without WorkerService) ends Run with that
 // *Error.
@@ -398,27 +409,17 @@ type session struct {
 	w      *Worker
 	stream ajspb.WorkerService_WorkClient
 	sendMu sync.Mutex
-	closed bool // CloseSend was called (under sendMu)
+	// maxResultBytes is WorkerRegistered.max_result_bytes: a larger result is reported as
+	// an error instead; 0: no limit.
+	maxResultBytes uint64
 }
 
-var errSendClosed = errors.New("ajs: the worker's stream is closed")
-
+// send writes one message (Send is not safe for concurrent use: handlers' progress and
+// the loop share the stream). The worker never half-closes: the server ends a drained call.
 func (s *session) send(request *ajspb.WorkRequest) error {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
-	if s.closed {
-		return errSendClosed
-	}
 	return s.stream.Send(request)
-}
-
-func (s *session) closeSend() {
-	s.sendMu.Lock()
-	defer s.sendMu.Unlock()
-	if !s.closed {
-		s.closed = true
-		_ = s.stream.CloseSend()
-	}
 }
 
 // runSession runs one stream: registers, runs jobs until the stream ends or ctx does (then
@@ -454,10 +455,9 @@ func (w *Worker) runSession(ctx context.Context, register *ajspb.RegisterWorker)
 	if answer == nil {
 		return false, fmt.Errorf("the server answered the registration with %T", first.GetKind())
 	}
-	if ctx.Err() != nil { // ended while registering: leave at once, nothing runs yet
-		s.closeSend()
-		return true, nil
-	}
+	s.maxResultBytes = answer.GetMaxResultBytes()
+	// If ctx ended while registering, serve drains at once (an assignment may already be
+	// on its way: it runs).
 	interval := answer.GetHeartbeatInterval().AsDuration()
 	if interval <= 0 {
 		interval = 10 * time.Second
@@ -522,10 +522,22 @@ func (s *session) serve(ctx context.Context, interval time.Duration) error {
 	stopping := ctx.Done()
 	draining := false
 	var drainTimeout <-chan time.Time
-	for {
-		if draining && len(jobs) == 0 {
-			break
+	// Draining and holding no job: the server ends the call. graceTimer cancels it if the
+	// server has not within DrainGrace; an assignment that crossed the DrainWorker stops it.
+	var graceTimer *time.Timer
+	var grace <-chan time.Time
+	awaitEnd := func() {
+		if draining && len(jobs) == 0 && grace == nil {
+			graceTimer = time.NewTimer(w.opts.DrainGrace)
+			grace = graceTimer.C
 		}
+	}
+	defer func() {
+		if graceTimer != nil {
+			graceTimer.Stop()
+		}
+	}()
+	for {
 		select {
 		case <-stopping:
 			stopping = nil
@@ -535,6 +547,10 @@ func (s *session) serve(ctx context.Context, interval time.Duration) error {
 			if w.opts.DrainTimeout > 0 {
 				drainTimeout = time.After(w.opts.DrainTimeout)
 			}
+			awaitEnd()
+		case <-grace:
+			w.log.Printf("drained, but the server did not end the call within %v; cancelling it", w.opts.DrainGrace)
+			return nil // the deferred cancel ends the call
 		case <-drainTimeout:
 			w.log.Printf("drain timeout (%v): abandoning %d jobs", w.opts.DrainTimeout, len(jobs))
 			abandon("DRAIN_TIMEOUT")
@@ -542,6 +558,10 @@ func (s *session) serve(ctx context.Context, interval time.Duration) error {
 		case <-heartbeat.C:
 			_ = s.send(&ajspb.WorkRequest{Kind: &ajspb.WorkRequest_Heartbeat{Heartbeat: &ajspb.Heartbeat{}}})
 		case err := <-received:
+			if err == io.EOF && draining && len(jobs) == 0 {
+				w.log.Printf("drained: the server ended the call")
+				return nil
+			}
 			if err == io.EOF {
 				err = errors.New("the server ended the stream")
 			}
@@ -557,7 +577,12 @@ func (s *session) serve(ctx context.Context, interval time.Duration) error {
 		case message := <-incoming:
 			switch kind := message.GetKind().(type) {
 			case *ajspb.WorkResponse_Assignment:
+				// After DrainWorker too: an assignment that crossed it runs and reports.
 				s.start(jobsCtx, kind.Assignment, jobs, finished, ended)
+				if grace != nil && len(jobs) > 0 {
+					graceTimer.Stop()
+					graceTimer, grace = nil, nil
+				}
 			case *ajspb.WorkResponse_Cancel:
 				c := kind.Cancel
 				if r, ok := jobs[jobKey{c.GetRequestId(), c.GetAttempt()}]; ok {
@@ -569,25 +594,12 @@ func (s *session) serve(ctx context.Context, interval time.Duration) error {
 			}
 		case r := <-finished:
 			delete(jobs, jobKey{r.job.Request.GetId(), r.job.Attempt})
-			_ = s.send(&ajspb.WorkRequest{Kind: &ajspb.WorkRequest_Outcome{Outcome: outcome(r)}})
-			if !draining {
+			_ = s.send(&ajspb.WorkRequest{Kind: &ajspb.WorkRequest_Outcome{Outcome: outcome(r, s.maxResultBytes)}})
+			if draining {
+				awaitEnd() // no credit after DrainWorker
+			} else {
 				_ = s.send(&ajspb.WorkRequest{Kind: &ajspb.WorkRequest_Credit{Credit: &ajspb.GrantCredit{Count: 1}}})
 			}
-		}
-	}
-
-	// Drained: every outcome is sent. Close our side and wait (briefly) for the server to
-	// end the call.
-	s.closeSend()
-	w.log.Printf("drained; closing the stream")
-	timeout := time.After(5 * time.Second)
-	for {
-		select {
-		case <-incoming: // an assignment sent before the drain arrived: the server queues it again
-		case <-received:
-			return nil
-		case <-timeout:
-			return nil
 		}
 	}
 }
@@ -639,8 +651,39 @@ func call(ctx context.Context, handler Handler, job *Assignment, logger *log.Log
 	return handler(ctx, job)
 }
 
-// outcome is the ReportOutcome of a finished handler.
-func outcome(r *running) *ajspb.ReportOutcome {
+// outcome is the ReportOutcome of a finished handler. A result larger than
+// maxResultBytes (when not 0) is replaced by a RESOURCE_EXHAUSTED error.
+func outcome(r *running, maxResultBytes uint64) *ajspb.ReportOutcome {
+	o := report(r)
+	if maxResultBytes == 0 || o.Error != nil {
+		return o
+	}
+	if size := resultSize(o.GetData(), o.GetOutput()); size > maxResultBytes {
+		o.Data, o.Output, o.NonRetryable = nil, nil, true
+		o.Error = NewError(codes.ResourceExhausted,
+			fmt.Sprintf("the job returned %d bytes, more than the server's limit of %d", size, maxResultBytes),
+			&errdetails.ErrorInfo{Reason: "RESULT_TOO_LARGE", Domain: "ajs-grpc", Metadata: map[string]string{
+				"bytes": fmt.Sprint(size), "limit": fmt.Sprint(maxResultBytes),
+			}}).GRPCStatus().Proto()
+	}
+	return o
+}
+
+// resultSize is the size of a job's result as WorkerRegistered.max_result_bytes counts it:
+// the bytes of its data's keys and values (UTF-8) plus the serialized size of its output.
+func resultSize(data map[string]string, output *anypb.Any) uint64 {
+	size := 0
+	for key, value := range data {
+		size += len(key) + len(value)
+	}
+	if output != nil {
+		size += proto.Size(output)
+	}
+	return uint64(size)
+}
+
+// report is the ReportOutcome of a finished handler, as it returned.
+func report(r *running) *ajspb.ReportOutcome {
 	o := &ajspb.ReportOutcome{RequestId: r.job.Request.GetId(), Attempt: r.job.Attempt}
 	if r.err != nil {
 		o.Error = statusOf(r.err, r.job.CancelReason())

@@ -14,9 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"ajs-grpc/clients/go/ajs"
@@ -69,6 +72,12 @@ func next(t *testing.T, stream ajspb.WorkerService_WorkServer) *ajspb.WorkReques
 
 func accept(t *testing.T, scripted *scriptedServer, id string) (ajspb.WorkerService_WorkServer, *ajspb.RegisterWorker) {
 	t.Helper()
+	return acceptWith(t, scripted, &ajspb.WorkerRegistered{WorkerId: id, HeartbeatInterval: durationpb.New(200 * time.Millisecond)})
+}
+
+// acceptWith takes the worker's next call and answers its registration with registered.
+func acceptWith(t *testing.T, scripted *scriptedServer, registered *ajspb.WorkerRegistered) (ajspb.WorkerService_WorkServer, *ajspb.RegisterWorker) {
+	t.Helper()
 	var stream ajspb.WorkerService_WorkServer
 	select {
 	case stream = <-scripted.calls:
@@ -79,7 +88,7 @@ func accept(t *testing.T, scripted *scriptedServer, id string) (ajspb.WorkerServ
 	if register == nil {
 		t.Fatal("the first message is no RegisterWorker")
 	}
-	err := stream.Send(&ajspb.WorkResponse{Kind: &ajspb.WorkResponse_Registered{Registered: &ajspb.WorkerRegistered{WorkerId: id, HeartbeatInterval: durationpb.New(200 * time.Millisecond)}}})
+	err := stream.Send(&ajspb.WorkResponse{Kind: &ajspb.WorkResponse_Registered{Registered: registered}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +107,8 @@ func assign(t *testing.T, stream ajspb.WorkerService_WorkServer, id string, atte
 
 // The messages of a session, in order: register with the declared types, progress,
 // an outcome then a credit per job, a cancelled job's CANCELLED outcome, heartbeats, and
-// on drain: DrainWorker, the running job's outcome (no credit), the end of the stream.
+// on drain: DrainWorker, the running job's outcome and that of an assignment that crossed
+// the DrainWorker (no credit), no half-close: the server ends the call.
 func TestWorkerProtocol(t *testing.T) {
 	scripted, w, logs := startScripted(t, ajs.WorkerOptions{Name: "scripted", MaxConcurrent: 2})
 	release := make(chan struct{})
@@ -167,26 +177,41 @@ func TestWorkerProtocol(t *testing.T) {
 	if beats < 2 {
 		t.Fatalf("%d heartbeats in 350 ms", beats)
 	}
-	// Drain while a runs: DrainWorker, then a's outcome once released, no credit, the end.
+	// Drain while a runs: DrainWorker; c, sent before the server read it, crosses it and
+	// runs; a's and c's outcomes once released, no credit; the worker keeps its side open.
 	stop()
 	if d := next(t, stream).GetDrain(); d == nil {
 		t.Fatal("no DrainWorker after the context ended")
 	}
-	close(release)
-	o = next(t, stream).GetOutcome()
-	if o.GetRequestId() != "a" || o.GetError() != nil || o.GetData()["attempt"] != "1" || o.GetOutput().GetTypeUrl() != "type.googleapis.com/ajs.examples.v1.HashResponse" {
-		t.Fatalf("want a's outcome, got %v", o)
+	assign(t, stream, "c", 2)
+	if p := next(t, stream).GetProgress(); p.GetRequestId() != "c" || p.GetAttempt() != 2 {
+		t.Fatalf("want c's progress, got %v", p)
 	}
-	for {
+	close(release)
+	outcomes := map[string]*ajspb.ReportOutcome{}
+	for len(outcomes) < 2 {
+		o = next(t, stream).GetOutcome()
+		if o == nil || o.GetError() != nil || o.GetOutput().GetTypeUrl() != "type.googleapis.com/ajs.examples.v1.HashResponse" {
+			t.Fatalf("want an outcome (no credit after DrainWorker), got %v", o)
+		}
+		outcomes[o.GetRequestId()] = o
+	}
+	if outcomes["a"].GetData()["attempt"] != "1" || outcomes["c"].GetData()["attempt"] != "2" {
+		t.Fatalf("outcomes %v", outcomes)
+	}
+	// Holding nothing, the worker only heartbeats: no half-close, no credit.
+	deadline = time.Now().Add(400 * time.Millisecond)
+	for time.Now().Before(deadline) {
 		m, err := stream.Recv()
 		if err == io.EOF {
-			break
+			t.Fatal("the worker closed its side: the server ends a drained call")
 		}
 		if err != nil || m.GetHeartbeat() == nil {
-			t.Fatalf("after the last outcome: %v %v, want the end of the stream", m, err)
+			t.Fatalf("after the last outcome: %v %v, want heartbeats only", m, err)
 		}
 	}
-	scripted.ends <- nil
+	ended := time.Now()
+	scripted.ends <- nil // the server ends the call: the drain is complete
 	select {
 	case err := <-done:
 		if err != nil {
@@ -194,6 +219,144 @@ func TestWorkerProtocol(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("Run did not return after the drain\n%s", logs)
+	}
+	if took := time.Since(ended); took > 3*time.Second {
+		t.Fatalf("Run returned %v after the server ended the call (the grace, not the end?)\n%s", took, logs)
+	}
+}
+
+// A server that does not end a drained call is cancelled DrainGrace after the worker holds
+// no job; Run returns nil.
+func TestWorkerDrainGrace(t *testing.T) {
+	registered := make(chan string, 1)
+	scripted, w, logs := startScripted(t, ajs.WorkerOptions{DrainGrace: 300 * time.Millisecond, OnRegistered: func(id string) { registered <- id }})
+	err := w.Register(ajs.JobTypeSpec{Name: "scripted"}, func(ctx context.Context, job *ajs.Assignment) (*ajs.Result, error) {
+		return &ajs.Result{}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	stream, _ := accept(t, scripted, "w-1")
+	<-registered // (a context ending before the answer arrives abandons the call instead)
+	stop()
+	if d := next(t, stream).GetDrain(); d == nil {
+		t.Fatal("no DrainWorker after the context ended")
+	}
+	drained := time.Now()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Run did not return after the grace\n%s", logs)
+	}
+	if took := time.Since(drained); took < 250*time.Millisecond || took > 5*time.Second {
+		t.Fatalf("Run returned %v after DrainWorker, want about the 300 ms grace", took)
+	}
+	for {
+		_, err := stream.Recv()
+		if err == io.EOF {
+			t.Fatal("the worker half-closed instead of cancelling the call")
+		}
+		if err != nil {
+			if status.Code(err) != codes.Canceled {
+				t.Fatalf("the call ended with %v, want Canceled", err)
+			}
+			break
+		}
+	}
+	scripted.ends <- nil
+	if !strings.Contains(logs.String(), "did not end the call") {
+		t.Fatalf("logs:\n%s", logs)
+	}
+}
+
+// WorkerRegistered.max_result_bytes: a larger result (data's UTF-8 keys and values plus
+// the output Any's size) is reported as ResourceExhausted RESULT_TOO_LARGE, non-retryable,
+// without its data and output; one at the limit is sent as is.
+func TestWorkerResultLimit(t *testing.T) {
+	const limit = 100
+	output := &examplespb.HashResponse{HexDigest: strings.Repeat("cd", 10)}
+	packed, err := anypb.New(output)
+	if err != nil {
+		t.Fatal(err)
+	}
+	anySize := proto.Size(packed)
+	scripted, w, logs := startScripted(t, ajs.WorkerOptions{MaxConcurrent: 4})
+	err = w.Register(ajs.JobTypeSpec{Name: "scripted", Output: &examplespb.HashResponse{}}, func(ctx context.Context, job *ajs.Assignment) (*ajs.Result, error) {
+		switch job.Request.GetId() {
+		case "fits": // "é" and "ü" are 2 bytes each: 2 + 49*2 = 100
+			return &ajs.Result{Data: map[string]string{"é": strings.Repeat("ü", 49)}}, nil
+		case "over": // 102
+			return &ajs.Result{Data: map[string]string{"é": strings.Repeat("ü", 50)}}, nil
+		case "typed-fits": // the output's Any counts: anySize + 1 + (limit-anySize-1) = 100
+			return &ajs.Result{Output: output, Data: map[string]string{"k": strings.Repeat("v", limit-anySize-1)}}, nil
+		default: // typed-over: 101
+			return &ajs.Result{Output: output, Data: map[string]string{"k": strings.Repeat("v", limit-anySize)}}, nil
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	stream, _ := acceptWith(t, scripted, &ajspb.WorkerRegistered{WorkerId: "w-1", HeartbeatInterval: durationpb.New(time.Second), MaxResultBytes: limit})
+	for _, id := range []string{"fits", "over", "typed-fits", "typed-over"} {
+		assign(t, stream, id, 1)
+	}
+	outcomes := map[string]*ajspb.ReportOutcome{}
+	credits := 0
+	for len(outcomes) < 4 || credits < 4 {
+		m := next(t, stream)
+		if o := m.GetOutcome(); o != nil {
+			outcomes[o.GetRequestId()] = o
+		} else if m.GetCredit() != nil {
+			credits++
+		}
+	}
+	if o := outcomes["fits"]; o.GetError() != nil || len(o.GetData()["é"]) != 98 {
+		t.Fatalf("fits: %v", o)
+	}
+	if o := outcomes["typed-fits"]; o.GetError() != nil || o.GetOutput() == nil {
+		t.Fatalf("typed-fits: %v", o)
+	}
+	for id, size := range map[string]int{"over": 102, "typed-over": 101} {
+		o := outcomes[id]
+		want := fmt.Sprintf("the job returned %d bytes, more than the server's limit of %d", size, limit)
+		if codes.Code(o.GetError().GetCode()) != codes.ResourceExhausted || o.GetError().GetMessage() != want || !o.GetNonRetryable() || o.GetData() != nil || o.GetOutput() != nil {
+			t.Fatalf("%s: %v", id, o)
+		}
+		details := status.FromProto(o.GetError()).Details()
+		info, ok := (*errdetails.ErrorInfo)(nil), len(details) == 1
+		if ok {
+			info, ok = details[0].(*errdetails.ErrorInfo)
+		}
+		if !ok {
+			t.Fatalf("%s: details %v", id, details)
+		}
+		if info.GetReason() != "RESULT_TOO_LARGE" || info.GetDomain() != "ajs-grpc" || info.GetMetadata()["bytes"] != fmt.Sprint(size) || info.GetMetadata()["limit"] != fmt.Sprint(limit) {
+			t.Fatalf("%s: ErrorInfo %v", id, info)
+		}
+	}
+	stop()
+	if d := next(t, stream).GetDrain(); d == nil {
+		t.Fatal("no DrainWorker")
+	}
+	scripted.ends <- nil
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Run did not return\n%s", logs)
 	}
 }
 

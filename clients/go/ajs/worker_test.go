@@ -259,6 +259,55 @@ func TestWorkerCancel(t *testing.T) {
 	t.Logf("CANCELLED %v after CancelJob: %s", took.Round(time.Millisecond), describe(final))
 }
 
+// A result past the server's max_result_bytes fails its job at once (ResourceExhausted,
+// RESULT_TOO_LARGE, attempt 1 whatever the retry policy) instead of ending the session:
+// the next job of the same worker runs.
+func TestWorkerResultTooLarge(t *testing.T) {
+	server := liveserver.Start(t)
+	client := dial(t, server.Target, ajs.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	tw := startWorker(t, client, ajs.WorkerOptions{Name: "go-big"}, func(w *ajs.Worker) {
+		spec := ajs.JobTypeSpec{Name: "go-big", RetryPolicy: &ajspb.RetryPolicy{MaxAttempts: 3}}
+		err := w.Register(spec, func(ctx context.Context, job *ajs.Assignment) (*ajs.Result, error) {
+			var size int
+			fmt.Sscan(job.Request.GetData()["size"], &size)
+			return &ajs.Result{Data: map[string]string{"x": strings.Repeat("a", size)}}, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	if _, _, err := client.Submit(ctx, &ajspb.Request{Id: "go-big-1", Type: "go-big", Data: map[string]string{"size": fmt.Sprint(5 << 20)}}); err != nil {
+		t.Fatal(err)
+	}
+	final, err := client.Wait(ctx, "go-big-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	failure := ajs.StatusError(final.GetError())
+	want := fmt.Sprintf("the job returned %d bytes, more than the server's limit of ", 1+5<<20)
+	if final.GetState() != ajspb.RequestState_REQUEST_STATE_FAILED || failure == nil || failure.Code != codes.ResourceExhausted ||
+		failure.Reason != "RESULT_TOO_LARGE" || !strings.Contains(failure.Message, want) {
+		t.Fatalf("final Response %s\n%s", describe(final), tw.logs)
+	}
+	if job, err := client.Get(ctx, "go-big-1"); err != nil || job.GetAttempt() != 1 {
+		t.Fatalf("the job ran %d times (%v): RESULT_TOO_LARGE is not retried", job.GetAttempt(), err)
+	}
+	if _, _, err := client.Submit(ctx, &ajspb.Request{Id: "go-big-2", Type: "go-big", Data: map[string]string{"size": "10"}}); err != nil {
+		t.Fatal(err)
+	}
+	final, err = client.Wait(ctx, "go-big-2")
+	if err != nil || final.GetState() != ajspb.RequestState_REQUEST_STATE_FINISHED || final.GetData()["x"] != "aaaaaaaaaa" {
+		t.Fatalf("the next job: %s (%v)\n%s", describe(final), err, tw.logs)
+	}
+	select {
+	case id := <-tw.ids:
+		t.Fatalf("the worker registered again (%s): the big result ended its session\n%s", id, tw.logs)
+	default:
+	}
+}
+
 // Credits: a worker never runs more jobs at once than MaxConcurrent, and takes the next
 // job as soon as one ends.
 func TestWorkerCredits(t *testing.T) {
