@@ -262,7 +262,12 @@ class AjsServer:
             schedules_changed=self.scheduler.changed if self.scheduler is not None else None,
         )
         self.operations = Operations(self.service)
-        self.workers = WorkerService(self.chain, self.service.pipeline, heartbeat_interval=config.worker_heartbeat)
+        self.workers = WorkerService(
+            self.chain,
+            self.service.pipeline,
+            heartbeat_interval=config.worker_heartbeat,
+            max_result_bytes=self.dispatcher.max_result_bytes,
+        )
         self.metrics.watch(
             lambda: len(self.dispatcher.running),
             lambda: self.connector.watcher_count,

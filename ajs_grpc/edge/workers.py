@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2
 
 from ajs_grpc.core.errors import (
@@ -28,7 +28,7 @@ from ajs_grpc.core.errors import (
     Unavailable,
     from_status,
 )
-from ajs_grpc.core.jobs import JobPlugin, Result
+from ajs_grpc.core.jobs import JobPlugin, Result, RetryPolicy
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.pipeline import Caller, Pipeline
 from ajs_grpc.edge.validation import check_type, invalid
@@ -68,13 +68,22 @@ class WorkerService:
         pipeline: authentication, decoding and errors, shared with JobService.
         heartbeat_interval: seconds a worker may wait between messages (it is told so);
             a session silent for three intervals is ended.
+        max_result_bytes: the largest result a job may return (the dispatcher's; workers are told).
     """
 
-    def __init__(self, chain: HandlerChain, pipeline: Pipeline, *, heartbeat_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        chain: HandlerChain,
+        pipeline: Pipeline,
+        *,
+        heartbeat_interval: float = 10.0,
+        max_result_bytes: int = 2 * 1024 * 1024,
+    ) -> None:
         self.chain = chain
         self.remote = next((h for h in chain.handlers if isinstance(h, RemoteRequestHandler)), None)
         self.pipeline = pipeline
         self.heartbeat_interval = heartbeat_interval
+        self.max_result_bytes = max_result_bytes
         self.accepting = True
         """False once the server drains: new sessions are then UNAVAILABLE."""
 
@@ -104,20 +113,24 @@ class WorkerService:
         register = await self._first(messages)
         plugins = self._declarations(register, principal.admin, principal.types)
         session = remote.connect(register.worker_name or "worker", plugins, register.max_concurrent)
-        yield wpb.WorkResponse(
-            registered=wpb.WorkerRegistered(
-                worker_id=session.id, heartbeat_interval=convert.duration(self.heartbeat_interval)
-            )
-        )
         failure: list[AjsError] = []
-        reader = asyncio.create_task(self._read(messages, session, remote, failure), name=f"ajs-worker-{session.id}")
-        try:
+        reader: asyncio.Task[None] | None = None
+        try:  # from here on, however the call ends, the session ends with it
+            yield wpb.WorkResponse(
+                registered=wpb.WorkerRegistered(
+                    worker_id=session.id,
+                    heartbeat_interval=convert.duration(self.heartbeat_interval),
+                    max_result_bytes=self.max_result_bytes,
+                )
+            )
+            reader = asyncio.create_task(self._read(messages, session, remote, failure), name=f"ajs-{session.id}")
             while (item := await session.outbox.get()) is not None:
                 yield _to_proto(item)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
             remote.disconnect(session)
         if failure:
             raise failure[0]
@@ -225,7 +238,11 @@ class WorkerService:
             session.progress(progress.request_id, progress.attempt, fraction, progress.progress.message, progress.data)
         elif kind == "outcome":
             outcome = message.outcome
-            if not session.outcome(outcome.request_id, outcome.attempt, _outcome(outcome)):
+            try:
+                result = _outcome(outcome)
+            except (DecodeError, OverflowError, ValueError) as error:  # undecodable details, a wild delay
+                raise invalid([FieldViolation("outcome.error.details", f"cannot be read: {error}")]) from None
+            if not session.outcome(outcome.request_id, outcome.attempt, result):
                 log.debug("outcome of %s attempt %d came after its end here", outcome.request_id, outcome.attempt)
         elif kind == "heartbeat":
             pass
@@ -252,10 +269,13 @@ def _outcome(outcome: wpb.ReportOutcome) -> Result | AjsError:
         permanent = PermanentError(message, reason=reason, metadata=status.metadata)
         permanent.code = status.code
         return permanent
+    if not RetryPolicy().retries(error):
+        return error  # a code no retry can fix: a RetryInfo does not change that
     for detail in outcome.error.details:
         retry_info = error_details_pb2.RetryInfo()
         if detail.Unpack(retry_info):  # the worker says when to run it again
-            retry = Retry(message, delay=retry_info.retry_delay.ToTimedelta().total_seconds())
+            delay = max(retry_info.retry_delay.ToTimedelta().total_seconds(), 0.0)
+            retry = Retry(message, delay=delay)
             retry.code, retry.reason, retry.metadata = status.code, reason, dict(status.metadata)
             error = retry
     return error

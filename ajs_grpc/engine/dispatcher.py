@@ -41,7 +41,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Collection
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from ajs_grpc.connectors.base import Claim, Connector, JobFilter, dependency_not_found
@@ -434,7 +434,7 @@ class Dispatcher:
                     continue
                 claims = await self._claim(types, count)
                 for claim in claims:  # reserved before anything else can claim for the same offer
-                    handler.reserve(claim.job)
+                    handler.reserve(claim.job, types)
                     self._start_job(claim, offered=True)
                 full = full or len(claims) == count
         return full
@@ -552,7 +552,7 @@ class Dispatcher:
         if execution.timeout is not None:
             seconds = execution.timeout[0]
             execution.timers.append(loop.call_later(seconds, self._stop_job, execution, _StopReason.TIMEOUT))
-            deadline = now() + timedelta(seconds=seconds)
+            deadline = _later(seconds)
 
         async def report(update: Update) -> None:
             await self._report(execution, update)
@@ -731,7 +731,7 @@ class Dispatcher:
                 delay,
             )
             data = {"retry_in_seconds": f"{delay:.3f}"}
-            return Update(RequestState.CREATED, data=data, error=status, run_after=now() + timedelta(seconds=delay))
+            return Update(RequestState.CREATED, data=data, error=status, run_after=_later(delay))
         log.info("request %s failed: %s", job.request.id, status.message)
         return Update(RequestState.FAILED, error=status)
 
@@ -764,6 +764,14 @@ class Dispatcher:
             execution.task.cancel()
             loop = asyncio.get_running_loop()
             execution.timers.append(loop.call_later(ABANDON_AFTER, _resolve, execution.abandoned))
+
+
+def _later(seconds: float) -> datetime:
+    """``seconds`` from now; the end of time for a span past it (a request's timeout may be centuries)."""
+    try:
+        return now() + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 async def _raise(error: BaseException) -> JobReturn:

@@ -16,7 +16,6 @@ finishes those it holds and ends its session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -50,6 +49,8 @@ __all__ = ["Worker"]
 log = logging.getLogger(__name__)
 
 WORK_METHOD = "/ajs.v1.WorkerService/Work"
+# Seconds a drained worker holding no job waits for the server to end its session.
+DRAIN_WAIT = 10.0
 Call = grpc.aio.StreamStreamCall[wpb.WorkRequest, wpb.WorkResponse]
 Work = grpc.aio.StreamStreamMultiCallable[wpb.WorkRequest, wpb.WorkResponse]
 
@@ -107,9 +108,12 @@ class Worker:
         max_threads: int = 8,
     ) -> None:
         _refuse_plaintext_token(target, token, tls, insecure)
-        self.plugins = {plugin.type: plugin for plugin in plugins}
+        listed = list(plugins)
+        self.plugins = {plugin.type: plugin for plugin in listed}
         if not self.plugins:
             raise ValueError("a worker needs at least one job plugin")
+        if len(self.plugins) < len(listed):
+            raise ValueError("two job plugins of one type")
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self.target = channel_target(target)
@@ -120,6 +124,8 @@ class Worker:
         self.max_backoff = max_backoff
         self.worker_id = ""
         """The server's id of the current session ("" between sessions)."""
+        self.max_result_bytes = 0
+        """The largest result a job may return, as the server said (0: not said)."""
         self.registered = asyncio.Event()
         """Set while a session is registered."""
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -161,9 +167,12 @@ class Worker:
                 self._abandon_all()
                 if self._draining:
                     break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay * random.uniform(0.8, 1.2)):
-                        await self._drained.wait()
+                # asyncio.wait, not a timeout: it never swallows a cancel of run() that comes meanwhile.
+                waiter = asyncio.ensure_future(self._drained.wait())
+                try:
+                    await asyncio.wait({waiter}, timeout=delay * random.uniform(0.8, 1.2))
+                finally:
+                    waiter.cancel()
                 delay = min(delay * 2, self.max_backoff)
         finally:
             self._abandon_all()
@@ -171,15 +180,18 @@ class Worker:
             await channel.close()
 
     def drain(self) -> None:
-        """Takes no more jobs; :meth:`run` returns once the running ones ended and the session closed."""
+        """Takes no more jobs; :meth:`run` returns once the running ones ended and the server ended the session.
+
+        The server ends it once the worker holds no job; an assignment that crossed the
+        drain on the wire is still run. Should the server not end it within
+        ``DRAIN_WAIT`` seconds of the last job's end, the worker ends it itself.
+        """
         if self._draining:
             return
         self._draining = True
         self._drained.set()
         if self._outbox is not None:
             self._outbox.put_nowait(wpb.WorkRequest(drain=wpb.DrainWorker()))
-            if not self._running:
-                self._outbox.put_nowait(None)
 
     def _open_channel(self) -> grpc.aio.Channel:
         options = channel_options(self.target)
@@ -213,12 +225,17 @@ class Worker:
             self.registered.set()
             log.info("registered as %s: %s", self.worker_id, ", ".join(sorted(self.plugins)))
             writer = asyncio.create_task(self._write(call, outbox, interval), name="ajs-worker-writer")
+            self.max_result_bytes = first.registered.max_result_bytes
             if self._draining:
                 outbox.put_nowait(wpb.WorkRequest(drain=wpb.DrainWorker()))
-                if not self._running:
-                    outbox.put_nowait(None)
             while True:
-                message = await call.read()  # a failed session raises here
+                try:
+                    async with asyncio.timeout(DRAIN_WAIT if self._draining and not self._running else None):
+                        message = await call.read()  # a failed session raises here
+                except TimeoutError:
+                    log.warning("the server did not end the drained session; ending it")
+                    call.cancel()
+                    break
                 if not isinstance(message, wpb.WorkResponse):
                     break  # the server ended the session (we drained)
                 kind = message.WhichOneof("kind")
@@ -234,11 +251,18 @@ class Worker:
             self._outbox = None
             if writer is not None:
                 writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await writer
+                await asyncio.wait({writer})  # (a cancel of this task still propagates)
 
     async def _write(self, call: Call, outbox: asyncio.Queue[wpb.WorkRequest | None], interval: float) -> None:
-        """The one writer of the stream: queued messages, credits coalesced, heartbeats when quiet."""
+        """The one writer of the stream; a write that fails ends the session (the reader sees it)."""
+        try:
+            await self._write_messages(call, outbox, interval)
+        except Exception as error:  # the call is broken: ending it makes the reading side raise
+            log.warning("writing to the session failed: %s", error)
+            call.cancel()
+
+    async def _write_messages(self, call: Call, outbox: asyncio.Queue[wpb.WorkRequest | None], interval: float) -> None:
+        """Queued messages, credits coalesced (none after a drain), heartbeats when quiet."""
         credit = 0
         while True:
             try:
@@ -250,9 +274,12 @@ class Worker:
             if message is None:
                 await call.done_writing()
                 return
-            if message.WhichOneof("kind") == "credit":
+            kind = message.WhichOneof("kind")
+            if kind == "credit":
                 credit += message.credit.count
             else:
+                if kind == "drain":
+                    credit = 0  # what was held back is never granted
                 await call.write(message)
             if credit and outbox.empty():  # one grant for the outcomes sent together
                 await call.write(wpb.WorkRequest(credit=wpb.GrantCredit(count=credit)))
@@ -297,6 +324,13 @@ class Worker:
                 )
                 update = to_update(await self._handler.handle(context))
                 plugin.check_output(update.output)
+                size = sum(len(k.encode()) + len(v.encode()) for k, v in update.data.items())
+                size += update.output.ByteSize() if update.output is not None else 0
+                if self.max_result_bytes and size > self.max_result_bytes:
+                    raise errors.ResourceExhausted(
+                        f"the job returned {size} bytes, more than the server's limit of {self.max_result_bytes}",
+                        reason="RESULT_TOO_LARGE",
+                    )
                 outcome.data.update(update.data)
                 if update.output is not None:
                     outcome.output.CopyFrom(update.output)
@@ -309,14 +343,12 @@ class Worker:
                 outcome.error.CopyFrom(_status_of(error))
                 # What the plugin's own policy never retries (PermanentError, errors outside retry_on).
                 known = self.plugins.get(request.type)
-                outcome.non_retryable = known is None or not known.retry.retries(error)
+                too_large = isinstance(error, errors.ResourceExhausted) and error.reason == "RESULT_TOO_LARGE"
+                outcome.non_retryable = too_large or known is None or not known.retry.retries(error)
             finally:
                 if self._running.pop(key, None) is not None and self._outbox is outbox:
                     outbox.put_nowait(wpb.WorkRequest(outcome=outcome))
-                    if self._draining:
-                        if not self._running:
-                            outbox.put_nowait(None)
-                    else:
+                    if not self._draining:
                         outbox.put_nowait(wpb.WorkRequest(credit=wpb.GrantCredit(count=1)))
 
         task = asyncio.create_task(run(), name=f"ajs-remote-{request.id}")

@@ -66,8 +66,8 @@ class RequestHandler(abc.ABC):
         """
         return None
 
-    def reserve(self, job: Job) -> None:  # noqa: B027 - optional hook
-        """Holds the place of a job claimed for one of :meth:`offers` (called before it runs)."""
+    def reserve(self, job: Job, offer: list[str]) -> None:  # noqa: B027 - optional hook
+        """Holds the place of a job claimed for the offer of types ``offer`` (called before it runs)."""
 
     def unreserve(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Gives back a reserved place whose job will not be handled (it ended before it started)."""

@@ -94,7 +94,9 @@ class WorkerSession:
         self.credit = credit
         self.outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self.closed = False
+        self.draining = False
         self.assigned = 0
+        self.reserved = 0  # jobs set aside for it by a claim, not yet assigned
         self._handler = handler
         self._runs: dict[tuple[str, int], _Run] = {}
         self._chosen = 0  # when the handler last chose this session (for fairness among equals)
@@ -105,15 +107,22 @@ class WorkerSession:
         return len(self._runs)
 
     def grant(self, count: int) -> None:
-        """The worker takes ``count`` more jobs."""
-        if self.closed:
+        """The worker takes ``count`` more jobs (ignored once it drains)."""
+        if self.closed or self.draining:
             return
         self.credit += count
         self._handler.on_released()  # the dispatcher may claim for it now
 
     def drain(self) -> None:
-        """The worker takes no more jobs (it finishes those it holds)."""
+        """The worker takes no more jobs; the session ends once it holds none."""
+        self.draining = True
         self.credit = 0
+        self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        if self.draining and not self._runs and not self.reserved and not self.closed:
+            log.info("remote worker %s drained", self.id)
+            self.outbox.put_nowait(None)  # the call ends OK; the edge then disconnects it
 
     def progress(self, request_id: str, attempt: int, fraction: float, message: str, data: Mapping[str, str]) -> bool:
         """Progress of a held job, stored in order before its outcome; False if the job is not held."""
@@ -154,6 +163,7 @@ class WorkerSession:
             self._cancel(run)
             run.ended = True
         self._runs.pop(run.key, None)
+        self._end_if_drained()
 
     def _close(self) -> None:
         self.closed = True
@@ -166,11 +176,12 @@ class WorkerSession:
 
 
 def _signature(plugin: JobPlugin) -> tuple[Any, ...]:
-    """What two declarations of a type must share (the typed contract and the policies)."""
+    """What two declarations of a type must share: the typed contract and the policies a JobType carries."""
+    retry = plugin.retry
     return (
         plugin.input_type.DESCRIPTOR.full_name if plugin.input_type is not None else "",
         plugin.output_type.DESCRIPTOR.full_name if plugin.output_type is not None else "",
-        plugin.retry,
+        (retry.max_attempts, retry.initial_backoff, retry.max_backoff, retry.multiplier, retry.jitter),
         plugin.timeout,
         plugin.flow,
         plugin.allow_failed_dependencies,
@@ -284,29 +295,45 @@ class RemoteRequestHandler(RequestHandler):
         return [(sorted(types), credit) for types, credit in groups.items()]
 
     @override
-    def reserve(self, job: Job) -> None:
-        candidates = [
-            s for s in self._sessions.values() if s.credit > 0 and job.request.type in s.types and not s.closed
-        ]
+    def reserve(self, job: Job, offer: list[str]) -> None:
+        group = frozenset(offer)  # the credit claimed for is that of the sessions of this group
+        candidates = [s for s in self._sessions.values() if s.credit > 0 and s.types == group and not s.closed]
         if not candidates:
             return  # the session went away during the claim: handle() hands the job back
         chosen = max(candidates, key=lambda s: (s.credit, -s._chosen))
         chosen.credit -= 1
+        chosen.reserved += 1
         chosen._chosen = next(self._turn)
         self._reserved[job.request.id] = chosen
 
+    def _take(self, request_id: str) -> WorkerSession | None:
+        session = self._reserved.pop(request_id, None)
+        if session is not None:
+            session.reserved -= 1
+        return session
+
     @override
     def unreserve(self, request_id: str) -> None:
-        session = self._reserved.pop(request_id, None)
+        session = self._take(request_id)
         if session is not None and not session.closed:
-            session.credit += 1
-            self.on_released()
+            if session.draining:
+                session._end_if_drained()
+            else:
+                session.credit += 1
+                self.on_released()
 
     @override
     async def handle(self, ctx: JobContext) -> JobReturn:
-        session = self._reserved.pop(ctx.request.id, None)
+        session = self._take(ctx.request.id)
         if session is None or session.closed:
             raise NotStarted("the remote worker it was claimed for went away before it started")
+        if session.draining:
+            session._end_if_drained()
+            raise NotStarted("the remote worker it was claimed for is draining")
+        if ctx.cancelled:  # stopped before it was sent: the worker keeps its credit
+            session.credit += 1
+            self.on_released()
+            ctx.raise_if_cancelled()
         run = session._assign(ctx)
         try:
             while True:
