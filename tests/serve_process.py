@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,3 +53,36 @@ def start_server(cwd: Path, *args: str, address: str = "127.0.0.1:0", log_name: 
         time.sleep(0.02)
     process.kill()
     raise AssertionError(f"ajs serve did not start:\n{log.read_text()}")
+
+
+class WorkerProcess:
+    """A remote worker process (`ajs worker`, or one in another language), once its log says it registered.
+
+    Args:
+        command: what to run, in ``cwd``.
+        out: the file its stdout goes to, where ``registered`` (a regular expression) is looked for.
+        errors: the file its stderr goes to; None sends it to ``out``.
+    """
+
+    def __init__(self, command: list[str], cwd: Path, out: Path, registered: str, errors: Path | None = None) -> None:
+        self.out = out
+        with out.open("wb") as sink, (errors or out).open("ab") as error_sink:
+            self.process = subprocess.Popen(
+                command, stdout=sink, stderr=subprocess.STDOUT if errors is None else error_sink, cwd=cwd
+            )
+        deadline = time.monotonic() + 30
+        while not re.search(registered, out.read_text(), re.MULTILINE):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"{command[0]} did not register:\n{(errors or out).read_text()}")
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        """Asks it to drain (SIGTERM) and returns its exit code (killed after 20 s)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from google.protobuf import any_pb2
 from ajs_grpc.client import AsyncClient
 from ajs_grpc.core.errors import AjsError
 from ajs_grpc.core.model import RequestState, Response
-from tests.serve_process import Served, start_server
+from tests.serve_process import Served, WorkerProcess, start_server
 
 S = RequestState
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,31 +49,14 @@ def _built() -> None:
         pytest.skip(missing)
 
 
-class LanguageWorker:
+class LanguageWorker(WorkerProcess):
     """The Go or Node.js example worker as a process, registered."""
 
     def __init__(self, language: str, target: str, home: Path, name: str) -> None:
         self.language = language
         command = [str(GO_WORKER)] if language == "go" else ["node", str(NODE_WORKER)]
         command += ["--target", target, "--name", name, "--type", TYPE, "--max-concurrent", "2"]
-        self.out = home / f"{name}.out"
-        with self.out.open("wb") as sink, (home / f"{name}.err").open("wb") as errors:
-            self.process = subprocess.Popen(command, stdout=sink, stderr=errors, cwd=home)
-        deadline = time.monotonic() + 30
-        while not re.search(r"^registered \S+", self.out.read_text(), re.MULTILINE):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise AssertionError(f"{language} worker did not register:\n{(home / f'{name}.err').read_text()}")
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        super().__init__(command, home, home / f"{name}.out", r"^registered \S+", errors=home / f"{name}.err")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ from ajs_grpc.client import AsyncClient
 from ajs_grpc.core.model import RequestState, Response
 from tests.acceptance.test_cluster import Cluster, worker_pid
 from tests.helpers import eventually_reads
-from tests.serve_process import AJS, Served, start_server
+from tests.serve_process import AJS, Served, WorkerProcess, start_server
 
 S = RequestState
 
@@ -34,30 +33,12 @@ async def slow(request, ctx):
 '''
 
 
-class RemoteWorker:
+class RemoteWorker(WorkerProcess):
     """An `ajs worker` process, registered."""
 
     def __init__(self, home: Path, target: str, *jobs: str) -> None:
-        self.log = home / f"worker-{time.monotonic_ns()}.log"
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                [AJS, "worker", "--target", target, *jobs], stdout=sink, stderr=subprocess.STDOUT, cwd=home
-            )
-        deadline = time.monotonic() + 20
-        while not re.search(r"registered as", self.log.read_text()):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise AssertionError(f"ajs worker did not register:\n{self.log.read_text()}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        command = [AJS, "worker", "--target", target, *jobs]
+        super().__init__(command, home, home / f"worker-{time.monotonic_ns()}.log", "registered as")
 
 
 @pytest.fixture

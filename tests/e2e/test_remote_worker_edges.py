@@ -25,10 +25,21 @@ from ajs_grpc.engine.handlers.remote import WorkerSession, runs_remotely
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2 as wpb
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2_grpc as wpb_grpc
 from tests.e2e import test_remote_workers as shared
-from tests.e2e.test_remote_workers import Gate, ended, gate, held, register, remote_chain, serving, working
+from tests.e2e.test_remote_workers import (
+    Gate,
+    client,
+    ended,
+    gate,
+    held,
+    register,
+    remote_chain,
+    server,
+    serving,
+    working,
+)
 from tests.helpers import eventually
 
-__all__ = ["gate"]  # the shared test jobs' autouse fixture
+__all__ = ["client", "gate", "server"]  # the shared fixtures (gate: autouse)
 
 
 def GATE_OF() -> Gate:  # noqa: N802 - the shared jobs' gate, reset per test by the fixture
@@ -50,18 +61,6 @@ T = TypeVar("T")
 
 async def _now(value: T) -> T:
     return value
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[AjsServer]:
-    async with serving() as started:
-        yield started
-
-
-@pytest.fixture
-async def client(server: AjsServer) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(server.address, timeout=10) as opened:
-        yield opened
 
 
 async def test_a_request_timeout_near_the_duration_limit_still_runs(server: AjsServer, client: AsyncClient) -> None:
