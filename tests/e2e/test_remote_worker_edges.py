@@ -11,13 +11,15 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from ajs_grpc.client import AsyncClient
+from ajs_grpc.core.flow import Concurrency, FlowPolicy
 from ajs_grpc.core.jobs import JobContext, JobPlugin, RetryPolicy
 from ajs_grpc.core.model import Request, RequestState
+from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import ANONYMOUS
 from ajs_grpc.edge.pipeline import Caller
 from ajs_grpc.edge.server import AjsServer
@@ -26,6 +28,7 @@ from ajs_grpc.proto.ajs.v1 import worker_service_pb2 as wpb
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2_grpc as wpb_grpc
 from tests.e2e import test_remote_workers as shared
 from tests.e2e.test_remote_workers import (
+    REVERSE,
     Gate,
     client,
     ended,
@@ -294,3 +297,62 @@ async def test_a_credit_queued_before_drain_is_not_sent_after_it(server: AjsServ
         started = [request_id for request_id, _, _ in GATE_OF().started]
         GATE_OF().release.set()
     assert late.job.request.id not in started  # a draining worker takes no more jobs
+
+
+async def test_a_remote_output_of_another_type_than_declared_fails_the_job(
+    server: AjsServer, client: AsyncClient
+) -> None:
+    reverse = wpb.WorkRequest(
+        register=wpb.RegisterWorker(
+            worker_name="raw",
+            job_types=[convert.job_type_to_proto(convert.job_type_from_plugin(REVERSE, "remote"))],
+            max_concurrent=1,
+        )
+    )
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = wpb_grpc.WorkerServiceStub(channel).Work()
+        await call.write(reverse)
+        await call.read()
+        submitted = await client.submit("reverse", input=wrappers_pb2.StringValue(value="x"))
+        assignment = (await call.read()).assignment
+        wrong = any_pb2.Any()
+        wrong.Pack(wrappers_pb2.Int32Value(value=1))
+        await call.write(
+            wpb.WorkRequest(
+                outcome=wpb.ReportOutcome(request_id=assignment.request.id, attempt=assignment.attempt, output=wrong)
+            )
+        )
+        final = (await ended(client, submitted.job.request.id))[-1]
+        call.cancel()
+    assert final.state is S.FAILED
+    assert final.error is not None
+    assert "google.protobuf.Int32Value" in final.error.message
+
+
+async def test_a_remote_job_reads_its_dependencies_results(server: AjsServer, client: AsyncClient) -> None:
+    seen: dict[str, dict[str, str]] = {}
+
+    async def joins(request: Request, ctx: JobContext) -> dict[str, str]:
+        seen.update({key: dict(response.data) for key, response in ctx.dependencies.items()})
+        return {"joined": ",".join(sorted(ctx.dependencies))}
+
+    async with working(server, [JobPlugin("joins", joins)]):
+        first = await client.submit("echo", data={"part": "a"})
+        second = await client.submit("echo", data={"part": "b"})
+        last = await client.submit("joins", depends_on=[first.job.request.id, second.job.request.id])
+        final = (await ended(client, last.job.request.id))[-1]
+    assert final.state is S.FINISHED
+    assert seen == {first.job.request.id: {"part": "a"}, second.job.request.id: {"part": "b"}}
+
+
+async def test_a_flow_policy_declared_by_workers_holds_across_them(server: AjsServer, client: AsyncClient) -> None:
+    limited = dataclasses.replace(held("w"), flow=FlowPolicy(concurrency=Concurrency("tenant", 1)))
+    async with working(server, [limited], name="w1"), working(server, [limited], name="w2"):
+        for _ in range(4):
+            await client.submit("held", data={"tenant": "acme"})
+        await eventually(lambda: GATE_OF().running == 1)
+        await asyncio.sleep(0.3)
+        assert GATE_OF().running == 1  # one of the tenant's jobs at a time, across both workers
+        GATE_OF().release.set()
+        await eventually(lambda: len(GATE_OF().started) == 4)
+    assert GATE_OF().most_running == 1
