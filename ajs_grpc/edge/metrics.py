@@ -31,10 +31,13 @@ class Metrics:
 
     Args:
         known_types: the job types that label series of their own; others count as ``other``.
+        also_known: tells whether a type not in ``known_types`` is known now (one a remote
+            worker declared since); None for none.
     """
 
-    def __init__(self, known_types: Collection[str] = ()) -> None:
+    def __init__(self, known_types: Collection[str] = (), also_known: Callable[[str], bool] | None = None) -> None:
         self.known_types = frozenset(known_types)
+        self.also_known = also_known
         self.registry = CollectorRegistry()
         registry = self.registry
         self.submitted = Counter("ajs_jobs_submitted", "Requests queued", ["type"], registry=registry)
@@ -73,6 +76,12 @@ class Metrics:
             "Jobs given up on that still run (they ignored cancellation); they count against max_jobs",
             registry=registry,
         )
+        self.remote_workers = Gauge(
+            "ajs_remote_workers", "Remote worker sessions connected to this server", registry=registry
+        )
+        self.remote_credit = Gauge(
+            "ajs_remote_credit", "Jobs the connected remote workers take now (their credit left)", registry=registry
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def watch(
@@ -83,6 +92,11 @@ class Metrics:
         self.watchers.set_function(watchers)
         self.abandoned.set_function(abandoned)
 
+    def watch_remote(self, sessions: Callable[[], int], credit: Callable[[], int]) -> None:
+        """Reads the remote worker sessions and their credit when scraped."""
+        self.remote_workers.set_function(sessions)
+        self.remote_credit.set_function(credit)
+
     def flow_measured(self, held_back: Mapping[str, int], queues: Sequence[QueueInfo]) -> None:
         """Sets the flow gauges from a count of held-back jobs by cause and the list of queues."""
         for cause in HELD_BACK_CAUSES:
@@ -90,7 +104,9 @@ class Metrics:
         self.queues_paused.set(sum(1 for queue in queues if queue.paused))
 
     def _type(self, request_type: str) -> str:
-        return request_type if request_type in self.known_types else OTHER_TYPE
+        if request_type in self.known_types or (self.also_known is not None and self.also_known(request_type)):
+            return request_type
+        return OTHER_TYPE
 
     # -- ServiceObserver ---------------------------------------------------------------
 

@@ -221,7 +221,8 @@ class AjsServer:
             chain = chain or plugins.chain(config.handlers)
         self.connector = connector
         self.chain = chain
-        self.metrics = Metrics(known_types=[name for name, _ in chain.types])
+        # Types remote workers declare later label their own series too (bounded: declared ones only).
+        self.metrics = Metrics([name for name, _ in chain.types], lambda name: chain.plugin_for(name) is not None)
         authenticator = None
         if config.tokens_file or config.tls_client_ca_file:
             authenticator = (
@@ -268,6 +269,11 @@ class AjsServer:
             heartbeat_interval=config.worker_heartbeat,
             max_result_bytes=self.dispatcher.max_result_bytes,
         )
+        if self.workers.remote is not None:
+            remote = self.workers.remote
+            self.metrics.watch_remote(
+                lambda: len(remote.sessions), lambda: sum(session.credit for session in remote.sessions)
+            )
         self.metrics.watch(
             lambda: len(self.dispatcher.running),
             lambda: self.connector.watcher_count,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -22,7 +23,7 @@ from ajs_grpc.core.model import Request, RequestState
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import ANONYMOUS
 from ajs_grpc.edge.pipeline import Caller
-from ajs_grpc.edge.server import AjsServer
+from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.engine.handlers.remote import WorkerSession, runs_remotely
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2 as wpb
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2_grpc as wpb_grpc
@@ -356,3 +357,23 @@ async def test_a_flow_policy_declared_by_workers_holds_across_them(server: AjsSe
         GATE_OF().release.set()
         await eventually(lambda: len(GATE_OF().started) == 4)
     assert GATE_OF().most_running == 1
+
+
+async def test_metrics_show_remote_workers_their_credit_and_their_types() -> None:
+    config = ServerConfig(address="127.0.0.1:0", metrics_address="127.0.0.1:0", cancel_grace=0.5, shutdown_grace=0.5)
+    async with serving(config) as server, AsyncClient(server.address) as client:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+
+        async def scrape() -> str:
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+        async with working(server, [held("w1")], max_concurrent=3):
+            submitted = await client.submit("held")
+            await eventually(lambda: GATE_OF().running == 1)
+            text = await scrape()
+            assert "ajs_remote_workers 1.0" in text
+            assert "ajs_remote_credit 2.0" in text
+            GATE_OF().release.set()
+            await ended(client, submitted.job.request.id)
+            text = await scrape()
+        assert 'ajs_jobs_ended_total{state="FINISHED",type="held"} 1.0' in text
