@@ -27,11 +27,13 @@ def kill(server: Served) -> None:
     server.process.wait(10)
 
 
-async def submit_until_acknowledged(client: AsyncClient, request_id: str, data: dict[str, str]) -> None:
+async def submit_until_acknowledged(
+    client: AsyncClient, request_id: str, data: dict[str, str], request_type: str = "countdown"
+) -> None:
     """Submits with a fixed id until the server says yes; idempotence makes retries safe."""
     for _ in range(400):
         try:
-            await client.submit("countdown", data, id=request_id)
+            await client.submit(request_type, data, id=request_id)
             return
         except Unavailable:
             await asyncio.sleep(0.05)

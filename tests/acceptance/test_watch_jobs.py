@@ -74,7 +74,8 @@ async def test_a_resumed_stream_spans_sigkills_of_the_sqlite_server(tmp_path: Pa
             for index, request_id in enumerate(ids):
                 await submit_until_acknowledged(client, request_id, COUNTDOWN)
                 if index % 3 == 0:  # another type, which the stream must leave out
-                    await client.submit("echo", {"n": str(index)}, id=f"other-{index}")
+                    # (retried like the countdowns: the server may be down at that moment)
+                    await submit_until_acknowledged(client, f"other-{index}", {"n": str(index)}, "echo")
                 await asyncio.sleep(0.03)
 
     async def killer() -> None:
