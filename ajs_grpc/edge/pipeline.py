@@ -25,8 +25,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Protocol
 
 import grpc
@@ -35,7 +36,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from ajs_grpc.core.errors import AjsError, Internal, Unauthenticated
+from ajs_grpc.core.errors import AjsError, Internal, Unauthenticated, Unavailable
 from ajs_grpc.core.logs import current_request_id
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.auth import ANONYMOUS, Authenticator, PeerCertificate, Principal
@@ -94,6 +95,9 @@ class Pipeline:
         authenticator: checks each call's credentials; None lets everyone do everything.
         observer: told of each call's end (metrics).
         watch_send_timeout: seconds a stream's client may leave a message unread.
+        max_stream_age: seconds after which a server stream ends UNAVAILABLE (``STREAM_RENEWED``)
+            for its client to resume it, perhaps elsewhere (connections outlive their age for
+            worker sessions, so long streams are renewed here); None: never.
     """
 
     def __init__(
@@ -101,10 +105,12 @@ class Pipeline:
         authenticator: Authenticator | None,
         observer: ServiceObserver,
         watch_send_timeout: Callable[[], float],
+        max_stream_age: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.authenticator = authenticator
         self.observer = observer
         self._watch_send_timeout = watch_send_timeout
+        self._max_stream_age = max_stream_age
 
     def handler(self, service: ServiceDescriptor, servicer: object) -> grpc.GenericRpcHandler:
         """The generic handler serving every rpc of ``service`` with ``servicer``'s methods.
@@ -202,7 +208,7 @@ class Pipeline:
             loop = asyncio.get_running_loop()
             task = asyncio.current_task()
             assert task is not None
-            slow = False
+            slow = aged = waiting = False
             timeout = self._watch_send_timeout()
 
             def drop() -> None:
@@ -210,24 +216,59 @@ class Pipeline:
                 slow = True
                 task.cancel()
 
+            def age_out() -> None:  # cancels only a wait for the next reply, never a write
+                nonlocal aged
+                aged = True
+                if waiting:
+                    task.cancel()
+
             caller: list[Caller] = []
+            age = self._max_stream_age()
+            ager = loop.call_later(age * random.uniform(0.9, 1.0), age_out) if age else None
             try:
                 with self._outcome(rpc, caller) as failed:
                     caller.append(self.authenticate(context))
                     message = parse(message_type, raw)
                     self._name_request(message, caller[0])
-                    async for reply in implementation(message, caller[0]):
-                        watchdog = loop.call_later(timeout, drop)
-                        try:
-                            yield reply
-                        finally:
-                            watchdog.cancel()
+                    replies = aiter(implementation(message, caller[0]))
+                    try:
+                        while not aged:
+                            waiting = True
+                            try:
+                                reply = await anext(replies)
+                            except StopAsyncIteration:
+                                break
+                            except asyncio.CancelledError:
+                                if not aged or slow:
+                                    raise
+                                task.uncancel()  # our own renewal, not the client's going away
+                            finally:
+                                waiting = False
+                            if aged:
+                                break
+                            watchdog = loop.call_later(timeout, drop)
+                            try:
+                                yield reply
+                            finally:
+                                watchdog.cancel()
+                    finally:
+                        if isinstance(replies, AsyncGenerator):
+                            await replies.aclose()
+                    if aged:
+                        raise Unavailable(
+                            f"the stream is renewed after {age:g}s, as connections are, so that clients spread "
+                            "over the instances: resume it (the clients do so by themselves)",
+                            reason="STREAM_RENEWED",
+                        )
             except asyncio.CancelledError:
                 if slow:
                     # The stream ends at once; its status cannot reach a client that reads nothing anyway.
                     log.warning("dropped a %s stream whose client read nothing for %gs", rpc, timeout)
                     self.observer.call_ended(rpc, "RESOURCE_EXHAUSTED")
                 raise
+            finally:
+                if ager is not None:
+                    ager.cancel()
             if failed:
                 await abort(context, failed[0])
 

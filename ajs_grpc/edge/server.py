@@ -82,9 +82,9 @@ class ServerConfig:
         role: ``all`` (serve and run jobs), ``frontend`` (serve JobService, run
             nothing) or ``worker`` (run jobs; serve only health and reflection).
         max_connection_age: seconds after which a client connection is asked to
-            reconnect, so long-lived channels rebalance across instances (watches
-            are resumed by the client). A remote worker's session ends with its
-            connection: where workers run jobs longer than the 30 s grace, raise it.
+            reconnect, so long-lived channels rebalance across instances. Open calls
+            keep their connection: WatchJob and WatchJobs streams end themselves at
+            this age (their clients resume them), remote worker sessions go on.
         worker_heartbeat: seconds a remote worker may stay silent; a session silent
             for three of them ends and its jobs go back to the queue.
         max_message_bytes: the largest gRPC message received.
@@ -261,6 +261,9 @@ class AjsServer:
             max_reply_bytes=config.max_message_bytes,
             # A schedule created or resumed here is looked at now (others see it at their next poll).
             schedules_changed=self.scheduler.changed if self.scheduler is not None else None,
+            # Connections outlive their age while a stream holds them (a worker session must not be
+            # cut), so the watch streams end themselves at that age and their clients resume.
+            max_stream_age=config.max_connection_age,
         )
         self.operations = Operations(self.service)
         self.workers = WorkerService(
@@ -306,7 +309,9 @@ class AjsServer:
             ("grpc.http2.max_pings_without_data", 0),
             # Old connections are asked to go away, so channels rebalance.
             ("grpc.max_connection_age_ms", age_ms),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            # ...and may finish what runs on them, however long: a remote worker's session is cut
+            # by nothing but its worker, and the watch streams are renewed by the service itself.
+            ("grpc.max_connection_age_grace_ms", 2**31 - 1),
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
         ]
         self._server = server = grpc.aio.server(options=options)

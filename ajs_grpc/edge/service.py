@@ -84,6 +84,8 @@ class JobService:
             quotas) is trusted before it is read again.
         schedules_changed: called after a schedule is created or resumed, so that this
             instance's scheduler looks at it now rather than at its next poll.
+        max_stream_age: seconds after which WatchJob and WatchJobs streams end UNAVAILABLE
+            (``STREAM_RENEWED``) for their clients to resume them; None: never.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class JobService:
         max_reply_bytes: int = 4 * 1024 * 1024,
         count_ttl: float = COUNT_TTL,
         schedules_changed: Callable[[], None] | None = None,
+        max_stream_age: float | None = None,
     ) -> None:
         self.connector = connector
         self.chain = chain
@@ -110,7 +113,9 @@ class JobService:
         self.ownership = Ownership(connector)
         self.admission = Admission(connector, count_ttl)
         self.slots = WatchSlots()
-        self.pipeline = Pipeline(authenticator, self.observer, lambda: self.limits.watch_send_timeout)
+        self.pipeline = Pipeline(
+            authenticator, self.observer, lambda: self.limits.watch_send_timeout, lambda: max_stream_age
+        )
         self.schedules_changed = schedules_changed
 
     @property

@@ -27,6 +27,8 @@ from ajs_grpc.edge.server import AjsServer, ServerConfig
 from ajs_grpc.engine.handlers.remote import WorkerSession, runs_remotely
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2 as wpb
 from ajs_grpc.proto.ajs.v1 import worker_service_pb2_grpc as wpb_grpc
+from ajs_grpc.proto.ajs.v1.job_service_pb2 import WatchJobRequest
+from ajs_grpc.proto.ajs.v1.job_service_pb2_grpc import JobServiceStub
 from tests.e2e import test_remote_workers as shared
 from tests.e2e.test_remote_workers import (
     REVERSE,
@@ -35,6 +37,7 @@ from tests.e2e.test_remote_workers import (
     ended,
     gate,
     held,
+    reason_of,
     register,
     remote_chain,
     server,
@@ -377,3 +380,31 @@ async def test_metrics_show_remote_workers_their_credit_and_their_types() -> Non
             await ended(client, submitted.job.request.id)
             text = await scrape()
         assert 'ajs_jobs_ended_total{state="FINISHED",type="held"} 1.0' in text
+
+
+async def test_connection_age_renews_watch_streams_but_never_cuts_a_worker_session() -> None:
+    # Connections are asked to go away after max_connection_age; one holding a call lives on until
+    # the call ends. A worker's session (and the job it runs) goes on; the watch streams end
+    # themselves UNAVAILABLE (STREAM_RENEWED) at that age and the clients resume them.
+    config = ServerConfig(address="127.0.0.1:0", max_connection_age=1.0, cancel_grace=0.5, shutdown_grace=0.5)
+    async with serving(config) as server, AsyncClient(server.address) as client:
+        async with working(server, [held("w1")]):
+            submitted = await client.submit("held")
+            request_id = submitted.job.request.id
+            await eventually(lambda: GATE_OF().running == 1)
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                call = JobServiceStub(channel).WatchJob(WatchJobRequest(request_id=request_id))
+                with pytest.raises(grpc.aio.AioRpcError) as renewed:
+                    async for _ in call:
+                        pass
+            assert renewed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert reason_of(renewed.value) == "STREAM_RENEWED"
+            seen = []
+            async for response in client.watch(request_id):  # resumed across renewals
+                seen.append(response)
+                if len(seen) == 2:  # the stored CREATED and PENDING: now let 3 connection ages pass
+                    await asyncio.sleep(3.0)
+                    GATE_OF().release.set()
+        assert [r.sequence for r in seen] == [1, 2, 3]
+        assert seen[-1].state is S.FINISHED
+        assert seen[-1].data == {"worker": "w1", "attempt": "1"}  # never handed back (no WORKER_LOST)
