@@ -15,9 +15,20 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from ajs_grpc.connectors.base import FeedItem, QueueInfo
-from ajs_grpc.core.errors import AjsError, Code, FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted
+from ajs_grpc.core.errors import (
+    AjsError,
+    Code,
+    FieldViolation,
+    InvalidArgument,
+    JobSignal,
+    PermanentError,
+    QuotaViolation,
+    ResourceExhausted,
+    Retry,
+    from_status,
+)
 from ajs_grpc.core.flow import Concurrency, FlowPolicy, JobStates, RateLimit, Unique
-from ajs_grpc.core.jobs import JobPlugin, RetryPolicy
+from ajs_grpc.core.jobs import JobPlugin, RetryPolicy, error_status
 from ajs_grpc.core.model import ErrorStatus, Job, JobType, Progress, Request, RequestState, Response, RetrySchedule
 from ajs_grpc.core.schedules import Catchup, Overlap, Schedule
 from ajs_grpc.edge import dynamic
@@ -157,6 +168,43 @@ def status_from_proto(status: status_pb2.Status) -> ErrorStatus:
     except ValueError:
         code = Code.UNKNOWN
     return ErrorStatus(code, status.message, reason=reason, metadata=metadata)
+
+
+def attempt_error_to_proto(error: BaseException) -> status_pb2.Status:
+    """The Status of a failed attempt (a remote worker's outcome): a Retry's delay as a RetryInfo detail."""
+    status = status_to_proto(error_status(error))
+    if isinstance(error, Retry) and error.delay is not None:
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=_duration(error.delay)))
+    return status
+
+
+def attempt_error_from_proto(status: status_pb2.Status, *, non_retryable: bool = False) -> AjsError:
+    """Why a remote worker's attempt failed, as the retry policy judges it.
+
+    ``non_retryable`` makes it a :class:`PermanentError`; a RetryInfo detail makes a
+    retryable code a :class:`Retry` with that delay (a code no retry can fix stays as it is).
+
+    Raises:
+        ValueError: the status is OK, or a detail cannot be read.
+    """
+    model = status_from_proto(status)
+    if model.code is Code.OK:
+        raise ValueError("code: must not be OK (leave error unset for success)")
+    message, reason = model.message or "the remote job failed", model.reason or "JOB_FAILED"
+    error: AjsError = from_status(model.code, message, reason=reason, metadata=model.metadata)
+    signal: JobSignal | None = None
+    if non_retryable:
+        signal = PermanentError(message, reason=reason, metadata=model.metadata)
+    elif RetryPolicy().retries(error):
+        for detail in status.details:
+            retry_info = error_details_pb2.RetryInfo()
+            if detail.Unpack(retry_info):  # the worker says when to run it again
+                signal = Retry(message, delay=max(_seconds(retry_info.retry_delay), 0.0))
+                signal.reason, signal.metadata = reason, dict(model.metadata)
+    if signal is None:
+        return error
+    signal.code = model.code  # the worker's code, whatever the signal's class says
+    return signal
 
 
 def field_violations(status: status_pb2.Status) -> list[FieldViolation]:
@@ -304,6 +352,10 @@ duration = _duration
 
 def _seconds(value: duration_pb2.Duration) -> float:
     return value.ToTimedelta().total_seconds()
+
+
+seconds = _seconds
+"""Seconds of a wire duration."""
 
 
 def descriptor_set(*messages: type[Message]) -> bytes:

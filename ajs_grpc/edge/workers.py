@@ -16,19 +16,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-from google.rpc import error_details_pb2
 
 from ajs_grpc.core.errors import (
     AjsError,
     FailedPrecondition,
     FieldViolation,
-    PermanentError,
     PermissionDenied,
-    Retry,
     Unavailable,
-    from_status,
 )
-from ajs_grpc.core.jobs import JobPlugin, Result, RetryPolicy
+from ajs_grpc.core.jobs import JobPlugin, Result
 from ajs_grpc.edge import convert
 from ajs_grpc.edge.pipeline import Caller, Pipeline
 from ajs_grpc.edge.validation import check_type, invalid
@@ -240,8 +236,8 @@ class WorkerService:
             outcome = message.outcome
             try:
                 result = _outcome(outcome)
-            except (DecodeError, OverflowError, ValueError) as error:  # undecodable details, a wild delay
-                raise invalid([FieldViolation("outcome.error.details", f"cannot be read: {error}")]) from None
+            except (DecodeError, OverflowError, ValueError) as error:  # an OK error, undecodable details
+                raise invalid([FieldViolation("outcome.error", f"cannot be read: {error}")]) from None
             if not session.outcome(outcome.request_id, outcome.attempt, result):
                 log.debug("outcome of %s attempt %d came after its end here", outcome.request_id, outcome.attempt)
         elif kind == "heartbeat":
@@ -255,30 +251,15 @@ class WorkerService:
 
 
 def _outcome(outcome: wpb.ReportOutcome) -> Result | AjsError:
-    """What a worker's outcome means: what the job returned, or why the attempt failed."""
+    """What a worker's outcome means: what the job returned, or why the attempt failed.
+
+    Raises:
+        ValueError: the error is OK, or one of its details cannot be read.
+    """
     if not outcome.HasField("error"):
         output = outcome.output if outcome.HasField("output") and outcome.output.type_url else None
         return Result(dict(outcome.data), output)
-    status = convert.status_from_proto(outcome.error)
-    message = status.message or "the remote job failed"
-    reason = status.reason or "JOB_FAILED"
-    if status.code == 0:
-        return invalid([FieldViolation("outcome.error.code", "must not be OK (leave error unset for success)")])
-    error: AjsError = from_status(status.code, message, reason=reason, metadata=status.metadata)
-    if outcome.non_retryable:
-        permanent = PermanentError(message, reason=reason, metadata=status.metadata)
-        permanent.code = status.code
-        return permanent
-    if not RetryPolicy().retries(error):
-        return error  # a code no retry can fix: a RetryInfo does not change that
-    for detail in outcome.error.details:
-        retry_info = error_details_pb2.RetryInfo()
-        if detail.Unpack(retry_info):  # the worker says when to run it again
-            delay = max(retry_info.retry_delay.ToTimedelta().total_seconds(), 0.0)
-            retry = Retry(message, delay=delay)
-            retry.code, retry.reason, retry.metadata = status.code, reason, dict(status.metadata)
-            error = retry
-    return error
+    return convert.attempt_error_from_proto(outcome.error, non_retryable=outcome.non_retryable)
 
 
 def _to_proto(item: Outgoing) -> wpb.WorkResponse:

@@ -89,12 +89,8 @@ class _StopReason(enum.Enum):
     TIMEOUT = "timed out"
     LEASE_LOST = "lease lost"
 
-    @property
-    def code(self) -> str:
-        """The reason as the job's cancel signal (and a remote worker) is told it."""
-        return _STOP_CODES[self]
 
-
+# Each stop reason as the job's cancel signal (and a remote worker) is told it.
 _STOP_CODES = {
     _StopReason.CLIENT: "CANCELLED_BY_CLIENT",
     _StopReason.SHUTDOWN: "SERVER_SHUTDOWN",
@@ -440,8 +436,9 @@ class Dispatcher:
         return full
 
     async def _claim(self, types: list[str], limit: int) -> list[Claim]:
-        connector = self.connector
-        return await connector.claim(self.worker_id, limit=limit, lease=self.lease, types=types, queues=self.queues)
+        return await self.connector.claim(
+            self.worker_id, limit=limit, lease=self.lease, types=types, queues=self.queues
+        )
 
     def _claimable_types(self) -> list[str]:
         """The types a claim could take now: the slots' and those of the handlers' offers."""
@@ -750,7 +747,7 @@ class Dispatcher:
                 execution.stop_reason = reason
             return
         execution.stop_reason = reason
-        execution.cancel.set(reason.code)
+        execution.cancel.set(_STOP_CODES[reason])
         loop = asyncio.get_running_loop()
         execution.timers.append(loop.call_later(self.cancel_grace, self._force_stop, execution))
 

@@ -24,11 +24,9 @@ from collections.abc import Iterable
 from datetime import UTC
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from ajs_grpc.core import errors
-from ajs_grpc.core.errors import AjsError, Code, Retry
+from ajs_grpc.core.errors import AjsError, Code
 from ajs_grpc.core.jobs import CancelSignal, JobContext, JobPlugin, error_status, to_update
 from ajs_grpc.core.model import Update
 from ajs_grpc.edge import convert
@@ -220,7 +218,7 @@ class Worker:
             if not isinstance(first, wpb.WorkResponse) or first.WhichOneof("kind") != "registered":
                 raise errors.Unavailable("the server ended the session without registering it")
             self.worker_id = first.registered.worker_id
-            interval = _seconds(first.registered.heartbeat_interval) or 10.0
+            interval = convert.seconds(first.registered.heartbeat_interval) or 10.0
             self._outbox = outbox
             self.registered.set()
             log.info("registered as %s: %s", self.worker_id, ", ".join(sorted(self.plugins)))
@@ -340,7 +338,7 @@ class Worker:
                 )
                 raise
             except Exception as error:  # the job failed: its status goes to the server
-                outcome.error.CopyFrom(_status_of(error))
+                outcome.error.CopyFrom(convert.attempt_error_to_proto(error))
                 # What the plugin's own policy never retries (PermanentError, errors outside retry_on).
                 known = self.plugins.get(request.type)
                 too_large = isinstance(error, errors.ResourceExhausted) and error.reason == "RESULT_TOO_LARGE"
@@ -374,17 +372,3 @@ class Worker:
 def _cancel_task(task: asyncio.Task[None]) -> None:
     if not task.done():
         task.cancel()
-
-
-def _status_of(error: BaseException) -> status_pb2.Status:
-    """The google.rpc.Status of a failed attempt (a Retry's delay as a RetryInfo detail)."""
-    status = convert.status_to_proto(error_status(error))
-    if isinstance(error, Retry) and error.delay is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.delay * 1e9))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return status
-
-
-def _seconds(value: duration_pb2.Duration) -> float:
-    return value.ToTimedelta().total_seconds()

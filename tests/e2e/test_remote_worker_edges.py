@@ -273,6 +273,20 @@ async def test_an_undecodable_outcome_detail_ends_the_session_as_invalid(
     assert code is grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_an_error_with_code_ok_ends_the_session_as_invalid(server: AjsServer, client: AsyncClient) -> None:
+    async with raw_session(server, "raw") as call:
+        submitted = await client.submit("raw")
+        assignment = (await call.read()).assignment
+        await call.write(failed_with(assignment, code_pb2.OK))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (await asyncio.wait_for(call.read(), 5)) is not grpc.aio.EOF:
+                pass
+        code = await call.code()
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    job = await settle(lambda: client.get(submitted.job.request.id), lambda j: j.state is S.CREATED)
+    assert job.state is S.CREATED  # handed back with the session, not failed
+
+
 async def test_a_credit_queued_before_drain_is_not_sent_after_it(server: AjsServer, client: AsyncClient) -> None:
     # The Python worker's writer coalesces GrantCredit and sends it once its outbox is empty: a
     # credit queued for a job that ended just before drain() goes out after DrainWorker, the server

@@ -128,11 +128,6 @@ class HandlerChain:
         )
 
     @property
-    def runnable_types(self) -> list[str]:
-        """The types some handler before the last one runs (what a dispatcher may claim)."""
-        return sorted(name for name, _ in self.types)
-
-    @property
     def types(self) -> Iterable[tuple[str, RequestHandler]]:
         """Each runnable type with the handler that runs it, first match only."""
         seen: set[str] = set()
